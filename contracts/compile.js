@@ -1,0 +1,47 @@
+#!/usr/bin/env node
+// Compile TestUSDC.sol with solc-js (standard JSON), writing TestUSDC.bin and TestUSDC.abi.json.
+// Usage: node compile.js <path-to-solc-node_modules-dir>   (build.sh does this for you)
+'use strict';
+const fs = require('fs');
+const path = require('path');
+
+const here = __dirname;
+const solcDir = process.argv[2] ? path.resolve(process.argv[2], 'solc') : 'solc';
+const solc = require(solcDir);
+
+const EXPECTED_VERSION = process.env.SOLC_VERSION;
+const version = solc.version();
+if (EXPECTED_VERSION && !version.startsWith(EXPECTED_VERSION + '+')) {
+  console.error(`solc version mismatch: want ${EXPECTED_VERSION}, got ${version}`);
+  process.exit(1);
+}
+
+const source = 'TestUSDC.sol';
+const input = {
+  language: 'Solidity',
+  sources: { [source]: { content: fs.readFileSync(path.join(here, source), 'utf8') } },
+  settings: {
+    optimizer: { enabled: true, runs: 200 },
+    evmVersion: 'paris',
+    metadata: { bytecodeHash: 'none' },
+    outputSelection: { '*': { '*': ['abi', 'evm.bytecode.object'] } },
+  },
+};
+
+const output = JSON.parse(solc.compile(JSON.stringify(input)));
+let failed = false;
+for (const e of output.errors || []) {
+  console.error(e.formattedMessage);
+  if (e.severity === 'error') failed = true;
+}
+if (failed) process.exit(1);
+
+const contract = output.contracts[source].TestUSDC;
+const bin = contract.evm.bytecode.object;
+if (!/^[0-9a-f]+$/.test(bin)) {
+  console.error('unexpected bytecode output');
+  process.exit(1);
+}
+fs.writeFileSync(path.join(here, 'TestUSDC.bin'), bin);
+fs.writeFileSync(path.join(here, 'TestUSDC.abi.json'), JSON.stringify(contract.abi, null, 2) + '\n');
+console.log(`compiled ${source} with solc ${version}: ${bin.length / 2} bytes of creation code`);

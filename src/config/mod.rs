@@ -1,0 +1,418 @@
+//! `gateway.toml`: read, expand `${VAR}`s, validate, and build the runtime configuration.
+//! Every error names the key at fault; secrets are expanded only here and are never printed.
+
+mod env;
+mod error;
+mod file;
+
+pub use error::ConfigError;
+
+use crate::routing::PathPattern;
+use http::header::{HeaderName, HeaderValue};
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, Method, Uri};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    pub routes: Vec<RouteSpec>,
+}
+
+#[derive(Debug)]
+pub struct ServerConfig {
+    pub listen: Option<SocketAddr>,
+    pub tls: Option<TlsListener>,
+    pub admin_listen: Option<SocketAddr>,
+    /// Base URL buyers use to reach the gateway, when it differs from what the request says (behind a proxy).
+    pub public_url: Option<String>,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_body_bytes: u64,
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    pub shutdown_grace: Duration,
+}
+
+/// An upstream API and the operator's credentials for it.
+pub struct Upstream {
+    pub name: String,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Path prefix of the upstream URL, without a trailing slash (empty for the root).
+    pub base_path: String,
+    /// Injected into every forwarded request, replacing any client-sent header of the same name.
+    pub headers: HeaderMap,
+    /// Appended to every forwarded query string, replacing client-sent parameters of the same name.
+    pub query: Vec<(String, String)>,
+    pub timeout: Duration,
+}
+
+impl fmt::Debug for Upstream {
+    // Header and query values are the operator's secrets: only their names are shown.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field(
+                "url",
+                &format_args!("{}://{}{}", self.scheme, self.authority, self.base_path),
+            )
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field(
+                "query",
+                &self.query.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+#[derive(Debug)]
+pub struct RouteSpec {
+    /// The pattern as written, used to name the route in logs and `check`.
+    pub pattern_text: String,
+    pub pattern: PathPattern,
+    /// `None`: any method.
+    pub methods: Option<Vec<Method>>,
+    pub upstream: Arc<Upstream>,
+    pub strip_prefix: Option<String>,
+}
+
+impl Config {
+    /// Loads `path`, resolving relative file paths in it against the file's own folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base_dir = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, path, base_dir, &|name| std::env::var(name).ok())
+    }
+
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        base_dir: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let file: file::File = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Validator { base_dir, env }.config(file)
+    }
+}
+
+struct Validator<'a> {
+    base_dir: &'a Path,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Validator<'_> {
+    fn config(&self, file: file::File) -> Result<Config, ConfigError> {
+        let server = self.server(file.server)?;
+        let mut upstreams = BTreeMap::new();
+        for (name, raw) in file.upstreams {
+            let upstream = self.upstream(&name, raw)?;
+            upstreams.insert(name, Arc::new(upstream));
+        }
+        let routes = file
+            .routes
+            .into_iter()
+            .enumerate()
+            .map(|(i, raw)| self.route(&format!("routes[{i}]"), raw, &upstreams))
+            .collect::<Result<Vec<_>, _>>()?;
+        if server.listen.is_none() && server.tls.is_none() {
+            return Err(ConfigError::invalid(
+                "server",
+                "set `listen` or `tls_listen` (or both)",
+            ));
+        }
+        Ok(Config {
+            server,
+            upstreams,
+            routes,
+        })
+    }
+
+    fn expand(&self, key: &str, raw: &str) -> Result<String, ConfigError> {
+        env::expand(key, raw, self.env)
+    }
+
+    fn socket_addr(
+        &self,
+        key: &str,
+        raw: Option<String>,
+    ) -> Result<Option<SocketAddr>, ConfigError> {
+        raw.map(|raw| {
+            self.expand(key, &raw)?.parse().map_err(|_| {
+                ConfigError::invalid(
+                    key,
+                    format!("`{raw}` is not an address such as \"127.0.0.1:8402\""),
+                )
+            })
+        })
+        .transpose()
+    }
+
+    fn file_path(&self, key: &str, raw: String) -> Result<PathBuf, ConfigError> {
+        let path = PathBuf::from(self.expand(key, &raw)?);
+        Ok(if path.is_absolute() {
+            path
+        } else {
+            self.base_dir.join(path)
+        })
+    }
+
+    fn server(&self, raw: file::Server) -> Result<ServerConfig, ConfigError> {
+        let tls = match (
+            self.socket_addr("server.tls_listen", raw.tls_listen)?,
+            raw.tls_cert,
+            raw.tls_key,
+        ) {
+            (None, None, None) => None,
+            (Some(listen), Some(cert), Some(key)) => Some(TlsListener {
+                listen,
+                cert: self.file_path("server.tls_cert", cert)?,
+                key: self.file_path("server.tls_key", key)?,
+            }),
+            _ => {
+                return Err(ConfigError::invalid(
+                    "server.tls_listen",
+                    "`tls_listen`, `tls_cert` and `tls_key` go together: set all three or none",
+                ))
+            }
+        };
+        let public_url = raw.public_url.map(|url| self.public_url(url)).transpose()?;
+        let limits = Limits {
+            max_header_bytes: positive(
+                "server.max_header_bytes",
+                raw.max_header_bytes,
+                DEFAULT_MAX_HEADER_BYTES,
+            )?,
+            max_body_bytes: positive(
+                "server.max_body_bytes",
+                raw.max_body_bytes,
+                DEFAULT_MAX_BODY_BYTES,
+            )?,
+            header_read_timeout: seconds(
+                "server.header_read_timeout_secs",
+                raw.header_read_timeout_secs,
+                DEFAULT_HEADER_READ_TIMEOUT,
+            )?,
+            max_connections: positive(
+                "server.max_connections",
+                raw.max_connections,
+                DEFAULT_MAX_CONNECTIONS,
+            )?,
+            shutdown_grace: match raw.shutdown_grace_secs {
+                Some(secs) => Duration::from_secs(secs),
+                None => DEFAULT_SHUTDOWN_GRACE,
+            },
+        };
+        Ok(ServerConfig {
+            listen: self.socket_addr("server.listen", raw.listen)?,
+            tls,
+            admin_listen: self.socket_addr("server.admin_listen", raw.admin_listen)?,
+            public_url,
+            limits,
+        })
+    }
+
+    fn public_url(&self, raw: String) -> Result<String, ConfigError> {
+        let key = "server.public_url";
+        let url = self.expand(key, &raw)?;
+        let uri: Uri = url
+            .parse()
+            .map_err(|_| ConfigError::invalid(key, format!("`{url}` is not a URL")))?;
+        if uri.scheme().is_none() || uri.authority().is_none() {
+            return Err(ConfigError::invalid(
+                key,
+                "expected an absolute URL such as \"https://api.example.com\"",
+            ));
+        }
+        Ok(url.trim_end_matches('/').to_string())
+    }
+
+    fn upstream(&self, name: &str, raw: file::Upstream) -> Result<Upstream, ConfigError> {
+        let key = format!("upstreams.{name}.url");
+        let url = self.expand(&key, &raw.url)?;
+        let uri: Uri = url.parse().map_err(|_| {
+            ConfigError::invalid(
+                &key,
+                "not a valid URL (expected http://host:port/optional/base)",
+            )
+        })?;
+        let scheme = match uri.scheme() {
+            Some(s) if *s == Scheme::HTTP || *s == Scheme::HTTPS => s.clone(),
+            _ => {
+                return Err(ConfigError::invalid(
+                    &key,
+                    "the scheme must be http or https",
+                ))
+            }
+        };
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| ConfigError::invalid(&key, "the URL has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(ConfigError::invalid(
+                &key,
+                "credentials in the URL are not supported; put them in `headers` or `query`",
+            ));
+        }
+        if uri.query().is_some() {
+            return Err(ConfigError::invalid(
+                &key,
+                "put query parameters in `query`, not in the URL",
+            ));
+        }
+        let base_path = uri.path().trim_end_matches('/').to_string();
+
+        let mut headers = HeaderMap::new();
+        for (header, raw_value) in raw.headers {
+            let key = format!("upstreams.{name}.headers.{header}");
+            let header_name = HeaderName::from_bytes(header.as_bytes())
+                .map_err(|_| ConfigError::invalid(&key, "not a valid header name"))?;
+            let mut value =
+                HeaderValue::from_str(&self.expand(&key, &raw_value)?).map_err(|_| {
+                    ConfigError::invalid(
+                        &key,
+                        "the value (after ${VAR} expansion) is not a valid header value",
+                    )
+                })?;
+            value.set_sensitive(true);
+            headers.insert(header_name, value);
+        }
+        let query = raw
+            .query
+            .into_iter()
+            .map(|(param, value)| {
+                let value = self.expand(&format!("upstreams.{name}.query.{param}"), &value)?;
+                Ok((param, value))
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let timeout = seconds(
+            &format!("upstreams.{name}.timeout_secs"),
+            raw.timeout_secs,
+            DEFAULT_UPSTREAM_TIMEOUT,
+        )?;
+        Ok(Upstream {
+            name: name.to_string(),
+            scheme,
+            authority,
+            base_path,
+            headers,
+            query,
+            timeout,
+        })
+    }
+
+    fn route(
+        &self,
+        key: &str,
+        raw: file::Route,
+        upstreams: &BTreeMap<String, Arc<Upstream>>,
+    ) -> Result<RouteSpec, ConfigError> {
+        let pattern = PathPattern::parse(&raw.path)
+            .map_err(|msg| ConfigError::invalid(format!("{key}.path"), msg))?;
+        let methods = raw
+            .methods
+            .map(|methods| {
+                if methods.is_empty() {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.methods"),
+                        "an empty list matches nothing; omit it for any method",
+                    ));
+                }
+                methods
+                    .iter()
+                    .map(|m| {
+                        Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
+                            ConfigError::invalid(
+                                format!("{key}.methods"),
+                                format!("`{m}` is not an HTTP method"),
+                            )
+                        })
+                    })
+                    .collect()
+            })
+            .transpose()?;
+        let upstream = upstreams.get(&raw.upstream).cloned().ok_or_else(|| {
+            let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+            ConfigError::invalid(
+                format!("{key}.upstream"),
+                format!(
+                    "no upstream named `{}` (defined: {})",
+                    raw.upstream,
+                    known.join(", ")
+                ),
+            )
+        })?;
+        if let Some(prefix) = &raw.strip_prefix {
+            if !pattern.has_literal_prefix(prefix) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.strip_prefix"),
+                    format!(
+                        "`{prefix}` is not a leading part of the route path `{}`",
+                        raw.path
+                    ),
+                ));
+            }
+        }
+        Ok(RouteSpec {
+            pattern_text: raw.path,
+            pattern,
+            methods,
+            upstream,
+            strip_prefix: raw.strip_prefix,
+        })
+    }
+}
+
+fn positive<T: PartialEq + Default + Copy>(
+    key: &str,
+    value: Option<T>,
+    default: T,
+) -> Result<T, ConfigError> {
+    Ok(nonzero(key, value)?.unwrap_or(default))
+}
+
+fn nonzero<T: PartialEq + Default + Copy>(
+    key: &str,
+    value: Option<T>,
+) -> Result<Option<T>, ConfigError> {
+    match value {
+        Some(v) if v == T::default() => Err(ConfigError::invalid(key, "must be greater than zero")),
+        other => Ok(other),
+    }
+}
+
+fn seconds(key: &str, value: Option<u64>, default: Duration) -> Result<Duration, ConfigError> {
+    Ok(nonzero(key, value)?.map_or(default, Duration::from_secs))
+}

@@ -1,0 +1,53 @@
+//! Every way a request can fail, and in one table what the client sees for it: HTTP status and reason string.
+
+use crate::proxy::body::{json_response, Body};
+use crate::routing::PathError;
+use http::{header, HeaderValue, Method, Response, StatusCode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("invalid request path: {0}")]
+    BadPath(#[from] PathError),
+    #[error("no route for this path")]
+    NoRoute,
+    #[error("method not allowed on this path")]
+    MethodNotAllowed(Vec<Method>),
+    #[error("request body larger than the configured limit")]
+    BodyTooLarge,
+    #[error("the upstream service could not be reached")]
+    UpstreamUnavailable,
+    #[error("the upstream service did not answer in time")]
+    UpstreamTimeout,
+}
+
+impl GatewayError {
+    /// The one table: status code and machine-readable reason for each error.
+    pub fn status_and_reason(&self) -> (StatusCode, &'static str) {
+        use GatewayError::*;
+        match self {
+            BadPath(_) => (StatusCode::BAD_REQUEST, "invalid_path"),
+            NoRoute => (StatusCode::NOT_FOUND, "no_route"),
+            MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            UpstreamUnavailable => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
+            UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let (status, reason) = self.status_and_reason();
+        let body = serde_json::json!({ "error": reason, "message": self.to_string() });
+        let mut response = json_response(status, &body);
+        if let GatewayError::MethodNotAllowed(methods) = &self {
+            let allow = methods
+                .iter()
+                .map(Method::as_str)
+                .collect::<Vec<_>>()
+                .join(", ");
+            if let Ok(value) = HeaderValue::from_str(&allow) {
+                response.headers_mut().insert(header::ALLOW, value);
+            }
+        }
+        response
+    }
+}

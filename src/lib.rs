@@ -1,0 +1,10 @@
+//! x402-gateway: a reverse proxy that turns an HTTP API into a pay-per-call API with the x402 protocol.
+//! The binary (`main.rs`) is a thin command line over this library.
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod logging;
+pub mod pipeline;
+pub mod proxy;
+pub mod routing;

@@ -1,0 +1,144 @@
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use x402_gateway::config::Config;
+use x402_gateway::logging::{self, LogFormat};
+use x402_gateway::proxy::server::Server;
+use x402_gateway::routing::RouteTable;
+
+#[derive(Parser)]
+#[command(
+    name = "x402-gateway",
+    version,
+    about = "Pay-per-call reverse proxy speaking x402"
+)]
+struct Cli {
+    /// Log format of the access and event logs (on stderr).
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// Path of the configuration file.
+    #[arg(
+        long,
+        short,
+        env = "X402_GATEWAY_CONFIG",
+        default_value = "gateway.toml"
+    )]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run(ConfigArg),
+    /// Validate the configuration and print the route table; exit code 1 if it is invalid.
+    Check(ConfigArg),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check(args) => check(&args.config),
+        Command::Run(args) => {
+            logging::init(cli.log_format);
+            run(&args.config)
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => {
+            let upstreams = config.upstreams.len();
+            let table = RouteTable::new(config.routes);
+            println!(
+                "{}: OK ({} routes, {upstreams} upstreams)",
+                path.display(),
+                table.routes().len()
+            );
+            println!("routes, in match order:");
+            println!(
+                "  {:<16} {:<32} {:<16} PRICE",
+                "METHODS", "PATH", "UPSTREAM"
+            );
+            for route in table.routes() {
+                let methods = match &route.methods {
+                    None => "*".to_string(),
+                    Some(methods) => methods
+                        .iter()
+                        .map(|m| m.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                };
+                println!(
+                    "  {methods:<16} {:<32} {:<16} free",
+                    route.pattern_text, route.upstream.name
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let config = match Config::load(path) {
+            Ok(config) => config,
+            Err(err) => {
+                tracing::error!("{err}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match Server::bind(config).await {
+            Ok(server) => {
+                server.run(shutdown_signal()).await;
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                tracing::error!("{err}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

@@ -1,0 +1,7 @@
+//! Transport: listeners, TLS, connection limits, the upstream client and header hygiene.
+
+pub mod body;
+pub mod headers;
+pub mod server;
+pub mod tls;
+pub mod upstream;

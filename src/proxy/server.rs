@@ -1,0 +1,258 @@
+//! Listeners: accept TCP (and TLS), cap concurrent connections, serve HTTP/1.1 and HTTP/2, shut down gracefully.
+
+use super::tls::{self, TlsError};
+use super::upstream::ClientInfo;
+use crate::config::{Config, Limits};
+use crate::pipeline::Gateway;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{key}: cannot listen on {addr}: {source}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// Which handler a listener serves.
+#[derive(Clone, Copy)]
+enum Role {
+    Public { proto: &'static str },
+    Admin,
+}
+
+struct Listener {
+    socket: TcpListener,
+    role: Role,
+    tls: Option<TlsAcceptor>,
+}
+
+/// The bound listeners of one gateway, ready to [`Server::run`].
+pub struct Server {
+    gateway: Arc<Gateway>,
+    listeners: Vec<Listener>,
+    limits: Limits,
+}
+
+impl Server {
+    pub async fn bind(config: Config) -> Result<Server, StartError> {
+        let mut listeners = Vec::new();
+        if let Some(addr) = config.server.listen {
+            listeners.push(Listener {
+                socket: bind("server.listen", addr).await?,
+                role: Role::Public { proto: "http" },
+                tls: None,
+            });
+        }
+        if let Some(tls) = &config.server.tls {
+            let acceptor = tls::acceptor(&tls.cert, &tls.key)?;
+            let socket = bind("server.tls_listen", tls.listen).await?;
+            listeners.push(Listener {
+                socket,
+                role: Role::Public { proto: "https" },
+                tls: Some(acceptor),
+            });
+        }
+        if let Some(addr) = config.server.admin_listen {
+            listeners.push(Listener {
+                socket: bind("server.admin_listen", addr).await?,
+                role: Role::Admin,
+                tls: None,
+            });
+        }
+        let limits = config.server.limits.clone();
+        Ok(Server {
+            gateway: Arc::new(Gateway::new(config)),
+            listeners,
+            limits,
+        })
+    }
+
+    /// Bound address of the plain HTTP listener.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.addr_of(|l| matches!(l.role, Role::Public { .. }) && l.tls.is_none())
+    }
+
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.addr_of(|l| l.tls.is_some())
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.addr_of(|l| matches!(l.role, Role::Admin))
+    }
+
+    fn addr_of(&self, pick: impl Fn(&Listener) -> bool) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|l| pick(l))
+            .and_then(|l| l.socket.local_addr().ok())
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and lets open connections finish for up to
+    /// `server.shutdown_grace_secs`.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(());
+        let graceful = Arc::new(GracefulShutdown::new());
+        let permits = Arc::new(Semaphore::new(self.limits.max_connections));
+        let builder = Arc::new(http_builder(&self.limits));
+        let mut loops = tokio::task::JoinSet::new();
+        for listener in self.listeners {
+            if let Ok(addr) = listener.socket.local_addr() {
+                let kind = match (listener.role, &listener.tls) {
+                    (Role::Admin, _) => "admin",
+                    (_, Some(_)) => "https",
+                    _ => "http",
+                };
+                tracing::info!(%addr, kind, "listening");
+            }
+            let accept = AcceptLoop {
+                gateway: self.gateway.clone(),
+                builder: builder.clone(),
+                graceful: graceful.clone(),
+                permits: permits.clone(),
+                handshake_timeout: self.limits.header_read_timeout,
+            };
+            loops.spawn(accept.run(listener, stop_rx.clone()));
+        }
+        shutdown.await;
+        tracing::info!("shutting down: no new connections; waiting for open ones");
+        drop(stop_tx);
+        while loops.join_next().await.is_some() {}
+        let Ok(graceful) = Arc::try_unwrap(graceful) else {
+            return;
+        };
+        if tokio::time::timeout(self.limits.shutdown_grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown grace period over; closing the remaining connections");
+        }
+    }
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { key, addr, source })
+}
+
+fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // hyper's floor for its read buffer is 8 KiB.
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+struct AcceptLoop {
+    gateway: Arc<Gateway>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    graceful: Arc<GracefulShutdown>,
+    permits: Arc<Semaphore>,
+    handshake_timeout: Duration,
+}
+
+impl AcceptLoop {
+    async fn run(self, listener: Listener, mut stop: watch::Receiver<()>) {
+        loop {
+            // At the connection cap, stop accepting: the kernel's backlog holds the rest.
+            let permit = tokio::select! {
+                permit = self.permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
+                _ = stop.changed() => return,
+            };
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.socket.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(err) => {
+                        // Typically out of file descriptors: back off instead of spinning.
+                        tracing::warn!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stop.changed() => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let watcher = self.graceful.watcher();
+            let (gateway, builder, role, tls) = (
+                self.gateway.clone(),
+                self.builder.clone(),
+                listener.role,
+                listener.tls.clone(),
+            );
+            let handshake_timeout = self.handshake_timeout;
+            tokio::spawn(async move {
+                let _permit = permit;
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let gateway = gateway.clone();
+                    async move {
+                        Ok::<_, Infallible>(match role {
+                            Role::Public { proto } => {
+                                gateway.handle(request, ClientInfo { peer, proto }).await
+                            }
+                            Role::Admin => gateway.handle_admin(request).await,
+                        })
+                    }
+                });
+                match tls {
+                    None => serve(&builder, watcher, tcp, service).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                            Ok(Ok(stream)) => serve(&builder, watcher, stream, service).await,
+                            Ok(Err(err)) => {
+                                tracing::debug!(%peer, error = %err, "TLS handshake failed")
+                            }
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
+async fn serve<IO, S>(
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    io: IO,
+    service: S,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = hyper::Response<super::body::Body>,
+            Error = Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    if let Err(err) = watcher.watch(connection).await {
+        tracing::debug!(error = %err, "connection ended with an error");
+    }
+}

@@ -1,0 +1,219 @@
+//! The upstream side: rewrite the client's request for the upstream (path, query, operator credentials,
+//! header hygiene), send it over a pooled connection, and hand back the streamed answer.
+
+use super::body::{Body, BoxError};
+use super::headers::{remove_hop_by_hop, set_forwarded};
+use crate::config::{RouteSpec, Upstream};
+use crate::error::GatewayError;
+use crate::routing::path::segments;
+use http::{header, HeaderValue, Request, Response, Uri, Version};
+use http_body_util::BodyExt;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Who sent a request, as the listener saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientInfo {
+    pub peer: SocketAddr,
+    /// `"http"` or `"https"`: the listener's scheme, for `X-Forwarded-Proto`.
+    pub proto: &'static str,
+}
+
+#[derive(Clone)]
+pub struct UpstreamClient {
+    client: Client<HttpsConnector<HttpConnector>, Body>,
+}
+
+impl UpstreamClient {
+    pub fn new() -> UpstreamClient {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(https);
+        UpstreamClient { client }
+    }
+
+    /// Sends `request` and waits for the answer's head within the upstream's timeout; the body then streams.
+    pub async fn send(
+        &self,
+        request: Request<Body>,
+        upstream: &Upstream,
+    ) -> Result<Response<Body>, GatewayError> {
+        let mut response = match tokio::time::timeout(
+            upstream.timeout,
+            self.client.request(request),
+        )
+        .await
+        {
+            Err(_) => return Err(GatewayError::UpstreamTimeout),
+            Ok(Err(err)) if caused_by_body_limit(&err) => return Err(GatewayError::BodyTooLarge),
+            Ok(Err(err)) => {
+                // Connection errors carry no URL, so the operator's query credentials cannot leak here.
+                tracing::warn!(upstream = %upstream.name, error = %error_chain(&err), "upstream request failed");
+                return Err(GatewayError::UpstreamUnavailable);
+            }
+            Ok(Ok(response)) => response,
+        };
+        remove_hop_by_hop(response.headers_mut());
+        Ok(response.map(|body| body.map_err(BoxError::from).boxed_unsync()))
+    }
+}
+
+impl Default for UpstreamClient {
+    fn default() -> Self {
+        UpstreamClient::new()
+    }
+}
+
+/// Builds the upstream request from the client's: the route's upstream and rewritten path, the operator's
+/// query parameters and headers (replacing any the client sent under those names), forwarding headers.
+pub fn upstream_request(
+    mut request: Request<Body>,
+    route: &RouteSpec,
+    canonical_path: &str,
+    client: ClientInfo,
+) -> Result<Request<Body>, GatewayError> {
+    let upstream = &route.upstream;
+    let original_host = request.headers().get(header::HOST).cloned().or_else(|| {
+        request
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let path = forwarded_path(canonical_path, route.strip_prefix.as_deref());
+    let query = forwarded_query(request.uri().query(), &upstream.query);
+    let uri = match query {
+        Some(q) => format!(
+            "{}://{}{}{}?{}",
+            upstream.scheme, upstream.authority, upstream.base_path, path, q
+        ),
+        None => format!(
+            "{}://{}{}{}",
+            upstream.scheme, upstream.authority, upstream.base_path, path
+        ),
+    };
+    *request.uri_mut() = uri
+        .parse::<Uri>()
+        .map_err(|_| GatewayError::BadPath(crate::routing::PathError::BadEscape))?;
+    *request.version_mut() = Version::HTTP_11;
+
+    let headers = request.headers_mut();
+    remove_hop_by_hop(headers);
+    set_forwarded(headers, client.peer.ip(), client.proto, original_host);
+    if let Ok(host) = HeaderValue::from_str(upstream.authority.as_str()) {
+        headers.insert(header::HOST, host);
+    }
+    for (name, value) in &upstream.headers {
+        headers.insert(name, value.clone());
+    }
+    Ok(request)
+}
+
+/// The canonical path with `strip_prefix`'s segments removed (the route matched, so they are there).
+fn forwarded_path<'a>(canonical_path: &'a str, strip_prefix: Option<&str>) -> &'a str {
+    let Some(prefix) = strip_prefix else {
+        return canonical_path;
+    };
+    let mut cut = 0;
+    for _ in segments(prefix) {
+        cut = canonical_path[cut + 1..]
+            .find('/')
+            .map_or(canonical_path.len(), |i| cut + 1 + i);
+    }
+    match &canonical_path[cut..] {
+        "" => "/",
+        rest => rest,
+    }
+}
+
+/// The client's query string without the parameters the operator injects, then the operator's.
+fn forwarded_query(client_query: Option<&str>, injected: &[(String, String)]) -> Option<String> {
+    if injected.is_empty() {
+        return client_query.map(str::to_string);
+    }
+    let mut kept = String::new();
+    for pair in client_query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let raw_name = pair.split('=').next().unwrap_or("");
+        let name = form_urlencoded::parse(raw_name.as_bytes())
+            .next()
+            .map(|(k, _)| k)
+            .unwrap_or_default();
+        if injected.iter().any(|(k, _)| *k == name) {
+            continue;
+        }
+        if !kept.is_empty() {
+            kept.push('&');
+        }
+        kept.push_str(pair);
+    }
+    Some(
+        form_urlencoded::Serializer::for_suffix(kept, 0)
+            .extend_pairs(injected)
+            .finish(),
+    )
+}
+
+fn caused_by_body_limit(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strip_prefix_keeps_the_rest() {
+        assert_eq!(forwarded_path("/public/a/b", Some("/public")), "/a/b");
+        assert_eq!(forwarded_path("/public", Some("/public")), "/");
+        assert_eq!(forwarded_path("/public/", Some("/public/")), "/");
+        assert_eq!(forwarded_path("/v1/x/", Some("/v1")), "/x/");
+        assert_eq!(forwarded_path("/a", None), "/a");
+    }
+
+    #[test]
+    fn injected_query_replaces_client_copies() {
+        let injected = vec![("api_key".to_string(), "k&y".to_string())];
+        assert_eq!(
+            forwarded_query(Some("q=1&api_key=evil&api%5Fkey=evil2"), &injected).unwrap(),
+            "q=1&api_key=k%26y"
+        );
+        assert_eq!(forwarded_query(None, &injected).unwrap(), "api_key=k%26y");
+        assert_eq!(forwarded_query(Some("a=%20"), &[]).unwrap(), "a=%20");
+    }
+}

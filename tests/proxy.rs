@@ -1,0 +1,211 @@
+//! The foundation: routing, credential injection, header hygiene, streaming, failures and limits,
+//! through real sockets on loopback.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response, StatusCode};
+use http_body_util::channel::Channel;
+use http_body_util::{BodyExt, Full};
+use std::convert::Infallible;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+fn toml_with(upstreams: &[(&str, &str)], routes: &str) -> String {
+    let mut toml = String::from("[server]\nlisten = \"127.0.0.1:0\"\n");
+    for (name, url) in upstreams {
+        toml.push_str(&format!("[upstreams.{name}]\nurl = \"{url}\"\n"));
+    }
+    toml.push_str(routes);
+    toml
+}
+
+#[tokio::test]
+async fn most_specific_route_wins() {
+    let (catch_all, prefix, exact, named, named_fixed) = (
+        spawn_echo("catch-all").await,
+        spawn_echo("prefix").await,
+        spawn_echo("exact").await,
+        spawn_echo("named").await,
+        spawn_echo("named-fixed").await,
+    );
+    let toml = toml_with(
+        &[
+            ("catch_all", &catch_all.url()),
+            ("prefix", &prefix.url()),
+            ("exact", &exact.url()),
+            ("named", &named.url()),
+            ("named_fixed", &named_fixed.url()),
+        ],
+        r#"
+[[routes]]
+path = "/*"
+upstream = "catch_all"
+[[routes]]
+path = "/public/*"
+upstream = "prefix"
+[[routes]]
+path = "/users/:id/*"
+upstream = "prefix"
+[[routes]]
+path = "/public/special"
+upstream = "exact"
+[[routes]]
+path = "/users/:id"
+upstream = "named"
+[[routes]]
+path = "/users/me"
+upstream = "named_fixed"
+"#,
+    );
+    let gw = start_gateway(&toml).await;
+    for (path, expected) in [
+        ("/", "catch-all"),
+        ("/elsewhere/x", "catch-all"),
+        ("/public", "prefix"),
+        ("/public/a/b", "prefix"),
+        ("/public/special", "exact"),
+        ("/PUBLIC/Special", "exact"),
+        ("//public//special", "exact"),
+        ("/public/%73pecial", "exact"),
+        ("/public/special/deeper", "prefix"),
+        ("/users/42", "named"),
+        ("/users/me", "named-fixed"),
+        ("/users/42/posts", "prefix"),
+    ] {
+        let answer = get(&gw.url(path)).await;
+        assert_eq!(answer.status, StatusCode::OK, "{path}");
+        assert_eq!(answer.json()["upstream"], expected, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn no_route_is_404_json_and_wrong_method_is_405() {
+    let echo = spawn_echo("echo").await;
+    let toml = toml_with(
+        &[("echo", &echo.url())],
+        "[[routes]]\npath = \"/only\"\nmethods = [\"GET\", \"head\"]\nupstream = \"echo\"\n",
+    );
+    let gw = start_gateway(&toml).await;
+    let missing = get(&gw.url("/nowhere")).await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert_eq!(missing.json()["error"], "no_route");
+    let post = send(
+        &client(),
+        Request::post(gw.url("/only"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(post.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(post.headers["allow"], "GET, HEAD");
+    let dots = get(&gw.url("/only/%2e%2e/only")).await;
+    assert_eq!(dots.status, StatusCode::BAD_REQUEST);
+    assert_eq!(dots.json()["error"], "invalid_path");
+    assert_eq!(echo.hits(), 0, "refused requests never reach the upstream");
+}
+
+#[tokio::test]
+async fn operator_credentials_replace_client_copies() {
+    let echo = spawn_echo("echo").await;
+    let toml = format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+[upstreams.echo]
+url = "{}/base/"
+headers = {{ Authorization = "Bearer ${{T_PROXY_KEY}}", "X-Team" = "sellers" }}
+query = {{ api_key = "${{T_PROXY_KEY}}" }}
+[[routes]]
+path = "/public/*"
+upstream = "echo"
+strip_prefix = "/public"
+"#,
+        echo.url()
+    );
+    let gw = start_gateway_with_env(&toml, &[("T_PROXY_KEY", "op-secret")]).await;
+    let request = Request::get(gw.url("/public/a/b?q=1&api_key=stolen"))
+        .header("authorization", "Bearer client-forged")
+        .header("x-team", "buyers")
+        .header("connection", "x-hop")
+        .header("x-hop", "must-not-pass")
+        .header("x-forwarded-for", "10.9.9.9")
+        .header("host", "shop.example")
+        .body(Full::default())
+        .unwrap();
+    let answer = send(&client(), request).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let echo_json = answer.json();
+    let headers = &echo_json["headers"];
+    assert_eq!(
+        echo_json["path"], "/base/a/b",
+        "strip_prefix then the upstream's base path"
+    );
+    assert_eq!(echo_json["query"], "q=1&api_key=op-secret");
+    assert_eq!(headers["authorization"], "Bearer op-secret");
+    assert_eq!(headers["x-team"], "sellers");
+    assert!(
+        headers.get("x-hop").is_none(),
+        "headers named in Connection are hop-by-hop"
+    );
+    assert!(headers.get("connection").is_none());
+    assert_eq!(headers["host"], echo.addr.to_string());
+    assert_eq!(headers["x-forwarded-for"], "10.9.9.9, 127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert_eq!(headers["x-forwarded-host"], "shop.example");
+}
+
+#[tokio::test]
+async fn chunks_reach_the_client_before_the_upstream_sends_the_next() {
+    // The upstream sends one SSE event, then waits until the test has seen it before sending the second:
+    // a gateway that buffered would never deliver the first, and the test would time out.
+    let (release_tx, release_rx) = mpsc::channel::<()>(1);
+    let release_rx = std::sync::Arc::new(tokio::sync::Mutex::new(release_rx));
+    let upstream = spawn_upstream(move |_req| {
+        let release_rx = release_rx.clone();
+        async move {
+            let (mut tx, body) = Channel::<Bytes, Infallible>::new(4);
+            tokio::spawn(async move {
+                let _ = tx.send_data(Bytes::from_static(b"data: first\n\n")).await;
+                let _ = release_rx.lock().await.recv().await;
+                let _ = tx.send_data(Bytes::from_static(b"data: second\n\n")).await;
+            });
+            let mut response = Response::new(body.map_err(|never| match never {}).boxed_unsync());
+            response
+                .headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            response
+        }
+    })
+    .await;
+    let toml = toml_with(
+        &[("llm", &upstream.url())],
+        "[[routes]]\npath = \"/stream\"\nupstream = \"llm\"\n",
+    );
+    let gw = start_gateway(&toml).await;
+    let response = client()
+        .request(
+            Request::get(gw.url("/stream"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("first event before the second is sent");
+    assert_eq!(
+        first.unwrap().unwrap().into_data().unwrap(),
+        Bytes::from_static(b"data: first\n\n")
+    );
+    release_tx.send(()).await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .unwrap();
+    assert_eq!(
+        second.unwrap().unwrap().into_data().unwrap(),
+        Bytes::from_static(b"data: second\n\n")
+    );
+}
