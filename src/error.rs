@@ -14,6 +14,10 @@ pub enum GatewayError {
     MethodNotAllowed(Vec<Method>),
     #[error("request body larger than the configured limit")]
     BodyTooLarge,
+    #[error("malformed payment header: {0}")]
+    MalformedPayment(String),
+    #[error("too many payments in flight; retry shortly")]
+    PaymentsBusy,
     #[error("the upstream service could not be reached")]
     UpstreamUnavailable,
     #[error("the upstream service did not answer in time")]
@@ -29,6 +33,8 @@ impl GatewayError {
             NoRoute => (StatusCode::NOT_FOUND, "no_route"),
             MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            MalformedPayment(_) => (StatusCode::BAD_REQUEST, "invalid_payload"),
+            PaymentsBusy => (StatusCode::SERVICE_UNAVAILABLE, "payments_busy"),
             UpstreamUnavailable => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
             UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
         }
@@ -39,11 +45,7 @@ impl GatewayError {
         let body = serde_json::json!({ "error": reason, "message": self.to_string() });
         let mut response = json_response(status, &body);
         if let GatewayError::MethodNotAllowed(methods) = &self {
-            let allow = methods
-                .iter()
-                .map(Method::as_str)
-                .collect::<Vec<_>>()
-                .join(", ");
+            let allow = methods.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
             if let Ok(value) = HeaderValue::from_str(&allow) {
                 response.headers_mut().insert(header::ALLOW, value);
             }

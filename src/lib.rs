@@ -4,7 +4,12 @@
 pub mod admin;
 pub mod config;
 pub mod error;
+pub mod gate;
 pub mod logging;
+pub mod networks;
 pub mod pipeline;
+pub mod pricing;
 pub mod proxy;
+pub mod replay;
 pub mod routing;
+pub mod x402;

@@ -7,11 +7,7 @@ use x402_gateway::proxy::server::Server;
 use x402_gateway::routing::RouteTable;
 
 #[derive(Parser)]
-#[command(
-    name = "x402-gateway",
-    version,
-    about = "Pay-per-call reverse proxy speaking x402"
-)]
+#[command(name = "x402-gateway", version, about = "Pay-per-call reverse proxy speaking x402")]
 struct Cli {
     /// Log format of the access and event logs (on stderr).
     #[arg(long, value_enum, default_value = "text", global = true)]
@@ -23,12 +19,7 @@ struct Cli {
 #[derive(clap::Args)]
 struct ConfigArg {
     /// Path of the configuration file.
-    #[arg(
-        long,
-        short,
-        env = "X402_GATEWAY_CONFIG",
-        default_value = "gateway.toml"
-    )]
+    #[arg(long, short, env = "X402_GATEWAY_CONFIG", default_value = "gateway.toml")]
     config: PathBuf,
 }
 
@@ -56,29 +47,28 @@ fn check(path: &std::path::Path) -> ExitCode {
         Ok(config) => {
             let upstreams = config.upstreams.len();
             let table = RouteTable::new(config.routes);
-            println!(
-                "{}: OK ({} routes, {upstreams} upstreams)",
-                path.display(),
-                table.routes().len()
-            );
+            println!("{}: OK ({} routes, {upstreams} upstreams)", path.display(), table.routes().len());
             println!("routes, in match order:");
-            println!(
-                "  {:<16} {:<32} {:<16} PRICE",
-                "METHODS", "PATH", "UPSTREAM"
-            );
+            println!("  {:<16} {:<32} {:<16} PRICE", "METHODS", "PATH", "UPSTREAM");
             for route in table.routes() {
                 let methods = match &route.methods {
                     None => "*".to_string(),
-                    Some(methods) => methods
-                        .iter()
-                        .map(|m| m.as_str())
-                        .collect::<Vec<_>>()
-                        .join(","),
+                    Some(methods) => methods.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(","),
                 };
-                println!(
-                    "  {methods:<16} {:<32} {:<16} free",
-                    route.pattern_text, route.upstream.name
-                );
+                let price = if route.payment.is_some() { "paid" } else { "free" };
+                println!("  {methods:<16} {:<32} {:<16} {price}", route.pattern_text, route.upstream.name);
+                for offer in route.payment.iter().flat_map(|p| &p.offers) {
+                    println!(
+                        "      {} atomic units of {} ({}, {} decimals) on {} to {}, maxTimeoutSeconds {}",
+                        offer.amount,
+                        offer.asset.symbol,
+                        offer.asset.address,
+                        offer.asset.decimals,
+                        offer.network.caip2,
+                        offer.pay_to,
+                        offer.max_timeout_seconds
+                    );
+                }
             }
             ExitCode::SUCCESS
         }
@@ -90,10 +80,7 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn run(path: &std::path::Path) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the runtime: {err}");
@@ -101,6 +88,13 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     runtime.block_on(async {
+        let shutdown = match shutdown_signal() {
+            Ok(shutdown) => shutdown,
+            Err(err) => {
+                tracing::error!("cannot install signal handlers: {err}");
+                return ExitCode::FAILURE;
+            }
+        };
         let config = match Config::load(path) {
             Ok(config) => config,
             Err(err) => {
@@ -110,7 +104,7 @@ fn run(path: &std::path::Path) -> ExitCode {
         };
         match Server::bind(config).await {
             Ok(server) => {
-                server.run(shutdown_signal()).await;
+                server.run(shutdown).await;
                 ExitCode::SUCCESS
             }
             Err(err) => {
@@ -121,24 +115,24 @@ fn run(path: &std::path::Path) -> ExitCode {
     })
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = interrupt.await;
-                    return;
-                }
-            };
+/// Registers SIGINT and SIGTERM handlers now (a signal that arrives before the server runs must not kill it),
+/// and returns a future that resolves when either arrives.
+#[cfg(unix)]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
         tokio::select! {
-            _ = interrupt => {}
-            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }

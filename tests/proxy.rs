@@ -91,13 +91,7 @@ async fn no_route_is_404_json_and_wrong_method_is_405() {
     let missing = get(&gw.url("/nowhere")).await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
     assert_eq!(missing.json()["error"], "no_route");
-    let post = send(
-        &client(),
-        Request::post(gw.url("/only"))
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
+    let post = send(&client(), Request::post(gw.url("/only")).body(Full::default()).unwrap()).await;
     assert_eq!(post.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(post.headers["allow"], "GET, HEAD");
     let dots = get(&gw.url("/only/%2e%2e/only")).await;
@@ -137,17 +131,11 @@ strip_prefix = "/public"
     assert_eq!(answer.status, StatusCode::OK);
     let echo_json = answer.json();
     let headers = &echo_json["headers"];
-    assert_eq!(
-        echo_json["path"], "/base/a/b",
-        "strip_prefix then the upstream's base path"
-    );
+    assert_eq!(echo_json["path"], "/base/a/b", "strip_prefix then the upstream's base path");
     assert_eq!(echo_json["query"], "q=1&api_key=op-secret");
     assert_eq!(headers["authorization"], "Bearer op-secret");
     assert_eq!(headers["x-team"], "sellers");
-    assert!(
-        headers.get("x-hop").is_none(),
-        "headers named in Connection are hop-by-hop"
-    );
+    assert!(headers.get("x-hop").is_none(), "headers named in Connection are hop-by-hop");
     assert!(headers.get("connection").is_none());
     assert_eq!(headers["host"], echo.addr.to_string());
     assert_eq!(headers["x-forwarded-for"], "10.9.9.9, 127.0.0.1");
@@ -171,41 +159,21 @@ async fn chunks_reach_the_client_before_the_upstream_sends_the_next() {
                 let _ = tx.send_data(Bytes::from_static(b"data: second\n\n")).await;
             });
             let mut response = Response::new(body.map_err(|never| match never {}).boxed_unsync());
-            response
-                .headers_mut()
-                .insert("content-type", "text/event-stream".parse().unwrap());
+            response.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
             response
         }
     })
     .await;
-    let toml = toml_with(
-        &[("llm", &upstream.url())],
-        "[[routes]]\npath = \"/stream\"\nupstream = \"llm\"\n",
-    );
+    let toml = toml_with(&[("llm", &upstream.url())], "[[routes]]\npath = \"/stream\"\nupstream = \"llm\"\n");
     let gw = start_gateway(&toml).await;
-    let response = client()
-        .request(
-            Request::get(gw.url("/stream"))
-                .body(Full::default())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let response = client().request(Request::get(gw.url("/stream")).body(Full::default()).unwrap()).await.unwrap();
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     let mut body = response.into_body();
     let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
         .await
         .expect("first event before the second is sent");
-    assert_eq!(
-        first.unwrap().unwrap().into_data().unwrap(),
-        Bytes::from_static(b"data: first\n\n")
-    );
+    assert_eq!(first.unwrap().unwrap().into_data().unwrap(), Bytes::from_static(b"data: first\n\n"));
     release_tx.send(()).await.unwrap();
-    let second = tokio::time::timeout(Duration::from_secs(5), body.frame())
-        .await
-        .unwrap();
-    assert_eq!(
-        second.unwrap().unwrap().into_data().unwrap(),
-        Bytes::from_static(b"data: second\n\n")
-    );
+    let second = tokio::time::timeout(Duration::from_secs(5), body.frame()).await.unwrap();
+    assert_eq!(second.unwrap().unwrap().into_data().unwrap(), Bytes::from_static(b"data: second\n\n"));
 }

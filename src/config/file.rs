@@ -13,6 +13,51 @@ pub struct File {
     pub upstreams: BTreeMap<String, Upstream>,
     #[serde(default)]
     pub routes: Vec<Route>,
+    pub payment: Option<Payment>,
+    #[serde(default)]
+    pub networks: BTreeMap<String, Network>,
+}
+
+/// `[payment]`: defaults for every paid route.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Payment {
+    pub pay_to: Option<String>,
+    pub network: Option<String>,
+    pub asset: Option<String>,
+    pub max_timeout_seconds: Option<u64>,
+    pub facilitator: Option<String>,
+    pub nonce_cache_capacity: Option<u64>,
+}
+
+/// Payment terms that `[payment]`, a route and a route's `accepts` entry may each set; the most specific wins.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Terms {
+    pub pay_to: Option<String>,
+    pub network: Option<String>,
+    pub asset: Option<String>,
+    pub max_timeout_seconds: Option<u64>,
+    pub price: Option<String>,
+    pub amount: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    pub rpc_url: Option<String>,
+    pub v1_name: Option<String>,
+    #[serde(default)]
+    pub assets: BTreeMap<String, Asset>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Asset {
+    pub address: String,
+    pub decimals: u8,
+    pub eip712_name: String,
+    pub eip712_version: String,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -49,4 +94,64 @@ pub struct Route {
     pub methods: Option<Vec<String>>,
     pub upstream: String,
     pub strip_prefix: Option<String>,
+    pub pay_to: Option<String>,
+    pub network: Option<String>,
+    pub asset: Option<String>,
+    pub max_timeout_seconds: Option<u64>,
+    pub price: Option<String>,
+    pub amount: Option<String>,
+    pub description: Option<String>,
+    pub mime_type: Option<String>,
+    pub facilitator: Option<String>,
+    #[serde(default)]
+    pub accepts: Vec<Terms>,
+}
+
+impl Payment {
+    pub fn terms(&self) -> Terms {
+        Terms {
+            pay_to: self.pay_to.clone(),
+            network: self.network.clone(),
+            asset: self.asset.clone(),
+            max_timeout_seconds: self.max_timeout_seconds,
+            price: None,
+            amount: None,
+        }
+    }
+}
+
+impl Route {
+    pub fn terms(&self) -> Terms {
+        Terms {
+            pay_to: self.pay_to.clone(),
+            network: self.network.clone(),
+            asset: self.asset.clone(),
+            max_timeout_seconds: self.max_timeout_seconds,
+            price: self.price.clone(),
+            amount: self.amount.clone(),
+        }
+    }
+}
+
+impl Terms {
+    /// These terms, with anything unset taken from `defaults`.
+    pub fn or(&self, defaults: &Terms) -> Terms {
+        Terms {
+            pay_to: self.pay_to.clone().or_else(|| defaults.pay_to.clone()),
+            network: self.network.clone().or_else(|| defaults.network.clone()),
+            asset: self.asset.clone().or_else(|| defaults.asset.clone()),
+            max_timeout_seconds: self.max_timeout_seconds.or(defaults.max_timeout_seconds),
+            // A price belongs to one level: an `accepts` entry with neither takes the route's.
+            price: if self.price.is_some() || self.amount.is_some() {
+                self.price.clone()
+            } else {
+                defaults.price.clone()
+            },
+            amount: if self.price.is_some() || self.amount.is_some() {
+                self.amount.clone()
+            } else {
+                defaults.amount.clone()
+            },
+        }
+    }
 }

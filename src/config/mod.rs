@@ -4,8 +4,10 @@
 mod env;
 mod error;
 mod file;
+mod payment;
 
 pub use error::ConfigError;
+pub use payment::{PaidRoute, PaymentSettings};
 
 use crate::routing::PathPattern;
 use http::header::{HeaderName, HeaderValue};
@@ -30,6 +32,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub routes: Vec<RouteSpec>,
+    pub payment: PaymentSettings,
 }
 
 #[derive(Debug)]
@@ -77,15 +80,9 @@ impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Upstream")
             .field("name", &self.name)
-            .field(
-                "url",
-                &format_args!("{}://{}{}", self.scheme, self.authority, self.base_path),
-            )
+            .field("url", &format_args!("{}://{}{}", self.scheme, self.authority, self.base_path))
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
-            .field(
-                "query",
-                &self.query.iter().map(|(k, _)| k).collect::<Vec<_>>(),
-            )
+            .field("query", &self.query.iter().map(|(k, _)| k).collect::<Vec<_>>())
             .field("timeout", &self.timeout)
             .finish()
     }
@@ -100,15 +97,15 @@ pub struct RouteSpec {
     pub methods: Option<Vec<Method>>,
     pub upstream: Arc<Upstream>,
     pub strip_prefix: Option<String>,
+    /// `None` for a free route.
+    pub payment: Option<PaidRoute>,
 }
 
 impl Config {
     /// Loads `path`, resolving relative file paths in it against the file's own folder.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         let base_dir = path.parent().unwrap_or(Path::new("."));
         Config::parse(&text, path, base_dir, &|name| std::env::var(name).ok())
     }
@@ -119,10 +116,8 @@ impl Config {
         base_dir: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let file: file::File = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let file: file::File = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
         Validator { base_dir, env }.config(file)
     }
 }
@@ -140,60 +135,43 @@ impl Validator<'_> {
             let upstream = self.upstream(&name, raw)?;
             upstreams.insert(name, Arc::new(upstream));
         }
+        let payment = self.payment_settings(file.payment.as_ref(), file.networks)?;
         let routes = file
             .routes
             .into_iter()
             .enumerate()
-            .map(|(i, raw)| self.route(&format!("routes[{i}]"), raw, &upstreams))
+            .map(|(i, raw)| {
+                let key = format!("routes[{i}]");
+                let paid = self.paid_route(&key, &raw, file.payment.as_ref(), &payment)?;
+                self.route(&key, raw, &upstreams, paid)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         if server.listen.is_none() && server.tls.is_none() {
-            return Err(ConfigError::invalid(
-                "server",
-                "set `listen` or `tls_listen` (or both)",
-            ));
+            return Err(ConfigError::invalid("server", "set `listen` or `tls_listen` (or both)"));
         }
-        Ok(Config {
-            server,
-            upstreams,
-            routes,
-        })
+        Ok(Config { server, upstreams, routes, payment })
     }
 
     fn expand(&self, key: &str, raw: &str) -> Result<String, ConfigError> {
         env::expand(key, raw, self.env)
     }
 
-    fn socket_addr(
-        &self,
-        key: &str,
-        raw: Option<String>,
-    ) -> Result<Option<SocketAddr>, ConfigError> {
+    fn socket_addr(&self, key: &str, raw: Option<String>) -> Result<Option<SocketAddr>, ConfigError> {
         raw.map(|raw| {
-            self.expand(key, &raw)?.parse().map_err(|_| {
-                ConfigError::invalid(
-                    key,
-                    format!("`{raw}` is not an address such as \"127.0.0.1:8402\""),
-                )
-            })
+            self.expand(key, &raw)?
+                .parse()
+                .map_err(|_| ConfigError::invalid(key, format!("`{raw}` is not an address such as \"127.0.0.1:8402\"")))
         })
         .transpose()
     }
 
     fn file_path(&self, key: &str, raw: String) -> Result<PathBuf, ConfigError> {
         let path = PathBuf::from(self.expand(key, &raw)?);
-        Ok(if path.is_absolute() {
-            path
-        } else {
-            self.base_dir.join(path)
-        })
+        Ok(if path.is_absolute() { path } else { self.base_dir.join(path) })
     }
 
     fn server(&self, raw: file::Server) -> Result<ServerConfig, ConfigError> {
-        let tls = match (
-            self.socket_addr("server.tls_listen", raw.tls_listen)?,
-            raw.tls_cert,
-            raw.tls_key,
-        ) {
+        let tls = match (self.socket_addr("server.tls_listen", raw.tls_listen)?, raw.tls_cert, raw.tls_key) {
             (None, None, None) => None,
             (Some(listen), Some(cert), Some(key)) => Some(TlsListener {
                 listen,
@@ -209,26 +187,14 @@ impl Validator<'_> {
         };
         let public_url = raw.public_url.map(|url| self.public_url(url)).transpose()?;
         let limits = Limits {
-            max_header_bytes: positive(
-                "server.max_header_bytes",
-                raw.max_header_bytes,
-                DEFAULT_MAX_HEADER_BYTES,
-            )?,
-            max_body_bytes: positive(
-                "server.max_body_bytes",
-                raw.max_body_bytes,
-                DEFAULT_MAX_BODY_BYTES,
-            )?,
+            max_header_bytes: positive("server.max_header_bytes", raw.max_header_bytes, DEFAULT_MAX_HEADER_BYTES)?,
+            max_body_bytes: positive("server.max_body_bytes", raw.max_body_bytes, DEFAULT_MAX_BODY_BYTES)?,
             header_read_timeout: seconds(
                 "server.header_read_timeout_secs",
                 raw.header_read_timeout_secs,
                 DEFAULT_HEADER_READ_TIMEOUT,
             )?,
-            max_connections: positive(
-                "server.max_connections",
-                raw.max_connections,
-                DEFAULT_MAX_CONNECTIONS,
-            )?,
+            max_connections: positive("server.max_connections", raw.max_connections, DEFAULT_MAX_CONNECTIONS)?,
             shutdown_grace: match raw.shutdown_grace_secs {
                 Some(secs) => Duration::from_secs(secs),
                 None => DEFAULT_SHUTDOWN_GRACE,
@@ -246,14 +212,9 @@ impl Validator<'_> {
     fn public_url(&self, raw: String) -> Result<String, ConfigError> {
         let key = "server.public_url";
         let url = self.expand(key, &raw)?;
-        let uri: Uri = url
-            .parse()
-            .map_err(|_| ConfigError::invalid(key, format!("`{url}` is not a URL")))?;
+        let uri: Uri = url.parse().map_err(|_| ConfigError::invalid(key, format!("`{url}` is not a URL")))?;
         if uri.scheme().is_none() || uri.authority().is_none() {
-            return Err(ConfigError::invalid(
-                key,
-                "expected an absolute URL such as \"https://api.example.com\"",
-            ));
+            return Err(ConfigError::invalid(key, "expected an absolute URL such as \"https://api.example.com\""));
         }
         Ok(url.trim_end_matches('/').to_string())
     }
@@ -261,25 +222,14 @@ impl Validator<'_> {
     fn upstream(&self, name: &str, raw: file::Upstream) -> Result<Upstream, ConfigError> {
         let key = format!("upstreams.{name}.url");
         let url = self.expand(&key, &raw.url)?;
-        let uri: Uri = url.parse().map_err(|_| {
-            ConfigError::invalid(
-                &key,
-                "not a valid URL (expected http://host:port/optional/base)",
-            )
-        })?;
+        let uri: Uri = url
+            .parse()
+            .map_err(|_| ConfigError::invalid(&key, "not a valid URL (expected http://host:port/optional/base)"))?;
         let scheme = match uri.scheme() {
             Some(s) if *s == Scheme::HTTP || *s == Scheme::HTTPS => s.clone(),
-            _ => {
-                return Err(ConfigError::invalid(
-                    &key,
-                    "the scheme must be http or https",
-                ))
-            }
+            _ => return Err(ConfigError::invalid(&key, "the scheme must be http or https")),
         };
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| ConfigError::invalid(&key, "the URL has no host"))?;
+        let authority = uri.authority().cloned().ok_or_else(|| ConfigError::invalid(&key, "the URL has no host"))?;
         if authority.as_str().contains('@') {
             return Err(ConfigError::invalid(
                 &key,
@@ -287,10 +237,7 @@ impl Validator<'_> {
             ));
         }
         if uri.query().is_some() {
-            return Err(ConfigError::invalid(
-                &key,
-                "put query parameters in `query`, not in the URL",
-            ));
+            return Err(ConfigError::invalid(&key, "put query parameters in `query`, not in the URL"));
         }
         let base_path = uri.path().trim_end_matches('/').to_string();
 
@@ -299,13 +246,9 @@ impl Validator<'_> {
             let key = format!("upstreams.{name}.headers.{header}");
             let header_name = HeaderName::from_bytes(header.as_bytes())
                 .map_err(|_| ConfigError::invalid(&key, "not a valid header name"))?;
-            let mut value =
-                HeaderValue::from_str(&self.expand(&key, &raw_value)?).map_err(|_| {
-                    ConfigError::invalid(
-                        &key,
-                        "the value (after ${VAR} expansion) is not a valid header value",
-                    )
-                })?;
+            let mut value = HeaderValue::from_str(&self.expand(&key, &raw_value)?).map_err(|_| {
+                ConfigError::invalid(&key, "the value (after ${VAR} expansion) is not a valid header value")
+            })?;
             value.set_sensitive(true);
             headers.insert(header_name, value);
         }
@@ -317,20 +260,8 @@ impl Validator<'_> {
                 Ok((param, value))
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
-        let timeout = seconds(
-            &format!("upstreams.{name}.timeout_secs"),
-            raw.timeout_secs,
-            DEFAULT_UPSTREAM_TIMEOUT,
-        )?;
-        Ok(Upstream {
-            name: name.to_string(),
-            scheme,
-            authority,
-            base_path,
-            headers,
-            query,
-            timeout,
-        })
+        let timeout = seconds(&format!("upstreams.{name}.timeout_secs"), raw.timeout_secs, DEFAULT_UPSTREAM_TIMEOUT)?;
+        Ok(Upstream { name: name.to_string(), scheme, authority, base_path, headers, query, timeout })
     }
 
     fn route(
@@ -338,9 +269,9 @@ impl Validator<'_> {
         key: &str,
         raw: file::Route,
         upstreams: &BTreeMap<String, Arc<Upstream>>,
+        payment: Option<PaidRoute>,
     ) -> Result<RouteSpec, ConfigError> {
-        let pattern = PathPattern::parse(&raw.path)
-            .map_err(|msg| ConfigError::invalid(format!("{key}.path"), msg))?;
+        let pattern = PathPattern::parse(&raw.path).map_err(|msg| ConfigError::invalid(format!("{key}.path"), msg))?;
         let methods = raw
             .methods
             .map(|methods| {
@@ -354,10 +285,7 @@ impl Validator<'_> {
                     .iter()
                     .map(|m| {
                         Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| {
-                            ConfigError::invalid(
-                                format!("{key}.methods"),
-                                format!("`{m}` is not an HTTP method"),
-                            )
+                            ConfigError::invalid(format!("{key}.methods"), format!("`{m}` is not an HTTP method"))
                         })
                     })
                     .collect()
@@ -367,46 +295,26 @@ impl Validator<'_> {
             let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
             ConfigError::invalid(
                 format!("{key}.upstream"),
-                format!(
-                    "no upstream named `{}` (defined: {})",
-                    raw.upstream,
-                    known.join(", ")
-                ),
+                format!("no upstream named `{}` (defined: {})", raw.upstream, known.join(", ")),
             )
         })?;
         if let Some(prefix) = &raw.strip_prefix {
             if !pattern.has_literal_prefix(prefix) {
                 return Err(ConfigError::invalid(
                     format!("{key}.strip_prefix"),
-                    format!(
-                        "`{prefix}` is not a leading part of the route path `{}`",
-                        raw.path
-                    ),
+                    format!("`{prefix}` is not a leading part of the route path `{}`", raw.path),
                 ));
             }
         }
-        Ok(RouteSpec {
-            pattern_text: raw.path,
-            pattern,
-            methods,
-            upstream,
-            strip_prefix: raw.strip_prefix,
-        })
+        Ok(RouteSpec { pattern_text: raw.path, pattern, methods, upstream, strip_prefix: raw.strip_prefix, payment })
     }
 }
 
-fn positive<T: PartialEq + Default + Copy>(
-    key: &str,
-    value: Option<T>,
-    default: T,
-) -> Result<T, ConfigError> {
+fn positive<T: PartialEq + Default + Copy>(key: &str, value: Option<T>, default: T) -> Result<T, ConfigError> {
     Ok(nonzero(key, value)?.unwrap_or(default))
 }
 
-fn nonzero<T: PartialEq + Default + Copy>(
-    key: &str,
-    value: Option<T>,
-) -> Result<Option<T>, ConfigError> {
+pub(super) fn nonzero<T: PartialEq + Default + Copy>(key: &str, value: Option<T>) -> Result<Option<T>, ConfigError> {
     match value {
         Some(v) if v == T::default() => Err(ConfigError::invalid(key, "must be greater than zero")),
         other => Ok(other),

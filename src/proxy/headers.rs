@@ -56,15 +56,9 @@ mod tests {
     #[test]
     fn connection_named_headers_go_too() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("close, X-Secret-Hop"),
-        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, X-Secret-Hop"));
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
@@ -75,12 +69,7 @@ mod tests {
     fn forwarded_for_appends() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        set_forwarded(
-            &mut h,
-            "127.0.0.1".parse().unwrap(),
-            "https",
-            Some(HeaderValue::from_static("api.example")),
-        );
+        set_forwarded(&mut h, "127.0.0.1".parse().unwrap(), "https", Some(HeaderValue::from_static("api.example")));
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "api.example");

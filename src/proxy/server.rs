@@ -23,11 +23,7 @@ use tokio_rustls::TlsAcceptor;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("{key}: cannot listen on {addr}: {source}")]
-    Bind {
-        key: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { key: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Tls(#[from] TlsError),
 }
@@ -65,25 +61,13 @@ impl Server {
         if let Some(tls) = &config.server.tls {
             let acceptor = tls::acceptor(&tls.cert, &tls.key)?;
             let socket = bind("server.tls_listen", tls.listen).await?;
-            listeners.push(Listener {
-                socket,
-                role: Role::Public { proto: "https" },
-                tls: Some(acceptor),
-            });
+            listeners.push(Listener { socket, role: Role::Public { proto: "https" }, tls: Some(acceptor) });
         }
         if let Some(addr) = config.server.admin_listen {
-            listeners.push(Listener {
-                socket: bind("server.admin_listen", addr).await?,
-                role: Role::Admin,
-                tls: None,
-            });
+            listeners.push(Listener { socket: bind("server.admin_listen", addr).await?, role: Role::Admin, tls: None });
         }
         let limits = config.server.limits.clone();
-        Ok(Server {
-            gateway: Arc::new(Gateway::new(config)),
-            listeners,
-            limits,
-        })
+        Ok(Server { gateway: Arc::new(Gateway::new(config)), listeners, limits })
     }
 
     /// Bound address of the plain HTTP listener.
@@ -100,10 +84,7 @@ impl Server {
     }
 
     fn addr_of(&self, pick: impl Fn(&Listener) -> bool) -> Option<SocketAddr> {
-        self.listeners
-            .iter()
-            .find(|l| pick(l))
-            .and_then(|l| l.socket.local_addr().ok())
+        self.listeners.iter().find(|l| pick(l)).and_then(|l| l.socket.local_addr().ok())
     }
 
     /// Serves until `shutdown` resolves, then stops accepting and lets open connections finish for up to
@@ -139,19 +120,14 @@ impl Server {
         let Ok(graceful) = Arc::try_unwrap(graceful) else {
             return;
         };
-        if tokio::time::timeout(self.limits.shutdown_grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(self.limits.shutdown_grace, graceful.shutdown()).await.is_err() {
             tracing::warn!("shutdown grace period over; closing the remaining connections");
         }
     }
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { key, addr, source })
+    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { key, addr, source })
 }
 
 fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -199,12 +175,8 @@ impl AcceptLoop {
             };
             let _ = tcp.set_nodelay(true);
             let watcher = self.graceful.watcher();
-            let (gateway, builder, role, tls) = (
-                self.gateway.clone(),
-                self.builder.clone(),
-                listener.role,
-                listener.tls.clone(),
-            );
+            let (gateway, builder, role, tls) =
+                (self.gateway.clone(), self.builder.clone(), listener.role, listener.tls.clone());
             let handshake_timeout = self.handshake_timeout;
             tokio::spawn(async move {
                 let _permit = permit;
@@ -212,24 +184,20 @@ impl AcceptLoop {
                     let gateway = gateway.clone();
                     async move {
                         Ok::<_, Infallible>(match role {
-                            Role::Public { proto } => {
-                                gateway.handle(request, ClientInfo { peer, proto }).await
-                            }
+                            Role::Public { proto } => gateway.handle(request, ClientInfo { peer, proto }).await,
                             Role::Admin => gateway.handle_admin(request).await,
                         })
                     }
                 });
                 match tls {
                     None => serve(&builder, watcher, tcp, service).await,
-                    Some(acceptor) => {
-                        match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                            Ok(Ok(stream)) => serve(&builder, watcher, stream, service).await,
-                            Ok(Err(err)) => {
-                                tracing::debug!(%peer, error = %err, "TLS handshake failed")
-                            }
-                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => serve(&builder, watcher, stream, service).await,
+                        Ok(Err(err)) => {
+                            tracing::debug!(%peer, error = %err, "TLS handshake failed")
                         }
-                    }
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    },
                 }
             });
         }
@@ -243,11 +211,8 @@ async fn serve<IO, S>(
     service: S,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<
-            Request<Incoming>,
-            Response = hyper::Response<super::body::Body>,
-            Error = Infallible,
-        > + Send
+    S: hyper::service::Service<Request<Incoming>, Response = hyper::Response<super::body::Body>, Error = Infallible>
+        + Send
         + 'static,
     S::Future: Send + 'static,
 {

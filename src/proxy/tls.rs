@@ -20,21 +20,13 @@ pub enum TlsError {
 pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError::Cert {
-            path: cert.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        .map_err(|e| TlsError::Cert { path: cert.to_path_buf(), message: e.to_string() })?;
     if chain.is_empty() {
-        return Err(TlsError::Cert {
-            path: cert.to_path_buf(),
-            message: "no PEM certificate found".into(),
-        });
+        return Err(TlsError::Cert { path: cert.to_path_buf(), message: "no PEM certificate found".into() });
     }
     // The key's contents never reach the message: only the file name and what kind of problem it was.
-    let private_key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
-        path: key.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let private_key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| TlsError::Key { path: key.to_path_buf(), message: e.to_string() })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -6,6 +6,7 @@ use super::headers::{remove_hop_by_hop, set_forwarded};
 use crate::config::{RouteSpec, Upstream};
 use crate::error::GatewayError;
 use crate::routing::path::segments;
+use crate::x402::challenge::{PAYMENT_SIGNATURE, X_PAYMENT};
 use http::{header, HeaderValue, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
@@ -48,17 +49,8 @@ impl UpstreamClient {
     }
 
     /// Sends `request` and waits for the answer's head within the upstream's timeout; the body then streams.
-    pub async fn send(
-        &self,
-        request: Request<Body>,
-        upstream: &Upstream,
-    ) -> Result<Response<Body>, GatewayError> {
-        let mut response = match tokio::time::timeout(
-            upstream.timeout,
-            self.client.request(request),
-        )
-        .await
-        {
+    pub async fn send(&self, request: Request<Body>, upstream: &Upstream) -> Result<Response<Body>, GatewayError> {
+        let mut response = match tokio::time::timeout(upstream.timeout, self.client.request(request)).await {
             Err(_) => return Err(GatewayError::UpstreamTimeout),
             Ok(Err(err)) if caused_by_body_limit(&err) => return Err(GatewayError::BodyTooLarge),
             Ok(Err(err)) => {
@@ -88,31 +80,25 @@ pub fn upstream_request(
     client: ClientInfo,
 ) -> Result<Request<Body>, GatewayError> {
     let upstream = &route.upstream;
-    let original_host = request.headers().get(header::HOST).cloned().or_else(|| {
-        request
-            .uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    let original_host = request
+        .headers()
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| request.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     let path = forwarded_path(canonical_path, route.strip_prefix.as_deref());
     let query = forwarded_query(request.uri().query(), &upstream.query);
     let uri = match query {
-        Some(q) => format!(
-            "{}://{}{}{}?{}",
-            upstream.scheme, upstream.authority, upstream.base_path, path, q
-        ),
-        None => format!(
-            "{}://{}{}{}",
-            upstream.scheme, upstream.authority, upstream.base_path, path
-        ),
+        Some(q) => format!("{}://{}{}{}?{}", upstream.scheme, upstream.authority, upstream.base_path, path, q),
+        None => format!("{}://{}{}{}", upstream.scheme, upstream.authority, upstream.base_path, path),
     };
-    *request.uri_mut() = uri
-        .parse::<Uri>()
-        .map_err(|_| GatewayError::BadPath(crate::routing::PathError::BadEscape))?;
+    *request.uri_mut() = uri.parse::<Uri>().map_err(|_| GatewayError::BadPath(crate::routing::PathError::BadEscape))?;
     *request.version_mut() = Version::HTTP_11;
 
     let headers = request.headers_mut();
     remove_hop_by_hop(headers);
+    // A buyer's payment is for the gateway; the upstream never sees it.
+    headers.remove(PAYMENT_SIGNATURE);
+    headers.remove(X_PAYMENT);
     set_forwarded(headers, client.peer.ip(), client.proto, original_host);
     if let Ok(host) = HeaderValue::from_str(upstream.authority.as_str()) {
         headers.insert(header::HOST, host);
@@ -130,9 +116,7 @@ fn forwarded_path<'a>(canonical_path: &'a str, strip_prefix: Option<&str>) -> &'
     };
     let mut cut = 0;
     for _ in segments(prefix) {
-        cut = canonical_path[cut + 1..]
-            .find('/')
-            .map_or(canonical_path.len(), |i| cut + 1 + i);
+        cut = canonical_path[cut + 1..].find('/').map_or(canonical_path.len(), |i| cut + 1 + i);
     }
     match &canonical_path[cut..] {
         "" => "/",
@@ -146,16 +130,9 @@ fn forwarded_query(client_query: Option<&str>, injected: &[(String, String)]) ->
         return client_query.map(str::to_string);
     }
     let mut kept = String::new();
-    for pair in client_query
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
+    for pair in client_query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let raw_name = pair.split('=').next().unwrap_or("");
-        let name = form_urlencoded::parse(raw_name.as_bytes())
-            .next()
-            .map(|(k, _)| k)
-            .unwrap_or_default();
+        let name = form_urlencoded::parse(raw_name.as_bytes()).next().map(|(k, _)| k).unwrap_or_default();
         if injected.iter().any(|(k, _)| *k == name) {
             continue;
         }
@@ -164,11 +141,7 @@ fn forwarded_query(client_query: Option<&str>, injected: &[(String, String)]) ->
         }
         kept.push_str(pair);
     }
-    Some(
-        form_urlencoded::Serializer::for_suffix(kept, 0)
-            .extend_pairs(injected)
-            .finish(),
-    )
+    Some(form_urlencoded::Serializer::for_suffix(kept, 0).extend_pairs(injected).finish())
 }
 
 fn caused_by_body_limit(err: &(dyn std::error::Error + 'static)) -> bool {
@@ -209,10 +182,7 @@ mod tests {
     #[test]
     fn injected_query_replaces_client_copies() {
         let injected = vec![("api_key".to_string(), "k&y".to_string())];
-        assert_eq!(
-            forwarded_query(Some("q=1&api_key=evil&api%5Fkey=evil2"), &injected).unwrap(),
-            "q=1&api_key=k%26y"
-        );
+        assert_eq!(forwarded_query(Some("q=1&api_key=evil&api%5Fkey=evil2"), &injected).unwrap(), "q=1&api_key=k%26y");
         assert_eq!(forwarded_query(None, &injected).unwrap(), "api_key=k%26y");
         assert_eq!(forwarded_query(Some("a=%20"), &[]).unwrap(), "a=%20");
     }

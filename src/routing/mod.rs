@@ -36,11 +36,7 @@ impl RouteTable {
 
     pub fn lookup(&self, method: &Method, canonical_path: &str) -> Result<&Arc<RouteSpec>, Miss> {
         let mut allowed = Vec::new();
-        for route in self
-            .routes
-            .iter()
-            .filter(|r| r.pattern.matches(canonical_path))
-        {
+        for route in self.routes.iter().filter(|r| r.pattern.matches(canonical_path)) {
             match &route.methods {
                 None => return Ok(route),
                 Some(methods) if methods.contains(method) => return Ok(route),

@@ -18,26 +18,16 @@ enum Segment {
 
 impl PathPattern {
     pub fn parse(text: &str) -> Result<PathPattern, String> {
-        let body = text
-            .strip_prefix('/')
-            .ok_or_else(|| format!("`{text}` must start with `/`"))?;
+        let body = text.strip_prefix('/').ok_or_else(|| format!("`{text}` must start with `/`"))?;
         let (body, prefix) = match body.strip_suffix('*') {
-            Some(rest) if rest.is_empty() || rest.ends_with('/') => {
-                (rest.trim_end_matches('/'), true)
-            }
-            Some(_) => {
-                return Err(format!(
-                    "`{text}`: `*` is only allowed as a whole last segment (`/prefix/*`)"
-                ))
-            }
+            Some(rest) if rest.is_empty() || rest.ends_with('/') => (rest.trim_end_matches('/'), true),
+            Some(_) => return Err(format!("`{text}`: `*` is only allowed as a whole last segment (`/prefix/*`)")),
             None => (body.trim_end_matches('/'), false),
         };
         let segments = if body.is_empty() {
             Vec::new()
         } else {
-            body.split('/')
-                .map(|s| segment(text, s))
-                .collect::<Result<_, _>>()?
+            body.split('/').map(|s| segment(text, s)).collect::<Result<_, _>>()?
         };
         Ok(PathPattern { segments, prefix })
     }
@@ -47,9 +37,7 @@ impl PathPattern {
         for expected in &self.segments {
             match (expected, path.next()) {
                 (_, None) => return false,
-                (Segment::Literal(lit), Some(got)) if !lit.eq_ignore_ascii_case(got) => {
-                    return false
-                }
+                (Segment::Literal(lit), Some(got)) if !lit.eq_ignore_ascii_case(got) => return false,
                 _ => {}
             }
         }
@@ -58,11 +46,7 @@ impl PathPattern {
 
     /// Sort key: exact before named segments before prefixes; then the pattern with more fixed text first.
     pub fn precedence(&self) -> impl Ord {
-        let literals = self
-            .segments
-            .iter()
-            .filter(|s| matches!(s, Segment::Literal(_)))
-            .count();
+        let literals = self.segments.iter().filter(|s| matches!(s, Segment::Literal(_))).count();
         let kind = match (self.prefix, literals == self.segments.len()) {
             (false, true) => 0,
             (false, false) => 1,
@@ -83,9 +67,7 @@ fn segment(pattern: &str, text: &str) -> Result<Segment, String> {
         return Err(format!("`{pattern}` has an empty segment (`//`)"));
     }
     if text.contains('*') {
-        return Err(format!(
-            "`{pattern}`: `*` is only allowed as a whole last segment (`/prefix/*`)"
-        ));
+        return Err(format!("`{pattern}`: `*` is only allowed as a whole last segment (`/prefix/*`)"));
     }
     match text.strip_prefix(':') {
         Some("") => Err(format!("`{pattern}`: a named segment needs a name (`:id`)")),

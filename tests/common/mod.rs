@@ -1,6 +1,8 @@
 //! Test harness: real upstream servers and a real gateway, all on 127.0.0.1 with ports picked by the kernel.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod pay;
+
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -20,11 +22,8 @@ use x402_gateway::config::Config;
 use x402_gateway::proxy::body::{full, Body};
 use x402_gateway::proxy::server::Server;
 
-pub type Handler = Arc<
-    dyn Fn(Request<Incoming>) -> std::pin::Pin<Box<dyn Future<Output = Response<Body>> + Send>>
-        + Send
-        + Sync,
->;
+pub type Handler =
+    Arc<dyn Fn(Request<Incoming>) -> std::pin::Pin<Box<dyn Future<Output = Response<Body>> + Send>> + Send + Sync>;
 
 /// An upstream server written for a test; counts the requests that reach it.
 pub struct Upstream {
@@ -75,20 +74,11 @@ where
 pub async fn spawn_echo(name: &'static str) -> Upstream {
     spawn_upstream(move |req: Request<Incoming>| async move {
         let (parts, body) = req.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         let headers: serde_json::Map<String, serde_json::Value> = parts
             .headers
             .iter()
-            .map(|(k, v)| {
-                (
-                    k.to_string(),
-                    serde_json::Value::String(v.to_str().unwrap_or("<binary>").to_string()),
-                )
-            })
+            .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_str().unwrap_or("<binary>").to_string())))
             .collect();
         let echo = serde_json::json!({
             "upstream": name,
@@ -99,9 +89,7 @@ pub async fn spawn_echo(name: &'static str) -> Upstream {
             "body_len": body.len(),
         });
         let mut response = Response::new(full(echo.to_string()));
-        response
-            .headers_mut()
-            .insert("content-type", "application/json".parse().unwrap());
+        response.headers_mut().insert("content-type", "application/json".parse().unwrap());
         response
     })
     .await
@@ -161,10 +149,7 @@ pub async fn start_gateway_with_env(toml: &str, env: &[(&str, &str)]) -> Gateway
     let dir = test_dir();
     let path = dir.join("gateway.toml");
     std::fs::write(&path, toml).unwrap();
-    let env: Vec<(String, String)> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     let config = Config::parse(toml, &path, &dir, &lookup).expect("valid config");
     let server = Server::bind(config).await.expect("bind");
@@ -173,14 +158,7 @@ pub async fn start_gateway_with_env(toml: &str, env: &[(&str, &str)]) -> Gateway
     let done = tokio::spawn(server.run(async {
         let _ = stopped.await;
     }));
-    Gateway {
-        http,
-        https,
-        admin,
-        stop: Some(stop),
-        done: Some(done),
-        dir,
-    }
+    Gateway { http, https, admin, stop: Some(stop), done: Some(done), dir }
 }
 
 pub async fn start_gateway(toml: &str) -> Gateway {
@@ -202,8 +180,7 @@ pub struct Answer {
 
 impl Answer {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
     }
 
     pub fn text(&self) -> String {
@@ -215,11 +192,7 @@ pub async fn send(client: &HttpClient, request: Request<Full<Bytes>>) -> Answer 
     let response = client.request(request).await.expect("request");
     let (parts, body) = response.into_parts();
     let body = body.collect().await.expect("body").to_bytes();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
+    Answer { status: parts.status, headers: parts.headers, body }
 }
 
 pub async fn get(url: &str) -> Answer {

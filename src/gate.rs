@@ -1,0 +1,109 @@
+//! The payment gate: a paid route's request passes only with a payment that decodes, matches one of the
+//! route's offers, verifies, and has not been used before. Everything else gets a 402 challenge or a 400.
+
+use crate::config::PaidRoute;
+use crate::pricing::Offer;
+use crate::replay::{NonceKey, Reservations, ReserveError};
+use crate::x402::challenge::{PAYMENT_SIGNATURE, SCHEME_EXACT, X_PAYMENT};
+use crate::x402::codec::{self, DecodeError, PaymentPayload};
+use crate::x402::exact_evm::{self, VerifiedAuthorization};
+use crate::x402::wire::RequirementsV2;
+use crate::x402::Rejection;
+use alloy::primitives::Address;
+use http::HeaderMap;
+
+/// A verified payment whose authorization is now reserved.
+#[derive(Debug, Clone)]
+pub struct Payment {
+    /// The x402 version the buyer spoke (1: `X-PAYMENT`, 2: `PAYMENT-SIGNATURE`).
+    pub version: u8,
+    pub offer: Offer,
+    pub authorization: VerifiedAuthorization,
+    pub payload: PaymentPayload,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    /// Answer with a 402 challenge; `None` when no payment was sent at all.
+    #[error("payment required")]
+    Challenge(Option<Rejection>),
+    #[error("{0}")]
+    Malformed(String),
+    #[error("too many payments in flight; retry shortly")]
+    Busy,
+}
+
+pub struct PaymentGate {
+    reservations: Reservations,
+}
+
+impl PaymentGate {
+    pub fn new(nonce_cache_capacity: u64) -> PaymentGate {
+        PaymentGate { reservations: Reservations::new(nonce_cache_capacity) }
+    }
+
+    pub fn check(&self, route: &PaidRoute, headers: &HeaderMap, now: u64) -> Result<Payment, GateError> {
+        let raw =
+            headers.get(PAYMENT_SIGNATURE).or_else(|| headers.get(X_PAYMENT)).ok_or(GateError::Challenge(None))?;
+        let payload = codec::decode_payment(raw.as_bytes()).map_err(|err| match err {
+            DecodeError::Version(v) => GateError::Challenge(Some(Rejection::Version(v))),
+            other => GateError::Malformed(other.to_string()),
+        })?;
+        let (offer, scheme_payload, version) = match &payload {
+            PaymentPayload::V2(p) => (match_v2(route, &p.accepted)?, &p.payload, 2),
+            PaymentPayload::V1(p) => (match_v1(route, &p.scheme, &p.network)?, &p.payload, 1),
+        };
+        let authorization = exact_evm::verify(scheme_payload, offer, now).map_err(|rejection| match rejection {
+            Rejection::MalformedPayload(msg) => GateError::Malformed(msg),
+            other => GateError::Challenge(Some(other)),
+        })?;
+        let key = NonceKey {
+            chain_id: offer.network.chain_id,
+            asset: offer.asset.address,
+            from: authorization.from,
+            nonce: authorization.nonce,
+        };
+        self.reservations.reserve(key, authorization.valid_before_secs()).map_err(|err| match err {
+            ReserveError::Replayed => GateError::Challenge(Some(Rejection::Replayed)),
+            ReserveError::Full => GateError::Busy,
+        })?;
+        Ok(Payment { version, offer: offer.clone(), authorization, payload })
+    }
+}
+
+/// The offer whose core fields (scheme, network, amount, asset, payTo) the client's `accepted` repeats.
+/// Everything else the client echoes (`extra`, timeouts) is ignored: our own offer is what is verified.
+fn match_v2<'a>(route: &'a PaidRoute, accepted: &RequirementsV2) -> Result<&'a Offer, GateError> {
+    check_scheme(&accepted.scheme)?;
+    let same_address = |text: &str, address: Address| text.parse::<Address>().is_ok_and(|a| a == address);
+    let on_network: Vec<&Offer> = route.offers.iter().filter(|o| o.network.caip2 == accepted.network).collect();
+    if on_network.is_empty() {
+        return Err(GateError::Challenge(Some(Rejection::Network(accepted.network.clone()))));
+    }
+    on_network
+        .into_iter()
+        .find(|o| {
+            accepted.amount == o.amount.to_string()
+                && same_address(&accepted.asset, o.asset.address)
+                && same_address(&accepted.pay_to, o.pay_to)
+        })
+        .ok_or(GateError::Challenge(Some(Rejection::NoMatchingOffer)))
+}
+
+/// v1 payloads name only scheme and network: the route's first offer on that network is the one paid.
+fn match_v1<'a>(route: &'a PaidRoute, scheme: &str, network: &str) -> Result<&'a Offer, GateError> {
+    check_scheme(scheme)?;
+    route
+        .offers
+        .iter()
+        .find(|o| o.network.v1_name.as_deref() == Some(network) || o.network.caip2 == network)
+        .ok_or_else(|| GateError::Challenge(Some(Rejection::Network(network.to_string()))))
+}
+
+fn check_scheme(scheme: &str) -> Result<(), GateError> {
+    if scheme == SCHEME_EXACT {
+        Ok(())
+    } else {
+        Err(GateError::Challenge(Some(Rejection::Scheme(scheme.to_string()))))
+    }
+}

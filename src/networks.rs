@@ -1,0 +1,125 @@
+//! The EVM networks and stablecoins the gateway knows without configuration (values from the x402 reference
+//! tables), extended or overridden by `[networks."eip155:N"]` in `gateway.toml`.
+
+use alloy::primitives::{address, Address};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Network {
+    pub chain_id: u64,
+    /// CAIP-2 identifier, `eip155:<chain id>`: what x402 v2 puts on the wire.
+    pub caip2: String,
+    /// The x402 v1 name (`base-sepolia`), when v1 clients know this chain.
+    pub v1_name: Option<String>,
+    pub rpc_url: Option<String>,
+    pub assets: Vec<Asset>,
+}
+
+/// An EIP-3009 token. `eip712_name`/`eip712_version` must equal the token's on-chain `name()`/`version()`,
+/// since they feed its domain separator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Asset {
+    pub symbol: String,
+    pub address: Address,
+    pub decimals: u8,
+    pub eip712_name: String,
+    pub eip712_version: String,
+}
+
+/// (chain id, v1 name) as the TypeScript and Go SDKs map them.
+const V1_NAMES: &[(u64, &str)] = &[
+    (1, "ethereum"),
+    (11155111, "sepolia"),
+    (8453, "base"),
+    (84532, "base-sepolia"),
+    (137, "polygon"),
+    (80002, "polygon-amoy"),
+    (43114, "avalanche"),
+    (43113, "avalanche-fuji"),
+    (2741, "abstract"),
+    (11124, "abstract-testnet"),
+    (1329, "sei"),
+    (1328, "sei-testnet"),
+    (4689, "iotex"),
+    (3338, "peaq"),
+    (1514, "story"),
+    (41923, "educhain"),
+    (324705682, "skale-base-sepolia"),
+    (4326, "megaeth"),
+    (143, "monad"),
+    (988, "stable"),
+    (2201, "stable-testnet"),
+];
+
+/// (chain id, USDC address, EIP-712 name). Every entry is 6 decimals, EIP-712 version "2".
+const USDC: &[(u64, Address, &str)] = &[
+    (8453, address!("833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"), "USD Coin"),
+    (84532, address!("036CbD53842c5426634e7929541eC2318f3dCF7e"), "USDC"),
+    (137, address!("3c499c542cEF5E3811e1192ce70d8cC03d5c3359"), "USD Coin"),
+    (80002, address!("41E94Eb019C0762f9Bfcf9Fb1E58725BfB0e7582"), "USDC"),
+    (42161, address!("af88d065e77c8cC2239327C5EDb3A432268e5831"), "USD Coin"),
+    (421614, address!("75faf114eafb1BDbe2F0316DF893fd58CE46AA4d"), "USD Coin"),
+    (43114, address!("B97EF9Ef8734C71904D8002F8b6Bc66Dd9c48a6E"), "USD Coin"),
+    (43113, address!("5425890298aed601595a70AB815c96711a31Bc65"), "USD Coin"),
+    (1, address!("A0b86991c6218b36c1d19D4a2e9Eb0cE3606eB48"), "USD Coin"),
+    (143, address!("754704Bc059F8C67012fEd69BC8A327a5aafb603"), "USDC"),
+];
+
+/// Parses `eip155:<id>` or a v1 name into a chain id.
+pub fn chain_id_of(name: &str) -> Option<u64> {
+    match name.strip_prefix("eip155:") {
+        Some(id) if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) => id.parse().ok(),
+        Some(_) => None,
+        None => V1_NAMES.iter().find(|(_, v1)| *v1 == name).map(|(id, _)| *id),
+    }
+}
+
+/// The built-in description of a chain: its v1 name and USDC, where the reference tables have them.
+pub fn builtin(chain_id: u64) -> Network {
+    let assets = USDC
+        .iter()
+        .filter(|(id, _, _)| *id == chain_id)
+        .map(|(_, address, name)| Asset {
+            symbol: "USDC".to_string(),
+            address: *address,
+            decimals: 6,
+            eip712_name: name.to_string(),
+            eip712_version: "2".to_string(),
+        })
+        .collect();
+    Network {
+        chain_id,
+        caip2: format!("eip155:{chain_id}"),
+        v1_name: V1_NAMES.iter().find(|(id, _)| *id == chain_id).map(|(_, n)| n.to_string()),
+        rpc_url: None,
+        assets,
+    }
+}
+
+impl Network {
+    /// An asset by symbol (case-insensitive) or by 0x address.
+    pub fn asset(&self, symbol_or_address: &str) -> Option<&Asset> {
+        match symbol_or_address.parse::<Address>() {
+            Ok(address) => self.assets.iter().find(|a| a.address == address),
+            Err(_) => self.assets.iter().find(|a| a.symbol.eq_ignore_ascii_case(symbol_or_address)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_builtins() {
+        assert_eq!(chain_id_of("eip155:84532"), Some(84532));
+        assert_eq!(chain_id_of("base-sepolia"), Some(84532));
+        assert_eq!(chain_id_of("eip155:"), None);
+        assert_eq!(chain_id_of("solana:devnet"), None);
+        let base_sepolia = builtin(84532);
+        assert_eq!(base_sepolia.v1_name.as_deref(), Some("base-sepolia"));
+        let usdc = base_sepolia.asset("usdc").unwrap();
+        assert_eq!(usdc.eip712_name, "USDC");
+        assert_eq!(base_sepolia.asset("0x036CbD53842c5426634e7929541eC2318f3dCF7e"), Some(usdc));
+        assert!(builtin(31337).assets.is_empty());
+    }
+}

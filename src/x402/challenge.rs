@@ -1,0 +1,171 @@
+//! 402 answers: the v2 `PAYMENT-REQUIRED` header and the v1 JSON body on every challenge (so v1 and v2
+//! clients both work against one route), or an HTML page for a browser. Offers render deterministically:
+//! clients echo them back and the gate compares them field by field.
+
+use super::codec;
+use super::wire::{Eip712Extra, PaymentRequiredV1, PaymentRequiredV2, RequirementsV1, RequirementsV2, ResourceInfo};
+use super::Rejection;
+use crate::pricing::Offer;
+use crate::proxy::body::{full, Body};
+use alloy::primitives::U256;
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+
+pub const PAYMENT_REQUIRED: &str = "payment-required";
+pub const PAYMENT_SIGNATURE: &str = "payment-signature";
+pub const PAYMENT_RESPONSE: &str = "payment-response";
+pub const X_PAYMENT: &str = "x-payment";
+pub const X_PAYMENT_RESPONSE: &str = "x-payment-response";
+/// Lets browser clients read the payment headers of cross-origin answers.
+pub const EXPOSE_HEADERS: &str = "PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE";
+
+pub const SCHEME_EXACT: &str = "exact";
+
+pub fn requirements_v2(offer: &Offer) -> RequirementsV2 {
+    RequirementsV2 {
+        scheme: SCHEME_EXACT.to_string(),
+        network: offer.network.caip2.clone(),
+        amount: offer.amount.to_string(),
+        asset: offer.asset.address.to_string(),
+        pay_to: offer.pay_to.to_string(),
+        max_timeout_seconds: offer.max_timeout_seconds,
+        extra: extra(offer),
+    }
+}
+
+/// The v1 form of an offer, for chains that have a v1 name.
+pub fn requirements_v1(offer: &Offer, resource: &ResourceInfo) -> Option<RequirementsV1> {
+    Some(RequirementsV1 {
+        scheme: SCHEME_EXACT.to_string(),
+        network: offer.network.v1_name.clone()?,
+        max_amount_required: offer.amount.to_string(),
+        resource: resource.url.clone(),
+        description: resource.description.clone(),
+        mime_type: resource.mime_type.clone(),
+        output_schema: None,
+        pay_to: offer.pay_to.to_string(),
+        max_timeout_seconds: offer.max_timeout_seconds,
+        asset: offer.asset.address.to_string(),
+        extra: extra(offer),
+    })
+}
+
+fn extra(offer: &Offer) -> serde_json::Value {
+    serde_json::to_value(Eip712Extra {
+        name: offer.asset.eip712_name.clone(),
+        version: offer.asset.eip712_version.clone(),
+    })
+    .unwrap_or_default()
+}
+
+/// Everything a 402 needs besides the offers: what is being sold and why the last attempt failed.
+pub struct Challenge<'a> {
+    pub offers: &'a [Offer],
+    pub resource: ResourceInfo,
+    /// `None` when no payment was sent.
+    pub rejection: Option<&'a Rejection>,
+}
+
+impl Challenge<'_> {
+    pub fn payment_required_v2(&self) -> PaymentRequiredV2 {
+        PaymentRequiredV2 {
+            x402_version: 2,
+            error: Some(self.rejection.map_or("Payment required", Rejection::reason).to_string()),
+            resource: self.resource.clone(),
+            accepts: self.offers.iter().map(requirements_v2).collect(),
+            extensions: Default::default(),
+        }
+    }
+
+    pub fn payment_required_v1(&self) -> PaymentRequiredV1 {
+        PaymentRequiredV1 {
+            x402_version: 1,
+            error: self.rejection.map_or("X-PAYMENT header is required", Rejection::reason).to_string(),
+            accepts: self.offers.iter().filter_map(|o| requirements_v1(o, &self.resource)).collect(),
+        }
+    }
+
+    /// The 402 response: always the v2 header; the v1 JSON body, or an HTML page for a browser.
+    pub fn response(&self, request_headers: &HeaderMap) -> Response<Body> {
+        let header_value = codec::encode(&self.payment_required_v2());
+        let (content_type, body) = if self.rejection.is_none() && is_browser(request_headers) {
+            ("text/html; charset=utf-8", self.html())
+        } else {
+            ("application/json", serde_json::to_string(&self.payment_required_v1()).unwrap_or_default())
+        };
+        let mut response = Response::new(full(body));
+        *response.status_mut() = StatusCode::PAYMENT_REQUIRED;
+        let headers = response.headers_mut();
+        if let Ok(value) = HeaderValue::from_str(&header_value) {
+            headers.insert(PAYMENT_REQUIRED, value);
+        }
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+        headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static(EXPOSE_HEADERS));
+        response
+    }
+
+    fn html(&self) -> String {
+        let offers: String = self
+            .offers
+            .iter()
+            .map(|o| {
+                format!(
+                    "<li><strong>{} {}</strong> on {} (chain {}), paid to <code>{}</code></li>",
+                    human_amount(o.amount, o.asset.decimals),
+                    escape(&o.asset.symbol),
+                    escape(o.network.v1_name.as_deref().unwrap_or(&o.network.caip2)),
+                    o.network.chain_id,
+                    o.pay_to
+                )
+            })
+            .collect();
+        format!(
+            "<!doctype html><html><head><meta charset=\"utf-8\"><title>Payment required</title></head><body>\
+             <h1>402 Payment Required</h1><p>{}</p><p>Resource: <code>{}</code></p><p>Price, any one of:</p><ul>{offers}</ul>\
+             <p>This resource is paid per call with the <a href=\"https://x402.org\">x402 protocol</a>. Call it with an \
+             x402 client such as <code>@x402/fetch</code>, <code>x402-fetch</code> or the <code>x402</code> Python SDK: \
+             it reads the <code>PAYMENT-REQUIRED</code> header, signs a USDC authorization and retries.</p></body></html>",
+            escape(&self.resource.description),
+            escape(&self.resource.url),
+        )
+    }
+}
+
+/// The reference SDKs' test: `Accept` has `text/html` and `User-Agent` has `Mozilla`.
+fn is_browser(headers: &HeaderMap) -> bool {
+    let has = |name: header::HeaderName, needle: &str| {
+        headers.get(name).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains(needle))
+    };
+    has(header::ACCEPT, "text/html") && has(header::USER_AGENT, "Mozilla")
+}
+
+/// `1500` with 6 decimals → `"0.0015"`.
+pub fn human_amount(amount: U256, decimals: u8) -> String {
+    let digits = amount.to_string();
+    let decimals = usize::from(decimals);
+    let padded = format!("{digits:0>width$}", width = decimals + 1);
+    let (whole, fraction) = padded.split_at(padded.len() - decimals);
+    let fraction = fraction.trim_end_matches('0');
+    if fraction.is_empty() {
+        whole.to_string()
+    } else {
+        format!("{whole}.{fraction}")
+    }
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_amounts() {
+        assert_eq!(human_amount(U256::from(1500), 6), "0.0015");
+        assert_eq!(human_amount(U256::from(2_000_000), 6), "2");
+        assert_eq!(human_amount(U256::from(7), 0), "7");
+    }
+}

@@ -1,0 +1,168 @@
+//! The `exact` scheme on EVM with EIP-3009: typed data, signature recovery and the verification checks,
+//! in the order of the reference facilitator (signature, recipient, validBefore, validAfter, value).
+//! Pure: no chain access. What only the chain knows (balance, nonce state) is checked when settling.
+
+use super::wire::ExactEvmPayload;
+use super::Rejection;
+use crate::pricing::Offer;
+use alloy::primitives::{Address, Signature, B256, U256};
+use alloy::sol;
+use alloy::sol_types::{Eip712Domain, SolStruct};
+
+sol! {
+    /// EIP-3009's signed message; field order is part of the type hash.
+    struct TransferWithAuthorization {
+        address from;
+        address to;
+        uint256 value;
+        uint256 validAfter;
+        uint256 validBefore;
+        bytes32 nonce;
+    }
+}
+
+/// Seconds an authorization must still be valid for its settlement transaction to land (as the reference).
+pub const SETTLE_MARGIN_SECS: u64 = 6;
+/// Clock skew tolerated beyond `maxTimeoutSeconds` when bounding how far ahead `validBefore` may be.
+pub const CLOCK_SKEW_SECS: u64 = 900;
+
+/// An authorization whose signature, payee, amount and time window passed verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedAuthorization {
+    pub from: Address,
+    pub to: Address,
+    pub value: U256,
+    pub valid_after: U256,
+    pub valid_before: U256,
+    pub nonce: B256,
+    pub signature: Signature,
+}
+
+impl VerifiedAuthorization {
+    /// Unix time after which the authorization can no longer be settled (saturating at `u64::MAX`).
+    pub fn valid_before_secs(&self) -> u64 {
+        u64::try_from(self.valid_before).unwrap_or(u64::MAX)
+    }
+}
+
+pub fn domain(offer: &Offer) -> Eip712Domain {
+    Eip712Domain::new(
+        Some(offer.asset.eip712_name.clone().into()),
+        Some(offer.asset.eip712_version.clone().into()),
+        Some(U256::from(offer.network.chain_id)),
+        Some(offer.asset.address),
+        None,
+    )
+}
+
+/// Verifies an `exact` EVM payload (the scheme-specific `payload` JSON) against the offer it claims to pay.
+pub fn verify(payload: &serde_json::Value, offer: &Offer, now: u64) -> Result<VerifiedAuthorization, Rejection> {
+    let payload: ExactEvmPayload =
+        serde_json::from_value(payload.clone()).map_err(|e| Rejection::MalformedPayload(e.to_string()))?;
+    let auth = &payload.authorization;
+    let message = TransferWithAuthorization {
+        from: parse_address("from", &auth.from)?,
+        to: parse_address("to", &auth.to)?,
+        value: parse_uint("value", &auth.value)?,
+        validAfter: parse_uint("validAfter", &auth.valid_after)?,
+        validBefore: parse_uint("validBefore", &auth.valid_before)?,
+        nonce: parse_nonce(&auth.nonce)?,
+    };
+    let signature = parse_signature(&payload.signature)?;
+
+    let signing_hash = message.eip712_signing_hash(&domain(offer));
+    let signer = signature.recover_address_from_prehash(&signing_hash).map_err(|_| Rejection::Signature)?;
+    if signer != message.from {
+        return Err(Rejection::Signature);
+    }
+    if message.to != offer.pay_to {
+        return Err(Rejection::RecipientMismatch);
+    }
+    let now_u256 = U256::from(now);
+    if message.validBefore < U256::from(now.saturating_add(SETTLE_MARGIN_SECS)) {
+        return Err(Rejection::Expired);
+    }
+    // Bounds how long a reservation must be remembered: official clients sign now + maxTimeoutSeconds.
+    let latest = now.saturating_add(offer.max_timeout_seconds).saturating_add(CLOCK_SKEW_SECS);
+    if message.validBefore > U256::from(latest) {
+        return Err(Rejection::ValidityTooLong);
+    }
+    if message.validAfter > now_u256 {
+        return Err(Rejection::NotYetValid);
+    }
+    if message.value != offer.amount {
+        return Err(Rejection::Amount);
+    }
+    Ok(VerifiedAuthorization {
+        from: message.from,
+        to: message.to,
+        value: message.value,
+        valid_after: message.validAfter,
+        valid_before: message.validBefore,
+        nonce: message.nonce,
+        signature,
+    })
+}
+
+fn parse_address(field: &'static str, text: &str) -> Result<Address, Rejection> {
+    match text.strip_prefix("0x") {
+        Some(hex) if hex.len() == 40 => text.parse().map_err(|_| Rejection::field(field, "is not a 0x address")),
+        _ => Err(Rejection::field(field, "is not a 0x address")),
+    }
+}
+
+fn parse_uint(field: &'static str, text: &str) -> Result<U256, Rejection> {
+    if text.is_empty() || text.len() > 78 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Rejection::field(field, "is not a decimal integer string"));
+    }
+    U256::from_str_radix(text, 10).map_err(|_| Rejection::field(field, "does not fit in uint256"))
+}
+
+fn parse_nonce(text: &str) -> Result<B256, Rejection> {
+    match text.strip_prefix("0x") {
+        Some(hex) if hex.len() == 64 => {
+            text.parse().map_err(|_| Rejection::field("nonce", "is not 0x + 64 hex digits"))
+        }
+        _ => Err(Rejection::field("nonce", "is not 0x + 64 hex digits")),
+    }
+}
+
+/// A 65-byte r‖s‖v ECDSA signature with v in {27, 28} (or 0/1) and low s, which EIP-3009 tokens accept.
+/// Other lengths are smart-wallet signatures (ERC-1271/6492), which need the chain and are refused here.
+fn parse_signature(text: &str) -> Result<Signature, Rejection> {
+    let hex = text.strip_prefix("0x").ok_or(Rejection::Signature)?;
+    if hex.len() != 130 {
+        return Err(Rejection::Signature);
+    }
+    let mut bytes = [0u8; 65];
+    alloy::hex::decode_to_slice(hex, &mut bytes).map_err(|_| Rejection::Signature)?;
+    if !matches!(bytes[64], 0 | 1 | 27 | 28) {
+        return Err(Rejection::Signature);
+    }
+    let signature = Signature::from_raw_array(&bytes).map_err(|_| Rejection::Signature)?;
+    if signature.normalize_s().is_some() {
+        return Err(Rejection::Signature);
+    }
+    Ok(signature)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloy::primitives::b256;
+
+    #[test]
+    fn type_hash_is_eip3009s() {
+        assert_eq!(
+            TransferWithAuthorization::eip712_type_hash(&TransferWithAuthorization {
+                from: Address::ZERO,
+                to: Address::ZERO,
+                value: U256::ZERO,
+                validAfter: U256::ZERO,
+                validBefore: U256::ZERO,
+                nonce: B256::ZERO,
+            }),
+            b256!("7c7c6cdb67a18743f49ec6fa9b35f50d52ed05cbed4cc592e13b44501c1a2267")
+        );
+    }
+}

@@ -1,0 +1,246 @@
+//! The real binary: `check` on good and bad files, the config path from the environment, and `run` stopping
+//! cleanly on SIGTERM.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_x402-gateway");
+
+static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
+
+/// Writes `toml` as `gateway.toml` in a fresh folder under the target directory and returns its path.
+fn write_config(toml: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "cli-{}-{}",
+        std::process::id(),
+        NEXT_DIR.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).expect("create test folder");
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, toml).expect("write config");
+    path
+}
+
+/// The binary with an environment that cannot interfere: no config path or log filter inherited.
+fn gateway() -> Command {
+    let mut command = Command::new(BIN);
+    command.env_remove("X402_GATEWAY_CONFIG").env_remove("RUST_LOG");
+    command
+}
+
+fn output(command: &mut Command) -> (Output, String, String) {
+    let output = command.output().expect("run x402-gateway");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output, stdout, stderr)
+}
+
+fn check(path: &PathBuf) -> (Output, String, String) {
+    output(gateway().arg("check").arg("--config").arg(path))
+}
+
+const VALID: &str = r#"[server]
+listen = "127.0.0.1:0"
+[upstreams.llm]
+url = "http://127.0.0.1:9/v1"
+[upstreams.files]
+url = "https://files.example.com"
+[[routes]]
+path = "/v1/chat"
+methods = ["POST"]
+upstream = "llm"
+[[routes]]
+path = "/files/*"
+methods = ["GET", "head"]
+upstream = "files"
+[[routes]]
+path = "/misc/:id"
+upstream = "llm"
+"#;
+
+#[test]
+fn check_prints_every_route() {
+    let path = write_config(VALID);
+    let (out, stdout, stderr) = check(&path);
+    assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    for (route, methods, upstream) in [
+        ("/v1/chat", &["POST"][..], "llm"),
+        ("/files/*", &["GET", "HEAD"][..], "files"),
+        ("/misc/:id", &["*"][..], "llm"),
+    ] {
+        let line = stdout
+            .lines()
+            .find(|line| line.split_whitespace().any(|word| word == route))
+            .unwrap_or_else(|| panic!("no line for route {route} in:\n{stdout}"));
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert!(words.contains(&upstream), "route {route}: upstream {upstream} missing from {line:?}");
+        for method in methods {
+            assert!(
+                words.iter().any(|word| word.split(',').any(|m| m == *method)),
+                "route {route}: method {method} missing from {line:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn check_names_the_key_and_the_missing_variable() {
+    let path = write_config(
+        r#"[server]
+listen = "127.0.0.1:0"
+[upstreams.paid]
+url = "http://127.0.0.1:9"
+headers = { Authorization = "Bearer ${T_CLI_MISSING_VAR}" }
+[[routes]]
+path = "/*"
+upstream = "paid"
+"#,
+    );
+    let (out, stdout, stderr) =
+        output(gateway().env_remove("T_CLI_MISSING_VAR").args(["check", "--config"]).arg(&path));
+    assert_eq!(out.status.code(), Some(1), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stderr.contains("upstreams.paid.headers.Authorization"), "key not named: {stderr}");
+    assert!(stderr.contains("T_CLI_MISSING_VAR"), "variable not named: {stderr}");
+}
+
+#[test]
+fn check_errors_never_print_an_expanded_secret() {
+    let secret = "sk-cli-secret-9f3a61c0";
+    let path = write_config(
+        r#"[server]
+listen = "127.0.0.1:0"
+[upstreams.paid]
+url = "http://127.0.0.1:9"
+headers = { Authorization = "Bearer ${T_CLI_SECRET}" }
+query = { key = "${T_CLI_SECRET}" }
+[[routes]]
+path = "/*"
+upstream = "unknown"
+"#,
+    );
+    let (out, stdout, stderr) = output(gateway().env("T_CLI_SECRET", secret).args(["check", "--config"]).arg(&path));
+    assert_eq!(out.status.code(), Some(1), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stderr.contains("routes[0].upstream"), "route key not named: {stderr}");
+    assert!(!stderr.contains(secret), "secret on stderr: {stderr}");
+    assert!(!stdout.contains(secret), "secret on stdout: {stdout}");
+}
+
+#[test]
+fn check_reports_the_line_of_a_syntax_error() {
+    let path = write_config("[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.a]\nurl = \"http://127.0.0.1:9\n");
+    let (out, stdout, stderr) = check(&path);
+    assert_eq!(out.status.code(), Some(1), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stderr.contains("line 4"), "no line number: {stderr}");
+}
+
+#[test]
+fn check_refuses_an_unknown_key() {
+    let path = write_config("[server]\nlistn = \"127.0.0.1:0\"\n");
+    let (out, stdout, stderr) = check(&path);
+    assert_eq!(out.status.code(), Some(1), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stderr.contains("listn"), "unknown key not named: {stderr}");
+}
+
+#[test]
+fn config_path_comes_from_the_environment() {
+    let path = write_config(VALID);
+    // Run from an empty folder so that the default `gateway.toml` cannot be what was read.
+    let cwd = path.parent().expect("config folder").join("elsewhere");
+    std::fs::create_dir_all(&cwd).expect("create working folder");
+    let (out, stdout, stderr) = output(gateway().current_dir(&cwd).env("X402_GATEWAY_CONFIG", &path).arg("check"));
+    assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        stdout.contains(&path.display().to_string()),
+        "the checked file is not the one from X402_GATEWAY_CONFIG: {stdout}"
+    );
+    assert!(stdout.contains("/v1/chat"), "routes not printed: {stdout}");
+}
+
+/// Waits for the child to exit, killing it (by its own handle) if it has not within `limit`.
+fn wait_exit(child: &mut std::process::Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("poll child") {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("x402-gateway did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn run_serves_and_stops_with_exit_0_on_sigterm() {
+    let path = write_config(
+        r#"[server]
+listen = "127.0.0.1:0"
+[upstreams.api]
+url = "http://127.0.0.1:9"
+[[routes]]
+path = "/api/*"
+upstream = "api"
+"#,
+    );
+    let mut child = gateway()
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start x402-gateway run");
+
+    // Read the log on a thread (it also keeps the pipe drained) and learn the bound address from it.
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (lines_tx, lines_rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut log = String::new();
+    let addr: SocketAddr = loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = lines_rx.recv_timeout(remaining) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("no `listening` log line within 10 s; log so far:\n{log}");
+        };
+        log.push_str(&line);
+        log.push('\n');
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if event["message"] == "listening" && event["kind"] == "http" {
+            break event["addr"]
+                .as_str()
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("no address in {line}"));
+        }
+    };
+
+    // It serves: a path without a route gets the gateway's own 404.
+    let mut tcp = TcpStream::connect(addr).expect("connect to the running gateway");
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    tcp.write_all(b"GET /nowhere HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").expect("send request");
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).expect("read answer");
+    assert!(answer.starts_with("HTTP/1.1 404"), "unexpected answer: {answer}");
+    assert!(answer.contains("no_route"), "unexpected answer: {answer}");
+
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("run kill");
+    assert!(kill.success(), "kill -TERM failed");
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "exit status after SIGTERM: {status:?}");
+}

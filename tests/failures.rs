@@ -1,0 +1,187 @@
+//! Failures and limits: unreachable and slow upstreams, oversized bodies and heads, graceful shutdown, and the
+//! admin listener kept apart from public traffic. Real sockets on loopback.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response, StatusCode};
+use http_body_util::channel::Channel;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use x402_gateway::proxy::body::full;
+
+/// Generous: turns a hang into a failure, never measures anything.
+const HANG: Duration = Duration::from_secs(15);
+
+async fn within<F: Future>(what: &str, future: F) -> F::Output {
+    tokio::time::timeout(HANG, future).await.unwrap_or_else(|_| panic!("{what}: no result within {HANG:?}"))
+}
+
+fn one_upstream(server_extra: &str, upstream_url: &str, upstream_extra: &str) -> String {
+    format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+{server_extra}
+[upstreams.api]
+url = "{upstream_url}"
+{upstream_extra}
+[[routes]]
+path = "/api/*"
+upstream = "api"
+"#
+    )
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502_without_internal_details() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port to free");
+        listener.local_addr().expect("local addr").port()
+    };
+    let secret = "op-secret-5e81c2d7";
+    let toml =
+        one_upstream("", &format!("http://127.0.0.1:{port}"), r#"headers = { Authorization = "Bearer ${T_KEY}" }"#);
+    let gw = start_gateway_with_env(&toml, &[("T_KEY", secret)]).await;
+    let answer = within("request", get(&gw.url("/api/thing"))).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(answer.json()["error"], "upstream_unavailable");
+    let body = answer.text();
+    assert!(!body.contains(&port.to_string()), "the upstream's port leaked: {body}");
+    assert!(!body.contains("127.0.0.1"), "the upstream's address leaked: {body}");
+    assert!(!body.contains(secret), "the operator's secret leaked: {body}");
+}
+
+#[tokio::test]
+async fn slow_upstream_is_504() {
+    let slow = spawn_upstream(|_req| async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        Response::new(full("too late"))
+    })
+    .await;
+    let toml = one_upstream("", &slow.url(), "timeout_secs = 1");
+    let gw = start_gateway(&toml).await;
+    let answer = within("request", get(&gw.url("/api/slow"))).await;
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(answer.json()["error"], "upstream_timeout");
+    assert_eq!(slow.hits(), 1, "the request did reach the slow upstream");
+}
+
+#[tokio::test]
+async fn declared_oversized_body_is_413_before_the_upstream() {
+    let echo = spawn_echo("echo").await;
+    let toml = one_upstream("max_body_bytes = 1024", &echo.url(), "");
+    let gw = start_gateway(&toml).await;
+    let request =
+        Request::post(gw.url("/api/upload")).body(Full::new(Bytes::from(vec![b'x'; 2048]))).expect("valid request");
+    let answer = within("request", send(&client(), request)).await;
+    assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(answer.json()["error"], "body_too_large");
+    assert_eq!(echo.hits(), 0, "a declared oversized body never reaches the upstream");
+}
+
+#[tokio::test]
+async fn streamed_oversized_body_is_413() {
+    let echo = spawn_echo("echo").await;
+    let toml = one_upstream("max_body_bytes = 1024", &echo.url(), "");
+    let gw = start_gateway(&toml).await;
+    let (mut tx, body) = Channel::<Bytes, Infallible>::new(8);
+    tokio::spawn(async move {
+        for _ in 0..4 {
+            if tx.send_data(Bytes::from(vec![b'y'; 1024])).await.is_err() {
+                return;
+            }
+        }
+    });
+    let client: Client<HttpConnector, Channel<Bytes, Infallible>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let request = Request::post(gw.url("/api/stream")).body(body).expect("valid request");
+    let response = within("request", client.request(request)).await.expect("an answer to the streamed request");
+    let status = response.status();
+    let body = within("body", response.into_body().collect()).await.expect("response body").to_bytes();
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{}", String::from_utf8_lossy(&body));
+    let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON error body");
+    assert_eq!(json["error"], "body_too_large");
+}
+
+#[tokio::test]
+async fn body_under_the_limit_passes_whole() {
+    let echo = spawn_echo("echo").await;
+    let toml = one_upstream("max_body_bytes = 1024", &echo.url(), "");
+    let gw = start_gateway(&toml).await;
+    let request =
+        Request::post(gw.url("/api/upload")).body(Full::new(Bytes::from(vec![b'z'; 1000]))).expect("valid request");
+    let answer = within("request", send(&client(), request)).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    assert_eq!(answer.json()["body_len"], 1000);
+    assert_eq!(echo.hits(), 1);
+}
+
+#[tokio::test]
+async fn oversized_request_head_is_431_before_the_upstream() {
+    let echo = spawn_echo("echo").await;
+    let toml = one_upstream("max_header_bytes = 8192", &echo.url(), "");
+    let gw = start_gateway(&toml).await;
+    let request = Request::get(gw.url("/api/big-head"))
+        .header("x-big", "h".repeat(20 * 1024))
+        .body(Full::default())
+        .expect("valid request");
+    let answer = within("request", send(&client(), request)).await;
+    assert_eq!(answer.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_eq!(echo.hits(), 0, "an oversized head never reaches the upstream");
+}
+
+#[tokio::test]
+async fn shutdown_lets_the_in_flight_request_finish_then_closes_the_listener() {
+    let (arrived_tx, mut arrived_rx) = mpsc::channel::<()>(1);
+    let slow = spawn_upstream(move |_req| {
+        let arrived_tx = arrived_tx.clone();
+        async move {
+            let _ = arrived_tx.send(()).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Response::new(full("finished"))
+        }
+    })
+    .await;
+    let toml = one_upstream("", &slow.url(), "");
+    let mut gw = start_gateway(&toml).await;
+    let addr = gw.http.expect("plain listener");
+    let url = gw.url("/api/slow");
+    let in_flight = tokio::spawn(async move { get(&url).await });
+    within("the request reaching the upstream", arrived_rx.recv()).await.expect("upstream handler ran");
+
+    let stopped = gw.shutdown();
+    let answer = within("the in-flight request", in_flight).await.expect("request task");
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.text(), "finished");
+    within("the server stopping", stopped).await.expect("server task ended without panicking");
+
+    let refused = tokio::net::TcpStream::connect(addr).await;
+    assert!(refused.is_err(), "the listener on {addr} still accepts connections after shutdown");
+}
+
+#[tokio::test]
+async fn health_is_served_on_the_admin_listener_only() {
+    let echo = spawn_echo("echo").await;
+    let toml = one_upstream(r#"admin_listen = "127.0.0.1:0""#, &echo.url(), "");
+    let gw = start_gateway(&toml).await;
+    let admin = gw.admin.expect("admin listener bound");
+    assert_ne!(Some(admin), gw.http, "admin and public listeners differ");
+
+    let health = within("admin healthz", get(&format!("http://{admin}/healthz"))).await;
+    assert_eq!(health.status, StatusCode::OK);
+    assert_eq!(health.json()["status"], "ok");
+
+    let public = within("public healthz", get(&gw.url("/healthz"))).await;
+    assert_eq!(public.status, StatusCode::NOT_FOUND);
+    assert_eq!(public.json()["error"], "no_route");
+
+    let proxied_on_admin = within("admin api", get(&format!("http://{admin}/api/x"))).await;
+    assert_eq!(proxied_on_admin.status, StatusCode::NOT_FOUND, "the admin listener does not proxy");
+    assert_eq!(echo.hits(), 0);
+}

@@ -1,0 +1,134 @@
+//! The HTTPS listener (HTTP/1.1 and HTTP/2 chosen by ALPN) and HTTP/2 with prior knowledge on the plain
+//! listener, through real sockets on loopback.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use std::sync::Arc;
+use std::time::Duration;
+
+type TlsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// A TOML string literal holding `value` (paths here have no characters TOML and Rust escape differently).
+fn toml_str(value: &str) -> String {
+    format!("{value:?}")
+}
+
+/// A gateway with a plain and an HTTPS listener (the committed dev certificate), everything routed to `echo`.
+async fn start_tls_gateway(echo: &Upstream) -> Gateway {
+    let toml = format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+tls_listen = "127.0.0.1:0"
+tls_cert = {cert}
+tls_key = {key}
+[upstreams.echo]
+url = "{url}"
+[[routes]]
+path = "/*"
+upstream = "echo"
+"#,
+        cert = toml_str(&repo_path("certs/server.crt").display().to_string()),
+        key = toml_str(&repo_path("certs/server.key").display().to_string()),
+        url = echo.url(),
+    );
+    start_gateway(&toml).await
+}
+
+/// A client trusting only the development CA; it offers only HTTP/1.1 or only h2 by ALPN.
+fn tls_client(http2: bool) -> TlsClient {
+    let mut roots = rustls::RootCertStore::empty();
+    let ca_path = repo_path("certs/dev-ca.crt");
+    for cert in CertificateDer::pem_file_iter(&ca_path).unwrap_or_else(|e| panic!("read {}: {e}", ca_path.display())) {
+        roots.add(cert.expect("PEM certificate in dev-ca.crt")).expect("dev CA accepted as a trust anchor");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("TLS protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config).https_only();
+    if http2 {
+        Client::builder(TokioExecutor::new()).http2_only(true).build(builder.enable_http2().build())
+    } else {
+        Client::builder(TokioExecutor::new()).build(builder.enable_http1().build())
+    }
+}
+
+/// Sends a GET and returns the response's version with its body parsed as JSON.
+async fn get_json<C>(client: &Client<C, Full<Bytes>>, url: &str) -> (StatusCode, Version, serde_json::Value)
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    let request = Request::get(url).body(Full::default()).expect("valid request");
+    let response = tokio::time::timeout(Duration::from_secs(10), client.request(request))
+        .await
+        .unwrap_or_else(|_| panic!("no answer from {url} within 10 s"))
+        .unwrap_or_else(|e| panic!("request to {url} failed: {e:?}"));
+    let (status, version) = (response.status(), response.version());
+    let body = response.into_body().collect().await.expect("response body").to_bytes();
+    let json =
+        serde_json::from_slice(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&body)));
+    (status, version, json)
+}
+
+#[tokio::test]
+async fn https_with_http1_reaches_the_upstream() {
+    let echo = spawn_echo("echo").await;
+    let gw = start_tls_gateway(&echo).await;
+    let https = gw.https.expect("HTTPS listener bound");
+    let url = format!("https://{https}/secure/one?x=1");
+    let (status, version, json) = get_json(&tls_client(false), &url).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(version, Version::HTTP_11, "ALPN offered only http/1.1");
+    assert_eq!(json["upstream"], "echo");
+    assert_eq!(json["path"], "/secure/one");
+    assert_eq!(json["query"], "x=1");
+    assert_eq!(json["headers"]["x-forwarded-proto"], "https");
+    assert_eq!(echo.hits(), 1);
+}
+
+#[tokio::test]
+async fn https_with_h2_by_alpn_reaches_the_upstream() {
+    let echo = spawn_echo("echo").await;
+    let gw = start_tls_gateway(&echo).await;
+    let https = gw.https.expect("HTTPS listener bound");
+    let client = tls_client(true);
+    // Two requests on one client: the second rides the same h2 connection.
+    for path in ["/secure/h2", "/secure/h2-again"] {
+        let (status, version, json) = get_json(&client, &format!("https://{https}{path}")).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert_eq!(version, Version::HTTP_2, "ALPN offered only h2 ({path})");
+        assert_eq!(json["upstream"], "echo");
+        assert_eq!(json["path"], path);
+        assert_eq!(json["headers"]["x-forwarded-proto"], "https");
+        assert_eq!(
+            json["headers"]["x-forwarded-host"],
+            https.to_string(),
+            "an h2 request's :authority is the original host"
+        );
+    }
+    assert_eq!(echo.hits(), 2);
+}
+
+#[tokio::test]
+async fn h2c_with_prior_knowledge_on_the_plain_listener() {
+    let echo = spawn_echo("echo").await;
+    let gw = start_tls_gateway(&echo).await;
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).http2_only(true).build(HttpConnector::new());
+    let (status, version, json) = get_json(&client, &gw.url("/plain/h2c")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(version, Version::HTTP_2);
+    assert_eq!(json["path"], "/plain/h2c");
+    assert_eq!(json["headers"]["x-forwarded-proto"], "http");
+    assert_eq!(echo.hits(), 1);
+}
