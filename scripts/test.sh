@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The one command that runs every test: unit tests and the integration tests in tests/ (real sockets on
-# 127.0.0.1, upstream servers written in the tests, payments signed with alloy signers).
+# 127.0.0.1, upstream servers written in the tests, payments signed with alloy signers, settled on a local
+# anvil chain).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# What the tests need besides cargo: a local chain (anvil) and the official x402 clients (Node).
+bash scripts/install-anvil.sh >/dev/null
 cargo test --locked "$@"

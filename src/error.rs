@@ -18,6 +18,10 @@ pub enum GatewayError {
     MalformedPayment(String),
     #[error("too many payments in flight; retry shortly")]
     PaymentsBusy,
+    #[error("payments cannot be checked right now: {0}")]
+    FacilitatorUnavailable(String),
+    #[error("the upstream answer is larger than a paid answer held for settlement may be")]
+    AnswerTooLarge,
     #[error("the upstream service could not be reached")]
     UpstreamUnavailable,
     #[error("the upstream service did not answer in time")]
@@ -35,6 +39,8 @@ impl GatewayError {
             BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             MalformedPayment(_) => (StatusCode::BAD_REQUEST, "invalid_payload"),
             PaymentsBusy => (StatusCode::SERVICE_UNAVAILABLE, "payments_busy"),
+            FacilitatorUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "facilitator_unavailable"),
+            AnswerTooLarge => (StatusCode::BAD_GATEWAY, "upstream_answer_too_large"),
             UpstreamUnavailable => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
             UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
         }

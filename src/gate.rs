@@ -20,6 +20,8 @@ pub struct Payment {
     pub offer: Offer,
     pub authorization: VerifiedAuthorization,
     pub payload: PaymentPayload,
+    /// The reservation that keeps this authorization from being used twice.
+    pub key: NonceKey,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +69,14 @@ impl PaymentGate {
             ReserveError::Replayed => GateError::Challenge(Some(Rejection::Replayed)),
             ReserveError::Full => GateError::Busy,
         })?;
-        Ok(Payment { version, offer: offer.clone(), authorization, payload })
+        Ok(Payment { version, offer: offer.clone(), authorization, payload, key })
+    }
+}
+
+impl PaymentGate {
+    /// Frees an authorization that was certainly not charged, so the buyer may use it again.
+    pub fn release(&self, payment: &Payment) {
+        self.reservations.release(&payment.key);
     }
 }
 

@@ -2,6 +2,7 @@
 //! The binary (`main.rs`) is a thin command line over this library.
 
 pub mod admin;
+pub mod chain;
 pub mod config;
 pub mod error;
 pub mod gate;
@@ -11,5 +12,7 @@ pub mod pipeline;
 pub mod pricing;
 pub mod proxy;
 pub mod replay;
+pub mod respond;
 pub mod routing;
+pub mod settlement;
 pub mod x402;

@@ -1,10 +1,11 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use x402_gateway::config::Config;
+use x402_gateway::config::{Config, FacilitatorChoice};
 use x402_gateway::logging::{self, LogFormat};
 use x402_gateway::proxy::server::Server;
 use x402_gateway::routing::RouteTable;
+use x402_gateway::settlement::SettleMode;
 
 #[derive(Parser)]
 #[command(name = "x402-gateway", version, about = "Pay-per-call reverse proxy speaking x402")]
@@ -55,7 +56,20 @@ fn check(path: &std::path::Path) -> ExitCode {
                     None => "*".to_string(),
                     Some(methods) => methods.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(","),
                 };
-                let price = if route.payment.is_some() { "paid" } else { "free" };
+                let price = match &route.payment {
+                    None => "free".to_string(),
+                    Some(paid) => {
+                        let settle = match paid.settle {
+                            SettleMode::After => "after",
+                            SettleMode::Before => "before",
+                        };
+                        let facilitator = match &paid.facilitator {
+                            FacilitatorChoice::Local => "local",
+                            FacilitatorChoice::Remote(remote) => remote.url.as_str(),
+                        };
+                        format!("paid (settle {settle}, facilitator {facilitator})")
+                    }
+                };
                 println!("  {methods:<16} {:<32} {:<16} {price}", route.pattern_text, route.upstream.name);
                 for offer in route.payment.iter().flat_map(|p| &p.offers) {
                     println!(

@@ -5,14 +5,17 @@ use crate::admin;
 use crate::config::{Config, Limits, PaidRoute, RouteSpec};
 use crate::error::GatewayError;
 use crate::gate::{GateError, Payment, PaymentGate};
-use crate::proxy::body::{Body, BoxError};
+use crate::proxy::body::{full, Body, BoxError};
 use crate::proxy::cors;
 use crate::proxy::upstream::{upstream_request, ClientInfo, UpstreamClient};
 use crate::replay::unix_now;
+use crate::respond;
 use crate::routing::{self, Miss, RouteTable};
+use crate::settlement::{Facilitator, Facilitators, SettleFailure, SettleMode, VerifyFailure};
 use crate::x402::challenge::Challenge;
 use crate::x402::wire::ResourceInfo;
 use crate::x402::Rejection;
+use bytes::{Bytes, BytesMut};
 use http::{header, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -23,8 +26,10 @@ pub struct Gateway {
     routes: RouteTable,
     upstreams: UpstreamClient,
     gate: PaymentGate,
+    facilitators: Facilitators,
     limits: Limits,
     public_url: Option<String>,
+    settle_after_max_bytes: usize,
 }
 
 /// What the access-log line reports besides the request and the status.
@@ -32,16 +37,27 @@ pub struct Gateway {
 struct AccessLog {
     route: Option<String>,
     payment: Option<Payment>,
+    transaction: Option<String>,
+}
+
+/// A verified, reserved payment on its way through the upstream and settlement stages.
+struct PaidCall<'g, 'l> {
+    facilitator: Facilitator<'g>,
+    payment: Payment,
+    resource: ResourceInfo,
+    log: &'l mut AccessLog,
 }
 
 impl Gateway {
     pub fn new(config: Config) -> Gateway {
         Gateway {
+            facilitators: Facilitators::new(&config.payment, &config.routes),
             routes: RouteTable::new(config.routes),
             upstreams: UpstreamClient::new(),
             gate: PaymentGate::new(config.payment.nonce_cache_capacity),
             limits: config.server.limits,
             public_url: config.server.public_url,
+            settle_after_max_bytes: config.payment.settle_after_max_bytes,
         }
     }
 
@@ -67,6 +83,7 @@ impl Gateway {
             payer = payment.map(|p| p.authorization.from.to_string()),
             amount = payment.map(|p| p.authorization.value.to_string()),
             network = payment.map(|p| p.offer.network.caip2.as_str()),
+            transaction = log.transaction.as_deref(),
         );
         response
     }
@@ -84,18 +101,116 @@ impl Gateway {
         let route = self.match_route(&request, &canonical_path)?;
         log.route = Some(route.pattern_text.clone());
         let request = self.limit_body(request)?;
-        if let Some(paid) = &route.payment {
-            match self.gate.check(paid, request.headers(), unix_now()) {
-                Ok(payment) => log.payment = Some(payment),
-                Err(GateError::Challenge(rejection)) => {
-                    return Ok(self.challenge(&request, paid, rejection.as_ref(), client));
-                }
-                Err(GateError::Malformed(message)) => return Err(GatewayError::MalformedPayment(message)),
-                Err(GateError::Busy) => return Err(GatewayError::PaymentsBusy),
-            }
+        let Some(paid) = &route.payment else {
+            let request = upstream_request(request, &route, &canonical_path, client)?;
+            return self.upstreams.send(request, &route.upstream).await;
+        };
+
+        let resource = self.resource_info(&request, paid, client);
+        let payment = match self.gate.check(paid, request.headers(), unix_now()) {
+            Ok(payment) => payment,
+            Err(GateError::Challenge(rejection)) => return Ok(challenge(&request, paid, resource, rejection.as_ref())),
+            Err(GateError::Malformed(message)) => return Err(GatewayError::MalformedPayment(message)),
+            Err(GateError::Busy) => return Err(GatewayError::PaymentsBusy),
+        };
+        let Some(facilitator) = self.facilitators.get(&paid.facilitator, payment.offer.network.chain_id) else {
+            self.gate.release(&payment);
+            return Err(GatewayError::FacilitatorUnavailable("no facilitator for this network".into()));
+        };
+        if let Err(failure) = facilitator.verify(&payment, &resource).await {
+            self.gate.release(&payment);
+            return match failure {
+                VerifyFailure::Rejected(rejection) => Ok(challenge(&request, paid, resource, Some(&rejection))),
+                VerifyFailure::Unavailable(why) => Err(GatewayError::FacilitatorUnavailable(why)),
+            };
         }
+        log.payment = Some(payment.clone());
+
         let request = upstream_request(request, &route, &canonical_path, client)?;
-        self.upstreams.send(request, &route.upstream).await
+        let paid_call = PaidCall { facilitator, payment, resource, log };
+        match paid.settle {
+            SettleMode::Before => self.settle_then_stream(request, &route, paid_call).await,
+            SettleMode::After => self.deliver_then_settle(request, &route, paid_call).await,
+        }
+    }
+
+    /// `settle = "before"`: the payment settles first, then the answer streams through with its receipt.
+    async fn settle_then_stream(
+        &self,
+        request: Request<Body>,
+        route: &RouteSpec,
+        call: PaidCall<'_, '_>,
+    ) -> Result<Response<Body>, GatewayError> {
+        let settled = match call.facilitator.settle(&call.payment, &call.resource).await {
+            Ok(settled) => settled,
+            Err(failure) => return Ok(self.settle_failed(&call.payment, &failure)),
+        };
+        call.log.transaction = Some(settled.transaction.clone());
+        let mut response = match self.upstreams.send(request, &route.upstream).await {
+            Ok(response) => response,
+            Err(err) => err.into_response(),
+        };
+        if response.status().is_client_error() || response.status().is_server_error() {
+            tracing::error!(
+                transaction = %settled.transaction,
+                payer = %call.payment.authorization.from,
+                status = response.status().as_u16(),
+                "the upstream failed after the payment settled: the buyer paid for a failed answer",
+            );
+        }
+        respond::attach_receipt(&mut response, &call.payment, &settled);
+        Ok(response)
+    }
+
+    /// `settle = "after"`: the answer is held until the payment settles; a failed answer is not charged.
+    async fn deliver_then_settle(
+        &self,
+        request: Request<Body>,
+        route: &RouteSpec,
+        call: PaidCall<'_, '_>,
+    ) -> Result<Response<Body>, GatewayError> {
+        let response = match self.upstreams.send(request, &route.upstream).await {
+            Ok(response) => response,
+            Err(err) => {
+                self.gate.release(&call.payment);
+                return Err(err);
+            }
+        };
+        if response.status().is_client_error() || response.status().is_server_error() {
+            self.gate.release(&call.payment);
+            return Ok(response);
+        }
+        let (parts, body) = response.into_parts();
+        let body = match read_to_limit(body, self.settle_after_max_bytes).await {
+            Ok(body) => body,
+            Err(err) => {
+                self.gate.release(&call.payment);
+                return Err(err);
+            }
+        };
+        match call.facilitator.settle(&call.payment, &call.resource).await {
+            Ok(settled) => {
+                call.log.transaction = Some(settled.transaction.clone());
+                let mut response = Response::from_parts(parts, full(body));
+                respond::attach_receipt(&mut response, &call.payment, &settled);
+                Ok(response)
+            }
+            Err(failure) => Ok(self.settle_failed(&call.payment, &failure)),
+        }
+    }
+
+    fn settle_failed(&self, payment: &Payment, failure: &SettleFailure) -> Response<Body> {
+        if failure.nothing_moved {
+            self.gate.release(payment);
+        }
+        tracing::warn!(
+            reason = %failure.reason,
+            message = %failure.message,
+            transaction = failure.transaction.as_deref(),
+            payer = %payment.authorization.from,
+            "settlement failed; the answer is withheld",
+        );
+        respond::settle_failed(payment, failure)
     }
 
     fn match_route<B>(&self, request: &Request<B>, canonical_path: &str) -> Result<Arc<RouteSpec>, GatewayError> {
@@ -114,19 +229,12 @@ impl Gateway {
         Some(cors::preflight_response(request.headers(), &method))
     }
 
-    fn challenge<B>(
-        &self,
-        request: &Request<B>,
-        paid: &PaidRoute,
-        rejection: Option<&Rejection>,
-        client: ClientInfo,
-    ) -> Response<Body> {
-        let resource = ResourceInfo {
+    fn resource_info<B>(&self, request: &Request<B>, paid: &PaidRoute, client: ClientInfo) -> ResourceInfo {
+        ResourceInfo {
             url: self.resource_url(request, client),
             description: paid.description.clone(),
             mime_type: paid.mime_type.clone(),
-        };
-        Challenge { offers: &paid.offers, resource, rejection }.response(request.headers())
+        }
     }
 
     /// The URL buyers paid for: `server.public_url` if set, else what the request says it asked for.
@@ -164,4 +272,29 @@ impl Gateway {
     pub async fn handle_admin(&self, request: Request<Incoming>) -> Response<Body> {
         admin::respond(&request)
     }
+}
+
+/// A 402 challenge for `paid`, rendered for the client that asked.
+fn challenge<B>(
+    request: &Request<B>,
+    paid: &PaidRoute,
+    resource: ResourceInfo,
+    rejection: Option<&Rejection>,
+) -> Response<Body> {
+    Challenge { offers: &paid.offers, resource, rejection }.response(request.headers())
+}
+
+/// Reads an answer to its end, refusing more than `limit` bytes.
+async fn read_to_limit(mut body: Body, limit: usize) -> Result<Bytes, GatewayError> {
+    let mut buffer = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| GatewayError::UpstreamUnavailable)?;
+        if let Ok(data) = frame.into_data() {
+            if buffer.len() + data.len() > limit {
+                return Err(GatewayError::AnswerTooLarge);
+            }
+            buffer.extend_from_slice(&data);
+        }
+    }
+    Ok(buffer.freeze())
 }

@@ -61,6 +61,10 @@ impl Reservations {
         }
     }
 
+    pub fn release(&self, key: &NonceKey) {
+        self.cache.invalidate(key);
+    }
+
     pub fn len(&self) -> u64 {
         self.cache.entry_count()
     }
@@ -89,6 +93,8 @@ mod tests {
         assert_eq!(reservations.reserve(key(1), later), Ok(()));
         assert_eq!(reservations.reserve(key(1), later), Err(ReserveError::Replayed));
         assert_eq!(reservations.reserve(key(2), later), Ok(()));
+        reservations.release(&key(1));
+        assert_eq!(reservations.reserve(key(1), later), Ok(()), "a released authorization may be used again");
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod common;
 use alloy::primitives::{address, Address, U256};
 use alloy::signers::local::PrivateKeySigner;
 use base64::Engine;
+use common::chain::Chain;
 use common::pay::{self, Authorization};
 use common::*;
 use http::{Request, StatusCode};
@@ -13,10 +14,10 @@ use http_body_util::Full;
 use serde_json::{json, Value};
 
 const PAY_TO: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
-const BASE_SEPOLIA_USDC: &str = "0x036CbD53842c5426634e7929541eC2318f3dCF7e";
+const OTHER_PAY_TO: &str = "0x15d34AAf54267DB7D7c367839AAf71A00a2C6A65";
 
-fn paid_toml(upstream: &Upstream) -> String {
-    format!(
+fn paid_toml(upstream: &Upstream, chain: &Chain) -> String {
+    let routes = format!(
         r#"[server]
 listen = "127.0.0.1:0"
 [upstreams.api]
@@ -36,25 +37,31 @@ mime_type = "application/json"
 path = "/multi"
 upstream = "api"
 amount = "2500"
-accepts = [{{ network = "base" }}, {{ network = "eip155:84532", max_timeout_seconds = 60 }}]
+accepts = [{{ pay_to = "{PAY_TO}" }}, {{ pay_to = "{OTHER_PAY_TO}", max_timeout_seconds = 60 }}]
 [[routes]]
 path = "/free"
 upstream = "api"
 "#,
         upstream.url()
-    )
+    );
+    routes + &chain.network_toml()
 }
 
 struct Setup {
     upstream: Upstream,
     gateway: Gateway,
     buyer: PrivateKeySigner,
+    chain: Chain,
 }
 
+/// A gateway selling routes priced in TestUSDC on a local chain, and a buyer holding 10 of it.
 async fn setup() -> Setup {
+    let chain = Chain::start().await;
     let upstream = spawn_echo("api").await;
-    let gateway = start_gateway(&paid_toml(&upstream)).await;
-    Setup { upstream, gateway, buyer: PrivateKeySigner::random() }
+    let gateway = start_gateway(&paid_toml(&upstream, &chain)).await;
+    let buyer = PrivateKeySigner::random();
+    chain.mint(buyer.address(), 10_000_000).await;
+    Setup { upstream, gateway, buyer, chain }
 }
 
 impl Setup {
@@ -112,8 +119,8 @@ async fn challenge_carries_v2_header_and_v1_body() {
             "error": "Payment required",
             "resource": { "url": url, "description": "Current weather", "mimeType": "application/json" },
             "accepts": [{
-                "scheme": "exact", "network": "eip155:84532", "amount": "1000", "asset": BASE_SEPOLIA_USDC,
-                "payTo": PAY_TO, "maxTimeoutSeconds": 300, "extra": { "name": "USDC", "version": "2" }
+                "scheme": "exact", "network": "eip155:84532", "amount": "1000", "asset": s.chain.token.to_string(),
+                "payTo": PAY_TO, "maxTimeoutSeconds": 300, "extra": { "name": "USD Coin", "version": "2" }
             }],
             "extensions": {}
         })
@@ -126,7 +133,7 @@ async fn challenge_carries_v2_header_and_v1_body() {
             "accepts": [{
                 "scheme": "exact", "network": "base-sepolia", "maxAmountRequired": "1000", "resource": url,
                 "description": "Current weather", "mimeType": "application/json", "payTo": PAY_TO,
-                "maxTimeoutSeconds": 300, "asset": BASE_SEPOLIA_USDC, "extra": { "name": "USDC", "version": "2" }
+                "maxTimeoutSeconds": 300, "asset": s.chain.token.to_string(), "extra": { "name": "USD Coin", "version": "2" }
             }]
         })
     );
@@ -141,10 +148,9 @@ async fn several_offers_in_configured_order() {
     let challenge = s.challenge("/multi").await;
     let accepts = challenge["accepts"].as_array().unwrap();
     assert_eq!(accepts.len(), 2);
-    assert_eq!(accepts[0]["network"], "eip155:8453");
-    assert_eq!(accepts[0]["asset"], "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913");
-    assert_eq!(accepts[0]["extra"]["name"], "USD Coin");
-    assert_eq!(accepts[1]["network"], "eip155:84532");
+    assert_eq!(accepts[0]["payTo"], PAY_TO);
+    assert_eq!(accepts[0]["maxTimeoutSeconds"], 300);
+    assert_eq!(accepts[1]["payTo"], OTHER_PAY_TO);
     assert_eq!(accepts[1]["maxTimeoutSeconds"], 60);
     assert!(accepts.iter().all(|a| a["amount"] == "2500"));
     // Paying the second offer works.
@@ -154,6 +160,11 @@ async fn several_offers_in_configured_order() {
         s.call("/multi", "payment-signature", &pay::v2_header(&resource, &accepts[1], auth.sign(&s.buyer))).await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
     assert_eq!(s.upstream.hits(), 1);
+    assert_eq!(
+        s.chain.balance(OTHER_PAY_TO.parse().unwrap()).await,
+        U256::from(2500),
+        "the second offer's payee was paid"
+    );
 }
 
 #[tokio::test]

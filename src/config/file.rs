@@ -27,6 +27,10 @@ pub struct Payment {
     pub asset: Option<String>,
     pub max_timeout_seconds: Option<u64>,
     pub facilitator: Option<String>,
+    pub facilitator_auth: Option<String>,
+    pub facilitator_timeout_secs: Option<u64>,
+    pub settle: Option<String>,
+    pub settle_after_max_bytes: Option<usize>,
     pub nonce_cache_capacity: Option<u64>,
 }
 
@@ -46,6 +50,7 @@ pub struct Terms {
 #[serde(deny_unknown_fields)]
 pub struct Network {
     pub rpc_url: Option<String>,
+    pub settler_key: Option<String>,
     pub v1_name: Option<String>,
     #[serde(default)]
     pub assets: BTreeMap<String, Asset>,
@@ -103,6 +108,7 @@ pub struct Route {
     pub description: Option<String>,
     pub mime_type: Option<String>,
     pub facilitator: Option<String>,
+    pub settle: Option<String>,
     #[serde(default)]
     pub accepts: Vec<Terms>,
 }

@@ -4,11 +4,19 @@ use super::file::{self, Terms};
 use super::{ConfigError, Validator};
 use crate::networks::{self, Asset, Network};
 use crate::pricing::{Offer, Price};
+use crate::settlement::SettleMode;
 use alloy::primitives::{Address, U256};
+use alloy::signers::local::PrivateKeySigner;
+use http::{HeaderValue, Uri};
 use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
 
 pub const DEFAULT_MAX_TIMEOUT_SECONDS: u64 = 300;
 pub const DEFAULT_NONCE_CACHE_CAPACITY: u64 = 100_000;
+pub const DEFAULT_FACILITATOR_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_SETTLE_AFTER_MAX_BYTES: usize = 10 * 1024 * 1024;
 const LOCAL_FACILITATOR: &str = "local";
 
 /// What a paid route sells and for how much.
@@ -18,6 +26,44 @@ pub struct PaidRoute {
     pub offers: Vec<Offer>,
     pub description: String,
     pub mime_type: String,
+    pub facilitator: FacilitatorChoice,
+    pub settle: SettleMode,
+}
+
+#[derive(Debug, Clone)]
+pub enum FacilitatorChoice {
+    /// Verify and settle in-process, with the network's `rpc_url` and `settler_key`.
+    Local,
+    Remote(Arc<RemoteConfig>),
+}
+
+pub struct RemoteConfig {
+    /// Without a trailing slash.
+    pub url: String,
+    /// `facilitator_auth`: sent as `Authorization`, marked sensitive.
+    pub auth: Option<HeaderValue>,
+}
+
+impl fmt::Debug for RemoteConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteConfig")
+            .field("url", &self.url)
+            .field("auth", &self.auth.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// The chain access and gas-paying key of the in-process facilitator on one network.
+pub struct SettlerConfig {
+    /// May carry a node provider's key: never shown.
+    pub rpc_url: Uri,
+    pub key: PrivateKeySigner,
+}
+
+impl fmt::Debug for SettlerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SettlerConfig").field("address", &self.key.address()).finish_non_exhaustive()
+    }
 }
 
 /// Payment settings shared by all routes.
@@ -27,6 +73,11 @@ pub struct PaymentSettings {
     pub nonce_cache_capacity: u64,
     /// Every network the configuration knows: the built-in table with `[networks]` applied, by chain id.
     pub networks: BTreeMap<u64, Network>,
+    /// Networks where the gateway can settle itself, by chain id.
+    pub settlers: BTreeMap<u64, SettlerConfig>,
+    pub facilitator_timeout: Duration,
+    /// Largest upstream answer held back while a `settle = "after"` payment settles.
+    pub settle_after_max_bytes: usize,
 }
 
 impl Validator<'_> {
@@ -36,6 +87,7 @@ impl Validator<'_> {
         raw_networks: BTreeMap<String, file::Network>,
     ) -> Result<PaymentSettings, ConfigError> {
         let mut networks = BTreeMap::new();
+        let mut settlers = BTreeMap::new();
         for (name, raw) in raw_networks {
             let key = format!("networks.\"{name}\"");
             let chain_id = networks::chain_id_of(&name).ok_or_else(|| {
@@ -47,6 +99,9 @@ impl Validator<'_> {
             let mut network = networks::builtin(chain_id);
             if let Some(url) = raw.rpc_url {
                 network.rpc_url = Some(self.expand(&format!("{key}.rpc_url"), &url)?);
+            }
+            if let Some(settler) = self.settler(&key, network.rpc_url.as_deref(), raw.settler_key.as_deref())? {
+                settlers.insert(chain_id, settler);
             }
             if raw.v1_name.is_some() {
                 network.v1_name = raw.v1_name;
@@ -69,7 +124,49 @@ impl Validator<'_> {
             networks.insert(chain_id, network);
         }
         let capacity = super::nonzero("payment.nonce_cache_capacity", payment.and_then(|p| p.nonce_cache_capacity))?;
-        Ok(PaymentSettings { nonce_cache_capacity: capacity.unwrap_or(DEFAULT_NONCE_CACHE_CAPACITY), networks })
+        let facilitator_timeout =
+            super::nonzero("payment.facilitator_timeout_secs", payment.and_then(|p| p.facilitator_timeout_secs))?
+                .map_or(DEFAULT_FACILITATOR_TIMEOUT, Duration::from_secs);
+        let settle_after_max_bytes =
+            super::nonzero("payment.settle_after_max_bytes", payment.and_then(|p| p.settle_after_max_bytes))?
+                .unwrap_or(DEFAULT_SETTLE_AFTER_MAX_BYTES);
+        Ok(PaymentSettings {
+            nonce_cache_capacity: capacity.unwrap_or(DEFAULT_NONCE_CACHE_CAPACITY),
+            networks,
+            settlers,
+            facilitator_timeout,
+            settle_after_max_bytes,
+        })
+    }
+
+    fn settler(
+        &self,
+        key: &str,
+        rpc_url: Option<&str>,
+        settler_key: Option<&str>,
+    ) -> Result<Option<SettlerConfig>, ConfigError> {
+        let (Some(rpc_url), Some(settler_key)) = (rpc_url, settler_key) else {
+            if settler_key.is_some() {
+                return Err(ConfigError::invalid(
+                    format!("{key}.rpc_url"),
+                    "a `settler_key` needs an `rpc_url` to send with",
+                ));
+            }
+            return Ok(None);
+        };
+        let url_key = format!("{key}.rpc_url");
+        let rpc_url: Uri = rpc_url.parse().map_err(|_| ConfigError::invalid(&url_key, "not a URL"))?;
+        if !matches!(rpc_url.scheme_str(), Some("http" | "https")) || rpc_url.authority().is_none() {
+            return Err(ConfigError::invalid(&url_key, "expected an http(s) URL"));
+        }
+        let key_key = format!("{key}.settler_key");
+        let secret = self.expand(&key_key, settler_key)?;
+        // The message never repeats the value: it is a private key.
+        let key = secret
+            .trim()
+            .parse::<PrivateKeySigner>()
+            .map_err(|_| ConfigError::invalid(&key_key, "not a 32-byte hex private key"))?;
+        Ok(Some(SettlerConfig { rpc_url, key }))
     }
 
     /// The route's offers, or `None` for a free route (no price anywhere and no `accepts`).
@@ -84,13 +181,17 @@ impl Validator<'_> {
         if route.accepts.is_empty() && route_terms.price.is_none() && route_terms.amount.is_none() {
             return Ok(None);
         }
-        let facilitator = route.facilitator.as_deref().or(payment.and_then(|p| p.facilitator.as_deref()));
-        if facilitator.is_some_and(|f| f != LOCAL_FACILITATOR) {
-            return Err(ConfigError::invalid(
-                format!("{key}.facilitator"),
-                "only \"local\" (in-process verification) is supported in this version",
-            ));
-        }
+        let facilitator = self.facilitator(key, route, payment)?;
+        let settle = match route.settle.as_deref().or(payment.and_then(|p| p.settle.as_deref())) {
+            None | Some("after") => SettleMode::After,
+            Some("before") => SettleMode::Before,
+            Some(other) => {
+                return Err(ConfigError::invalid(
+                    format!("{key}.settle"),
+                    format!("`{other}`: expected \"after\" or \"before\""),
+                ))
+            }
+        };
         let defaults = route_terms.or(&payment.map(file::Payment::terms).unwrap_or_default());
         let entries: Vec<(String, Terms)> = if route.accepts.is_empty() {
             vec![(key.to_string(), defaults)]
@@ -101,11 +202,55 @@ impl Validator<'_> {
             .iter()
             .map(|(entry_key, terms)| self.offer(entry_key, terms, settings))
             .collect::<Result<Vec<_>, _>>()?;
+        if let FacilitatorChoice::Local = facilitator {
+            if let Some(offer) = offers.iter().find(|o| !settings.settlers.contains_key(&o.network.chain_id)) {
+                return Err(ConfigError::invalid(
+                    format!("{key}.facilitator"),
+                    format!(
+                        "\"local\" verifies and settles on {0} itself: set networks.\"{0}\".rpc_url and settler_key, or name a remote facilitator URL",
+                        offer.network.caip2
+                    ),
+                ));
+            }
+        }
         Ok(Some(PaidRoute {
             offers,
             description: route.description.clone().unwrap_or_default(),
             mime_type: route.mime_type.clone().unwrap_or_default(),
+            facilitator,
+            settle,
         }))
+    }
+
+    fn facilitator(
+        &self,
+        key: &str,
+        route: &file::Route,
+        payment: Option<&file::Payment>,
+    ) -> Result<FacilitatorChoice, ConfigError> {
+        let (url_key, raw) = match (&route.facilitator, payment.and_then(|p| p.facilitator.as_ref())) {
+            (Some(url), _) => (format!("{key}.facilitator"), url.as_str()),
+            (None, Some(url)) => ("payment.facilitator".to_string(), url.as_str()),
+            (None, None) => return Ok(FacilitatorChoice::Local),
+        };
+        let url = self.expand(&url_key, raw)?;
+        if url == LOCAL_FACILITATOR {
+            return Ok(FacilitatorChoice::Local);
+        }
+        let uri: Uri = url.parse().map_err(|_| ConfigError::invalid(&url_key, "\"local\" or a facilitator URL"))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+            return Err(ConfigError::invalid(&url_key, "\"local\" or an http(s) facilitator URL"));
+        }
+        let auth = match payment.and_then(|p| p.facilitator_auth.as_ref()) {
+            None => None,
+            Some(raw) => {
+                let mut value = HeaderValue::from_str(&self.expand("payment.facilitator_auth", raw)?)
+                    .map_err(|_| ConfigError::invalid("payment.facilitator_auth", "not a valid header value"))?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
+        Ok(FacilitatorChoice::Remote(Arc::new(RemoteConfig { url: url.trim_end_matches('/').to_string(), auth })))
     }
 
     fn offer(&self, key: &str, terms: &Terms, settings: &PaymentSettings) -> Result<Offer, ConfigError> {

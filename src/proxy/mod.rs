@@ -1,6 +1,7 @@
 //! Transport: listeners, TLS, connection limits, the upstream client and header hygiene.
 
 pub mod body;
+pub mod client;
 pub mod cors;
 pub mod headers;
 pub mod server;

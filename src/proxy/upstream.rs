@@ -11,9 +11,7 @@ use http::{header, HeaderValue, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::net::SocketAddr;
-use std::time::Duration;
 
 /// Who sent a request, as the listener saw it.
 #[derive(Debug, Clone, Copy)]
@@ -30,22 +28,7 @@ pub struct UpstreamClient {
 
 impl UpstreamClient {
     pub fn new() -> UpstreamClient {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_secs(10)));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(https);
-        UpstreamClient { client }
+        UpstreamClient { client: super::client::https_client() }
     }
 
     /// Sends `request` and waits for the answer's head within the upstream's timeout; the body then streams.

@@ -32,11 +32,11 @@ pub fn requirements_v2(offer: &Offer) -> RequirementsV2 {
     }
 }
 
-/// The v1 form of an offer, for chains that have a v1 name.
-pub fn requirements_v1(offer: &Offer, resource: &ResourceInfo) -> Option<RequirementsV1> {
-    Some(RequirementsV1 {
+/// The v1 form of an offer (v1 clients know only chains with a v1 name).
+pub fn requirements_v1(offer: &Offer, resource: &ResourceInfo) -> RequirementsV1 {
+    RequirementsV1 {
         scheme: SCHEME_EXACT.to_string(),
-        network: offer.network.v1_name.clone()?,
+        network: offer.network.v1_name.clone().unwrap_or_else(|| offer.network.caip2.clone()),
         max_amount_required: offer.amount.to_string(),
         resource: resource.url.clone(),
         description: resource.description.clone(),
@@ -46,7 +46,7 @@ pub fn requirements_v1(offer: &Offer, resource: &ResourceInfo) -> Option<Require
         max_timeout_seconds: offer.max_timeout_seconds,
         asset: offer.asset.address.to_string(),
         extra: extra(offer),
-    })
+    }
 }
 
 fn extra(offer: &Offer) -> serde_json::Value {
@@ -80,7 +80,12 @@ impl Challenge<'_> {
         PaymentRequiredV1 {
             x402_version: 1,
             error: self.rejection.map_or("X-PAYMENT header is required", Rejection::reason).to_string(),
-            accepts: self.offers.iter().filter_map(|o| requirements_v1(o, &self.resource)).collect(),
+            accepts: self
+                .offers
+                .iter()
+                .filter(|o| o.network.v1_name.is_some())
+                .map(|o| requirements_v1(o, &self.resource))
+                .collect(),
         }
     }
 

@@ -32,6 +32,12 @@ pub enum Rejection {
     Amount,
     #[error("this authorization has already been used")]
     Replayed,
+    #[error("the payer's balance does not cover the price")]
+    InsufficientBalance,
+    #[error("the transfer would fail on chain")]
+    SimulationFailed,
+    #[error("refused by the facilitator: {reason} {message}")]
+    Facilitator { reason: String, message: String },
 }
 
 impl Rejection {
@@ -41,7 +47,7 @@ impl Rejection {
 
     /// The reason string of the x402 reference (`typescript/packages/mechanisms/evm/.../errors.ts`
     /// and the spec's list).
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> &str {
         match self {
             Rejection::Version(_) => "invalid_x402_version",
             Rejection::Scheme(_) => "unsupported_scheme",
@@ -54,6 +60,9 @@ impl Rejection {
             Rejection::NotYetValid => "invalid_exact_evm_payload_authorization_valid_after",
             Rejection::Amount => "invalid_exact_evm_authorization_value",
             Rejection::Replayed => "invalid_exact_evm_nonce_already_used",
+            Rejection::InsufficientBalance => "invalid_exact_evm_insufficient_balance",
+            Rejection::SimulationFailed => "invalid_exact_evm_transaction_simulation_failed",
+            Rejection::Facilitator { reason, .. } => reason,
         }
     }
 }

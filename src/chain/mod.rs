@@ -1,0 +1,139 @@
+//! Chain access with alloy: a provider per RPC URL, the EIP-3009 token's calls, and the settlement
+//! transaction. Nothing else in the gateway talks to a node.
+
+mod transport;
+
+use crate::x402::exact_evm::VerifiedAuthorization;
+use alloy::consensus::{SignableTransaction, TxEip1559, TxEnvelope};
+use alloy::eips::Encodable2718;
+use alloy::network::TxSignerSync;
+use alloy::primitives::{Address, Bytes, TxKind, U256};
+use alloy::providers::{Provider, RootProvider};
+use alloy::rpc::client::RpcClient;
+use alloy::rpc::types::TransactionRequest;
+use alloy::signers::local::PrivateKeySigner;
+use alloy::sol;
+use alloy::sol_types::SolCall;
+use alloy::transports::TransportError;
+use std::time::Duration;
+
+pub use transport::HttpTransport;
+
+sol! {
+    /// The parts of an EIP-3009 token (USDC's FiatToken v2) the gateway uses.
+    interface Eip3009Token {
+        function transferWithAuthorization(address from, address to, uint256 value, uint256 validAfter, uint256 validBefore, bytes32 nonce, uint8 v, bytes32 r, bytes32 s) external;
+        function authorizationState(address authorizer, bytes32 nonce) external view returns (bool);
+        function balanceOf(address account) external view returns (uint256);
+    }
+}
+
+/// Generous for `transferWithAuthorization` (about 60k to 110k gas on USDC deployments); unused gas is not paid.
+pub const SETTLE_GAS_LIMIT: u64 = 200_000;
+
+pub fn connect(rpc_url: &http::Uri, timeout: Duration) -> RootProvider {
+    let is_local = rpc_url.host().is_some_and(|h| h == "127.0.0.1" || h == "localhost" || h == "[::1]");
+    RootProvider::new(RpcClient::new(HttpTransport::new(rpc_url.clone(), timeout), is_local))
+}
+
+/// Calldata of `transferWithAuthorization(..., v, r, s)` for a verified authorization.
+pub fn transfer_calldata(auth: &VerifiedAuthorization) -> Bytes {
+    let signature = &auth.signature;
+    Eip3009Token::transferWithAuthorizationCall {
+        from: auth.from,
+        to: auth.to,
+        value: auth.value,
+        validAfter: auth.valid_after,
+        validBefore: auth.valid_before,
+        nonce: auth.nonce,
+        // FiatToken's ecrecover wants 27/28, whatever form the buyer sent.
+        v: 27 + u8::from(signature.v()),
+        r: signature.r().into(),
+        s: signature.s().into(),
+    }
+    .abi_encode()
+    .into()
+}
+
+/// What the chain says about an authorization that failed simulation, in x402's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimulationFailure {
+    NonceUsed,
+    InsufficientBalance,
+    Other,
+}
+
+/// Simulates the settlement (`eth_call` from the settler) and, when it would revert, finds out why.
+pub async fn simulate_transfer(
+    provider: &RootProvider,
+    token: Address,
+    settler: Address,
+    auth: &VerifiedAuthorization,
+) -> Result<Result<(), SimulationFailure>, TransportError> {
+    let call = TransactionRequest::default().from(settler).to(token).input(transfer_calldata(auth).into());
+    match provider.call(call).await {
+        Ok(_) => Ok(Ok(())),
+        Err(err) if err.as_error_resp().is_some() => Ok(Err(diagnose(provider, token, auth).await?)),
+        Err(err) => Err(err),
+    }
+}
+
+async fn diagnose(
+    provider: &RootProvider,
+    token: Address,
+    auth: &VerifiedAuthorization,
+) -> Result<SimulationFailure, TransportError> {
+    let used = view(provider, token, Eip3009Token::authorizationStateCall { authorizer: auth.from, nonce: auth.nonce })
+        .await?;
+    if used {
+        return Ok(SimulationFailure::NonceUsed);
+    }
+    let balance = view(provider, token, Eip3009Token::balanceOfCall { account: auth.from }).await?;
+    Ok(if balance < auth.value { SimulationFailure::InsufficientBalance } else { SimulationFailure::Other })
+}
+
+pub async fn view<C: SolCall>(provider: &RootProvider, token: Address, call: C) -> Result<C::Return, TransportError> {
+    let request = TransactionRequest::default().to(token).input(Bytes::from(call.abi_encode()).into());
+    let output = provider.call(request).await?;
+    C::abi_decode_returns(&output).map_err(TransportError::local_usage)
+}
+
+pub async fn balance_of(provider: &RootProvider, token: Address, account: Address) -> Result<U256, TransportError> {
+    view(provider, token, Eip3009Token::balanceOfCall { account }).await
+}
+
+/// A signed EIP-1559 transaction calling `to` with `input`, ready for `eth_sendRawTransaction`.
+pub struct TxParams {
+    pub chain_id: u64,
+    pub nonce: u64,
+    pub max_fee_per_gas: u128,
+    pub max_priority_fee_per_gas: u128,
+}
+
+pub fn sign_call(
+    signer: &PrivateKeySigner,
+    to: Address,
+    input: Bytes,
+    params: &TxParams,
+) -> Result<Vec<u8>, alloy::signers::Error> {
+    let mut tx = TxEip1559 {
+        chain_id: params.chain_id,
+        nonce: params.nonce,
+        gas_limit: SETTLE_GAS_LIMIT,
+        max_fee_per_gas: params.max_fee_per_gas,
+        max_priority_fee_per_gas: params.max_priority_fee_per_gas,
+        to: TxKind::Call(to),
+        value: U256::ZERO,
+        access_list: Default::default(),
+        input,
+    };
+    let signature = signer.sign_transaction_sync(&mut tx)?;
+    Ok(TxEnvelope::from(tx.into_signed(signature)).encoded_2718())
+}
+
+/// Fee caps for the next transaction: the node's estimate, with headroom so a rising base fee does not
+/// strand it.
+pub async fn fees(provider: &RootProvider) -> Result<(u128, u128), TransportError> {
+    let estimate = provider.estimate_eip1559_fees().await?;
+    Ok((estimate.max_fee_per_gas.saturating_mul(2), estimate.max_priority_fee_per_gas))
+}

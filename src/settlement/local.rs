@@ -1,0 +1,93 @@
+//! The in-process facilitator: simulates each authorization on chain before the request goes upstream, and
+//! settles it with the gateway's own gas-paying key.
+
+use super::queue::{SendError, TxQueue};
+use super::{SettleFailure, Settled, VerifyFailure};
+use crate::chain::{self, SimulationFailure};
+use crate::x402::exact_evm::VerifiedAuthorization;
+use crate::x402::Rejection;
+use alloy::primitives::{Address, B256};
+use alloy::providers::{Provider, RootProvider};
+use alloy::signers::local::PrivateKeySigner;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Longest wait for a settlement's receipt; the authorization's own expiry may cut it shorter.
+const RECEIPT_TIMEOUT: Duration = Duration::from_secs(60);
+const FIRST_POLL: Duration = Duration::from_millis(20);
+const LONGEST_POLL: Duration = Duration::from_millis(500);
+
+pub struct LocalSettler {
+    provider: RootProvider,
+    settler: Address,
+    queue: TxQueue,
+}
+
+impl LocalSettler {
+    pub fn new(provider: RootProvider, signer: PrivateKeySigner, chain_id: u64) -> LocalSettler {
+        let settler = signer.address();
+        let queue = TxQueue::spawn(provider.clone(), signer, chain_id);
+        LocalSettler { provider, settler, queue }
+    }
+
+    pub async fn verify(&self, token: Address, auth: &VerifiedAuthorization) -> Result<(), VerifyFailure> {
+        match chain::simulate_transfer(&self.provider, token, self.settler, auth).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(SimulationFailure::NonceUsed)) => Err(VerifyFailure::Rejected(Rejection::Replayed)),
+            Ok(Err(SimulationFailure::InsufficientBalance)) => {
+                Err(VerifyFailure::Rejected(Rejection::InsufficientBalance))
+            }
+            Ok(Err(SimulationFailure::Other)) => Err(VerifyFailure::Rejected(Rejection::SimulationFailed)),
+            Err(err) => {
+                tracing::warn!(error = %err, "chain RPC failed during verification");
+                Err(VerifyFailure::Unavailable("the chain RPC did not answer".into()))
+            }
+        }
+    }
+
+    pub async fn settle(&self, token: Address, auth: &VerifiedAuthorization) -> Result<Settled, SettleFailure> {
+        let hash = match self.queue.send(token, chain::transfer_calldata(auth)).await {
+            Ok(hash) => hash,
+            Err(SendError::Refused(message)) => {
+                return Err(SettleFailure::nothing_moved("invalid_exact_evm_transaction_failed", message, None))
+            }
+            Err(SendError::Unknown(hash)) => hash,
+        };
+        match self.wait_for_receipt(hash, receipt_deadline(auth)).await {
+            Some(true) => Ok(Settled { transaction: hash.to_string() }),
+            Some(false) => Err(SettleFailure::nothing_moved(
+                "invalid_exact_evm_transaction_failed",
+                "the settlement transaction reverted".into(),
+                Some(hash.to_string()),
+            )),
+            None => {
+                // It may have been dropped, leaving a gap in the account's nonces: let the queue ask the chain.
+                self.queue.resync();
+                Err(SettleFailure::pending(hash.to_string()))
+            }
+        }
+    }
+
+    /// `Some(succeeded)` once the receipt is in, `None` if the deadline passes first.
+    async fn wait_for_receipt(&self, hash: B256, timeout: Duration) -> Option<bool> {
+        let started = tokio::time::Instant::now();
+        let mut pause = FIRST_POLL;
+        while started.elapsed() < timeout {
+            match self.provider.get_transaction_receipt(hash).await {
+                Ok(Some(receipt)) => return Some(receipt.status()),
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, transaction = %hash, "polling for a settlement receipt failed")
+                }
+            }
+            tokio::time::sleep(pause.min(timeout.saturating_sub(started.elapsed()))).await;
+            pause = (pause * 2).min(LONGEST_POLL);
+        }
+        None
+    }
+}
+
+/// Wait no longer than the authorization is valid: after `validBefore` the transaction cannot succeed.
+fn receipt_deadline(auth: &VerifiedAuthorization) -> Duration {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    Duration::from_secs(auth.valid_before_secs().saturating_sub(now)).min(RECEIPT_TIMEOUT)
+}

@@ -1,0 +1,154 @@
+//! Settlement: turning a verified payment into money. A facilitator is either the gateway itself
+//! (`local`: alloy, the operator's gas-paying key) or a remote one over the standard HTTP API.
+
+mod local;
+mod queue;
+mod remote;
+
+pub use local::LocalSettler;
+pub use remote::RemoteFacilitator;
+
+use crate::chain;
+use crate::config::{FacilitatorChoice, PaymentSettings, RouteSpec};
+use crate::gate::Payment;
+use crate::x402::challenge::{requirements_v1, requirements_v2};
+use crate::x402::codec::PaymentPayload;
+use crate::x402::wire::ResourceInfo;
+use crate::x402::Rejection;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Time allowed for one RPC request to a chain node.
+const RPC_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// When a paid route settles, relative to calling the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettleMode {
+    /// Forward, buffer the answer, settle only if it succeeded; the buyer pays only for what is delivered.
+    After,
+    /// Settle first, then stream: for answers that cannot be buffered (SSE, large bodies).
+    Before,
+}
+
+#[derive(Debug)]
+pub enum VerifyFailure {
+    /// The payment is not good: a 402 with this reason.
+    Rejected(Rejection),
+    /// Nobody could say (chain RPC or facilitator down): a 503, the payment may be retried.
+    Unavailable(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    pub transaction: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettleFailure {
+    /// x402 `errorReason`.
+    pub reason: String,
+    pub message: String,
+    pub transaction: Option<String>,
+    /// Whether it is certain that no transfer happened, so the authorization may be used again.
+    pub nothing_moved: bool,
+}
+
+impl SettleFailure {
+    fn nothing_moved(reason: &str, message: String, transaction: Option<String>) -> SettleFailure {
+        SettleFailure { reason: reason.into(), message, transaction, nothing_moved: true }
+    }
+
+    /// Sent but not confirmed in time: it may still land, so the authorization stays spent.
+    fn pending(transaction: String) -> SettleFailure {
+        SettleFailure {
+            reason: "settlement_pending".into(),
+            message: "the settlement transaction was sent but not confirmed in time; it may still land".into(),
+            transaction: Some(transaction),
+            nothing_moved: false,
+        }
+    }
+
+    /// No usable answer from a remote facilitator after asking it to settle.
+    fn unknown(why: &str) -> SettleFailure {
+        SettleFailure {
+            reason: "unexpected_settle_error".into(),
+            message: format!("facilitator: {why}"),
+            transaction: None,
+            nothing_moved: false,
+        }
+    }
+}
+
+/// The facilitator that handles one payment.
+pub enum Facilitator<'a> {
+    Local(&'a LocalSettler),
+    Remote(&'a RemoteFacilitator),
+}
+
+impl Facilitator<'_> {
+    pub async fn verify(&self, payment: &Payment, resource: &ResourceInfo) -> Result<(), VerifyFailure> {
+        match self {
+            Facilitator::Local(settler) => settler.verify(payment.offer.asset.address, &payment.authorization).await,
+            Facilitator::Remote(remote) => remote.verify(&remote_body(payment, resource)).await,
+        }
+    }
+
+    pub async fn settle(&self, payment: &Payment, resource: &ResourceInfo) -> Result<Settled, SettleFailure> {
+        match self {
+            Facilitator::Local(settler) => settler.settle(payment.offer.asset.address, &payment.authorization).await,
+            Facilitator::Remote(remote) => remote.settle(&remote_body(payment, resource)).await,
+        }
+    }
+}
+
+/// The buyer's payload as received, and our own offer as the requirements (never the client's copy).
+fn remote_body(payment: &Payment, resource: &ResourceInfo) -> serde_json::Value {
+    let (payload, requirements) = match &payment.payload {
+        PaymentPayload::V2(p) => (serde_json::to_value(p), serde_json::to_value(requirements_v2(&payment.offer))),
+        PaymentPayload::V1(p) => {
+            (serde_json::to_value(p), serde_json::to_value(requirements_v1(&payment.offer, resource)))
+        }
+    };
+    RemoteFacilitator::body(payment.version, &payload.unwrap_or_default(), &requirements.unwrap_or_default())
+}
+
+/// Every facilitator the configuration uses, built once.
+pub struct Facilitators {
+    local: HashMap<u64, LocalSettler>,
+    remote: HashMap<String, RemoteFacilitator>,
+}
+
+impl Facilitators {
+    /// Must run inside the tokio runtime: local settlers start their transaction queues.
+    pub fn new(settings: &PaymentSettings, routes: &[RouteSpec]) -> Facilitators {
+        let local = settings
+            .settlers
+            .iter()
+            .map(|(chain_id, settler)| {
+                let provider = chain::connect(&settler.rpc_url, RPC_TIMEOUT);
+                (*chain_id, LocalSettler::new(provider, settler.key.clone(), *chain_id))
+            })
+            .collect();
+        let mut remote = HashMap::new();
+        for choice in routes.iter().filter_map(|r| r.payment.as_ref()).map(|p| &p.facilitator) {
+            if let FacilitatorChoice::Remote(config) = choice {
+                remote.entry(config.url.clone()).or_insert_with(|| {
+                    RemoteFacilitator::new(config.url.clone(), config.auth.clone(), settings.facilitator_timeout)
+                });
+            }
+        }
+        Facilitators { local, remote }
+    }
+
+    /// The facilitator for an offer; configuration validation guarantees there is one.
+    pub fn get(&self, choice: &FacilitatorChoice, chain_id: u64) -> Option<Facilitator<'_>> {
+        match choice {
+            FacilitatorChoice::Local => self.local.get(&chain_id).map(Facilitator::Local),
+            FacilitatorChoice::Remote(config) => self.remote.get(&config.url).map(Facilitator::Remote),
+        }
+    }
+
+    pub fn remotes(&self) -> impl Iterator<Item = (&String, &RemoteFacilitator)> {
+        self.remote.iter()
+    }
+}

@@ -1,0 +1,109 @@
+//! A real local chain for the tests: `anvil` (installed into `.tools/` by `scripts/test.sh`) on a port the
+//! kernel picks, with the repository's EIP-3009 TestUSDC deployed. Dropping the `Chain` stops anvil.
+
+use alloy::network::TransactionBuilder;
+use alloy::primitives::{Address, Bytes, U256};
+use alloy::providers::{Provider, RootProvider};
+use alloy::rpc::types::TransactionRequest;
+use alloy::sol;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Anvil's deterministic dev accounts ("test test ... junk"): #0 deploys, #2 pays gas for settlements.
+pub const DEPLOYER: &str = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266";
+pub const SETTLER_KEY: &str = "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a";
+pub const FACILITATOR_KEY: &str = "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6";
+pub const CHAIN_ID: u64 = 84532;
+
+sol! {
+    function mint(address to, uint256 amount);
+}
+
+pub struct Chain {
+    pub rpc_url: String,
+    pub token: Address,
+    pub provider: RootProvider,
+    anvil: Child,
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        let _ = self.anvil.kill();
+        let _ = self.anvil.wait();
+    }
+}
+
+fn anvil_path() -> String {
+    std::env::var("ANVIL").unwrap_or_else(|_| {
+        super::repo_path(".tools/anvil/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil").display().to_string()
+    })
+}
+
+impl Chain {
+    /// Starts anvil (chain id 84532, as Base Sepolia, automining) and deploys TestUSDC.
+    pub async fn start() -> Chain {
+        let mut anvil = Command::new(anvil_path())
+            .args(["--host", "127.0.0.1", "--port", "0", "--chain-id", &CHAIN_ID.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("anvil is not installed: run `bash scripts/test.sh`, which installs it");
+        let stdout = anvil.stdout.take().expect("piped stdout");
+        let (port_tx, port_rx) = std::sync::mpsc::channel();
+        // Reads the bound port, then keeps draining anvil's log so that it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("Listening on ") {
+                    let _ = port_tx.send(addr.trim().to_string());
+                }
+            }
+        });
+        let addr = port_rx.recv_timeout(Duration::from_secs(30)).expect("anvil started");
+        let rpc_url = format!("http://{addr}");
+        let provider = x402_gateway::chain::connect(&rpc_url.parse().unwrap(), Duration::from_secs(10));
+        let mut chain = Chain { rpc_url, token: Address::ZERO, provider, anvil };
+        chain.token = chain.deploy_token().await;
+        chain
+    }
+
+    async fn deploy_token(&self) -> Address {
+        let hex = std::fs::read_to_string(super::repo_path("contracts/TestUSDC.bin")).expect("contracts/TestUSDC.bin");
+        let code: Bytes = alloy::hex::decode(hex.trim()).expect("bytecode hex").into();
+        let deploy = TransactionRequest::default().from(DEPLOYER.parse().unwrap()).with_deploy_code(code);
+        let receipt = self.provider.send_transaction(deploy).await.unwrap().get_receipt().await.unwrap();
+        receipt.contract_address.expect("deployed")
+    }
+
+    pub async fn mint(&self, to: Address, amount: u64) {
+        use alloy::sol_types::SolCall;
+        let call = mintCall { to, amount: U256::from(amount) }.abi_encode();
+        let tx = TransactionRequest::default()
+            .from(DEPLOYER.parse().unwrap())
+            .to(self.token)
+            .input(Bytes::from(call).into());
+        let receipt = self.provider.send_transaction(tx).await.unwrap().get_receipt().await.unwrap();
+        assert!(receipt.status(), "mint");
+    }
+
+    pub async fn balance(&self, who: Address) -> U256 {
+        x402_gateway::chain::balance_of(&self.provider, self.token, who).await.unwrap()
+    }
+
+    /// `[networks]` for this chain: TestUSDC as USDC, and the gateway's settler key.
+    pub fn network_toml(&self) -> String {
+        format!(
+            r#"
+[networks."eip155:{CHAIN_ID}"]
+rpc_url = "{}"
+settler_key = "{SETTLER_KEY}"
+[networks."eip155:{CHAIN_ID}".assets.USDC]
+address = "{}"
+decimals = 6
+eip712_name = "USD Coin"
+eip712_version = "2"
+"#,
+            self.rpc_url, self.token
+        )
+    }
+}
