@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # What the tests need besides cargo: a local chain (anvil) and the official x402 clients (Node).
 bash scripts/install-anvil.sh >/dev/null
+bash scripts/install-interop.sh
 cargo test --locked "$@"

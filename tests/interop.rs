@@ -1,0 +1,156 @@
+//! Interoperability with the official x402 clients (`@x402/fetch` v2, `x402-fetch` v1) and the reference
+//! facilitator (`@x402/core` + `@x402/evm`), pinned in `tests/interop/package.json` and installed by
+//! `scripts/test.sh`. Everything runs on loopback against a local anvil chain.
+
+mod common;
+
+use alloy::primitives::{Address, U256};
+use alloy::signers::local::PrivateKeySigner;
+use common::chain::{Chain, FACILITATOR_KEY};
+use common::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+const PAY_TO: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
+const PRICE: u64 = 1000;
+
+fn node_script(name: &str) -> String {
+    repo_path(&format!("tests/interop/{name}")).display().to_string()
+}
+
+/// Runs `pay.mjs` (an official client) against `url` with `buyer`'s key; returns its JSON report.
+async fn official_client_pays(url: String, client: &'static str, buyer: &PrivateKeySigner) -> Value {
+    let key = alloy::hex::encode_prefixed(buyer.to_bytes());
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .args([&node_script("pay.mjs"), "--url", &url, "--client", client, "--key-env", "X402_TEST_BUYER_KEY"])
+            .env("X402_TEST_BUYER_KEY", key)
+            .output()
+            .expect("node is installed")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "pay.mjs --client {client} failed (run scripts/test.sh to install the clients): {stderr}"
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("pay.mjs printed no JSON ({e}); stderr: {stderr}"))
+}
+
+fn paid_toml(upstream: &Upstream, chain: &Chain, facilitator: &str) -> String {
+    format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+[upstreams.api]
+url = "{}"
+[payment]
+pay_to = "{PAY_TO}"
+network = "base-sepolia"
+asset = "USDC"
+facilitator = "{facilitator}"
+[[routes]]
+path = "/report"
+upstream = "api"
+amount = "{PRICE}"
+description = "A paid report"
+mime_type = "application/json"
+{}"#,
+        upstream.url(),
+        chain.network_toml()
+    )
+}
+
+async fn assert_paid(report: &Value, header: &str, chain: &Chain, buyer: Address, payee_before: U256) {
+    assert_eq!(report["status"], 200, "{report}");
+    let body: Value = serde_json::from_str(report["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["upstream"], "api", "the client got the upstream's answer");
+    assert_eq!(report["header"], header, "{report}");
+    let settlement = &report["settlement"];
+    assert_eq!(settlement["success"], true, "{report}");
+    assert!(settlement["transaction"].as_str().is_some_and(|t| t.len() == 66), "{report}");
+    assert_eq!(chain.balance(buyer).await, U256::from(5 * PRICE - PRICE));
+    assert_eq!(chain.balance(PAY_TO.parse().unwrap()).await, payee_before + U256::from(PRICE));
+}
+
+#[tokio::test]
+async fn the_official_v2_client_pays_and_decodes_the_receipt() {
+    let chain = Chain::start().await;
+    let gateway = start_gateway(&paid_toml(&spawn_echo("api").await, &chain, "local")).await;
+    let buyer = PrivateKeySigner::random();
+    chain.mint(buyer.address(), 5 * PRICE).await;
+    let report = official_client_pays(gateway.url("/report"), "v2", &buyer).await;
+    assert_paid(&report, "payment-response", &chain, buyer.address(), U256::ZERO).await;
+    assert_eq!(report["settlement"]["network"], "eip155:84532");
+}
+
+#[tokio::test]
+async fn the_official_v1_client_pays_and_decodes_the_receipt() {
+    let chain = Chain::start().await;
+    let gateway = start_gateway(&paid_toml(&spawn_echo("api").await, &chain, "local")).await;
+    let buyer = PrivateKeySigner::random();
+    chain.mint(buyer.address(), 5 * PRICE).await;
+    let report = official_client_pays(gateway.url("/report"), "v1", &buyer).await;
+    assert_paid(&report, "x-payment-response", &chain, buyer.address(), U256::ZERO).await;
+    assert_eq!(report["settlement"]["network"], "base-sepolia");
+}
+
+/// The reference facilitator, as a child process on loopback.
+struct Facilitator {
+    url: String,
+    child: Child,
+}
+
+impl Drop for Facilitator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_reference_facilitator(chain: &Chain) -> Facilitator {
+    let mut child = Command::new("node")
+        .args([
+            &node_script("facilitator.mjs"),
+            "--rpc",
+            &chain.rpc_url,
+            "--key-env",
+            "X402_TEST_FACILITATOR_KEY",
+            "--port",
+            "0",
+        ])
+        .env("X402_TEST_FACILITATOR_KEY", FACILITATOR_KEY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("node is installed");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let ready: Value =
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("facilitator.mjs did not start: {line:?}"));
+    Facilitator { url: format!("http://127.0.0.1:{}", ready["port"]), child }
+}
+
+#[tokio::test]
+async fn the_gateway_settles_through_the_reference_facilitator() {
+    let chain = Chain::start().await;
+    let facilitator = start_reference_facilitator(&chain);
+    let gateway = start_gateway(&paid_toml(&spawn_echo("api").await, &chain, &facilitator.url)).await;
+
+    let v2_buyer = PrivateKeySigner::random();
+    chain.mint(v2_buyer.address(), 5 * PRICE).await;
+    let report = official_client_pays(gateway.url("/report"), "v2", &v2_buyer).await;
+    assert_paid(&report, "payment-response", &chain, v2_buyer.address(), U256::ZERO).await;
+
+    let v1_buyer = PrivateKeySigner::random();
+    chain.mint(v1_buyer.address(), 5 * PRICE).await;
+    let report = official_client_pays(gateway.url("/report"), "v1", &v1_buyer).await;
+    assert_paid(&report, "x-payment-response", &chain, v1_buyer.address(), U256::from(PRICE)).await;
+
+    // A payer the facilitator refuses: its reason reaches the buyer in a fresh challenge.
+    let broke = PrivateKeySigner::random();
+    let report = official_client_pays(gateway.url("/report"), "v2", &broke).await;
+    assert_eq!(report["status"], 402, "{report}");
+    assert_eq!(report["paymentRequired"]["error"], "invalid_exact_evm_insufficient_balance", "{report}");
+}
