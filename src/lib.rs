@@ -2,6 +2,7 @@
 //! The binary (`main.rs`) is a thin command line over this library.
 
 pub mod admin;
+pub mod buyer;
 pub mod chain;
 pub mod config;
 pub mod error;

@@ -1,6 +1,8 @@
+use alloy::signers::local::PrivateKeySigner;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use x402_gateway::buyer;
 use x402_gateway::config::{Config, FacilitatorChoice};
 use x402_gateway::logging::{self, LogFormat};
 use x402_gateway::proxy::server::Server;
@@ -30,12 +32,39 @@ enum Command {
     Run(ConfigArg),
     /// Validate the configuration and print the route table; exit code 1 if it is invalid.
     Check(ConfigArg),
+    /// Pay for one call to an x402 resource and print the status, the settlement and the body
+    /// (to test a deployment). Exit code 0 for a 2xx answer.
+    Pay(PayArgs),
+}
+
+#[derive(clap::Args)]
+struct PayArgs {
+    /// The resource to call.
+    url: String,
+    /// Environment variable that holds the buyer's private key (0x hex).
+    #[arg(long, default_value = "X402_BUYER_KEY")]
+    key_env: String,
+    /// Pay with x402 v1 (`X-PAYMENT`) instead of v2 (`PAYMENT-SIGNATURE`).
+    #[arg(long)]
+    v1: bool,
+    /// The most to pay for this call, in the asset's atomic units (100000 is $0.10 of USDC).
+    #[arg(long, default_value = "100000")]
+    max_amount: String,
+    #[arg(long, short = 'X', default_value = "GET")]
+    method: String,
+    /// A request header, `Name: value` (repeatable).
+    #[arg(long = "header", short = 'H')]
+    headers: Vec<String>,
+    /// A request body.
+    #[arg(long, short = 'd')]
+    data: Option<String>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check(args) => check(&args.config),
+        Command::Pay(args) => pay(args),
         Command::Run(args) => {
             logging::init(cli.log_format);
             run(&args.config)
@@ -91,6 +120,72 @@ fn check(path: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn pay(args: PayArgs) -> ExitCode {
+    let request = match pay_request(args) {
+        Ok(request) => request,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(buyer::pay(&request)) {
+        Ok(outcome) => {
+            let paid = if outcome.paid { " (paid)" } else { "" };
+            println!("HTTP {}{paid}", outcome.status);
+            if let Some(settlement) = &outcome.settlement {
+                println!("settlement: {}", serde_json::to_string(settlement).unwrap_or_default());
+            }
+            println!();
+            println!("{}", String::from_utf8_lossy(&outcome.body));
+            if outcome.status.is_success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Everything `pay` needs, checked before any request goes out. Errors never repeat the key.
+fn pay_request(args: PayArgs) -> Result<buyer::PayRequest, String> {
+    let key = std::env::var(&args.key_env).map_err(|_| format!("environment variable {} is not set", args.key_env))?;
+    let signer = key
+        .trim()
+        .parse::<PrivateKeySigner>()
+        .map_err(|_| format!("{} does not hold a 32-byte hex private key", args.key_env))?;
+    let mut headers = http::HeaderMap::new();
+    for header in &args.headers {
+        let (name, value) = header.split_once(':').ok_or_else(|| format!("`{header}`: expected `Name: value`"))?;
+        let name = http::HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| format!("`{name}` is not a header name"))?;
+        let value =
+            http::HeaderValue::from_str(value.trim()).map_err(|_| format!("`{header}`: invalid header value"))?;
+        headers.append(name, value);
+    }
+    Ok(buyer::PayRequest {
+        url: args.url.parse().map_err(|_| format!("`{}` is not a URL", args.url))?,
+        method: http::Method::from_bytes(args.method.as_bytes())
+            .map_err(|_| format!("`{}` is not a method", args.method))?,
+        headers,
+        body: args.data.map(bytes::Bytes::from).unwrap_or_default(),
+        signer,
+        v1: args.v1,
+        max_amount: alloy::primitives::U256::from_str_radix(&args.max_amount, 10)
+            .map_err(|_| "--max-amount takes atomic units, such as 100000".to_string())?,
+    })
 }
 
 fn run(path: &std::path::Path) -> ExitCode {
