@@ -2,7 +2,7 @@
 //! accept (proxy::server) → match route → price → payment gate → upstream → [settle] → respond.
 
 use crate::admin;
-use crate::config::{Config, Limits, PaidRoute, RouteSpec};
+use crate::config::{Config, FacilitatorChoice, Limits, PaidRoute, RouteSpec};
 use crate::error::GatewayError;
 use crate::gate::{GateError, Payment, PaymentGate};
 use crate::proxy::body::{full, Body, BoxError};
@@ -12,7 +12,7 @@ use crate::replay::unix_now;
 use crate::respond;
 use crate::routing::{self, Miss, RouteTable};
 use crate::settlement::{Facilitator, Facilitators, SettleFailure, SettleMode, VerifyFailure};
-use crate::x402::challenge::Challenge;
+use crate::x402::challenge::{Challenge, SCHEME_EXACT};
 use crate::x402::wire::ResourceInfo;
 use crate::x402::Rejection;
 use bytes::{Bytes, BytesMut};
@@ -267,6 +267,37 @@ impl Gateway {
         }
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         Ok(request.map(|body| Limited::new(body, limit).map_err(BoxError::from).boxed_unsync()))
+    }
+
+    /// Asks each remote facilitator what it supports (`GET /supported`, as the reference servers do at start)
+    /// and returns a warning for every paid offer it cannot settle.
+    pub async fn facilitator_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for (url, facilitator) in self.facilitators.remotes() {
+            let kinds = match facilitator.supported().await {
+                Ok(supported) => supported.get("kinds").and_then(|k| k.as_array()).cloned().unwrap_or_default(),
+                Err(why) => {
+                    warnings.push(format!("facilitator {url} cannot be asked what it supports: {why}"));
+                    continue;
+                }
+            };
+            let serves = |network: &str| {
+                kinds.iter().any(|k| k["x402Version"] == 2 && k["scheme"] == SCHEME_EXACT && k["network"] == network)
+            };
+            for route in self.routes.routes() {
+                let Some(paid) = route.payment.as_ref() else { continue };
+                if !matches!(&paid.facilitator, FacilitatorChoice::Remote(remote) if remote.url == *url) {
+                    continue;
+                }
+                for offer in paid.offers.iter().filter(|o| !serves(&o.network.caip2)) {
+                    warnings.push(format!(
+                        "facilitator {url} does not list exact payments on {} (route {})",
+                        offer.network.caip2, route.pattern_text
+                    ));
+                }
+            }
+        }
+        warnings
     }
 
     pub async fn handle_admin(&self, request: Request<Incoming>) -> Response<Body> {

@@ -154,3 +154,18 @@ async fn the_gateway_settles_through_the_reference_facilitator() {
     assert_eq!(report["status"], 402, "{report}");
     assert_eq!(report["paymentRequired"]["error"], "invalid_exact_evm_insufficient_balance", "{report}");
 }
+
+#[tokio::test]
+async fn routes_a_facilitator_cannot_serve_are_reported_at_start() {
+    let chain = Chain::start().await;
+    let facilitator = start_reference_facilitator(&chain);
+    let toml = paid_toml(&spawn_echo("api").await, &chain, &facilitator.url)
+        + "[[routes]]\npath = \"/mainnet\"\nupstream = \"api\"\namount = \"1000\"\nnetwork = \"eip155:8453\"\n"
+        + "[[routes]]\npath = \"/elsewhere\"\nupstream = \"api\"\namount = \"1000\"\nfacilitator = \"http://127.0.0.1:9\"\n";
+    let gateway = start_gateway(&toml).await;
+    let warnings = gateway.pipeline.facilitator_warnings().await;
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    let has = |needle: &str| warnings.iter().any(|w| w.contains(needle));
+    assert!(has("does not list exact payments on eip155:8453 (route /mainnet)"), "{warnings:?}");
+    assert!(has("http://127.0.0.1:9 cannot be asked"), "{warnings:?}");
+}

@@ -70,6 +70,10 @@ impl Server {
         Ok(Server { gateway: Arc::new(Gateway::new(config)), listeners, limits })
     }
 
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
     /// Bound address of the plain HTTP listener.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.addr_of(|l| matches!(l.role, Role::Public { .. }) && l.tls.is_none())
@@ -113,6 +117,12 @@ impl Server {
             };
             loops.spawn(accept.run(listener, stop_rx.clone()));
         }
+        let gateway = self.gateway.clone();
+        tokio::spawn(async move {
+            for warning in gateway.facilitator_warnings().await {
+                tracing::warn!("{warning}");
+            }
+        });
         shutdown.await;
         tracing::info!("shutting down: no new connections; waiting for open ones");
         drop(stop_tx);

@@ -104,6 +104,8 @@ pub struct Gateway {
     stop: Option<oneshot::Sender<()>>,
     pub done: Option<tokio::task::JoinHandle<()>>,
     pub dir: PathBuf,
+    /// The running gateway's request pipeline.
+    pub pipeline: Arc<x402_gateway::pipeline::Gateway>,
 }
 
 impl Gateway {
@@ -155,11 +157,12 @@ pub async fn start_gateway_with_env(toml: &str, env: &[(&str, &str)]) -> Gateway
     let config = Config::parse(toml, &path, &dir, &lookup).expect("valid config");
     let server = Server::bind(config).await.expect("bind");
     let (http, https, admin) = (server.http_addr(), server.https_addr(), server.admin_addr());
+    let pipeline = server.gateway().clone();
     let (stop, stopped) = oneshot::channel::<()>();
     let done = tokio::spawn(server.run(async {
         let _ = stopped.await;
     }));
-    Gateway { http, https, admin, stop: Some(stop), done: Some(done), dir }
+    Gateway { http, https, admin, stop: Some(stop), done: Some(done), dir, pipeline }
 }
 
 pub async fn start_gateway(toml: &str) -> Gateway {
