@@ -14,6 +14,10 @@ pub enum GatewayError {
     MethodNotAllowed(Vec<Method>),
     #[error("request body larger than the configured limit")]
     BodyTooLarge,
+    #[error("the request body could not be read")]
+    BodyUnreadable,
+    #[error("{0}")]
+    Price(#[from] crate::pricing::PriceError),
     #[error("malformed payment header: {0}")]
     MalformedPayment(String),
     #[error("too many payments in flight; retry shortly")]
@@ -37,6 +41,9 @@ impl GatewayError {
             NoRoute => (StatusCode::NOT_FOUND, "no_route"),
             MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            BodyUnreadable => (StatusCode::BAD_REQUEST, "invalid_body"),
+            Price(crate::pricing::PriceError::NotJson(_)) => (StatusCode::BAD_REQUEST, "invalid_body"),
+            Price(crate::pricing::PriceError::Unknown { .. }) => (StatusCode::BAD_REQUEST, "unknown_price_key"),
             MalformedPayment(_) => (StatusCode::BAD_REQUEST, "invalid_payload"),
             PaymentsBusy => (StatusCode::SERVICE_UNAVAILABLE, "payments_busy"),
             FacilitatorUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "facilitator_unavailable"),

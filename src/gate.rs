@@ -1,7 +1,6 @@
 //! The payment gate: a paid route's request passes only with a payment that decodes, matches one of the
 //! route's offers, verifies, and has not been used before. Everything else gets a 402 challenge or a 400.
 
-use crate::config::PaidRoute;
 use crate::pricing::Offer;
 use crate::replay::{NonceKey, Reservations, ReserveError};
 use crate::x402::challenge::{PAYMENT_SIGNATURE, SCHEME_EXACT, X_PAYMENT};
@@ -44,7 +43,8 @@ impl PaymentGate {
         PaymentGate { reservations: Reservations::new(nonce_cache_capacity) }
     }
 
-    pub fn check(&self, route: &PaidRoute, headers: &HeaderMap, now: u64) -> Result<Payment, GateError> {
+    /// Checks the request's payment against `offers`, the offers priced for this very request.
+    pub fn check(&self, offers: &[Offer], headers: &HeaderMap, now: u64) -> Result<Payment, GateError> {
         let raw =
             headers.get(PAYMENT_SIGNATURE).or_else(|| headers.get(X_PAYMENT)).ok_or(GateError::Challenge(None))?;
         let payload = codec::decode_payment(raw.as_bytes()).map_err(|err| match err {
@@ -52,8 +52,8 @@ impl PaymentGate {
             other => GateError::Malformed(other.to_string()),
         })?;
         let (offer, scheme_payload, version) = match &payload {
-            PaymentPayload::V2(p) => (match_v2(route, &p.accepted)?, &p.payload, 2),
-            PaymentPayload::V1(p) => (match_v1(route, &p.scheme, &p.network)?, &p.payload, 1),
+            PaymentPayload::V2(p) => (match_v2(offers, &p.accepted)?, &p.payload, 2),
+            PaymentPayload::V1(p) => (match_v1(offers, &p.scheme, &p.network)?, &p.payload, 1),
         };
         let authorization = exact_evm::verify(scheme_payload, offer, now).map_err(|rejection| match rejection {
             Rejection::MalformedPayload(msg) => GateError::Malformed(msg),
@@ -82,10 +82,10 @@ impl PaymentGate {
 
 /// The offer whose core fields (scheme, network, amount, asset, payTo) the client's `accepted` repeats.
 /// Everything else the client echoes (`extra`, timeouts) is ignored: our own offer is what is verified.
-fn match_v2<'a>(route: &'a PaidRoute, accepted: &RequirementsV2) -> Result<&'a Offer, GateError> {
+fn match_v2<'a>(offers: &'a [Offer], accepted: &RequirementsV2) -> Result<&'a Offer, GateError> {
     check_scheme(&accepted.scheme)?;
     let same_address = |text: &str, address: Address| text.parse::<Address>().is_ok_and(|a| a == address);
-    let on_network: Vec<&Offer> = route.offers.iter().filter(|o| o.network.caip2 == accepted.network).collect();
+    let on_network: Vec<&Offer> = offers.iter().filter(|o| o.network.caip2 == accepted.network).collect();
     if on_network.is_empty() {
         return Err(GateError::Challenge(Some(Rejection::Network(accepted.network.clone()))));
     }
@@ -100,10 +100,9 @@ fn match_v2<'a>(route: &'a PaidRoute, accepted: &RequirementsV2) -> Result<&'a O
 }
 
 /// v1 payloads name only scheme and network: the route's first offer on that network is the one paid.
-fn match_v1<'a>(route: &'a PaidRoute, scheme: &str, network: &str) -> Result<&'a Offer, GateError> {
+fn match_v1<'a>(offers: &'a [Offer], scheme: &str, network: &str) -> Result<&'a Offer, GateError> {
     check_scheme(scheme)?;
-    route
-        .offers
+    offers
         .iter()
         .find(|o| o.network.v1_name.as_deref() == Some(network) || o.network.caip2 == network)
         .ok_or_else(|| GateError::Challenge(Some(Rejection::Network(network.to_string()))))

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod buyer;
+pub mod catalogue;
 pub mod chain;
 pub mod config;
 pub mod error;
@@ -16,4 +17,5 @@ pub mod replay;
 pub mod respond;
 pub mod routing;
 pub mod settlement;
+pub mod usage;
 pub mod x402;

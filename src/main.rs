@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use x402_gateway::buyer;
 use x402_gateway::config::{Config, FacilitatorChoice};
 use x402_gateway::logging::{self, LogFormat};
+use x402_gateway::pricing::Pricing;
 use x402_gateway::proxy::server::Server;
 use x402_gateway::routing::RouteTable;
 use x402_gateway::settlement::SettleMode;
@@ -60,6 +61,20 @@ struct PayArgs {
     data: Option<String>,
 }
 
+/// Appends a formatted line to a `String` (formatting into a `String` cannot fail).
+macro_rules! line {
+    ($out:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($out, $($arg)*);
+    }};
+}
+
+/// Writes a command's output; a closed pipe (`| head`) is not an error worth a panic.
+fn print_out(text: &str) {
+    use std::io::Write as _;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -75,11 +90,12 @@ fn main() -> ExitCode {
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
+            let mut out = String::new();
             let upstreams = config.upstreams.len();
             let table = RouteTable::new(config.routes);
-            println!("{}: OK ({} routes, {upstreams} upstreams)", path.display(), table.routes().len());
-            println!("routes, in match order:");
-            println!("  {:<16} {:<32} {:<16} PRICE", "METHODS", "PATH", "UPSTREAM");
+            line!(out, "{}: OK ({} routes, {upstreams} upstreams)", path.display(), table.routes().len());
+            line!(out, "routes, in match order:");
+            line!(out, "  {:<16} {:<32} {:<16} PRICE", "METHODS", "PATH", "UPSTREAM");
             for route in table.routes() {
                 let methods = match &route.methods {
                     None => "*".to_string(),
@@ -99,20 +115,30 @@ fn check(path: &std::path::Path) -> ExitCode {
                         format!("paid (settle {settle}, facilitator {facilitator})")
                     }
                 };
-                println!("  {methods:<16} {:<32} {:<16} {price}", route.pattern_text, route.upstream.name);
-                for offer in route.payment.iter().flat_map(|p| &p.offers) {
-                    println!(
-                        "      {} atomic units of {} ({}, {} decimals) on {} to {}, maxTimeoutSeconds {}",
-                        offer.amount,
-                        offer.asset.symbol,
-                        offer.asset.address,
-                        offer.asset.decimals,
-                        offer.network.caip2,
-                        offer.pay_to,
-                        offer.max_timeout_seconds
-                    );
+                line!(out, "  {methods:<16} {:<32} {:<16} {price}", route.pattern_text, route.upstream.name);
+                let priced = route.payment.iter().flat_map(|p| p.pricing.all_offers());
+                for (selector, offers) in priced {
+                    let label = match (selector, route.payment.as_ref().map(|p| &p.pricing)) {
+                        (Some(value), _) => format!("[{value}] "),
+                        (None, Some(Pricing::ByRequest(_))) => "[default] ".to_string(),
+                        (None, _) => String::new(),
+                    };
+                    for offer in offers {
+                        line!(
+                            out,
+                            "      {label}{} atomic units of {} ({}, {} decimals) on {} to {}, maxTimeoutSeconds {}",
+                            offer.amount,
+                            offer.asset.symbol,
+                            offer.asset.address,
+                            offer.asset.decimals,
+                            offer.network.caip2,
+                            offer.pay_to,
+                            offer.max_timeout_seconds
+                        );
+                    }
                 }
             }
+            print_out(&out);
             ExitCode::SUCCESS
         }
         Err(err) => {
@@ -140,12 +166,12 @@ fn pay(args: PayArgs) -> ExitCode {
     match runtime.block_on(buyer::pay(&request)) {
         Ok(outcome) => {
             let paid = if outcome.paid { " (paid)" } else { "" };
-            println!("HTTP {}{paid}", outcome.status);
+            let mut out = format!("HTTP {}{paid}\n", outcome.status);
             if let Some(settlement) = &outcome.settlement {
-                println!("settlement: {}", serde_json::to_string(settlement).unwrap_or_default());
+                line!(out, "settlement: {}", serde_json::to_string(settlement).unwrap_or_default());
             }
-            println!();
-            println!("{}", String::from_utf8_lossy(&outcome.body));
+            line!(out, "\n{}", String::from_utf8_lossy(&outcome.body));
+            print_out(&out);
             if outcome.status.is_success() {
                 ExitCode::SUCCESS
             } else {

@@ -2,9 +2,11 @@
 //! accept (proxy::server) → match route → price → payment gate → upstream → [settle] → respond.
 
 use crate::admin;
+use crate::catalogue;
 use crate::config::{Config, FacilitatorChoice, Limits, PaidRoute, RouteSpec};
 use crate::error::GatewayError;
 use crate::gate::{GateError, Payment, PaymentGate};
+use crate::pricing::Offer;
 use crate::proxy::body::{full, Body, BoxError};
 use crate::proxy::cors;
 use crate::proxy::upstream::{upstream_request, ClientInfo, UpstreamClient};
@@ -12,6 +14,7 @@ use crate::replay::unix_now;
 use crate::respond;
 use crate::routing::{self, Miss, RouteTable};
 use crate::settlement::{Facilitator, Facilitators, SettleFailure, SettleMode, VerifyFailure};
+use crate::usage::{OnEnd, UsageTap};
 use crate::x402::challenge::{Challenge, SCHEME_EXACT};
 use crate::x402::wire::ResourceInfo;
 use crate::x402::Rejection;
@@ -19,6 +22,7 @@ use bytes::{Bytes, BytesMut};
 use http::{header, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -30,6 +34,8 @@ pub struct Gateway {
     limits: Limits,
     public_url: Option<String>,
     settle_after_max_bytes: usize,
+    /// Catalogue answers by path, built at load.
+    catalogues: BTreeMap<String, Bytes>,
 }
 
 /// What the access-log line reports besides the request and the status.
@@ -38,6 +44,8 @@ struct AccessLog {
     route: Option<String>,
     payment: Option<Payment>,
     transaction: Option<String>,
+    /// The request value that set the price (the model, for an LLM route).
+    price_key: Option<String>,
 }
 
 /// A verified, reserved payment on its way through the upstream and settlement stages.
@@ -52,6 +60,7 @@ impl Gateway {
     pub fn new(config: Config) -> Gateway {
         Gateway {
             facilitators: Facilitators::new(&config.payment, &config.routes),
+            catalogues: catalogue::build(&config.routes),
             routes: RouteTable::new(config.routes),
             upstreams: UpstreamClient::new(),
             gate: PaymentGate::new(config.payment.nonce_cache_capacity),
@@ -98,6 +107,9 @@ impl Gateway {
         if let Some(response) = self.paid_route_preflight(&request, &canonical_path) {
             return Ok(response);
         }
+        if let Some(list) = self.catalogue(&request, &canonical_path) {
+            return Ok(list);
+        }
         let route = self.match_route(&request, &canonical_path)?;
         log.route = Some(route.pattern_text.clone());
         let request = self.limit_body(request)?;
@@ -106,10 +118,16 @@ impl Gateway {
             return self.upstreams.send(request, &route.upstream).await;
         };
 
-        let resource = self.resource_info(&request, paid, client);
-        let payment = match self.gate.check(paid, request.headers(), unix_now()) {
+        let (request, body) = self.buffer_body_for_pricing(request, paid).await?;
+        let priced =
+            paid.pricing.price(request.uri().query(), request.headers(), &body).map_err(GatewayError::Price)?;
+        let offers = priced.offers;
+        let resource = self.resource_info(&request, paid, priced.key.as_deref(), client);
+        let payment = match self.gate.check(offers, request.headers(), unix_now()) {
             Ok(payment) => payment,
-            Err(GateError::Challenge(rejection)) => return Ok(challenge(&request, paid, resource, rejection.as_ref())),
+            Err(GateError::Challenge(rejection)) => {
+                return Ok(challenge(&request, offers, resource, rejection.as_ref()))
+            }
             Err(GateError::Malformed(message)) => return Err(GatewayError::MalformedPayment(message)),
             Err(GateError::Busy) => return Err(GatewayError::PaymentsBusy),
         };
@@ -120,11 +138,12 @@ impl Gateway {
         if let Err(failure) = facilitator.verify(&payment, &resource).await {
             self.gate.release(&payment);
             return match failure {
-                VerifyFailure::Rejected(rejection) => Ok(challenge(&request, paid, resource, Some(&rejection))),
+                VerifyFailure::Rejected(rejection) => Ok(challenge(&request, offers, resource, Some(&rejection))),
                 VerifyFailure::Unavailable(why) => Err(GatewayError::FacilitatorUnavailable(why)),
             };
         }
         log.payment = Some(payment.clone());
+        log.price_key = priced.key;
 
         let request = upstream_request(request, &route, &canonical_path, client)?;
         let paid_call = PaidCall { facilitator, payment, resource, log };
@@ -159,7 +178,7 @@ impl Gateway {
             );
         }
         respond::attach_receipt(&mut response, &call.payment, &settled);
-        Ok(response)
+        Ok(record_usage(response, route, call.log))
     }
 
     /// `settle = "after"`: the answer is held until the payment settles; a failed answer is not charged.
@@ -185,7 +204,10 @@ impl Gateway {
             Ok(body) => body,
             Err(err) => {
                 self.gate.release(&call.payment);
-                return Err(err);
+                return Err(match err {
+                    ReadError::TooLarge => GatewayError::AnswerTooLarge,
+                    ReadError::Broken => GatewayError::UpstreamUnavailable,
+                });
             }
         };
         match call.facilitator.settle(&call.payment, &call.resource).await {
@@ -193,7 +215,7 @@ impl Gateway {
                 call.log.transaction = Some(settled.transaction.clone());
                 let mut response = Response::from_parts(parts, full(body));
                 respond::attach_receipt(&mut response, &call.payment, &settled);
-                Ok(response)
+                Ok(record_usage(response, route, call.log))
             }
             Err(failure) => Ok(self.settle_failed(&call.payment, &failure)),
         }
@@ -229,12 +251,49 @@ impl Gateway {
         Some(cors::preflight_response(request.headers(), &method))
     }
 
-    fn resource_info<B>(&self, request: &Request<B>, paid: &PaidRoute, client: ClientInfo) -> ResourceInfo {
-        ResourceInfo {
-            url: self.resource_url(request, client),
-            description: paid.description.clone(),
-            mime_type: paid.mime_type.clone(),
+    /// What is sold: the route's description, naming the value that priced it (the model) if any.
+    fn resource_info<B>(
+        &self,
+        request: &Request<B>,
+        paid: &PaidRoute,
+        price_key: Option<&str>,
+        client: ClientInfo,
+    ) -> ResourceInfo {
+        let description = match (price_key, paid.description.as_str()) {
+            (None, description) => description.to_string(),
+            (Some(key), "") => key.to_string(),
+            (Some(key), description) => format!("{description} ({key})"),
+        };
+        ResourceInfo { url: self.resource_url(request, client), description, mime_type: paid.mime_type.clone() }
+    }
+
+    /// A route priced by its body needs the body before the 402: read it (within `max_body_bytes`), and
+    /// forward the very same bytes.
+    async fn buffer_body_for_pricing(
+        &self,
+        request: Request<Body>,
+        paid: &PaidRoute,
+    ) -> Result<(Request<Body>, Bytes), GatewayError> {
+        if !paid.pricing.needs_body() {
+            return Ok((request, Bytes::new()));
         }
+        let (parts, body) = request.into_parts();
+        let limit = usize::try_from(self.limits.max_body_bytes).unwrap_or(usize::MAX);
+        let bytes = read_to_limit(body, limit).await.map_err(|err| match err {
+            ReadError::TooLarge => GatewayError::BodyTooLarge,
+            ReadError::Broken => GatewayError::BodyUnreadable,
+        })?;
+        Ok((Request::from_parts(parts, full(bytes.clone())), bytes))
+    }
+
+    fn catalogue<B>(&self, request: &Request<B>, canonical_path: &str) -> Option<Response<Body>> {
+        if request.method() != http::Method::GET {
+            return None;
+        }
+        let list = self.catalogues.get(canonical_path.trim_end_matches('/'))?;
+        let mut response = Response::new(full(list.clone()));
+        response.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        Some(response)
     }
 
     /// The URL buyers paid for: `server.public_url` if set, else what the request says it asked for.
@@ -289,10 +348,14 @@ impl Gateway {
                 if !matches!(&paid.facilitator, FacilitatorChoice::Remote(remote) if remote.url == *url) {
                     continue;
                 }
-                for offer in paid.offers.iter().filter(|o| !serves(&o.network.caip2)) {
+                let offers = paid.pricing.all_offers();
+                let mut networks: Vec<&str> =
+                    offers.iter().flat_map(|(_, o)| o.iter()).map(|o| o.network.caip2.as_str()).collect();
+                networks.dedup();
+                for network in networks.into_iter().filter(|n| !serves(n)) {
                     warnings.push(format!(
-                        "facilitator {url} does not list exact payments on {} (route {})",
-                        offer.network.caip2, route.pattern_text
+                        "facilitator {url} does not list exact payments on {network} (route {})",
+                        route.pattern_text
                     ));
                 }
             }
@@ -308,24 +371,56 @@ impl Gateway {
 /// A 402 challenge for `paid`, rendered for the client that asked.
 fn challenge<B>(
     request: &Request<B>,
-    paid: &PaidRoute,
+    offers: &[Offer],
     resource: ResourceInfo,
     rejection: Option<&Rejection>,
 ) -> Response<Body> {
-    Challenge { offers: &paid.offers, resource, rejection }.response(request.headers())
+    Challenge { offers, resource, rejection }.response(request.headers())
 }
 
-/// Reads an answer to its end, refusing more than `limit` bytes.
-async fn read_to_limit(mut body: Body, limit: usize) -> Result<Bytes, GatewayError> {
+enum ReadError {
+    TooLarge,
+    Broken,
+}
+
+/// Reads a body to its end, refusing more than `limit` bytes.
+async fn read_to_limit(mut body: Body, limit: usize) -> Result<Bytes, ReadError> {
     let mut buffer = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|_| GatewayError::UpstreamUnavailable)?;
+        let frame = frame.map_err(|_| ReadError::Broken)?;
         if let Ok(data) = frame.into_data() {
             if buffer.len() + data.len() > limit {
-                return Err(GatewayError::AnswerTooLarge);
+                return Err(ReadError::TooLarge);
             }
             buffer.extend_from_slice(&data);
         }
     }
     Ok(buffer.freeze())
+}
+
+/// Logs the LLM token usage of a paid answer with its payment, once the answer has gone out.
+fn record_usage(response: Response<Body>, route: &RouteSpec, log: &AccessLog) -> Response<Body> {
+    let (parts, body) = response.into_parts();
+    let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let route = route.pattern_text.clone();
+    let payer = log.payment.as_ref().map(|p| p.authorization.from.to_string());
+    let amount = log.payment.as_ref().map(|p| p.authorization.value.to_string());
+    let (transaction, model) = (log.transaction.clone(), log.price_key.clone());
+    let on_end: OnEnd = Box::new(move |usage, complete| {
+        if let Some(usage) = usage {
+            tracing::info!(
+                target: "usage",
+                route,
+                payer,
+                amount,
+                transaction,
+                model,
+                prompt_tokens = usage.prompt_tokens,
+                completion_tokens = usage.completion_tokens,
+                complete,
+            );
+        }
+    });
+    let tapped = UsageTap::new(body, content_type, on_end);
+    Response::from_parts(parts, tapped.boxed_unsync())
 }

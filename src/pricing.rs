@@ -81,3 +81,156 @@ mod tests {
         assert!(Price::Atomic(U256::ZERO).atomic(6).is_err());
     }
 }
+
+/// How a paid route is priced: one set of offers, or a set chosen by a value of the request
+/// (`by = "body.model"`, `"query.NAME"`, `"header.NAME"`). Every table entry's offers are built at load.
+#[derive(Debug)]
+pub enum Pricing {
+    Fixed(Vec<Offer>),
+    ByRequest(PriceTable),
+}
+
+#[derive(Debug)]
+pub struct PriceTable {
+    pub source: PriceSource,
+    /// In the configuration's order.
+    pub table: Vec<(String, Vec<Offer>)>,
+    pub default: Option<Vec<Offer>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PriceSource {
+    /// A path into the JSON body: `body.a.b` → `["a", "b"]`.
+    Body(Vec<String>),
+    Query(String),
+    Header(http::HeaderName),
+}
+
+/// The offers for one request, and the value that chose them (the model, say).
+pub struct Priced<'a> {
+    pub offers: &'a [Offer],
+    pub key: Option<String>,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PriceError {
+    #[error("the request body must be JSON: its `{0}` sets the price")]
+    NotJson(String),
+    #[error("{rule} is {shown}; this route sells: {}", allowed.join(", "))]
+    Unknown { rule: String, shown: String, allowed: Vec<String> },
+}
+
+impl PriceSource {
+    pub fn parse(text: &str) -> Result<PriceSource, String> {
+        let bad = || format!("`{text}`: expected \"body.FIELD[.FIELD...]\", \"query.NAME\" or \"header.NAME\"");
+        let (kind, rest) = text.split_once('.').ok_or_else(bad)?;
+        match kind {
+            "body" if rest.split('.').all(|s| !s.is_empty()) => {
+                Ok(PriceSource::Body(rest.split('.').map(str::to_string).collect()))
+            }
+            "query" if !rest.is_empty() => Ok(PriceSource::Query(rest.to_string())),
+            "header" => http::HeaderName::from_bytes(rest.as_bytes()).map(PriceSource::Header).map_err(|_| bad()),
+            _ => Err(bad()),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            PriceSource::Body(path) => format!("body.{}", path.join(".")),
+            PriceSource::Query(name) => format!("query.{name}"),
+            PriceSource::Header(name) => format!("header.{name}"),
+        }
+    }
+
+    /// The request's value for this source; `Err` only when a body rule meets a body that is not JSON.
+    fn read(&self, query: Option<&str>, headers: &http::HeaderMap, body: &[u8]) -> Result<Option<String>, PriceError> {
+        Ok(match self {
+            PriceSource::Body(path) => {
+                let json: serde_json::Value =
+                    serde_json::from_slice(body).map_err(|_| PriceError::NotJson(self.describe()))?;
+                let found = path.iter().try_fold(&json, |value, field| value.get(field));
+                match found {
+                    Some(serde_json::Value::String(s)) => Some(s.clone()),
+                    Some(serde_json::Value::Null) | None => None,
+                    Some(other) => Some(other.to_string()),
+                }
+            }
+            PriceSource::Query(name) => form_urlencoded::parse(query.unwrap_or("").as_bytes())
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned()),
+            PriceSource::Header(name) => headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string),
+        })
+    }
+}
+
+impl Pricing {
+    pub fn needs_body(&self) -> bool {
+        matches!(self, Pricing::ByRequest(PriceTable { source: PriceSource::Body(_), .. }))
+    }
+
+    pub fn price<'a>(
+        &'a self,
+        query: Option<&str>,
+        headers: &http::HeaderMap,
+        body: &[u8],
+    ) -> Result<Priced<'a>, PriceError> {
+        let table = match self {
+            Pricing::Fixed(offers) => return Ok(Priced { offers, key: None }),
+            Pricing::ByRequest(table) => table,
+        };
+        let value = table.source.read(query, headers, body)?;
+        let listed = value.as_deref().and_then(|v| table.table.iter().find(|(key, _)| key == v));
+        match (listed, &table.default) {
+            (Some((key, offers)), _) => Ok(Priced { offers, key: Some(key.clone()) }),
+            (None, Some(offers)) => Ok(Priced { offers, key: value }),
+            (None, None) => Err(PriceError::Unknown {
+                rule: table.source.describe(),
+                shown: value.map_or("missing".to_string(), |v| format!("`{v}`")),
+                allowed: table.table.iter().map(|(key, _)| key.clone()).collect(),
+            }),
+        }
+    }
+
+    /// Every set of offers the route can make, with the value that selects it (`None`: fixed or default).
+    pub fn all_offers(&self) -> Vec<(Option<&str>, &[Offer])> {
+        match self {
+            Pricing::Fixed(offers) => vec![(None, offers.as_slice())],
+            Pricing::ByRequest(table) => table
+                .table
+                .iter()
+                .map(|(key, offers)| (Some(key.as_str()), offers.as_slice()))
+                .chain(table.default.iter().map(|offers| (None, offers.as_slice())))
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod rule_tests {
+    use super::*;
+
+    #[test]
+    fn price_sources() {
+        assert_eq!(PriceSource::parse("body.model"), Ok(PriceSource::Body(vec!["model".into()])));
+        assert_eq!(PriceSource::parse("body.a.b"), Ok(PriceSource::Body(vec!["a".into(), "b".into()])));
+        assert_eq!(PriceSource::parse("query.tier"), Ok(PriceSource::Query("tier".into())));
+        assert!(matches!(PriceSource::parse("header.x-tier"), Ok(PriceSource::Header(_))));
+        for bad in ["model", "body.", "body.a..b", "query.", "cookie.x", "header.bad header"] {
+            assert!(PriceSource::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn values_are_read_from_each_source() {
+        let headers = http::HeaderMap::from_iter([(http::HeaderName::from_static("x-tier"), "gold".parse().unwrap())]);
+        let body = br#"{"a":{"b":"deep"},"n":7}"#;
+        let read = |source: &str| PriceSource::parse(source).unwrap().read(Some("tier=silver&x=1"), &headers, body);
+        assert_eq!(read("body.a.b"), Ok(Some("deep".into())));
+        assert_eq!(read("body.n"), Ok(Some("7".into())));
+        assert_eq!(read("body.missing"), Ok(None));
+        assert_eq!(read("query.tier"), Ok(Some("silver".into())));
+        assert_eq!(read("header.x-tier"), Ok(Some("gold".into())));
+        let not_json = PriceSource::parse("body.model").unwrap().read(None, &headers, b"model=x");
+        assert_eq!(not_json, Err(PriceError::NotJson("body.model".into())));
+    }
+}

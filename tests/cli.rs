@@ -244,3 +244,35 @@ upstream = "api"
     let status = wait_exit(&mut child, Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "exit status after SIGTERM: {status:?}");
 }
+
+#[test]
+fn the_shipped_gateway_toml_is_valid_and_needs_no_secrets() {
+    // Only `check`: the shipped file fronts a public API and facilitator, and tests stay on loopback.
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("gateway.toml");
+    let (result, stdout, stderr) = check(&shipped);
+    assert!(result.status.success(), "{stderr}");
+    assert!(stdout.contains("/v1/forecast") && stdout.contains("free"), "{stdout}");
+    assert!(stdout.contains("/paid/*") && stdout.contains("facilitator https://x402.org/facilitator"), "{stdout}");
+    assert!(stdout.contains("1000 atomic units of USDC"), "{stdout}");
+}
+
+#[test]
+fn the_resale_examples_are_valid() {
+    for (example, needle) in [
+        ("openai", "[gpt-4o-mini] 2000 atomic units"),
+        ("anthropic", "[default] 50000 atomic units"),
+        ("firecrawl", "10000 atomic units"),
+    ] {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{example}.toml"));
+        let (result, stdout, stderr) = output(
+            gateway()
+                .args(["check", "--config"])
+                .arg(&path)
+                .env("OPENAI_API_KEY", "k")
+                .env("ANTHROPIC_API_KEY", "k")
+                .env("FIRECRAWL_API_KEY", "k"),
+        );
+        assert!(result.status.success(), "{example}: {stderr}");
+        assert!(stdout.contains(needle), "{example}: {stdout}");
+    }
+}

@@ -169,3 +169,44 @@ async fn routes_a_facilitator_cannot_serve_are_reported_at_start() {
     assert!(has("does not list exact payments on eip155:8453 (route /mainnet)"), "{warnings:?}");
     assert!(has("http://127.0.0.1:9 cannot be asked"), "{warnings:?}");
 }
+
+#[tokio::test]
+async fn facilitator_auth_reaches_the_facilitator_on_every_call() {
+    let chain = Chain::start().await;
+    let facilitator = start_reference_facilitator(&chain);
+    // A recording front for the real facilitator: notes each call's path and Authorization, then forwards it.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (record, target) = (seen.clone(), facilitator.url.clone());
+    let front = spawn_upstream(move |request: http::Request<hyper::body::Incoming>| {
+        let (record, target) = (record.clone(), target.clone());
+        async move {
+            use http_body_util::BodyExt;
+            let (parts, body) = request.into_parts();
+            let auth = parts.headers.get("authorization").map(|v| v.to_str().unwrap_or("").to_string());
+            record.lock().unwrap().push((parts.uri.path().to_string(), auth));
+            let body = body.collect().await.unwrap().to_bytes();
+            let forwarded = http::Request::builder()
+                .method(parts.method)
+                .uri(format!("{target}{}", parts.uri.path()))
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(body))
+                .unwrap();
+            let answer = send(&client(), forwarded).await;
+            let mut response = http::Response::new(x402_gateway::proxy::body::full(answer.body));
+            *response.status_mut() = answer.status;
+            response
+        }
+    })
+    .await;
+    let toml = paid_toml(&spawn_echo("api").await, &chain, &front.url())
+        .replace("[payment]\n", "[payment]\nfacilitator_auth = \"Bearer ${T_FACILITATOR_TOKEN}\"\n");
+    let gateway = start_gateway_with_env(&toml, &[("T_FACILITATOR_TOKEN", "t0ken")]).await;
+    let buyer = PrivateKeySigner::random();
+    chain.mint(buyer.address(), 5 * PRICE).await;
+    let report = official_client_pays(gateway.url("/report"), "v2", &buyer).await;
+    assert_paid(&report, "payment-response", &chain, buyer.address(), U256::ZERO).await;
+    let calls = seen.lock().unwrap().clone();
+    let paths: Vec<&str> = calls.iter().map(|(p, _)| p.as_str()).collect();
+    assert!(paths.contains(&"/verify") && paths.contains(&"/settle"), "{calls:?}");
+    assert!(calls.iter().all(|(_, auth)| auth.as_deref() == Some("Bearer t0ken")), "{calls:?}");
+}

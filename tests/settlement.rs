@@ -110,10 +110,10 @@ async fn a_paid_call_moves_exactly_the_price_on_chain() {
 }
 
 #[tokio::test]
-async fn twenty_concurrent_payments_all_settle() {
+async fn a_hundred_concurrent_payments_all_settle() {
     let m = market("after", spawn_echo("api").await).await;
     let mut headers = Vec::new();
-    for _ in 0..20 {
+    for _ in 0..100 {
         let buyer = m.buyer(PRICE).await;
         headers.push((buyer.address(), m.payment(&buyer).await));
     }
@@ -133,8 +133,8 @@ async fn twenty_concurrent_payments_all_settle() {
         assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
         hashes.insert(m.assert_settled(&answer, payer).await);
     }
-    assert_eq!(hashes.len(), 20, "one transaction per payment");
-    assert_eq!(m.payee_balance().await, U256::from(20 * PRICE));
+    assert_eq!(hashes.len(), 100, "one transaction per payment");
+    assert_eq!(m.payee_balance().await, U256::from(100 * PRICE));
 }
 
 #[tokio::test]

@@ -103,7 +103,7 @@ pub struct Route {
     pub network: Option<String>,
     pub asset: Option<String>,
     pub max_timeout_seconds: Option<u64>,
-    pub price: Option<String>,
+    pub price: Option<PriceSpec>,
     pub amount: Option<String>,
     pub description: Option<String>,
     pub mime_type: Option<String>,
@@ -111,6 +111,24 @@ pub struct Route {
     pub settle: Option<String>,
     #[serde(default)]
     pub accepts: Vec<Terms>,
+    /// A path (`/v1/models`) where the gateway lists this route's price table, OpenAI style.
+    pub catalogue: Option<String>,
+}
+
+/// `price = "$0.001"`, or `price = { by = "body.model", table = { ... }, default = "$0.05" }`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum PriceSpec {
+    Fixed(String),
+    ByRequest(PriceRule),
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct PriceRule {
+    pub by: String,
+    pub table: BTreeMap<String, String>,
+    pub default: Option<String>,
 }
 
 impl Payment {
@@ -127,13 +145,18 @@ impl Payment {
 }
 
 impl Route {
+    /// The route's own terms; a price table is not a term (it is applied on top of them).
     pub fn terms(&self) -> Terms {
+        let price = match &self.price {
+            Some(PriceSpec::Fixed(price)) => Some(price.clone()),
+            _ => None,
+        };
         Terms {
             pay_to: self.pay_to.clone(),
             network: self.network.clone(),
             asset: self.asset.clone(),
             max_timeout_seconds: self.max_timeout_seconds,
-            price: self.price.clone(),
+            price,
             amount: self.amount.clone(),
         }
     }

@@ -99,6 +99,8 @@ pub struct RouteSpec {
     pub strip_prefix: Option<String>,
     /// `None` for a free route.
     pub payment: Option<PaidRoute>,
+    /// Where the gateway lists this route's price table (`/v1/models`).
+    pub catalogue: Option<String>,
 }
 
 impl Config {
@@ -298,6 +300,19 @@ impl Validator<'_> {
                 format!("no upstream named `{}` (defined: {})", raw.upstream, known.join(", ")),
             )
         })?;
+        let catalogue = match (&raw.catalogue, payment.as_ref().map(|p| &p.pricing)) {
+            (None, _) => None,
+            (Some(path), Some(crate::pricing::Pricing::ByRequest(_))) if path.starts_with('/') => Some(path.clone()),
+            (Some(_), Some(crate::pricing::Pricing::ByRequest(_))) => {
+                return Err(ConfigError::invalid(format!("{key}.catalogue"), "a path such as \"/v1/models\""))
+            }
+            (Some(_), _) => {
+                return Err(ConfigError::invalid(
+                    format!("{key}.catalogue"),
+                    "a catalogue lists a price table: set `price = { by = \"body.model\", table = { ... } }`",
+                ))
+            }
+        };
         if let Some(prefix) = &raw.strip_prefix {
             if !pattern.has_literal_prefix(prefix) {
                 return Err(ConfigError::invalid(
@@ -306,7 +321,15 @@ impl Validator<'_> {
                 ));
             }
         }
-        Ok(RouteSpec { pattern_text: raw.path, pattern, methods, upstream, strip_prefix: raw.strip_prefix, payment })
+        Ok(RouteSpec {
+            pattern_text: raw.path,
+            pattern,
+            methods,
+            upstream,
+            strip_prefix: raw.strip_prefix,
+            catalogue,
+            payment,
+        })
     }
 }
 

@@ -3,7 +3,7 @@
 use super::file::{self, Terms};
 use super::{ConfigError, Validator};
 use crate::networks::{self, Asset, Network};
-use crate::pricing::{Offer, Price};
+use crate::pricing::{Offer, Price, PriceSource, PriceTable, Pricing};
 use crate::settlement::SettleMode;
 use alloy::primitives::{Address, U256};
 use alloy::signers::local::PrivateKeySigner;
@@ -22,8 +22,8 @@ const LOCAL_FACILITATOR: &str = "local";
 /// What a paid route sells and for how much.
 #[derive(Debug)]
 pub struct PaidRoute {
-    /// Deterministic order: the route's `accepts` order (or its single offer).
-    pub offers: Vec<Offer>,
+    /// Each set of offers is in a deterministic order: the route's `accepts` order (or its single offer).
+    pub pricing: Pricing,
     pub description: String,
     pub mime_type: String,
     pub facilitator: FacilitatorChoice,
@@ -178,7 +178,11 @@ impl Validator<'_> {
         settings: &PaymentSettings,
     ) -> Result<Option<PaidRoute>, ConfigError> {
         let route_terms = route.terms();
-        if route.accepts.is_empty() && route_terms.price.is_none() && route_terms.amount.is_none() {
+        let rule = match &route.price {
+            Some(file::PriceSpec::ByRequest(rule)) => Some(rule),
+            _ => None,
+        };
+        if route.accepts.is_empty() && route_terms.price.is_none() && route_terms.amount.is_none() && rule.is_none() {
             return Ok(None);
         }
         let facilitator = self.facilitator(key, route, payment)?;
@@ -198,12 +202,17 @@ impl Validator<'_> {
         } else {
             route.accepts.iter().enumerate().map(|(i, t)| (format!("{key}.accepts[{i}]"), t.or(&defaults))).collect()
         };
-        let offers = entries
-            .iter()
-            .map(|(entry_key, terms)| self.offer(entry_key, terms, settings))
-            .collect::<Result<Vec<_>, _>>()?;
+        let pricing = match rule {
+            None => Pricing::Fixed(self.offers(&entries, None, settings)?),
+            Some(rule) => self.price_table(key, rule, &entries, settings)?,
+        };
         if let FacilitatorChoice::Local = facilitator {
-            if let Some(offer) = offers.iter().find(|o| !settings.settlers.contains_key(&o.network.chain_id)) {
+            let all = pricing.all_offers();
+            if let Some(offer) = all
+                .iter()
+                .flat_map(|(_, offers)| offers.iter())
+                .find(|o| !settings.settlers.contains_key(&o.network.chain_id))
+            {
                 return Err(ConfigError::invalid(
                     format!("{key}.facilitator"),
                     format!(
@@ -214,7 +223,7 @@ impl Validator<'_> {
             }
         }
         Ok(Some(PaidRoute {
-            offers,
+            pricing,
             description: route.description.clone().unwrap_or_default(),
             mime_type: route.mime_type.clone().unwrap_or_default(),
             facilitator,
@@ -251,6 +260,65 @@ impl Validator<'_> {
             }
         };
         Ok(FacilitatorChoice::Remote(Arc::new(RemoteConfig { url: url.trim_end_matches('/').to_string(), auth })))
+    }
+
+    /// The offers of `entries`, each priced at `price` when given (a price table's entry).
+    fn offers(
+        &self,
+        entries: &[(String, Terms)],
+        price: Option<&str>,
+        settings: &PaymentSettings,
+    ) -> Result<Vec<Offer>, ConfigError> {
+        entries
+            .iter()
+            .map(|(entry_key, terms)| {
+                let mut terms = terms.clone();
+                if let Some(price) = price {
+                    terms.price = Some(price.to_string());
+                    terms.amount = None;
+                }
+                self.offer(entry_key, &terms, settings)
+            })
+            .collect()
+    }
+
+    fn price_table(
+        &self,
+        key: &str,
+        rule: &file::PriceRule,
+        entries: &[(String, Terms)],
+        settings: &PaymentSettings,
+    ) -> Result<Pricing, ConfigError> {
+        let source =
+            PriceSource::parse(&rule.by).map_err(|msg| ConfigError::invalid(format!("{key}.price.by"), msg))?;
+        if let Some((entry_key, _)) = entries.iter().find(|(_, t)| t.amount.is_some()) {
+            return Err(ConfigError::invalid(
+                format!("{entry_key}.amount"),
+                "the price comes from the route's price table: remove `amount`",
+            ));
+        }
+        if rule.table.is_empty() {
+            return Err(ConfigError::invalid(format!("{key}.price.table"), "an empty table prices nothing"));
+        }
+        let table = rule
+            .table
+            .iter()
+            .map(|(value, price)| {
+                let entry_key = format!("{key}.price.table.\"{value}\"");
+                let offers =
+                    self.offers(entries, Some(price), settings).map_err(|e| rename_price_key(e, &entry_key))?;
+                Ok((value.clone(), offers))
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let default = rule
+            .default
+            .as_deref()
+            .map(|price| {
+                self.offers(entries, Some(price), settings)
+                    .map_err(|e| rename_price_key(e, &format!("{key}.price.default")))
+            })
+            .transpose()?;
+        Ok(Pricing::ByRequest(PriceTable { source, table, default }))
     }
 
     fn offer(&self, key: &str, terms: &Terms, settings: &PaymentSettings) -> Result<Offer, ConfigError> {
@@ -302,5 +370,13 @@ impl Validator<'_> {
         let max_timeout_seconds = super::nonzero(&format!("{key}.max_timeout_seconds"), terms.max_timeout_seconds)?
             .unwrap_or(DEFAULT_MAX_TIMEOUT_SECONDS);
         Ok(Offer { network, asset, pay_to, amount, max_timeout_seconds })
+    }
+}
+
+/// A price error found while building a table entry's offers names the table entry, not the route's `price`.
+fn rename_price_key(err: ConfigError, entry_key: &str) -> ConfigError {
+    match err {
+        ConfigError::Invalid { key, message } if key.ends_with(".price") => ConfigError::invalid(entry_key, message),
+        other => other,
     }
 }

@@ -1,0 +1,190 @@
+//! Token usage of LLM answers, read as the answer passes (never delaying it): the `usage` object of an
+//! OpenAI-style JSON answer, or of the last SSE event that carries one (OpenAI's final chunk, Anthropic's
+//! `message_start`/`message_delta`). Logged with the payment when the answer ends; the base for per-token billing.
+
+use crate::proxy::body::{Body, BoxError};
+use bytes::{Bytes, BytesMut};
+use http_body::{Frame, SizeHint};
+use serde_json::Value;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+/// JSON answers larger than this are not inspected (their usage is not recorded).
+const MAX_JSON_BYTES: usize = 4 * 1024 * 1024;
+/// An SSE line longer than this is skipped rather than buffered.
+const MAX_LINE_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Usage {
+    /// OpenAI's `prompt_tokens`/`completion_tokens`, or Anthropic's `input_tokens`/`output_tokens`.
+    fn from_json(usage: &Value) -> Option<Usage> {
+        let get = |a: &str, b: &str| usage.get(a).or_else(|| usage.get(b)).and_then(Value::as_u64);
+        let prompt = get("prompt_tokens", "input_tokens");
+        let completion = get("completion_tokens", "output_tokens");
+        (prompt.is_some() || completion.is_some())
+            .then(|| Usage { prompt_tokens: prompt.unwrap_or(0), completion_tokens: completion.unwrap_or(0) })
+    }
+
+    /// Later events refine earlier ones (Anthropic sends input tokens first, output tokens at the end).
+    fn merge(self, later: Usage) -> Usage {
+        Usage {
+            prompt_tokens: if later.prompt_tokens > 0 { later.prompt_tokens } else { self.prompt_tokens },
+            completion_tokens: if later.completion_tokens > 0 {
+                later.completion_tokens
+            } else {
+                self.completion_tokens
+            },
+        }
+    }
+}
+
+/// Called once with what was found, when the answer ends (or is dropped half-way: `complete` false).
+pub type OnEnd = Box<dyn FnOnce(Option<Usage>, bool) + Send>;
+
+/// Wraps an answer's body and watches it for usage.
+pub struct UsageTap {
+    inner: Body,
+    sse: bool,
+    pending: BytesMut,
+    usage: Option<Usage>,
+    on_end: Option<OnEnd>,
+}
+
+impl UsageTap {
+    pub fn new(inner: Body, content_type: Option<&str>, on_end: OnEnd) -> UsageTap {
+        let sse = content_type.is_some_and(|c| c.starts_with("text/event-stream"));
+        UsageTap { inner, sse, pending: BytesMut::new(), usage: None, on_end: Some(on_end) }
+    }
+
+    fn inspect(&mut self, data: &Bytes) {
+        if !self.sse {
+            if self.pending.len() + data.len() <= MAX_JSON_BYTES {
+                self.pending.extend_from_slice(data);
+            }
+            return;
+        }
+        self.pending.extend_from_slice(data);
+        while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
+            let line = self.pending.split_to(end + 1);
+            self.sse_line(&line);
+        }
+        if self.pending.len() > MAX_LINE_BYTES {
+            self.pending.clear();
+        }
+    }
+
+    fn sse_line(&mut self, line: &[u8]) {
+        let Some(data) = line.strip_prefix(b"data:") else { return };
+        // Cheap pre-check: most events carry no usage.
+        if !data.windows(7).any(|w| w == b"\"usage\"") {
+            return;
+        }
+        if let Ok(event) = serde_json::from_slice::<Value>(data.trim_ascii()) {
+            let usage = event.get("usage").or_else(|| event.get("message").and_then(|m| m.get("usage")));
+            if let Some(found) = usage.and_then(Usage::from_json) {
+                self.usage = Some(self.usage.map_or(found, |u| u.merge(found)));
+            }
+        }
+    }
+
+    fn finish(&mut self, complete: bool) {
+        let Some(on_end) = self.on_end.take() else { return };
+        // A cut-short JSON answer does not parse, so it reports no usage.
+        if !self.sse {
+            self.usage = serde_json::from_slice::<Value>(&self.pending)
+                .ok()
+                .and_then(|answer| answer.get("usage").and_then(Usage::from_json));
+        }
+        on_end(self.usage, complete);
+    }
+}
+
+impl http_body::Body for UsageTap {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.inspect(data);
+                }
+                // hyper stops polling a body that says it has ended: this frame may be the last poll.
+                if self.inner.is_end_stream() {
+                    self.finish(true);
+                }
+            }
+            Poll::Ready(None) => self.finish(true),
+            Poll::Ready(Some(Err(_))) => self.finish(false),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UsageTap {
+    fn drop(&mut self) {
+        self.finish(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::body::full;
+    use http_body_util::BodyExt;
+    use std::sync::{Arc, Mutex};
+
+    async fn tap(content_type: &str, chunks: &[&'static str]) -> Option<Usage> {
+        let seen = Arc::new(Mutex::new(None));
+        let record = seen.clone();
+        let body = full(chunks.concat());
+        let mut tapped =
+            UsageTap::new(body, Some(content_type), Box::new(move |usage, _| *record.lock().unwrap() = usage));
+        while tapped.frame().await.is_some() {}
+        drop(tapped);
+        let found = *seen.lock().unwrap();
+        found
+    }
+
+    #[tokio::test]
+    async fn openai_json_and_sse() {
+        let json = r#"{"id":"x","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42}}"#;
+        assert_eq!(tap("application/json", &[json]).await, Some(Usage { prompt_tokens: 12, completion_tokens: 30 }));
+        let sse = [
+            "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7}}\n\n",
+            "data: [DONE]\n\n",
+        ];
+        assert_eq!(tap("text/event-stream", &sse).await, Some(Usage { prompt_tokens: 5, completion_tokens: 7 }));
+    }
+
+    #[tokio::test]
+    async fn anthropic_sse_merges_input_and_output() {
+        let sse = [
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n",
+        ];
+        assert_eq!(tap("text/event-stream", &sse).await, Some(Usage { prompt_tokens: 25, completion_tokens: 15 }));
+    }
+
+    #[tokio::test]
+    async fn answers_without_usage() {
+        assert_eq!(tap("application/json", &["{\"ok\":true}"]).await, None);
+        assert_eq!(tap("text/plain", &["not json"]).await, None);
+    }
+}
