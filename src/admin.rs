@@ -1,12 +1,37 @@
-//! The admin listener's answers. It never shares a port with paid traffic.
+//! The admin listener's answers: liveness, readiness and metrics. It never shares a port with paid traffic.
 
-use crate::proxy::body::{json_response, Body};
-use http::{Method, Request, Response, StatusCode};
+use crate::proxy::body::{full, json_response, Body};
+use http::{header, HeaderValue, Response, StatusCode};
 
-pub fn respond<B>(request: &Request<B>) -> Response<Body> {
-    match (request.method(), request.uri().path()) {
-        (&Method::GET, "/healthz") => json_response(StatusCode::OK, &serde_json::json!({ "status": "ok" })),
-        (&Method::GET, "/readyz") => json_response(StatusCode::OK, &serde_json::json!({ "status": "ready" })),
-        _ => json_response(StatusCode::NOT_FOUND, &serde_json::json!({ "error": "no_route" })),
-    }
+pub fn healthz() -> Response<Body> {
+    json_response(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
+}
+
+/// 200 when every check passed, else 503 naming the ones that failed.
+pub fn readyz(checks: Vec<(String, Result<(), String>)>) -> Response<Body> {
+    let ready = checks.iter().all(|(_, result)| result.is_ok());
+    let checks: Vec<serde_json::Value> = checks
+        .into_iter()
+        .map(|(name, result)| match result {
+            Ok(()) => serde_json::json!({ "name": name, "ok": true }),
+            Err(error) => serde_json::json!({ "name": name, "ok": false, "error": error }),
+        })
+        .collect();
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body =
+        serde_json::json!({ "status": if ready { "ready" } else { "unready" }, "config": "loaded", "checks": checks });
+    json_response(status, &body)
+}
+
+pub fn metrics(text: String) -> Response<Body> {
+    let mut response = Response::new(full(text));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
+}
+
+pub fn not_found() -> Response<Body> {
+    json_response(StatusCode::NOT_FOUND, &serde_json::json!({ "error": "no_route" }))
 }

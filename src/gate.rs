@@ -74,6 +74,11 @@ impl PaymentGate {
 }
 
 impl PaymentGate {
+    /// How many authorizations are reserved now.
+    pub fn reserved(&self) -> u64 {
+        self.reservations.len()
+    }
+
     /// Frees an authorization that was certainly not charged, so the buyer may use it again.
     pub fn release(&self, payment: &Payment) {
         self.reservations.release(&payment.key);

@@ -2,9 +2,11 @@ use alloy::signers::local::PrivateKeySigner;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use x402_gateway::buyer;
 use x402_gateway::config::{Config, FacilitatorChoice};
 use x402_gateway::logging::{self, LogFormat};
+use x402_gateway::pipeline::Gateway;
 use x402_gateway::pricing::Pricing;
 use x402_gateway::proxy::server::Server;
 use x402_gateway::routing::RouteTable;
@@ -237,8 +239,16 @@ fn run(path: &std::path::Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let hangups = match reload_signal() {
+            Ok(hangups) => hangups,
+            Err(err) => {
+                tracing::error!("cannot install the SIGHUP handler: {err}");
+                return ExitCode::FAILURE;
+            }
+        };
         match Server::bind(config).await {
             Ok(server) => {
+                tokio::spawn(reload_on(hangups, server.gateway().clone(), path.to_path_buf()));
                 server.run(shutdown).await;
                 ExitCode::SUCCESS
             }
@@ -249,6 +259,34 @@ fn run(path: &std::path::Path) -> ExitCode {
         }
     })
 }
+
+/// SIGHUP: re-read the configuration. Registered before the server starts, like the shutdown signals.
+#[cfg(unix)]
+fn reload_signal() -> std::io::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+}
+
+/// Applies a valid file to new requests; an invalid one is refused, logged, and changes nothing.
+#[cfg(unix)]
+async fn reload_on(mut hangups: tokio::signal::unix::Signal, gateway: Arc<Gateway>, path: PathBuf) {
+    while hangups.recv().await.is_some() {
+        match Config::load(&path) {
+            Ok(config) => {
+                gateway.reload(config);
+                tracing::info!(path = %path.display(), "configuration reloaded ([server] listener settings apply at the next restart)");
+            }
+            Err(err) => tracing::error!("reload refused, the previous configuration keeps serving: {err}"),
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn reload_signal() -> std::io::Result<()> {
+    Ok(())
+}
+
+#[cfg(not(unix))]
+async fn reload_on(_: (), _: Arc<Gateway>, _: PathBuf) {}
 
 /// Registers SIGINT and SIGTERM handlers now (a signal that arrives before the server runs must not kill it),
 /// and returns a future that resolves when either arrives.

@@ -66,6 +66,8 @@ impl Reservations {
     }
 
     pub fn len(&self) -> u64 {
+        // Expired entries leave on moka's housekeeping; run it so the count is current.
+        self.cache.run_pending_tasks();
         self.cache.entry_count()
     }
 

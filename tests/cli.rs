@@ -177,21 +177,17 @@ fn wait_exit(child: &mut std::process::Child, limit: Duration) -> ExitStatus {
     }
 }
 
-#[test]
-fn run_serves_and_stops_with_exit_0_on_sigterm() {
-    let path = write_config(
-        r#"[server]
-listen = "127.0.0.1:0"
-[upstreams.api]
-url = "http://127.0.0.1:9"
-[[routes]]
-path = "/api/*"
-upstream = "api"
-"#,
-    );
+/// `x402-gateway run` on `path`, once it listens: the process, its plain HTTP address, and its log lines.
+struct Running {
+    child: std::process::Child,
+    addr: SocketAddr,
+    lines: mpsc::Receiver<String>,
+}
+
+fn start_run(path: &PathBuf) -> Running {
     let mut child = gateway()
         .args(["--log-format", "json", "run", "--config"])
-        .arg(&path)
+        .arg(path)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -230,6 +226,23 @@ upstream = "api"
         }
     };
 
+    Running { child, addr, lines: lines_rx }
+}
+
+#[test]
+fn run_serves_and_stops_with_exit_0_on_sigterm() {
+    let path = write_config(
+        r#"[server]
+listen = "127.0.0.1:0"
+[upstreams.api]
+url = "http://127.0.0.1:9"
+[[routes]]
+path = "/api/*"
+upstream = "api"
+"#,
+    );
+    let Running { mut child, addr, .. } = start_run(&path);
+
     // It serves: a path without a route gets the gateway's own 404.
     let mut tcp = TcpStream::connect(addr).expect("connect to the running gateway");
     tcp.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
@@ -262,6 +275,7 @@ fn the_resale_examples_are_valid() {
         ("openai", "[gpt-4o-mini] 2000 atomic units"),
         ("anthropic", "[default] 50000 atomic units"),
         ("firecrawl", "10000 atomic units"),
+        ("docker", "1000 atomic units"),
     ] {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{example}.toml"));
         let (result, stdout, stderr) = output(
@@ -270,9 +284,76 @@ fn the_resale_examples_are_valid() {
                 .arg(&path)
                 .env("OPENAI_API_KEY", "k")
                 .env("ANTHROPIC_API_KEY", "k")
-                .env("FIRECRAWL_API_KEY", "k"),
+                .env("FIRECRAWL_API_KEY", "k")
+                .env("ECHO_API_KEY", "k"),
         );
         assert!(result.status.success(), "{example}: {stderr}");
         assert!(stdout.contains(needle), "{example}: {stdout}");
     }
+}
+
+fn paid_config(amount: &str) -> String {
+    format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+[upstreams.api]
+url = "http://127.0.0.1:9"
+[payment]
+pay_to = "0x90F79bf6EB2c4f870365E785982E1f101E93b906"
+network = "base-sepolia"
+asset = "USDC"
+facilitator = "http://127.0.0.1:9"
+[[routes]]
+path = "/paid"
+upstream = "api"
+amount = "{amount}"
+"#
+    )
+}
+
+/// The amount the gateway at `addr` asks for `/paid` now (from the v1 body of its 402).
+fn asked_amount(addr: SocketAddr) -> String {
+    let mut tcp = TcpStream::connect(addr).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    tcp.write_all(b"GET /paid HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").expect("send");
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).expect("read");
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_else(|| panic!("no body: {answer}"));
+    let json: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    json["accepts"][0]["maxAmountRequired"].as_str().expect("an amount").to_string()
+}
+
+fn hang_up(child: &std::process::Child) {
+    let status = Command::new("kill").args(["-HUP", &child.id().to_string()]).status().expect("kill -HUP");
+    assert!(status.success());
+}
+
+#[test]
+fn sighup_reloads_a_valid_file_and_refuses_an_invalid_one() {
+    let path = write_config(&paid_config("1000"));
+    let Running { mut child, addr, lines } = start_run(&path);
+    assert_eq!(asked_amount(addr), "1000");
+
+    std::fs::write(&path, paid_config("2500")).expect("rewrite");
+    hang_up(&child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while asked_amount(addr) != "2500" {
+        assert!(Instant::now() < deadline, "the new price never showed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    std::fs::write(&path, "[server\nlisten = ").expect("break the file");
+    hang_up(&child);
+    let refused = loop {
+        let line = lines.recv_timeout(Duration::from_secs(10)).expect("a log line about the refused reload");
+        if line.contains("reload refused") {
+            break line;
+        }
+    };
+    assert!(refused.contains("line"), "the error says where: {refused}");
+    assert_eq!(asked_amount(addr), "2500", "an invalid file changes nothing");
+
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill -TERM");
+    assert!(status.success());
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(10)).code(), Some(0));
 }

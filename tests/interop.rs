@@ -6,11 +6,11 @@ mod common;
 
 use alloy::primitives::{Address, U256};
 use alloy::signers::local::PrivateKeySigner;
-use common::chain::{Chain, FACILITATOR_KEY};
+use common::chain::Chain;
+use common::facilitator::start_reference_facilitator;
 use common::*;
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 const PAY_TO: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
 const PRICE: u64 = 1000;
@@ -96,46 +96,10 @@ async fn the_official_v1_client_pays_and_decodes_the_receipt() {
     assert_eq!(report["settlement"]["network"], "base-sepolia");
 }
 
-/// The reference facilitator, as a child process on loopback.
-struct Facilitator {
-    url: String,
-    child: Child,
-}
-
-impl Drop for Facilitator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_reference_facilitator(chain: &Chain) -> Facilitator {
-    let mut child = Command::new("node")
-        .args([
-            &node_script("facilitator.mjs"),
-            "--rpc",
-            &chain.rpc_url,
-            "--key-env",
-            "X402_TEST_FACILITATOR_KEY",
-            "--port",
-            "0",
-        ])
-        .env("X402_TEST_FACILITATOR_KEY", FACILITATOR_KEY)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("node is installed");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let ready: Value =
-        serde_json::from_str(&line).unwrap_or_else(|_| panic!("facilitator.mjs did not start: {line:?}"));
-    Facilitator { url: format!("http://127.0.0.1:{}", ready["port"]), child }
-}
-
 #[tokio::test]
 async fn the_gateway_settles_through_the_reference_facilitator() {
     let chain = Chain::start().await;
-    let facilitator = start_reference_facilitator(&chain);
+    let facilitator = start_reference_facilitator(&chain, 0);
     let gateway = start_gateway(&paid_toml(&spawn_echo("api").await, &chain, &facilitator.url)).await;
 
     let v2_buyer = PrivateKeySigner::random();
@@ -158,7 +122,7 @@ async fn the_gateway_settles_through_the_reference_facilitator() {
 #[tokio::test]
 async fn routes_a_facilitator_cannot_serve_are_reported_at_start() {
     let chain = Chain::start().await;
-    let facilitator = start_reference_facilitator(&chain);
+    let facilitator = start_reference_facilitator(&chain, 0);
     let toml = paid_toml(&spawn_echo("api").await, &chain, &facilitator.url)
         + "[[routes]]\npath = \"/mainnet\"\nupstream = \"api\"\namount = \"1000\"\nnetwork = \"eip155:8453\"\n"
         + "[[routes]]\npath = \"/elsewhere\"\nupstream = \"api\"\namount = \"1000\"\nfacilitator = \"http://127.0.0.1:9\"\n";
@@ -173,7 +137,7 @@ async fn routes_a_facilitator_cannot_serve_are_reported_at_start() {
 #[tokio::test]
 async fn facilitator_auth_reaches_the_facilitator_on_every_call() {
     let chain = Chain::start().await;
-    let facilitator = start_reference_facilitator(&chain);
+    let facilitator = start_reference_facilitator(&chain, 0);
     // A recording front for the real facilitator: notes each call's path and Authorization, then forwards it.
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let (record, target) = (seen.clone(), facilitator.url.clone());

@@ -113,6 +113,10 @@ pub struct Route {
     pub accepts: Vec<Terms>,
     /// A path (`/v1/models`) where the gateway lists this route's price table, OpenAI style.
     pub catalogue: Option<String>,
+    /// JSON Schema of the request's query (GET) or JSON body (POST), for discovery (bazaar).
+    pub input: Option<toml::Table>,
+    /// JSON Schema of the answer, for discovery (bazaar).
+    pub output: Option<toml::Table>,
 }
 
 /// `price = "$0.001"`, or `price = { by = "body.model", table = { ... }, default = "$0.05" }`.

@@ -28,6 +28,17 @@ pub struct PaidRoute {
     pub mime_type: String,
     pub facilitator: FacilitatorChoice,
     pub settle: SettleMode,
+    /// The bazaar discovery extension of this route's challenges, when it declares `input`/`output`.
+    pub bazaar: Option<Bazaar>,
+}
+
+/// Discovery metadata (x402 `bazaar` extension), rendered once at load.
+#[derive(Debug, Clone)]
+pub struct Bazaar {
+    /// `extensions.bazaar` of v2 challenges: `{info, schema}`.
+    pub extension: serde_json::Value,
+    /// `accepts[].outputSchema` of v1 challenges.
+    pub output_schema_v1: serde_json::Value,
 }
 
 #[derive(Debug, Clone)]
@@ -222,7 +233,11 @@ impl Validator<'_> {
                 ));
             }
         }
+        let method =
+            route.methods.as_ref().and_then(|m| m.first()).map_or("GET".to_string(), |m| m.to_ascii_uppercase());
+        let bazaar = bazaar(&method, route.input.as_ref(), route.output.as_ref());
         Ok(Some(PaidRoute {
+            bazaar,
             pricing,
             description: route.description.clone().unwrap_or_default(),
             mime_type: route.mime_type.clone().unwrap_or_default(),
@@ -379,4 +394,35 @@ fn rename_price_key(err: ConfigError, entry_key: &str) -> ConfigError {
         ConfigError::Invalid { key, message } if key.ends_with(".price") => ConfigError::invalid(entry_key, message),
         other => other,
     }
+}
+
+/// The bazaar extension for a route that declares its input and/or output schema.
+fn bazaar(method: &str, input: Option<&toml::Table>, output: Option<&toml::Table>) -> Option<Bazaar> {
+    if input.is_none() && output.is_none() {
+        return None;
+    }
+    let to_json = |table: Option<&toml::Table>| table.and_then(|t| serde_json::to_value(t).ok());
+    let mut http_input = serde_json::json!({ "type": "http", "method": method });
+    if let Some(schema) = to_json(input) {
+        if matches!(method, "POST" | "PUT" | "PATCH") {
+            http_input["bodyType"] = "json".into();
+            http_input["body"] = schema;
+        } else {
+            http_input["queryParams"] = schema;
+        }
+    }
+    let mut info = serde_json::json!({ "input": http_input });
+    if let Some(schema) = to_json(output) {
+        info["output"] = serde_json::json!({ "type": "json", "schema": schema });
+    }
+    let mut v1_input = info["input"].clone();
+    v1_input["discoverable"] = true.into();
+    let output_schema_v1 = serde_json::json!({ "input": v1_input, "output": info.get("output").cloned() });
+    let schema = serde_json::json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "properties": { "input": { "type": "object" }, "output": { "type": "object" } },
+        "required": ["input"],
+    });
+    Some(Bazaar { extension: serde_json::json!({ "info": info, "schema": schema }), output_schema_v1 })
 }

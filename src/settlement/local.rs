@@ -9,24 +9,43 @@ use crate::x402::Rejection;
 use alloy::primitives::{Address, B256};
 use alloy::providers::{Provider, RootProvider};
 use alloy::signers::local::PrivateKeySigner;
+use http::Uri;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Longest wait for a settlement's receipt; the authorization's own expiry may cut it shorter.
 const RECEIPT_TIMEOUT: Duration = Duration::from_secs(60);
 const FIRST_POLL: Duration = Duration::from_millis(20);
 const LONGEST_POLL: Duration = Duration::from_millis(500);
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct LocalSettler {
     provider: RootProvider,
+    rpc_url: Uri,
     settler: Address,
+    chain_id: u64,
     queue: TxQueue,
 }
 
 impl LocalSettler {
-    pub fn new(provider: RootProvider, signer: PrivateKeySigner, chain_id: u64) -> LocalSettler {
+    pub fn new(provider: RootProvider, rpc_url: Uri, signer: PrivateKeySigner, chain_id: u64) -> LocalSettler {
         let settler = signer.address();
         let queue = TxQueue::spawn(provider.clone(), signer, chain_id);
-        LocalSettler { provider, settler, queue }
+        LocalSettler { provider, rpc_url, settler, chain_id, queue }
+    }
+
+    /// Whether this settler is the one a configuration asks for (same node, same key).
+    pub fn serves(&self, rpc_url: &Uri, settler: Address) -> bool {
+        self.rpc_url == *rpc_url && self.settler == settler
+    }
+
+    /// Readiness: the node answers and is on the configured chain.
+    pub async fn probe(&self) -> Result<(), String> {
+        match tokio::time::timeout(PROBE_TIMEOUT, self.provider.get_chain_id()).await {
+            Err(_) => Err("the RPC did not answer in time".into()),
+            Ok(Err(_)) => Err("the RPC is unreachable".into()),
+            Ok(Ok(id)) if id != self.chain_id => Err(format!("the RPC is on chain {id}, not {}", self.chain_id)),
+            Ok(Ok(_)) => Ok(()),
+        }
     }
 
     pub async fn verify(&self, token: Address, auth: &VerifiedAuthorization) -> Result<(), VerifyFailure> {

@@ -16,6 +16,7 @@ use crate::x402::codec::PaymentPayload;
 use crate::x402::wire::ResourceInfo;
 use crate::x402::Rejection;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Time allowed for one RPC request to a chain node.
@@ -114,19 +115,29 @@ fn remote_body(payment: &Payment, resource: &ResourceInfo) -> serde_json::Value 
 
 /// Every facilitator the configuration uses, built once.
 pub struct Facilitators {
-    local: HashMap<u64, LocalSettler>,
+    /// Shared with the configurations that follow a reload, so one key keeps one transaction queue.
+    local: HashMap<u64, Arc<LocalSettler>>,
     remote: HashMap<String, RemoteFacilitator>,
 }
 
 impl Facilitators {
-    /// Must run inside the tokio runtime: local settlers start their transaction queues.
-    pub fn new(settings: &PaymentSettings, routes: &[RouteSpec]) -> Facilitators {
+    /// Must run inside the tokio runtime: local settlers start their transaction queues. A settler of
+    /// `previous` with the same chain, node and key is kept, with its queue (two queues for one key would
+    /// hand out the same account nonces).
+    pub fn new(settings: &PaymentSettings, routes: &[RouteSpec], previous: Option<&Facilitators>) -> Facilitators {
         let local = settings
             .settlers
             .iter()
             .map(|(chain_id, settler)| {
-                let provider = chain::connect(&settler.rpc_url, RPC_TIMEOUT);
-                (*chain_id, LocalSettler::new(provider, settler.key.clone(), *chain_id))
+                let kept = previous
+                    .and_then(|p| p.local.get(chain_id))
+                    .filter(|old| old.serves(&settler.rpc_url, settler.key.address()))
+                    .cloned();
+                let settler = kept.unwrap_or_else(|| {
+                    let provider = chain::connect(&settler.rpc_url, RPC_TIMEOUT);
+                    Arc::new(LocalSettler::new(provider, settler.rpc_url.clone(), settler.key.clone(), *chain_id))
+                });
+                (*chain_id, settler)
             })
             .collect();
         let mut remote = HashMap::new();
@@ -143,9 +154,26 @@ impl Facilitators {
     /// The facilitator for an offer; configuration validation guarantees there is one.
     pub fn get(&self, choice: &FacilitatorChoice, chain_id: u64) -> Option<Facilitator<'_>> {
         match choice {
-            FacilitatorChoice::Local => self.local.get(&chain_id).map(Facilitator::Local),
+            FacilitatorChoice::Local => self.local.get(&chain_id).map(|s| Facilitator::Local(s)),
             FacilitatorChoice::Remote(config) => self.remote.get(&config.url).map(Facilitator::Remote),
         }
+    }
+
+    /// Readiness of every node and facilitator this configuration settles with, by name (never the RPC URL,
+    /// which may carry a provider's key).
+    pub async fn readiness(&self) -> Vec<(String, Result<(), String>)> {
+        let mut checks = Vec::new();
+        for (chain_id, settler) in &self.local {
+            checks.push((format!("rpc eip155:{chain_id}"), settler.probe().await));
+        }
+        for (url, remote) in &self.remote {
+            let answer = match tokio::time::timeout(local::PROBE_TIMEOUT, remote.supported()).await {
+                Err(_) => Err("did not answer in time".to_string()),
+                Ok(answer) => answer.map(|_| ()),
+            };
+            checks.push((format!("facilitator {url}"), answer));
+        }
+        checks
     }
 
     pub fn remotes(&self) -> impl Iterator<Item = (&String, &RemoteFacilitator)> {

@@ -5,6 +5,7 @@
 use super::codec;
 use super::wire::{Eip712Extra, PaymentRequiredV1, PaymentRequiredV2, RequirementsV1, RequirementsV2, ResourceInfo};
 use super::Rejection;
+use crate::config::Bazaar;
 use crate::pricing::Offer;
 use crate::proxy::body::{full, Body};
 use alloy::primitives::U256;
@@ -63,6 +64,8 @@ pub struct Challenge<'a> {
     pub resource: ResourceInfo,
     /// `None` when no payment was sent.
     pub rejection: Option<&'a Rejection>,
+    /// The route's discovery metadata, if it declares any.
+    pub bazaar: Option<&'a Bazaar>,
 }
 
 impl Challenge<'_> {
@@ -72,7 +75,10 @@ impl Challenge<'_> {
             error: Some(self.rejection.map_or("Payment required", Rejection::reason).to_string()),
             resource: self.resource.clone(),
             accepts: self.offers.iter().map(requirements_v2).collect(),
-            extensions: Default::default(),
+            extensions: self
+                .bazaar
+                .map(|b| [("bazaar".to_string(), b.extension.clone())].into_iter().collect())
+                .unwrap_or_default(),
         }
     }
 
@@ -84,7 +90,10 @@ impl Challenge<'_> {
                 .offers
                 .iter()
                 .filter(|o| o.network.v1_name.is_some())
-                .map(|o| requirements_v1(o, &self.resource))
+                .map(|o| RequirementsV1 {
+                    output_schema: self.bazaar.map(|b| b.output_schema_v1.clone()),
+                    ..requirements_v1(o, &self.resource)
+                })
                 .collect(),
         }
     }

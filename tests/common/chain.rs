@@ -43,8 +43,13 @@ fn anvil_path() -> String {
 impl Chain {
     /// Starts anvil (chain id 84532, as Base Sepolia, automining) and deploys TestUSDC.
     pub async fn start() -> Chain {
+        Chain::start_at(0).await
+    }
+
+    /// Like `start`, on a given port (0: the kernel picks), e.g. to bring a stopped chain back.
+    pub async fn start_at(port: u16) -> Chain {
         let mut anvil = Command::new(anvil_path())
-            .args(["--host", "127.0.0.1", "--port", "0", "--chain-id", &CHAIN_ID.to_string()])
+            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--chain-id", &CHAIN_ID.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -73,6 +78,10 @@ impl Chain {
         let deploy = TransactionRequest::default().from(DEPLOYER.parse().unwrap()).with_deploy_code(code);
         let receipt = self.provider.send_transaction(deploy).await.unwrap().get_receipt().await.unwrap();
         receipt.contract_address.expect("deployed")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.rpc_url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port")
     }
 
     pub async fn mint(&self, to: Address, amount: u64) {

@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod chain;
+pub mod facilitator;
 pub mod pay;
 
 use bytes::Bytes;

@@ -1,0 +1,121 @@
+//! Prometheus metrics (OpenMetrics text on the admin listener's `/metrics`).
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::time::Duration;
+
+type Labels = Vec<(&'static str, String)>;
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<Labels, Counter>,
+    challenges: Family<Labels, Counter>,
+    verified: Family<Labels, Counter>,
+    rejected: Family<Labels, Counter>,
+    settlements: Family<Labels, Counter>,
+    revenue: Family<Labels, Counter>,
+    upstream_latency: Histogram,
+    verify_latency: Histogram,
+    settle_latency: Histogram,
+    pub in_flight: Gauge,
+    nonce_reservations: Gauge,
+}
+
+fn latency() -> Histogram {
+    // 1 ms to about 65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut m = Metrics {
+            registry: Registry::with_prefix("x402_gateway"),
+            requests: Family::default(),
+            challenges: Family::default(),
+            verified: Family::default(),
+            rejected: Family::default(),
+            settlements: Family::default(),
+            revenue: Family::default(),
+            upstream_latency: latency(),
+            verify_latency: latency(),
+            settle_latency: latency(),
+            in_flight: Gauge::default(),
+            nonce_reservations: Gauge::default(),
+        };
+        let r = &mut m.registry;
+        r.register("requests", "Requests on the public listeners, by route and status", m.requests.clone());
+        r.register("challenges", "402 challenges issued, by route", m.challenges.clone());
+        r.register("payments_verified", "Payments that passed verification, by route", m.verified.clone());
+        r.register("payments_rejected", "Payments refused, by route and x402 reason", m.rejected.clone());
+        r.register(
+            "settlements",
+            "Settlements, by route and outcome (success or the failure reason)",
+            m.settlements.clone(),
+        );
+        r.register(
+            "revenue_atomic",
+            "Settled revenue in the asset's atomic units, by route, network and asset",
+            m.revenue.clone(),
+        );
+        r.register("upstream_latency_seconds", "Time to the upstream's response head", m.upstream_latency.clone());
+        r.register(
+            "verification_latency_seconds",
+            "Time to verify a payment (including on-chain simulation or the facilitator)",
+            m.verify_latency.clone(),
+        );
+        r.register("settlement_latency_seconds", "Time to settle a payment", m.settle_latency.clone());
+        r.register("in_flight_requests", "Requests being served", m.in_flight.clone());
+        r.register("nonce_reservations", "Authorizations reserved against replay", m.nonce_reservations.clone());
+        m
+    }
+
+    pub fn request(&self, route: &str, status: u16) {
+        self.requests.get_or_create(&vec![("route", route.to_string()), ("status", status.to_string())]).inc();
+    }
+
+    pub fn challenge(&self, route: &str) {
+        self.challenges.get_or_create(&vec![("route", route.to_string())]).inc();
+    }
+
+    pub fn verified(&self, route: &str, took: Duration) {
+        self.verified.get_or_create(&vec![("route", route.to_string())]).inc();
+        self.verify_latency.observe(took.as_secs_f64());
+    }
+
+    pub fn rejected(&self, route: &str, reason: &str) {
+        self.rejected.get_or_create(&vec![("route", route.to_string()), ("reason", reason.to_string())]).inc();
+    }
+
+    pub fn settled(&self, route: &str, outcome: &str, took: Duration) {
+        self.settlements.get_or_create(&vec![("route", route.to_string()), ("outcome", outcome.to_string())]).inc();
+        self.settle_latency.observe(took.as_secs_f64());
+    }
+
+    pub fn revenue(&self, route: &str, network: &str, asset: &str, amount: u64) {
+        let labels = vec![("route", route.to_string()), ("network", network.to_string()), ("asset", asset.to_string())];
+        self.revenue.get_or_create(&labels).inc_by(amount);
+    }
+
+    pub fn upstream(&self, took: Duration) {
+        self.upstream_latency.observe(took.as_secs_f64());
+    }
+
+    /// The OpenMetrics text exposition; `reservations` is sampled now.
+    pub fn render(&self, reservations: u64) -> String {
+        self.nonce_reservations.set(i64::try_from(reservations).unwrap_or(i64::MAX));
+        let mut text = String::new();
+        // Encoding into a String cannot fail.
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,39 @@
+//! The reference x402 facilitator (`tests/interop/facilitator.mjs`: `@x402/core` + `@x402/evm`) as a child
+//! process on loopback, settling on a test chain.
+
+use super::chain::{Chain, FACILITATOR_KEY};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+pub struct Facilitator {
+    pub url: String,
+    pub port: u16,
+    child: Child,
+}
+
+impl Drop for Facilitator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts it on `port` (0: the kernel picks) and waits until it listens.
+pub fn start_reference_facilitator(chain: &Chain, port: u16) -> Facilitator {
+    let script = super::repo_path("tests/interop/facilitator.mjs");
+    let mut child = Command::new("node")
+        .arg(script)
+        .args(["--rpc", &chain.rpc_url, "--key-env", "X402_TEST_FACILITATOR_KEY", "--port", &port.to_string()])
+        .env("X402_TEST_FACILITATOR_KEY", FACILITATOR_KEY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("node is installed");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped stdout")).read_line(&mut line).expect("facilitator output");
+    let ready: Value =
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("facilitator.mjs did not start: {line:?}"));
+    let port = ready["port"].as_u64().and_then(|p| u16::try_from(p).ok()).expect("a port");
+    Facilitator { url: format!("http://127.0.0.1:{port}"), port, child }
+}

@@ -1,0 +1,279 @@
+//! Operations: readiness follows the chain and the facilitator, metrics move by exactly what happened,
+//! discovery lists exactly the paid routes, and a reload changes prices under load without failing a request.
+
+mod common;
+
+use alloy::primitives::U256;
+use alloy::signers::local::PrivateKeySigner;
+use common::chain::Chain;
+use common::facilitator::start_reference_facilitator;
+use common::pay::{self, Authorization};
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+use x402_gateway::config::Config;
+
+const PAY_TO: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
+
+fn toml(upstream: &Upstream, chain: &Chain, price: &str) -> String {
+    format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[upstreams.api]
+url = "{}"
+[payment]
+pay_to = "{PAY_TO}"
+network = "eip155:84532"
+asset = "USDC"
+[[routes]]
+path = "/free"
+upstream = "api"
+[[routes]]
+path = "/paid"
+methods = ["GET"]
+upstream = "api"
+price = "{price}"
+description = "Paid data"
+input = {{ type = "object", properties = {{ city = {{ type = "string" }} }} }}
+output = {{ type = "object", properties = {{ temperature = {{ type = "number" }} }} }}
+[[routes]]
+path = "/ask"
+methods = ["POST"]
+upstream = "api"
+price = {{ by = "body.model", table = {{ small = "$0.001", large = "$0.01" }} }}
+{}"#,
+        upstream.url(),
+        chain.network_toml()
+    )
+}
+
+async fn admin_get(gateway: &Gateway, path: &str) -> Answer {
+    get(&format!("http://{}{path}", gateway.admin.expect("admin listener"))).await
+}
+
+#[tokio::test]
+async fn readiness_follows_the_chain_and_the_facilitator() {
+    let chain = Chain::start().await;
+    let facilitator = start_reference_facilitator(&chain, 0);
+    let upstream = spawn_echo("api").await;
+    let toml = toml(&upstream, &chain, "$0.001")
+        + &format!(
+            "[[routes]]\npath = \"/remote\"\nupstream = \"api\"\nprice = \"$0.001\"\nfacilitator = \"{}\"\n",
+            facilitator.url
+        );
+    let gateway = start_gateway(&toml).await;
+    let ready = admin_get(&gateway, "/readyz").await;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
+    assert_eq!(ready.json()["checks"].as_array().unwrap().len(), 2);
+
+    // The chain goes away: unready, naming it (and not its URL).
+    let port = chain.port();
+    drop(facilitator);
+    drop(chain);
+    let down = admin_get(&gateway, "/readyz").await;
+    assert_eq!(down.status, StatusCode::SERVICE_UNAVAILABLE);
+    let failed: Vec<String> = down.json()["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(failed.contains(&"rpc eip155:84532".to_string()), "{failed:?}");
+    assert!(failed.iter().any(|n| n.starts_with("facilitator http://127.0.0.1:")), "{failed:?}");
+    let rpc_check =
+        down.json()["checks"].as_array().unwrap().iter().find(|c| c["name"] == "rpc eip155:84532").cloned().unwrap();
+    let rpc_error = rpc_check["error"].as_str().unwrap();
+    assert!(
+        !rpc_error.contains(&port.to_string()) && !rpc_error.contains("127.0.0.1"),
+        "the RPC URL is not shown: {rpc_error}"
+    );
+    assert_eq!(get(&gateway.url("/free")).await.status, StatusCode::OK, "liveness and free routes are unaffected");
+    assert_eq!(admin_get(&gateway, "/healthz").await.status, StatusCode::OK);
+
+    // Both come back: ready again, with nothing restarted in the gateway.
+    let chain = Chain::start_at(port).await;
+    let facilitator_port =
+        toml.split("facilitator = \"http://127.0.0.1:").nth(1).and_then(|r| r.split('"').next()).unwrap();
+    let _facilitator = start_reference_facilitator(&chain, facilitator_port.parse().unwrap());
+    let back = admin_get(&gateway, "/readyz").await;
+    assert_eq!(back.status, StatusCode::OK, "{}", back.text());
+}
+
+/// `name{labels}` → value, from the text exposition.
+fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter_map(|(name, value)| value.parse().ok().map(|v| (name.to_string(), v)))
+        .collect()
+}
+
+#[tokio::test]
+async fn metrics_move_by_exactly_what_happened() {
+    let chain = Chain::start().await;
+    let upstream = spawn_echo("api").await;
+    let gateway = start_gateway(&toml(&upstream, &chain, "$0.001")).await;
+    let buyer = PrivateKeySigner::random();
+    chain.mint(buyer.address(), 1_000_000).await;
+
+    assert_eq!(get(&gateway.url("/free")).await.status, StatusCode::OK);
+    let unpaid = get(&gateway.url("/paid")).await;
+    assert_eq!(unpaid.status, StatusCode::PAYMENT_REQUIRED);
+    let challenge = pay::decode_header(&unpaid.headers["payment-required"]);
+    let offer = &challenge["accepts"][0];
+    let pay_with = |header: String| {
+        let url = gateway.url("/paid");
+        async move {
+            send(&client(), Request::get(url).header("payment-signature", header).body(Full::default()).unwrap()).await
+        }
+    };
+    let mut underpaid = Authorization::for_offer(buyer.address(), offer);
+    underpaid.message.value = U256::from(999);
+    let bad = pay_with(pay::v2_header(&challenge["resource"], offer, underpaid.sign(&buyer))).await;
+    assert_eq!(bad.status, StatusCode::PAYMENT_REQUIRED);
+    assert_eq!(pay_with("%%%".into()).await.status, StatusCode::BAD_REQUEST);
+    let good = Authorization::for_offer(buyer.address(), offer);
+    assert_eq!(pay_with(pay::v2_header(&challenge["resource"], offer, good.sign(&buyer))).await.status, StatusCode::OK);
+
+    let scrape = admin_get(&gateway, "/metrics").await;
+    assert_eq!(scrape.status, StatusCode::OK);
+    let metrics = parse_metrics(&scrape.text());
+    let token = chain.token.to_string();
+    let expect = [
+        ("x402_gateway_requests_total{route=\"/free\",status=\"200\"}".to_string(), 1.0),
+        ("x402_gateway_requests_total{route=\"/paid\",status=\"402\"}".into(), 2.0),
+        ("x402_gateway_requests_total{route=\"/paid\",status=\"400\"}".into(), 1.0),
+        ("x402_gateway_requests_total{route=\"/paid\",status=\"200\"}".into(), 1.0),
+        ("x402_gateway_challenges_total{route=\"/paid\"}".into(), 2.0),
+        (
+            "x402_gateway_payments_rejected_total{route=\"/paid\",reason=\"invalid_exact_evm_authorization_value\"}"
+                .into(),
+            1.0,
+        ),
+        ("x402_gateway_payments_rejected_total{route=\"/paid\",reason=\"invalid_payload\"}".into(), 1.0),
+        ("x402_gateway_payments_verified_total{route=\"/paid\"}".into(), 1.0),
+        ("x402_gateway_settlements_total{route=\"/paid\",outcome=\"success\"}".into(), 1.0),
+        (
+            format!("x402_gateway_revenue_atomic_total{{route=\"/paid\",network=\"eip155:84532\",asset=\"{token}\"}}"),
+            1000.0,
+        ),
+        ("x402_gateway_upstream_latency_seconds_count".into(), 2.0),
+        ("x402_gateway_verification_latency_seconds_count".into(), 1.0),
+        ("x402_gateway_settlement_latency_seconds_count".into(), 1.0),
+        ("x402_gateway_in_flight_requests".into(), 0.0),
+        ("x402_gateway_nonce_reservations".into(), 1.0),
+    ];
+    for (name, value) in expect {
+        assert_eq!(metrics.get(&name), Some(&value), "{name} in:\n{}", scrape.text());
+    }
+    let series = |prefix: &str| metrics.keys().filter(|k| k.starts_with(prefix)).count();
+    assert_eq!(series("x402_gateway_requests_total"), 4, "no other request series");
+    assert_eq!(series("x402_gateway_payments_rejected_total"), 2);
+}
+
+#[tokio::test]
+async fn discovery_lists_exactly_the_paid_routes_with_their_schemas() {
+    let chain = Chain::start().await;
+    let gateway = start_gateway(&toml(&spawn_echo("api").await, &chain, "$0.001")).await;
+    let answer = get(&gateway.url("/.well-known/x402")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let doc = answer.json();
+    let items = doc["items"].as_array().unwrap();
+    let resources: Vec<&str> = items.iter().map(|i| i["resource"].as_str().unwrap()).collect();
+    let base = gateway.url("");
+    assert_eq!(resources, vec![format!("{base}/paid"), format!("{base}/ask")]);
+    let paid = &items[0];
+    assert_eq!(paid["accepts"][0]["amount"], "1000");
+    assert_eq!(paid["description"], "Paid data");
+    assert_eq!(paid["extensions"]["bazaar"]["info"]["input"]["queryParams"]["properties"]["city"]["type"], "string");
+    let ask = &items[1];
+    let amounts: Vec<&str> = ask["accepts"].as_array().unwrap().iter().map(|a| a["amount"].as_str().unwrap()).collect();
+    assert_eq!(amounts, vec!["10000", "1000"], "every price of the table");
+
+    // The same schemas travel in the route's challenges: v2 extension and v1 outputSchema.
+    let unpaid = get(&gateway.url("/paid")).await;
+    let challenge = pay::decode_header(&unpaid.headers["payment-required"]);
+    assert_eq!(challenge["extensions"]["bazaar"], paid["extensions"]["bazaar"]);
+    assert_eq!(
+        challenge["extensions"]["bazaar"]["info"]["output"]["schema"]["properties"]["temperature"]["type"],
+        "number"
+    );
+    let v1 = unpaid.json();
+    assert_eq!(v1["accepts"][0]["outputSchema"]["input"]["discoverable"], true);
+    assert_eq!(v1["accepts"][0]["outputSchema"]["input"]["method"], "GET");
+}
+
+fn parse(toml: &str) -> Config {
+    Config::parse(toml, Path::new("gateway.toml"), Path::new("."), &|_| None).expect("valid")
+}
+
+#[tokio::test]
+async fn a_reload_changes_prices_under_load_without_failing_a_request() {
+    let chain = Chain::start().await;
+    let upstream = spawn_echo("api").await;
+    let gateway = start_gateway(&toml(&upstream, &chain, "$0.001")).await;
+    let buyer = PrivateKeySigner::random();
+    chain.mint(buyer.address(), 1_000_000).await;
+    // An authorization spent before the reload stays spent after it.
+    let challenge = pay::decode_header(&get(&gateway.url("/paid")).await.headers["payment-required"]);
+    let spent = pay::v2_header(
+        &challenge["resource"],
+        &challenge["accepts"][0],
+        Authorization::for_offer(buyer.address(), &challenge["accepts"][0]).sign(&buyer),
+    );
+    let paid = send(
+        &client(),
+        Request::get(gateway.url("/paid")).header("payment-signature", &spent).body(Full::default()).unwrap(),
+    )
+    .await;
+    assert_eq!(paid.status, StatusCode::OK);
+
+    // Four clients loop (bounded) over a free and a paid route while the price changes underneath.
+    let url = gateway.url("");
+    let loops: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let http = client();
+                let mut amounts = Vec::new();
+                for _ in 0..60 {
+                    let free = send(&http, Request::get(format!("{url}/free")).body(Full::default()).unwrap()).await;
+                    assert_eq!(free.status, StatusCode::OK);
+                    let unpaid = send(&http, Request::get(format!("{url}/paid")).body(Full::default()).unwrap()).await;
+                    assert_eq!(unpaid.status, StatusCode::PAYMENT_REQUIRED);
+                    amounts
+                        .push(pay::decode_header(&unpaid.headers["payment-required"])["accepts"][0]["amount"].clone());
+                }
+                amounts
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    gateway.pipeline.reload(parse(&toml(&upstream, &chain, "$0.005")));
+    let mut seen = Vec::new();
+    for handle in loops {
+        seen.extend(handle.await.expect("no request failed"));
+    }
+    assert!(seen.iter().all(|a| *a == json!("1000") || *a == json!("5000")), "{seen:?}");
+    let after = pay::decode_header(&get(&gateway.url("/paid")).await.headers["payment-required"]);
+    assert_eq!(after["accepts"][0]["amount"], "5000", "new requests see the new price");
+
+    // Back to the first price: the authorization spent before both reloads is still refused.
+    gateway.pipeline.reload(parse(&toml(&upstream, &chain, "$0.001")));
+    let metrics = parse_metrics(&admin_get(&gateway, "/metrics").await.text());
+    assert_eq!(metrics.get("x402_gateway_nonce_reservations"), Some(&1.0), "reservations survive reloads");
+    let replay = send(
+        &client(),
+        Request::get(gateway.url("/paid")).header("payment-signature", &spent).body(Full::default()).unwrap(),
+    )
+    .await;
+    assert_eq!(replay.status, StatusCode::PAYMENT_REQUIRED);
+    let reason: Value = pay::decode_header(&replay.headers["payment-required"])["error"].clone();
+    assert_eq!(reason, "invalid_exact_evm_nonce_already_used");
+}
