@@ -26,6 +26,8 @@ pub enum GatewayError {
     FacilitatorUnavailable(String),
     #[error("the upstream answer is larger than a paid answer held for settlement may be")]
     AnswerTooLarge,
+    #[error("the payment ledger cannot be written; no payment is taken")]
+    LedgerUnavailable,
     #[error("the upstream service could not be reached")]
     UpstreamUnavailable,
     #[error("the upstream service did not answer in time")]
@@ -48,6 +50,7 @@ impl GatewayError {
             PaymentsBusy => (StatusCode::SERVICE_UNAVAILABLE, "payments_busy"),
             FacilitatorUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "facilitator_unavailable"),
             AnswerTooLarge => (StatusCode::BAD_GATEWAY, "upstream_answer_too_large"),
+            LedgerUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "ledger_unavailable"),
             UpstreamUnavailable => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
             UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
         }

@@ -21,6 +21,8 @@ pub struct Payment {
     pub payload: PaymentPayload,
     /// The reservation that keeps this authorization from being used twice.
     pub key: NonceKey,
+    /// The buyer's `payment-identifier` (idempotency key), when it sent one.
+    pub identifier: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +34,9 @@ pub enum GateError {
     Malformed(String),
     #[error("too many payments in flight; retry shortly")]
     Busy,
+    /// A valid payment whose authorization is already reserved: a retry, or a replay.
+    #[error("this authorization has already been used")]
+    Reserved(Box<Payment>),
 }
 
 pub struct PaymentGate {
@@ -65,15 +70,23 @@ impl PaymentGate {
             from: authorization.from,
             nonce: authorization.nonce,
         };
-        self.reservations.reserve(key, authorization.valid_before_secs()).map_err(|err| match err {
-            ReserveError::Replayed => GateError::Challenge(Some(Rejection::Replayed)),
-            ReserveError::Full => GateError::Busy,
-        })?;
-        Ok(Payment { version, offer: offer.clone(), authorization, payload, key })
+        let identifier = payment_identifier(&payload)?;
+        let valid_before = authorization.valid_before_secs();
+        let payment = Payment { version, offer: offer.clone(), authorization, payload, key, identifier };
+        match self.reservations.reserve(key, valid_before) {
+            Ok(()) => Ok(payment),
+            Err(ReserveError::Replayed) => Err(GateError::Reserved(Box::new(payment))),
+            Err(ReserveError::Full) => Err(GateError::Busy),
+        }
     }
 }
 
 impl PaymentGate {
+    /// Reserves an authorization the ledger says was spent (at start: replay protection survives a restart).
+    pub fn reserve_spent(&self, key: NonceKey, valid_before: u64) {
+        let _ = self.reservations.reserve(key, valid_before);
+    }
+
     /// How many authorizations are reserved now.
     pub fn reserved(&self) -> u64 {
         self.reservations.len()
@@ -118,5 +131,22 @@ fn check_scheme(scheme: &str) -> Result<(), GateError> {
         Ok(())
     } else {
         Err(GateError::Challenge(Some(Rejection::Scheme(scheme.to_string()))))
+    }
+}
+
+/// The `payment-identifier` extension's id (x402 v2): 16 to 128 of `[A-Za-z0-9_-]`.
+fn payment_identifier(payload: &PaymentPayload) -> Result<Option<String>, GateError> {
+    let PaymentPayload::V2(p) = payload else { return Ok(None) };
+    let Some(id) = p.extensions.as_ref().and_then(|e| e.pointer("/payment-identifier/info/id")) else {
+        return Ok(None);
+    };
+    match id.as_str() {
+        Some(id)
+            if (16..=128).contains(&id.len())
+                && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') =>
+        {
+            Ok(Some(id.to_string()))
+        }
+        _ => Err(GateError::Malformed("payment-identifier: the id must be 16 to 128 of A-Z a-z 0-9 _ -".into())),
     }
 }

@@ -2,6 +2,7 @@
 //! The binary (`main.rs`) is a thin command line over this library.
 
 pub mod admin;
+pub mod answers;
 pub mod buyer;
 pub mod catalogue;
 pub mod chain;
@@ -9,6 +10,7 @@ pub mod config;
 pub mod discovery;
 pub mod error;
 pub mod gate;
+pub mod ledger;
 pub mod logging;
 pub mod metrics;
 pub mod networks;

@@ -138,14 +138,17 @@ async fn a_hundred_concurrent_payments_all_settle() {
 }
 
 #[tokio::test]
-async fn the_same_authorization_twice_transfers_once() {
+async fn a_retry_after_success_gets_the_same_answer_and_transfers_once() {
     let m = market("after", spawn_echo("api").await).await;
     let buyer = m.buyer(5_000).await;
     let header = m.payment(&buyer).await;
-    assert_eq!(m.pay(&header).await.status, StatusCode::OK);
+    let first = m.pay(&header).await;
+    assert_eq!(first.status, StatusCode::OK);
     let again = m.pay(&header).await;
-    assert_eq!(again.status, StatusCode::PAYMENT_REQUIRED);
-    assert_eq!(again.json()["error"], "invalid_exact_evm_nonce_already_used");
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.headers["x402-replayed"], "true");
+    assert_eq!(again.body, first.body, "the original paid answer");
+    assert_eq!(again.headers["payment-response"], first.headers["payment-response"], "with its receipt");
     assert_eq!(m.upstream.hits(), 1);
     assert_eq!(m.payee_balance().await, U256::from(PRICE));
 }

@@ -16,6 +16,19 @@ pub struct File {
     pub payment: Option<Payment>,
     #[serde(default)]
     pub networks: BTreeMap<String, Network>,
+    #[serde(default)]
+    pub ledger: Ledger,
+}
+
+/// `[ledger]`: the durable payment record and the store of paid answers for idempotent retries.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Ledger {
+    pub path: Option<String>,
+    pub reconcile_interval_secs: Option<u64>,
+    pub answers_max_bytes: Option<u64>,
+    pub answers_max_body_bytes: Option<usize>,
+    pub answers_ttl_secs: Option<u64>,
 }
 
 /// `[payment]`: defaults for every paid route.

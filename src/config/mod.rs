@@ -33,6 +33,19 @@ pub struct Config {
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub routes: Vec<RouteSpec>,
     pub payment: PaymentSettings,
+    pub ledger: LedgerSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct LedgerSettings {
+    pub path: PathBuf,
+    /// How often rows left open (timeouts, crashes) are reconciled against the chain.
+    pub reconcile_interval: Duration,
+    /// Memory for paid answers kept for retries, all bodies together.
+    pub answers_max_bytes: u64,
+    /// A larger answer is not kept: its retry gets 409 with the transaction hash.
+    pub answers_max_body_bytes: usize,
+    pub answers_ttl: Duration,
 }
 
 #[derive(Debug)]
@@ -151,7 +164,22 @@ impl Validator<'_> {
         if server.listen.is_none() && server.tls.is_none() {
             return Err(ConfigError::invalid("server", "set `listen` or `tls_listen` (or both)"));
         }
-        Ok(Config { server, upstreams, routes, payment })
+        let ledger = self.ledger(file.ledger)?;
+        Ok(Config { server, upstreams, routes, payment, ledger })
+    }
+
+    fn ledger(&self, raw: file::Ledger) -> Result<LedgerSettings, ConfigError> {
+        Ok(LedgerSettings {
+            path: self.file_path("ledger.path", raw.path.unwrap_or_else(|| "data/ledger.db".into()))?,
+            reconcile_interval: seconds(
+                "ledger.reconcile_interval_secs",
+                raw.reconcile_interval_secs,
+                Duration::from_secs(60),
+            )?,
+            answers_max_bytes: positive("ledger.answers_max_bytes", raw.answers_max_bytes, 64 * 1024 * 1024)?,
+            answers_max_body_bytes: positive("ledger.answers_max_body_bytes", raw.answers_max_body_bytes, 256 * 1024)?,
+            answers_ttl: seconds("ledger.answers_ttl_secs", raw.answers_ttl_secs, Duration::from_secs(3600))?,
+        })
     }
 
     fn expand(&self, key: &str, raw: &str) -> Result<String, ConfigError> {

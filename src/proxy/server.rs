@@ -26,6 +26,8 @@ pub enum StartError {
     Bind { key: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
 }
 
 /// Which handler a listener serves.
@@ -67,7 +69,8 @@ impl Server {
             listeners.push(Listener { socket: bind("server.admin_listen", addr).await?, role: Role::Admin, tls: None });
         }
         let limits = config.server.limits.clone();
-        Ok(Server { gateway: Arc::new(Gateway::new(config)), listeners, limits })
+        let gateway = Arc::new(Gateway::new(config).await?);
+        Ok(Server { gateway, listeners, limits })
     }
 
     pub fn gateway(&self) -> &Arc<Gateway> {
@@ -117,6 +120,7 @@ impl Server {
             };
             loops.spawn(accept.run(listener, stop_rx.clone()));
         }
+        tokio::spawn(self.gateway.clone().reconcile_forever());
         let gateway = self.gateway.clone();
         tokio::spawn(async move {
             for warning in gateway.facilitator_warnings().await {

@@ -1,0 +1,123 @@
+//! Reconciliation: rows left open by a crash or a settlement timeout are resolved against the chain.
+//! The chain's word is final: `authorizationState(payer, nonce)` says whether the money moved.
+
+use super::{Ledger, LedgerError, Row, State};
+use crate::chain::{self, Eip3009Token};
+use alloy::primitives::{keccak256, Address, B256};
+use alloy::providers::{Provider, RootProvider};
+use alloy::rpc::types::Filter;
+use std::collections::HashMap;
+
+pub const NEVER_SERVED: &str = "settled, but the paid answer was never delivered";
+/// How far back to look for the transfer event of an authorization whose transaction hash was not recorded.
+const EVENT_LOOKBACK_BLOCKS: u64 = 50_000;
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Reconciled {
+    pub settled: u64,
+    pub failed: u64,
+    pub released: u64,
+    pub still_pending: u64,
+    /// Paid but not served: marked `refund_needed` and reported.
+    pub refunds: u64,
+    /// Rows on a network the configuration has no RPC for, or whose RPC did not answer.
+    pub unreachable: u64,
+}
+
+/// Resolves rows last touched before `cutoff` (unix seconds): `settling` against the chain, `verified` (never
+/// broadcast: the process that held them is gone) to `released`, and `settled` but never served to `refund_needed`.
+pub async fn reconcile(
+    ledger: &Ledger,
+    chains: &HashMap<u64, RootProvider>,
+    cutoff: u64,
+) -> Result<Reconciled, LedgerError> {
+    let mut report = Reconciled::default();
+    let now = crate::replay::unix_now();
+    for row in ledger.in_state(State::Settling).await?.into_iter().filter(|r| r.updated_at < cutoff) {
+        let Some(provider) = chains.get(&row.chain_id) else {
+            report.unreachable += 1;
+            continue;
+        };
+        match on_chain(provider, &row).await {
+            Err(err) => {
+                tracing::warn!(id = row.id, error = %err, "reconciliation could not reach the chain");
+                report.unreachable += 1;
+            }
+            Ok(Outcome::Moved(transaction)) => {
+                ledger.settled(row.id, transaction.clone()).await?;
+                report.settled += 1;
+                if !row.served {
+                    ledger.refund_needed(row.id, NEVER_SERVED.into()).await?;
+                    report.refunds += 1;
+                    tracing::warn!(id = row.id, payer = %row.payer, amount = %row.amount, %transaction, "payment settled but never served: refund needed");
+                }
+            }
+            Ok(Outcome::Reverted) => {
+                ledger.failed(row.id, "the settlement transaction reverted".into(), row.transaction.clone()).await?;
+                report.failed += 1;
+            }
+            Ok(Outcome::NotYet) if now >= row.valid_before => {
+                ledger.failed(row.id, "the authorization expired unsettled".into(), row.transaction.clone()).await?;
+                report.failed += 1;
+            }
+            Ok(Outcome::NotYet) => report.still_pending += 1,
+        }
+    }
+    for row in ledger.in_state(State::Verified).await?.into_iter().filter(|r| r.updated_at < cutoff) {
+        ledger.released(row.id, row.upstream_status).await?;
+        report.released += 1;
+    }
+    for row in ledger.in_state(State::Settled).await?.into_iter().filter(|r| !r.served && r.updated_at < cutoff) {
+        ledger.refund_needed(row.id, NEVER_SERVED.into()).await?;
+        report.refunds += 1;
+        tracing::warn!(id = row.id, payer = %row.payer, amount = %row.amount, "payment settled but never served: refund needed");
+    }
+    Ok(report)
+}
+
+enum Outcome {
+    /// The authorization was used: the transfer happened, in this transaction.
+    Moved(String),
+    Reverted,
+    NotYet,
+}
+
+async fn on_chain(provider: &RootProvider, row: &Row) -> Result<Outcome, String> {
+    let parse = |what: &str, r: Result<_, _>| r.map_err(|_| format!("row {}: bad {what}", row.id));
+    let token: Address = parse("asset", row.asset.parse())?;
+    let payer: Address = parse("payer", row.payer.parse())?;
+    let nonce: B256 = row.nonce.parse().map_err(|_| format!("row {}: bad nonce", row.id))?;
+    let used = chain::view(provider, token, Eip3009Token::authorizationStateCall { authorizer: payer, nonce })
+        .await
+        .map_err(|e| e.to_string())?;
+    let known: Option<B256> = row.transaction.as_deref().and_then(|t| t.parse().ok());
+    let receipt = match known {
+        Some(hash) => provider.get_transaction_receipt(hash).await.map_err(|e| e.to_string())?,
+        None => None,
+    };
+    if used {
+        let transaction = match (known, &receipt) {
+            (Some(hash), Some(r)) if r.status() => hash.to_string(),
+            _ => transfer_event(provider, token, payer, nonce).await.unwrap_or_else(|| "unknown".into()),
+        };
+        return Ok(Outcome::Moved(transaction));
+    }
+    Ok(match receipt {
+        Some(r) if !r.status() => Outcome::Reverted,
+        _ => Outcome::NotYet,
+    })
+}
+
+/// The transaction that used `(payer, nonce)`, from the token's `AuthorizationUsed` event.
+async fn transfer_event(provider: &RootProvider, token: Address, payer: Address, nonce: B256) -> Option<String> {
+    let latest = provider.get_block_number().await.ok()?;
+    let filter = Filter::new()
+        .address(token)
+        .event_signature(keccak256("AuthorizationUsed(address,bytes32)"))
+        .topic1(payer.into_word())
+        .topic2(nonce)
+        .from_block(latest.saturating_sub(EVENT_LOOKBACK_BLOCKS))
+        .to_block(latest);
+    let logs = provider.get_logs(&filter).await.ok()?;
+    logs.first().and_then(|log| log.transaction_hash).map(|h| h.to_string())
+}

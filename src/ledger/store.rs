@@ -1,0 +1,379 @@
+//! SQLite storage of the ledger. Calls run on tokio's blocking pool; each is one short transaction.
+
+use super::State;
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger {path}: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("ledger: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("ledger: the blocking pool is gone")]
+    Shutdown,
+}
+
+#[derive(Clone)]
+pub struct Ledger {
+    conn: Arc<Mutex<Connection>>,
+}
+
+/// What is known of a payment when it is first recorded (at verification).
+#[derive(Debug, Clone)]
+pub struct NewPayment {
+    pub route: String,
+    pub payer: String,
+    pub payee: String,
+    pub network: String,
+    pub chain_id: u64,
+    pub asset: String,
+    pub amount: String,
+    pub nonce: String,
+    pub valid_before: u64,
+    pub settle_mode: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Row {
+    pub id: i64,
+    pub state: String,
+    pub route: String,
+    pub payer: String,
+    pub payee: String,
+    pub network: String,
+    pub chain_id: u64,
+    pub asset: String,
+    pub amount: String,
+    pub nonce: String,
+    pub valid_before: u64,
+    pub settle_mode: String,
+    pub transaction: Option<String>,
+    pub upstream_status: Option<u16>,
+    pub served: bool,
+    pub failure: Option<String>,
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Revenue {
+    pub route: String,
+    pub day: String,
+    pub network: String,
+    pub asset: String,
+    pub payments: u64,
+    /// Atomic units, summed exactly.
+    pub amount: String,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS payments (
+    id              INTEGER PRIMARY KEY,
+    state           TEXT NOT NULL,
+    route           TEXT NOT NULL,
+    payer           TEXT NOT NULL,
+    payee           TEXT NOT NULL,
+    network         TEXT NOT NULL,
+    chain_id        INTEGER NOT NULL,
+    asset           TEXT NOT NULL,
+    amount          TEXT NOT NULL,
+    nonce           TEXT NOT NULL,
+    valid_before    INTEGER NOT NULL,
+    settle_mode     TEXT NOT NULL,
+    tx_hash         TEXT,
+    upstream_status INTEGER,
+    served          INTEGER NOT NULL DEFAULT 0,
+    failure         TEXT,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    UNIQUE (chain_id, asset, payer, nonce)
+);
+CREATE INDEX IF NOT EXISTS payments_state ON payments (state);
+";
+
+const COLUMNS: &str =
+    "id, state, route, payer, payee, network, chain_id, asset, amount, nonce, valid_before, settle_mode, \
+                       tx_hash, upstream_status, served, failure, created_at, updated_at";
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+    Ok(Row {
+        id: r.get(0)?,
+        state: r.get(1)?,
+        route: r.get(2)?,
+        payer: r.get(3)?,
+        payee: r.get(4)?,
+        network: r.get(5)?,
+        chain_id: r.get(6)?,
+        asset: r.get(7)?,
+        amount: r.get(8)?,
+        nonce: r.get(9)?,
+        valid_before: r.get(10)?,
+        settle_mode: r.get(11)?,
+        transaction: r.get(12)?,
+        upstream_status: r.get(13)?,
+        served: r.get(14)?,
+        failure: r.get(15)?,
+        created_at: r.get(16)?,
+        updated_at: r.get(17)?,
+    })
+}
+
+fn now() -> u64 {
+    crate::replay::unix_now()
+}
+
+impl Ledger {
+    /// Opens (creating it and its folder if needed) the ledger at `path`.
+    pub fn open(path: &Path) -> Result<Ledger, LedgerError> {
+        let fail = |message: String| LedgerError::Open { path: path.to_path_buf(), message };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+        }
+        let conn = Connection::open(path).map_err(|e| fail(e.to_string()))?;
+        // WAL with synchronous=NORMAL: a committed state survives the process being killed (not a power cut).
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;")
+            .and_then(|_| conn.execute_batch(SCHEMA))
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(Ledger { conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            job(&conn).map_err(LedgerError::from)
+        })
+        .await
+        .map_err(|_| LedgerError::Shutdown)?
+    }
+
+    /// Records a verified payment and returns its row id. An authorization seen before and never charged
+    /// (`released`, or `failed` with nothing moved) gets its row back in `verified`; one that is settling or
+    /// settled is returned as it is, for the caller to refuse or replay.
+    pub async fn record_verified(&self, p: NewPayment) -> Result<Result<i64, Row>, LedgerError> {
+        self.run(move |conn| {
+            let existing = conn
+                .query_row(
+                    &format!("SELECT {COLUMNS} FROM payments WHERE chain_id = ?1 AND asset = ?2 AND payer = ?3 AND nonce = ?4"),
+                    params![p.chain_id, p.asset, p.payer, p.nonce],
+                    row,
+                )
+                .optional()?;
+            let t = now();
+            match existing {
+                Some(old) if old.state == "released" || (old.state == "failed" && old.transaction.is_none()) => {
+                    conn.execute(
+                        "UPDATE payments SET state = 'verified', route = ?2, failure = NULL, upstream_status = NULL, updated_at = ?3 WHERE id = ?1",
+                        params![old.id, p.route, t],
+                    )?;
+                    Ok(Ok(old.id))
+                }
+                Some(old) => Ok(Err(old)),
+                None => {
+                    conn.execute(
+                        "INSERT INTO payments (state, route, payer, payee, network, chain_id, asset, amount, nonce, valid_before, settle_mode, created_at, updated_at)
+                         VALUES ('verified', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)",
+                        params![p.route, p.payer, p.payee, p.network, p.chain_id, p.asset, p.amount, p.nonce, p.valid_before, p.settle_mode, t],
+                    )?;
+                    Ok(Ok(conn.last_insert_rowid()))
+                }
+            }
+        })
+        .await
+    }
+
+    /// About to settle (before anything is broadcast).
+    pub async fn settling(&self, id: i64, upstream_status: Option<u16>) -> Result<(), LedgerError> {
+        self.update(
+            id,
+            "state = 'settling', upstream_status = COALESCE(?2, upstream_status)",
+            upstream_status.map(i64::from),
+        )
+        .await
+    }
+
+    /// Broadcast, not confirmed: stays `settling`, with the hash reconciliation will look up.
+    pub async fn pending(&self, id: i64, transaction: String) -> Result<(), LedgerError> {
+        self.update(id, "tx_hash = ?2", Some(transaction)).await
+    }
+
+    pub async fn settled(&self, id: i64, transaction: String) -> Result<(), LedgerError> {
+        self.update(id, "state = 'settled', tx_hash = ?2, failure = NULL", Some(transaction)).await
+    }
+
+    pub async fn failed(&self, id: i64, reason: String, transaction: Option<String>) -> Result<(), LedgerError> {
+        let t = now();
+        self.run(move |conn| {
+            conn.execute(
+                "UPDATE payments SET state = 'failed', failure = ?2, tx_hash = ?3, updated_at = ?4 WHERE id = ?1",
+                params![id, reason, transaction, t],
+            )
+        })
+        .await
+        .map(drop)
+    }
+
+    /// The answer failed before any settlement: nothing charged.
+    pub async fn released(&self, id: i64, upstream_status: Option<u16>) -> Result<(), LedgerError> {
+        self.update(id, "state = 'released', upstream_status = ?2", upstream_status.map(i64::from)).await
+    }
+
+    pub async fn refund_needed(&self, id: i64, reason: String) -> Result<(), LedgerError> {
+        self.update(id, "state = 'refund_needed', failure = ?2", Some(reason)).await
+    }
+
+    /// The paid answer was handed over whole. A payment marked for refund only because it had not been is
+    /// settled after all.
+    pub async fn served(&self, id: i64) -> Result<(), LedgerError> {
+        self.update(
+            id,
+            "served = 1, state = CASE WHEN state = 'refund_needed' AND failure = ?2 THEN 'settled' ELSE state END, \
+             failure = CASE WHEN failure = ?2 THEN NULL ELSE failure END",
+            Some(super::reconcile::NEVER_SERVED.to_string()),
+        )
+        .await
+    }
+
+    async fn update<P: rusqlite::ToSql + Send + 'static>(
+        &self,
+        id: i64,
+        set: &'static str,
+        value: Option<P>,
+    ) -> Result<(), LedgerError> {
+        let t = now();
+        self.run(move |conn| {
+            conn.execute(&format!("UPDATE payments SET {set}, updated_at = ?3 WHERE id = ?1"), params![id, value, t])
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn find(
+        &self,
+        chain_id: u64,
+        asset: String,
+        payer: String,
+        nonce: String,
+    ) -> Result<Option<Row>, LedgerError> {
+        self.run(move |conn| {
+            conn.query_row(
+                &format!(
+                    "SELECT {COLUMNS} FROM payments WHERE chain_id = ?1 AND asset = ?2 AND payer = ?3 AND nonce = ?4"
+                ),
+                params![chain_id, asset, payer, nonce],
+                row,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    pub async fn get(&self, id: i64) -> Result<Option<Row>, LedgerError> {
+        self.run(move |conn| {
+            conn.query_row(&format!("SELECT {COLUMNS} FROM payments WHERE id = ?1"), params![id], row).optional()
+        })
+        .await
+    }
+
+    /// Rows filtered by state, route and payer (each optional), newest first.
+    pub async fn list(
+        &self,
+        state: Option<String>,
+        route: Option<String>,
+        payer: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<Row>, LedgerError> {
+        self.run(move |conn| {
+            let mut statement = conn.prepare(&format!(
+                "SELECT {COLUMNS} FROM payments WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR route = ?2) \
+                 AND (?3 IS NULL OR lower(payer) = lower(?3)) ORDER BY id DESC LIMIT ?4"
+            ))?;
+            let rows = statement.query_map(params![state, route, payer, limit], row)?.collect();
+            rows
+        })
+        .await
+    }
+
+    pub async fn in_state(&self, state: State) -> Result<Vec<Row>, LedgerError> {
+        self.list(Some(state.as_str().to_string()), None, None, u32::MAX).await
+    }
+
+    /// Authorizations that must stay refused after a restart: charged, or possibly being charged, and not expired.
+    pub async fn unexpired_spent(&self, now: u64) -> Result<Vec<Row>, LedgerError> {
+        self.run(move |conn| {
+            let mut statement = conn.prepare(&format!(
+                "SELECT {COLUMNS} FROM payments WHERE state IN ('verified', 'settling', 'settled', 'refund_needed') AND valid_before > ?1"
+            ))?;
+            let rows = statement.query_map(params![now], row)?.collect();
+            rows
+        })
+        .await
+    }
+
+    /// Settled revenue by route, UTC day, network and asset. Sums are exact (atomic units as decimal strings).
+    pub async fn revenue(&self) -> Result<Vec<Revenue>, LedgerError> {
+        let rows = self.in_state_set(&["settled", "refund_needed"]).await?;
+        let mut sums: std::collections::BTreeMap<(String, String, String, String), (u64, alloy::primitives::U256)> =
+            Default::default();
+        for r in rows.into_iter().filter(|r| r.transaction.is_some()) {
+            let day = day_of(r.updated_at);
+            let entry = sums.entry((r.route, day, r.network, r.asset)).or_default();
+            entry.0 += 1;
+            entry.1 += alloy::primitives::U256::from_str_radix(&r.amount, 10).unwrap_or_default();
+        }
+        Ok(sums
+            .into_iter()
+            .map(|((route, day, network, asset), (payments, amount))| Revenue {
+                route,
+                day,
+                network,
+                asset,
+                payments,
+                amount: amount.to_string(),
+            })
+            .collect())
+    }
+
+    async fn in_state_set(&self, states: &'static [&'static str]) -> Result<Vec<Row>, LedgerError> {
+        self.run(move |conn| {
+            let placeholders = states.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
+            let mut statement =
+                conn.prepare(&format!("SELECT {COLUMNS} FROM payments WHERE state IN ({placeholders})"))?;
+            let rows = statement.query_map([], row)?.collect();
+            rows
+        })
+        .await
+    }
+}
+
+/// `YYYY-MM-DD` (UTC) of a unix time, by the civil-from-days algorithm.
+fn day_of(unix: u64) -> String {
+    let days = i64::try_from(unix / 86_400).unwrap_or(0);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days() {
+        assert_eq!(day_of(0), "1970-01-01");
+        assert_eq!(day_of(1_764_064_000), "2025-11-25");
+        assert_eq!(day_of(951_782_400), "2000-02-29");
+    }
+}

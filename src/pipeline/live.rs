@@ -1,0 +1,117 @@
+//! The per-configuration parts of the pipeline: route matching, pricing input, catalogues and URLs.
+
+use super::{read_to_limit, Live, ReadError};
+use crate::config::{PaidRoute, RouteSpec};
+use crate::error::GatewayError;
+use crate::proxy::body::{full, Body, BoxError};
+use crate::proxy::cors;
+use crate::proxy::upstream::ClientInfo;
+use crate::routing::Miss;
+use crate::x402::wire::ResourceInfo;
+use bytes::Bytes;
+use http::{header, Request, Response};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use std::sync::Arc;
+
+impl Live {
+    pub(super) fn match_route<B>(
+        &self,
+        request: &Request<B>,
+        canonical_path: &str,
+    ) -> Result<Arc<RouteSpec>, GatewayError> {
+        match self.routes.lookup(request.method(), canonical_path) {
+            Ok(route) => Ok(route.clone()),
+            Err(Miss::NotFound) => Err(GatewayError::NoRoute),
+            Err(Miss::MethodNotAllowed(allowed)) => Err(GatewayError::MethodNotAllowed(allowed)),
+        }
+    }
+
+    /// A CORS preflight for a paid route is answered here, free; other preflights go to their route.
+    pub(super) fn paid_route_preflight<B>(&self, request: &Request<B>, canonical_path: &str) -> Option<Response<Body>> {
+        let method = cors::preflight_method(request)?;
+        let route = self.routes.lookup(&method, canonical_path).ok()?;
+        route.payment.as_ref()?;
+        Some(cors::preflight_response(request.headers(), &method))
+    }
+
+    /// What is sold: the route's description, naming the value that priced it (the model) if any.
+    pub(super) fn resource_info<B>(
+        &self,
+        request: &Request<B>,
+        paid: &PaidRoute,
+        price_key: Option<&str>,
+        client: ClientInfo,
+    ) -> ResourceInfo {
+        let description = match (price_key, paid.description.as_str()) {
+            (None, description) => description.to_string(),
+            (Some(key), "") => key.to_string(),
+            (Some(key), description) => format!("{description} ({key})"),
+        };
+        ResourceInfo { url: self.resource_url(request, client), description, mime_type: paid.mime_type.clone() }
+    }
+
+    /// A route priced by its body needs the body before the 402: read it (within `max_body_bytes`), and
+    /// forward the very same bytes.
+    pub(super) async fn buffer_body_for_pricing(
+        &self,
+        request: Request<Body>,
+        paid: &PaidRoute,
+    ) -> Result<(Request<Body>, Bytes), GatewayError> {
+        if !paid.pricing.needs_body() {
+            return Ok((request, Bytes::new()));
+        }
+        let (parts, body) = request.into_parts();
+        let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
+        let bytes = read_to_limit(body, limit).await.map_err(|err| match err {
+            ReadError::TooLarge => GatewayError::BodyTooLarge,
+            ReadError::Broken => GatewayError::BodyUnreadable,
+        })?;
+        Ok((Request::from_parts(parts, full(bytes.clone())), bytes))
+    }
+
+    pub(super) fn catalogue<B>(&self, request: &Request<B>, canonical_path: &str) -> Option<Response<Body>> {
+        if request.method() != http::Method::GET {
+            return None;
+        }
+        let list = self.catalogues.get(canonical_path.trim_end_matches('/'))?;
+        let mut response = Response::new(full(list.clone()));
+        response.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        Some(response)
+    }
+
+    /// The URL buyers paid for: under `server.public_url` if set, else what the request says it asked for.
+    pub(super) fn resource_url<B>(&self, request: &Request<B>, client: ClientInfo) -> String {
+        let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        format!("{}{path_and_query}", self.base_url(request, client))
+    }
+
+    /// How buyers reach this gateway: `server.public_url`, or the scheme and host the request used.
+    pub(super) fn base_url<B>(&self, request: &Request<B>, client: ClientInfo) -> String {
+        if let Some(base) = &self.public_url {
+            return base.clone();
+        }
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| request.uri().authority().map(|a| a.as_str()))
+            .unwrap_or("localhost");
+        format!("{}://{host}", client.proto)
+    }
+
+    /// Refuses a declared oversized body at once, and caps a streamed one as it passes.
+    pub(super) fn limit_body(&self, request: Request<Incoming>) -> Result<Request<Body>, GatewayError> {
+        let limit = self.max_body_bytes;
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limit) {
+            return Err(GatewayError::BodyTooLarge);
+        }
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        Ok(request.map(|body| Limited::new(body, limit).map_err(BoxError::from).boxed_unsync()))
+    }
+}

@@ -1,0 +1,408 @@
+//! The request pipeline, top to bottom in one place:
+//! accept (proxy::server) → match route → price → payment gate → verify → record → upstream ⇄ settle → respond.
+//! `live` holds what one configuration decides; `paid` the stages of a paid call.
+
+mod live;
+mod paid;
+
+use crate::admin;
+use crate::answers::PaidAnswers;
+use crate::catalogue;
+use crate::chain;
+use crate::config::{Bazaar, Config, FacilitatorChoice, RouteSpec};
+use crate::discovery;
+use crate::error::GatewayError;
+use crate::gate::{GateError, Payment, PaymentGate};
+use crate::ledger::{self, Ledger, LedgerError, NewPayment, Reconciled};
+use crate::metrics::Metrics;
+use crate::pricing::Offer;
+use crate::proxy::body::{json_response, Body};
+use crate::proxy::upstream::{upstream_request, ClientInfo, UpstreamClient};
+use crate::replay::{unix_now, NonceKey};
+use crate::routing::{self, RouteTable};
+use crate::settlement::{Facilitators, SettleMode, VerifyFailure};
+use crate::x402::challenge::{Challenge, SCHEME_EXACT};
+use crate::x402::wire::ResourceInfo;
+use crate::x402::Rejection;
+use alloy::providers::RootProvider;
+use bytes::{Bytes, BytesMut};
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use paid::PaidCall;
+
+/// Rows younger than this are left to the request that is handling them (long streams included).
+const RECONCILE_GRACE: Duration = Duration::from_secs(300);
+
+pub struct Gateway {
+    /// The current configuration's routes and settlers, replaced whole by a reload: a request keeps the
+    /// `Live` it started with.
+    live: RwLock<Arc<Live>>,
+    upstreams: UpstreamClient,
+    /// Outlives reloads: an authorization reserved under the old configuration stays reserved.
+    gate: PaymentGate,
+    ledger: Ledger,
+    answers: PaidAnswers,
+    reconcile_interval: Duration,
+    metrics: Metrics,
+}
+
+/// Everything one configuration decides, built once when it is loaded.
+pub struct Live {
+    routes: RouteTable,
+    facilitators: Facilitators,
+    /// Nodes of the configured networks (`rpc_url`), for reconciliation.
+    chains: HashMap<u64, RootProvider>,
+    /// Catalogue answers by path.
+    catalogues: BTreeMap<String, Bytes>,
+    max_body_bytes: u64,
+    public_url: Option<String>,
+    settle_after_max_bytes: usize,
+}
+
+impl Live {
+    fn new(config: Config, previous: Option<&Live>) -> Live {
+        let chains = config
+            .payment
+            .networks
+            .values()
+            .filter_map(|n| {
+                Some((n.chain_id, chain::connect(&n.rpc_url.as_deref()?.parse().ok()?, Duration::from_secs(15))))
+            })
+            .collect();
+        Live {
+            facilitators: Facilitators::new(&config.payment, &config.routes, previous.map(|p| &p.facilitators)),
+            catalogues: catalogue::build(&config.routes),
+            chains,
+            routes: RouteTable::new(config.routes),
+            max_body_bytes: config.server.limits.max_body_bytes,
+            public_url: config.server.public_url,
+            settle_after_max_bytes: config.payment.settle_after_max_bytes,
+        }
+    }
+}
+
+/// What the access-log line reports besides the request and the status.
+#[derive(Default)]
+struct AccessLog {
+    route: Option<String>,
+    payment: Option<Payment>,
+    ledger_id: Option<i64>,
+    transaction: Option<String>,
+    /// The request value that set the price (the model, for an LLM route).
+    price_key: Option<String>,
+}
+
+impl Gateway {
+    /// Opens the ledger and re-reserves every authorization it says is spent and not yet expired, so replay
+    /// protection survives a restart.
+    pub async fn new(config: Config) -> Result<Gateway, LedgerError> {
+        let ledger = Ledger::open(&config.ledger.path)?;
+        let gate = PaymentGate::new(config.payment.nonce_cache_capacity);
+        for row in ledger.unexpired_spent(unix_now()).await? {
+            if let Some(key) = nonce_key(&row) {
+                gate.reserve_spent(key, row.valid_before);
+            }
+        }
+        let settings = &config.ledger;
+        Ok(Gateway {
+            answers: PaidAnswers::new(
+                settings.answers_max_bytes,
+                settings.answers_max_body_bytes,
+                settings.answers_ttl,
+            ),
+            reconcile_interval: settings.reconcile_interval,
+            gate,
+            ledger,
+            live: RwLock::new(Arc::new(Live::new(config, None))),
+            upstreams: UpstreamClient::new(),
+            metrics: Metrics::new(),
+        })
+    }
+
+    /// The configuration new requests are served with.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// Serves new requests with `config`, atomically; requests in flight finish with the one they started
+    /// with. Listener settings (`[server]` addresses, TLS, connection limits), the nonce cache's capacity and
+    /// `[ledger]` are kept: they take a restart.
+    pub fn reload(&self, config: Config) {
+        let previous = self.live();
+        let next = Arc::new(Live::new(config, Some(&previous)));
+        *self.live.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = next;
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Resolves ledger rows last touched before `cutoff` (unix seconds) against the chain.
+    pub async fn reconcile(&self, cutoff: u64) -> Result<Reconciled, LedgerError> {
+        ledger::reconcile(&self.ledger, &self.live().chains, cutoff).await
+    }
+
+    /// At start, everything a previous run left open; then, periodically, what timeouts left open.
+    pub async fn reconcile_forever(self: Arc<Self>) {
+        let started = unix_now();
+        let mut cutoff = started;
+        loop {
+            match self.reconcile(cutoff).await {
+                Ok(report) if report != Reconciled::default() => tracing::info!(?report, "ledger reconciled"),
+                Ok(_) => {}
+                Err(err) => tracing::error!("ledger reconciliation failed: {err}"),
+            }
+            tokio::time::sleep(self.reconcile_interval).await;
+            cutoff = unix_now().saturating_sub(RECONCILE_GRACE.as_secs()).max(started);
+        }
+    }
+
+    /// Serves one request on a public listener and writes its access-log line.
+    pub async fn handle(&self, request: Request<Incoming>, client: ClientInfo) -> Response<Body> {
+        let started = Instant::now();
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        let mut log = AccessLog::default();
+        let live = self.live();
+        self.metrics.in_flight.inc();
+        let response = match self.process(&live, request, client, &mut log).await {
+            Ok(response) => response,
+            Err(err) => err.into_response(),
+        };
+        self.metrics.in_flight.dec();
+        self.metrics.request(log.route.as_deref().unwrap_or("-"), response.status().as_u16());
+        let payment = log.payment.as_ref();
+        tracing::info!(
+            target: "access",
+            %method,
+            path,
+            route = log.route.as_deref().unwrap_or("-"),
+            status = response.status().as_u16(),
+            latency_ms = started.elapsed().as_secs_f64() * 1e3,
+            client = %client.peer.ip(),
+            payer = payment.map(|p| p.authorization.from.to_string()),
+            amount = payment.map(|p| p.authorization.value.to_string()),
+            network = payment.map(|p| p.offer.network.caip2.as_str()),
+            ledger_id = log.ledger_id,
+            transaction = log.transaction.as_deref(),
+        );
+        response
+    }
+
+    async fn process(
+        &self,
+        live: &Live,
+        request: Request<Incoming>,
+        client: ClientInfo,
+        log: &mut AccessLog,
+    ) -> Result<Response<Body>, GatewayError> {
+        let canonical_path = routing::canonicalize(request.uri().path())?;
+        if let Some(response) = live.paid_route_preflight(&request, &canonical_path) {
+            return Ok(response);
+        }
+        if let Some(list) = live.catalogue(&request, &canonical_path) {
+            return Ok(list);
+        }
+        if request.method() == http::Method::GET && canonical_path == discovery::PATH {
+            let document = discovery::document(live.routes.routes(), &live.base_url(&request, client));
+            return Ok(json_response(StatusCode::OK, &document));
+        }
+        let route = live.match_route(&request, &canonical_path)?;
+        log.route = Some(route.pattern_text.clone());
+        let request = live.limit_body(request)?;
+        let Some(paid) = &route.payment else {
+            let request = upstream_request(request, &route, &canonical_path, client)?;
+            return self.forward(request, &route).await;
+        };
+        let route_name = route.pattern_text.as_str();
+
+        // Price: the offers for exactly this request.
+        let (request, body) = live.buffer_body_for_pricing(request, paid).await?;
+        let priced =
+            paid.pricing.price(request.uri().query(), request.headers(), &body).map_err(GatewayError::Price)?;
+        let offers = priced.offers;
+        let resource = live.resource_info(&request, paid, priced.key.as_deref(), client);
+        let request_headers = request.headers();
+        let challenge = |rejection: Option<&Rejection>| {
+            self.challenge(route_name, paid.bazaar.as_ref(), request_headers, offers, resource.clone(), rejection)
+        };
+
+        // Payment gate: decode, match an offer, verify offline, reserve the authorization.
+        let payment = match self.gate.check(offers, request.headers(), unix_now()) {
+            Ok(payment) => payment,
+            Err(GateError::Reserved(payment)) => return Ok(self.already_paid(&payment, challenge).await),
+            Err(GateError::Challenge(rejection)) => return Ok(challenge(rejection.as_ref())),
+            Err(GateError::Malformed(message)) => {
+                self.metrics.rejected(route_name, "invalid_payload");
+                return Err(GatewayError::MalformedPayment(message));
+            }
+            Err(GateError::Busy) => return Err(GatewayError::PaymentsBusy),
+        };
+        if self.answers.get(&payment).is_some() {
+            // A `payment-identifier` already answered, now with another authorization: nothing is charged.
+            self.gate.release(&payment);
+            return Ok(paid::identifier_reused());
+        }
+
+        // Verify with the facilitator (on-chain simulation when local), then record: write-ahead of any effect.
+        let Some(facilitator) = live.facilitators.get(&paid.facilitator, payment.offer.network.chain_id) else {
+            self.gate.release(&payment);
+            return Err(GatewayError::FacilitatorUnavailable("no facilitator for this network".into()));
+        };
+        let verifying = Instant::now();
+        if let Err(failure) = facilitator.verify(&payment, &resource).await {
+            self.gate.release(&payment);
+            return match failure {
+                VerifyFailure::Rejected(rejection) => Ok(challenge(Some(&rejection))),
+                VerifyFailure::Unavailable(why) => Err(GatewayError::FacilitatorUnavailable(why)),
+            };
+        }
+        self.metrics.verified(route_name, verifying.elapsed());
+        let id = match self.ledger.record_verified(new_payment(&payment, route_name, paid.settle)).await {
+            Ok(Ok(id)) => id,
+            Ok(Err(spent)) => return Ok(paid::spent(&payment, &spent)),
+            Err(err) => {
+                self.gate.release(&payment);
+                tracing::error!("{err}");
+                return Err(GatewayError::LedgerUnavailable);
+            }
+        };
+        log.payment = Some(payment.clone());
+        log.ledger_id = Some(id);
+        log.price_key = priced.key;
+
+        // Upstream and settlement, in the route's order.
+        let request = upstream_request(request, &route, &canonical_path, client)?;
+        let call = PaidCall { facilitator, payment, id, resource, log, max_held: live.settle_after_max_bytes };
+        match paid.settle {
+            SettleMode::Before => self.settle_then_stream(request, &route, call).await,
+            SettleMode::After => self.deliver_then_settle(request, &route, call).await,
+        }
+    }
+
+    async fn forward(&self, request: Request<Body>, route: &RouteSpec) -> Result<Response<Body>, GatewayError> {
+        let started = Instant::now();
+        let answer = self.upstreams.send(request, &route.upstream).await;
+        self.metrics.upstream(started.elapsed());
+        answer
+    }
+
+    /// A 402 challenge for `offers`, rendered for the client that asked, and counted.
+    fn challenge(
+        &self,
+        route: &str,
+        bazaar: Option<&Bazaar>,
+        request_headers: &http::HeaderMap,
+        offers: &[Offer],
+        resource: ResourceInfo,
+        rejection: Option<&Rejection>,
+    ) -> Response<Body> {
+        self.metrics.challenge(route);
+        if let Some(rejection) = rejection {
+            self.metrics.rejected(route, rejection.reason());
+        }
+        Challenge { offers, resource, rejection, bazaar }.response(request_headers)
+    }
+
+    /// Asks each remote facilitator what it supports (`GET /supported`, as the reference servers do at start)
+    /// and returns a warning for every paid offer it cannot settle.
+    pub async fn facilitator_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let live = self.live();
+        for (url, facilitator) in live.facilitators.remotes() {
+            let kinds = match facilitator.supported().await {
+                Ok(supported) => supported.get("kinds").and_then(|k| k.as_array()).cloned().unwrap_or_default(),
+                Err(why) => {
+                    warnings.push(format!("facilitator {url} cannot be asked what it supports: {why}"));
+                    continue;
+                }
+            };
+            let serves = |network: &str| {
+                kinds.iter().any(|k| k["x402Version"] == 2 && k["scheme"] == SCHEME_EXACT && k["network"] == network)
+            };
+            for route in live.routes.routes() {
+                let Some(paid) = route.payment.as_ref() else { continue };
+                if !matches!(&paid.facilitator, FacilitatorChoice::Remote(remote) if remote.url == *url) {
+                    continue;
+                }
+                let offers = paid.pricing.all_offers();
+                let mut networks: Vec<&str> =
+                    offers.iter().flat_map(|(_, o)| o.iter()).map(|o| o.network.caip2.as_str()).collect();
+                networks.dedup();
+                for network in networks.into_iter().filter(|n| !serves(n)) {
+                    warnings.push(format!(
+                        "facilitator {url} does not list exact payments on {network} (route {})",
+                        route.pattern_text
+                    ));
+                }
+            }
+        }
+        warnings
+    }
+
+    pub async fn handle_admin(&self, request: Request<Incoming>) -> Response<Body> {
+        match (request.method(), request.uri().path()) {
+            (&http::Method::GET, "/healthz") => admin::healthz(),
+            (&http::Method::GET, "/readyz") => admin::readyz(self.live().facilitators.readiness().await),
+            (&http::Method::GET, "/metrics") => admin::metrics(self.metrics.render(self.gate.reserved())),
+            _ => admin::not_found(),
+        }
+    }
+}
+
+fn new_payment(payment: &Payment, route: &str, settle: SettleMode) -> NewPayment {
+    NewPayment {
+        route: route.to_string(),
+        payer: payment.authorization.from.to_string(),
+        payee: payment.authorization.to.to_string(),
+        network: payment.offer.network.caip2.clone(),
+        chain_id: payment.offer.network.chain_id,
+        asset: payment.offer.asset.address.to_string(),
+        amount: payment.authorization.value.to_string(),
+        nonce: payment.authorization.nonce.to_string(),
+        valid_before: payment.authorization.valid_before_secs(),
+        settle_mode: match settle {
+            SettleMode::After => "after",
+            SettleMode::Before => "before",
+        },
+    }
+}
+
+/// The reservation key of a ledger row.
+fn nonce_key(row: &ledger::Row) -> Option<NonceKey> {
+    Some(NonceKey {
+        chain_id: row.chain_id,
+        asset: row.asset.parse().ok()?,
+        from: row.payer.parse().ok()?,
+        nonce: row.nonce.parse().ok()?,
+    })
+}
+
+enum ReadError {
+    TooLarge,
+    Broken,
+}
+
+/// Reads a body to its end, refusing more than `limit` bytes.
+async fn read_to_limit(mut body: Body, limit: usize) -> Result<Bytes, ReadError> {
+    let mut buffer = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| ReadError::Broken)?;
+        if let Ok(data) = frame.into_data() {
+            if buffer.len() + data.len() > limit {
+                return Err(ReadError::TooLarge);
+            }
+            buffer.extend_from_slice(&data);
+        }
+    }
+    Ok(buffer.freeze())
+}

@@ -1,0 +1,286 @@
+//! The stages of a paid call after verification: upstream and settlement in the route's order, each step
+//! recorded in the ledger before it takes effect, and the answers to retries of a spent authorization.
+
+use super::{read_to_limit, AccessLog, Gateway, ReadError};
+use crate::answers::StoredAnswer;
+use crate::config::RouteSpec;
+use crate::error::GatewayError;
+use crate::gate::Payment;
+use crate::ledger::{Ledger, Row, State};
+use crate::proxy::body::{full, json_response, Body};
+use crate::respond;
+use crate::settlement::{Facilitator, SettleFailure, Settled};
+use crate::usage::{OnEnd, UsageTap};
+use crate::x402::wire::ResourceInfo;
+use crate::x402::Rejection;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use std::time::Instant;
+
+/// A verified, reserved and recorded payment on its way through the upstream and settlement stages.
+pub(super) struct PaidCall<'g, 'l> {
+    pub facilitator: Facilitator<'g>,
+    pub payment: Payment,
+    /// Its ledger row.
+    pub id: i64,
+    pub resource: ResourceInfo,
+    pub log: &'l mut AccessLog,
+    /// Largest answer held back under `settle = "after"`.
+    pub max_held: usize,
+}
+
+impl Gateway {
+    /// `settle = "before"`: the payment settles first, then the answer streams through with its receipt.
+    pub(super) async fn settle_then_stream(
+        &self,
+        request: Request<Body>,
+        route: &RouteSpec,
+        call: PaidCall<'_, '_>,
+    ) -> Result<Response<Body>, GatewayError> {
+        self.write_ahead(self.ledger.settling(call.id, None).await, &call.payment)?;
+        let settled = match self.settle(route, &call).await {
+            Ok(settled) => settled,
+            Err(failure) => return Ok(self.settle_failed(&call, &failure).await),
+        };
+        self.record(self.ledger.settled(call.id, settled.transaction.clone()).await);
+        call.log.transaction = Some(settled.transaction.clone());
+        let (mut response, delivered) = match self.forward(request, route).await {
+            Ok(response) if !failed(response.status()) => (response, true),
+            Ok(response) => (response, false),
+            Err(err) => (err.into_response(), false),
+        };
+        if !delivered {
+            let reason = format!("the upstream answered {} after the payment settled", response.status().as_u16());
+            tracing::error!(transaction = %settled.transaction, payer = %call.payment.authorization.from, "{reason}: refund needed");
+            self.record(self.ledger.refund_needed(call.id, reason).await);
+        }
+        respond::attach_receipt(&mut response, &call.payment, &settled);
+        let served = delivered.then(|| (self.ledger.clone(), call.id));
+        Ok(record_usage(response, route, call.log, served))
+    }
+
+    /// `settle = "after"`: the answer is held until the payment settles; a failed answer is not charged.
+    pub(super) async fn deliver_then_settle(
+        &self,
+        request: Request<Body>,
+        route: &RouteSpec,
+        call: PaidCall<'_, '_>,
+    ) -> Result<Response<Body>, GatewayError> {
+        let response = match self.forward(request, route).await {
+            Ok(response) => response,
+            Err(err) => {
+                self.release(&call, None).await;
+                return Err(err);
+            }
+        };
+        let status = response.status();
+        if failed(status) {
+            self.release(&call, Some(status)).await;
+            return Ok(response);
+        }
+        let (parts, body) = response.into_parts();
+        let body = match read_to_limit(body, call.max_held).await {
+            Ok(body) => body,
+            Err(err) => {
+                self.release(&call, Some(status)).await;
+                return Err(match err {
+                    ReadError::TooLarge => GatewayError::AnswerTooLarge,
+                    ReadError::Broken => GatewayError::UpstreamUnavailable,
+                });
+            }
+        };
+        if let Err(err) = self.write_ahead(self.ledger.settling(call.id, Some(status.as_u16())).await, &call.payment) {
+            self.record(self.ledger.released(call.id, Some(status.as_u16())).await);
+            return Err(err);
+        }
+        let settled = match self.settle(route, &call).await {
+            Ok(settled) => settled,
+            Err(failure) => return Ok(self.settle_failed(&call, &failure).await),
+        };
+        self.record(self.ledger.settled(call.id, settled.transaction.clone()).await);
+        call.log.transaction = Some(settled.transaction.clone());
+        let mut response = Response::from_parts(parts, full(body.clone()));
+        respond::attach_receipt(&mut response, &call.payment, &settled);
+        let kept = StoredAnswer {
+            status: response.status(),
+            headers: response.headers().clone(),
+            body,
+            paid_by: call.payment.key,
+        };
+        self.answers.keep(&call.payment, kept);
+        Ok(record_usage(response, route, call.log, Some((self.ledger.clone(), call.id))))
+    }
+
+    async fn settle(&self, route: &RouteSpec, call: &PaidCall<'_, '_>) -> Result<Settled, SettleFailure> {
+        let started = Instant::now();
+        let outcome = call.facilitator.settle(&call.payment, &call.resource).await;
+        let route = route.pattern_text.as_str();
+        match &outcome {
+            Ok(_) => {
+                self.metrics.settled(route, "success", started.elapsed());
+                let offer = &call.payment.offer;
+                let amount = u64::try_from(call.payment.authorization.value).unwrap_or(u64::MAX);
+                self.metrics.revenue(route, &offer.network.caip2, &offer.asset.address.to_string(), amount);
+            }
+            Err(failure) => self.metrics.settled(route, &failure.reason, started.elapsed()),
+        }
+        outcome
+    }
+
+    /// A settlement failed: 402 with the failure, the answer withheld. A certain failure frees the
+    /// authorization; an uncertain one (`settlement_pending`) keeps it, and reconciliation finishes the row.
+    async fn settle_failed(&self, call: &PaidCall<'_, '_>, failure: &SettleFailure) -> Response<Body> {
+        if failure.nothing_moved {
+            self.gate.release(&call.payment);
+            self.record(self.ledger.failed(call.id, failure.reason.clone(), failure.transaction.clone()).await);
+        } else if let Some(transaction) = &failure.transaction {
+            self.record(self.ledger.pending(call.id, transaction.clone()).await);
+        }
+        tracing::warn!(
+            reason = %failure.reason,
+            message = %failure.message,
+            transaction = failure.transaction.as_deref(),
+            payer = %call.payment.authorization.from,
+            "settlement failed; the answer is withheld",
+        );
+        respond::settle_failed(&call.payment, failure)
+    }
+
+    /// Nothing was charged (the answer failed): the row is released and the buyer may use the
+    /// authorization again.
+    async fn release(&self, call: &PaidCall<'_, '_>, status: Option<StatusCode>) {
+        self.gate.release(&call.payment);
+        self.record(self.ledger.released(call.id, status.map(|s| s.as_u16())).await);
+    }
+
+    /// A retry of an authorization that is already reserved: the original answer if it is kept, else what
+    /// the ledger knows (409 once it is spent, a pending 402 while it settles), else a concurrent duplicate.
+    pub(super) async fn already_paid(
+        &self,
+        payment: &Payment,
+        challenge: impl Fn(Option<&Rejection>) -> Response<Body>,
+    ) -> Response<Body> {
+        if let Some(answer) = self.answers.get(payment) {
+            return if answer.paid_by == payment.key { replay(&answer) } else { identifier_reused() };
+        }
+        let auth = &payment.authorization;
+        let found = self
+            .ledger
+            .find(
+                payment.offer.network.chain_id,
+                payment.offer.asset.address.to_string(),
+                auth.from.to_string(),
+                auth.nonce.to_string(),
+            )
+            .await;
+        match found {
+            Ok(Some(row)) if row.state != State::Verified.as_str() => spent(payment, &row),
+            _ => challenge(Some(&Rejection::Replayed)),
+        }
+    }
+
+    /// A ledger write that must succeed before the next step may take effect.
+    fn write_ahead(
+        &self,
+        written: Result<(), crate::ledger::LedgerError>,
+        payment: &Payment,
+    ) -> Result<(), GatewayError> {
+        written.map_err(|err| {
+            self.gate.release(payment);
+            tracing::error!("{err}");
+            GatewayError::LedgerUnavailable
+        })
+    }
+
+    /// A ledger write recording what already happened: a failure is logged (reconciliation will redo it).
+    fn record(&self, written: Result<(), crate::ledger::LedgerError>) {
+        if let Err(err) = written {
+            tracing::error!("could not record a payment step: {err}");
+        }
+    }
+}
+
+fn failed(status: StatusCode) -> bool {
+    status.is_client_error() || status.is_server_error()
+}
+
+/// The original paid answer, again: a retry is never charged twice.
+fn replay(answer: &StoredAnswer) -> Response<Body> {
+    let mut response = Response::new(full(answer.body.clone()));
+    *response.status_mut() = answer.status;
+    *response.headers_mut() = answer.headers.clone();
+    response.headers_mut().insert("x402-replayed", http::HeaderValue::from_static("true"));
+    response
+}
+
+pub(super) fn identifier_reused() -> Response<Body> {
+    json_response(
+        StatusCode::CONFLICT,
+        &serde_json::json!({
+            "error": "payment_identifier_reused",
+            "message": "this payment-identifier already paid for an answer, with another authorization",
+        }),
+    )
+}
+
+/// The ledger says this authorization is spent (or settling) and its answer is not kept.
+pub(super) fn spent(payment: &Payment, row: &Row) -> Response<Body> {
+    if row.state == State::Settling.as_str() {
+        let pending = SettleFailure {
+            reason: "settlement_pending".into(),
+            message: "this payment's settlement is still being confirmed".into(),
+            transaction: row.transaction.clone(),
+            nothing_moved: false,
+        };
+        return respond::settle_failed(payment, &pending);
+    }
+    json_response(
+        StatusCode::CONFLICT,
+        &serde_json::json!({
+            "error": "payment_already_used",
+            "message": "this authorization already paid for an answer, which is no longer kept; a new request needs a new payment",
+            "transaction": row.transaction,
+            "state": row.state,
+        }),
+    )
+}
+
+/// Logs the LLM token usage of a paid answer with its payment once the answer has gone out, and marks the
+/// ledger row served when it went out whole.
+fn record_usage(
+    response: Response<Body>,
+    route: &RouteSpec,
+    log: &AccessLog,
+    served: Option<(Ledger, i64)>,
+) -> Response<Body> {
+    let (parts, body) = response.into_parts();
+    let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let route = route.pattern_text.clone();
+    let payer = log.payment.as_ref().map(|p| p.authorization.from.to_string());
+    let amount = log.payment.as_ref().map(|p| p.authorization.value.to_string());
+    let (transaction, model) = (log.transaction.clone(), log.price_key.clone());
+    let on_end: OnEnd = Box::new(move |usage, complete| {
+        if let (true, Some((ledger, id))) = (complete, served) {
+            tokio::spawn(async move {
+                if let Err(err) = ledger.served(id).await {
+                    tracing::error!("could not record a served answer: {err}");
+                }
+            });
+        }
+        if let Some(usage) = usage {
+            tracing::info!(
+                target: "usage",
+                route,
+                payer,
+                amount,
+                transaction,
+                model,
+                prompt_tokens = usage.prompt_tokens,
+                completion_tokens = usage.completion_tokens,
+                complete,
+            );
+        }
+    });
+    let tapped = UsageTap::new(body, content_type, on_end);
+    Response::from_parts(parts, tapped.boxed_unsync())
+}
