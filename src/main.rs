@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use x402_gateway::buyer;
 use x402_gateway::config::{Config, FacilitatorChoice};
+use x402_gateway::ledger;
 use x402_gateway::logging::{self, LogFormat};
 use x402_gateway::pipeline::Gateway;
 use x402_gateway::pricing::Pricing;
@@ -38,6 +39,43 @@ enum Command {
     /// Pay for one call to an x402 resource and print the status, the settlement and the body
     /// (to test a deployment). Exit code 0 for a 2xx answer.
     Pay(PayArgs),
+    /// Read and reconcile the payment ledger (`[ledger] path` of the configuration).
+    Ledger(LedgerArgs),
+}
+
+#[derive(clap::Args)]
+struct LedgerArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    #[command(subcommand)]
+    action: LedgerAction,
+}
+
+#[derive(Subcommand)]
+enum LedgerAction {
+    /// Payments, newest first.
+    List {
+        /// verified, settling, settled, failed, refund_needed or released.
+        #[arg(long)]
+        state: Option<String>,
+        /// A route's path pattern, as in the configuration.
+        #[arg(long)]
+        route: Option<String>,
+        #[arg(long)]
+        payer: Option<String>,
+        #[arg(long, default_value = "100")]
+        limit: u32,
+    },
+    /// One payment, in full (JSON).
+    Show { id: i64 },
+    /// Resolve rows left open (crashes, settlement timeouts) against the chain, and report.
+    Reconcile {
+        /// Also rows touched in the last 5 minutes: only when no gateway is running on this ledger.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Settled revenue by route, day (UTC), network and asset, in atomic units.
+    Revenue,
 }
 
 #[derive(clap::Args)]
@@ -82,6 +120,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check(args) => check(&args.config),
         Command::Pay(args) => pay(args),
+        Command::Ledger(args) => ledger_command(args),
         Command::Run(args) => {
             logging::init(cli.log_format);
             run(&args.config)
@@ -185,6 +224,108 @@ fn pay(args: PayArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn ledger_command(args: LedgerArgs) -> ExitCode {
+    let config = match Config::load(&args.config.config) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(ledger_action(&config, args.action)) {
+        Ok(out) => {
+            print_out(&out);
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn ledger_action(config: &Config, action: LedgerAction) -> Result<String, String> {
+    let store = ledger::Ledger::open(&config.ledger.path).map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    match action {
+        LedgerAction::List { state, route, payer, limit } => {
+            if let Some(state) = state.as_deref().filter(|s| ledger::State::parse(s).is_none()) {
+                return Err(format!(
+                    "--state {state}: expected verified, settling, settled, failed, refund_needed or released"
+                ));
+            }
+            let rows = store.list(state, route, payer, limit).await.map_err(|e| e.to_string())?;
+            line!(
+                out,
+                "{:>6}  {:<13}  {:<24}  {:<42}  {:>12}  {:<14}  {:<6}  TRANSACTION",
+                "ID",
+                "STATE",
+                "ROUTE",
+                "PAYER",
+                "AMOUNT",
+                "NETWORK",
+                "SERVED"
+            );
+            for r in rows {
+                line!(
+                    out,
+                    "{:>6}  {:<13}  {:<24}  {:<42}  {:>12}  {:<14}  {:<6}  {}",
+                    r.id,
+                    r.state,
+                    r.route,
+                    r.payer,
+                    r.amount,
+                    r.network,
+                    r.served,
+                    r.transaction.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        LedgerAction::Show { id } => {
+            let row = store.get(id).await.map_err(|e| e.to_string())?.ok_or_else(|| format!("no payment {id}"))?;
+            line!(out, "{}", serde_json::to_string_pretty(&row).unwrap_or_default());
+        }
+        LedgerAction::Reconcile { all } => {
+            let chains = config
+                .payment
+                .networks
+                .values()
+                .filter_map(|n| {
+                    let url = n.rpc_url.as_deref()?.parse().ok()?;
+                    Some((n.chain_id, x402_gateway::chain::connect(&url, std::time::Duration::from_secs(15))))
+                })
+                .collect();
+            let now = x402_gateway::replay::unix_now();
+            let cutoff = if all { now + 1 } else { now.saturating_sub(300) };
+            let report = ledger::reconcile(&store, &chains, cutoff).await.map_err(|e| e.to_string())?;
+            line!(out, "{}", serde_json::to_string(&report).unwrap_or_default());
+        }
+        LedgerAction::Revenue => {
+            line!(out, "{:<24}  {:<10}  {:<14}  {:<42}  {:>8}  AMOUNT", "ROUTE", "DAY", "NETWORK", "ASSET", "PAYMENTS");
+            for r in store.revenue().await.map_err(|e| e.to_string())? {
+                line!(
+                    out,
+                    "{:<24}  {:<10}  {:<14}  {:<42}  {:>8}  {}",
+                    r.route,
+                    r.day,
+                    r.network,
+                    r.asset,
+                    r.payments,
+                    r.amount
+                );
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Everything `pay` needs, checked before any request goes out. Errors never repeat the key.

@@ -44,6 +44,7 @@ pub struct Payment {
     pub facilitator_timeout_secs: Option<u64>,
     pub settle: Option<String>,
     pub settle_after_max_bytes: Option<usize>,
+    pub settle_timeout_secs: Option<u64>,
     pub nonce_cache_capacity: Option<u64>,
 }
 

@@ -17,6 +17,7 @@ pub const DEFAULT_MAX_TIMEOUT_SECONDS: u64 = 300;
 pub const DEFAULT_NONCE_CACHE_CAPACITY: u64 = 100_000;
 pub const DEFAULT_FACILITATOR_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_SETTLE_AFTER_MAX_BYTES: usize = 10 * 1024 * 1024;
+pub const DEFAULT_SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 const LOCAL_FACILITATOR: &str = "local";
 
 /// What a paid route sells and for how much.
@@ -89,6 +90,9 @@ pub struct PaymentSettings {
     pub facilitator_timeout: Duration,
     /// Largest upstream answer held back while a `settle = "after"` payment settles.
     pub settle_after_max_bytes: usize,
+    /// Longest wait for a local settlement's receipt (the authorization's expiry may cut it shorter); past it,
+    /// the payment is `settlement_pending` and reconciliation finishes it.
+    pub settle_timeout: Duration,
 }
 
 impl Validator<'_> {
@@ -141,7 +145,11 @@ impl Validator<'_> {
         let settle_after_max_bytes =
             super::nonzero("payment.settle_after_max_bytes", payment.and_then(|p| p.settle_after_max_bytes))?
                 .unwrap_or(DEFAULT_SETTLE_AFTER_MAX_BYTES);
+        let settle_timeout =
+            super::nonzero("payment.settle_timeout_secs", payment.and_then(|p| p.settle_timeout_secs))?
+                .map_or(DEFAULT_SETTLE_TIMEOUT, Duration::from_secs);
         Ok(PaymentSettings {
+            settle_timeout,
             nonce_cache_capacity: capacity.unwrap_or(DEFAULT_NONCE_CACHE_CAPACITY),
             networks,
             settlers,

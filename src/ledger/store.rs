@@ -320,7 +320,7 @@ impl Ledger {
         let rows = self.in_state_set(&["settled", "refund_needed"]).await?;
         let mut sums: std::collections::BTreeMap<(String, String, String, String), (u64, alloy::primitives::U256)> =
             Default::default();
-        for r in rows.into_iter().filter(|r| r.transaction.is_some()) {
+        for r in rows {
             let day = day_of(r.updated_at);
             let entry = sums.entry((r.route, day, r.network, r.asset)).or_default();
             entry.0 += 1;

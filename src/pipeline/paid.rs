@@ -95,7 +95,20 @@ impl Gateway {
         }
         let settled = match self.settle(route, &call).await {
             Ok(settled) => settled,
-            Err(failure) => return Ok(self.settle_failed(&call, &failure).await),
+            Err(failure) => {
+                if !failure.nothing_moved {
+                    // It may still settle: keep the answer for the buyer's retry once reconciliation knows.
+                    let withheld = StoredAnswer {
+                        status,
+                        headers: parts.headers,
+                        body,
+                        paid_by: call.payment.key,
+                        settled: false,
+                    };
+                    self.answers.keep(&call.payment, withheld);
+                }
+                return Ok(self.settle_failed(&call, &failure).await);
+            }
         };
         self.record(self.ledger.settled(call.id, settled.transaction.clone()).await);
         call.log.transaction = Some(settled.transaction.clone());
@@ -106,6 +119,7 @@ impl Gateway {
             headers: response.headers().clone(),
             body,
             paid_by: call.payment.key,
+            settled: true,
         };
         self.answers.keep(&call.payment, kept);
         Ok(record_usage(response, route, call.log, Some((self.ledger.clone(), call.id))))
@@ -160,8 +174,11 @@ impl Gateway {
         payment: &Payment,
         challenge: impl Fn(Option<&Rejection>) -> Response<Body>,
     ) -> Response<Body> {
-        if let Some(answer) = self.answers.get(payment) {
-            return if answer.paid_by == payment.key { replay(&answer) } else { identifier_reused() };
+        let answer = self.answers.get(payment);
+        match &answer {
+            Some(answer) if answer.paid_by != payment.key => return identifier_reused(),
+            Some(answer) if answer.settled => return replay(answer),
+            _ => {}
         }
         let auth = &payment.authorization;
         let found = self
@@ -173,9 +190,20 @@ impl Gateway {
                 auth.nonce.to_string(),
             )
             .await;
-        match found {
-            Ok(Some(row)) if row.state != State::Verified.as_str() => spent(payment, &row),
-            _ => challenge(Some(&Rejection::Replayed)),
+        let row = match found {
+            Ok(Some(row)) if row.state != State::Verified.as_str() => row,
+            _ => return challenge(Some(&Rejection::Replayed)),
+        };
+        let paid = row.state == State::Settled.as_str() || row.state == State::RefundNeeded.as_str();
+        match (answer, paid, row.transaction.clone()) {
+            // Withheld while pending, settled since: the buyer gets what it paid for, and the row says so.
+            (Some(withheld), true, Some(transaction)) => {
+                let mut response = replay(&withheld);
+                respond::attach_receipt(&mut response, payment, &Settled { transaction });
+                self.record(self.ledger.served(row.id).await);
+                response
+            }
+            _ => spent(payment, &row),
         }
     }
 

@@ -12,8 +12,6 @@ use alloy::signers::local::PrivateKeySigner;
 use http::Uri;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Longest wait for a settlement's receipt; the authorization's own expiry may cut it shorter.
-const RECEIPT_TIMEOUT: Duration = Duration::from_secs(60);
 const FIRST_POLL: Duration = Duration::from_millis(20);
 const LONGEST_POLL: Duration = Duration::from_millis(500);
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -24,13 +22,20 @@ pub struct LocalSettler {
     settler: Address,
     chain_id: u64,
     queue: TxQueue,
+    receipt_timeout: Duration,
 }
 
 impl LocalSettler {
-    pub fn new(provider: RootProvider, rpc_url: Uri, signer: PrivateKeySigner, chain_id: u64) -> LocalSettler {
+    pub fn new(
+        provider: RootProvider,
+        rpc_url: Uri,
+        signer: PrivateKeySigner,
+        chain_id: u64,
+        receipt_timeout: Duration,
+    ) -> LocalSettler {
         let settler = signer.address();
         let queue = TxQueue::spawn(provider.clone(), signer, chain_id);
-        LocalSettler { provider, rpc_url, settler, chain_id, queue }
+        LocalSettler { provider, rpc_url, settler, chain_id, queue, receipt_timeout }
     }
 
     /// Whether this settler is the one a configuration asks for (same node, same key).
@@ -71,7 +76,7 @@ impl LocalSettler {
             }
             Err(SendError::Unknown(hash)) => hash,
         };
-        match self.wait_for_receipt(hash, receipt_deadline(auth)).await {
+        match self.wait_for_receipt(hash, receipt_deadline(auth).min(self.receipt_timeout)).await {
             Some(true) => Ok(Settled { transaction: hash.to_string() }),
             Some(false) => Err(SettleFailure::nothing_moved(
                 "invalid_exact_evm_transaction_failed",
@@ -108,5 +113,5 @@ impl LocalSettler {
 /// Wait no longer than the authorization is valid: after `validBefore` the transaction cannot succeed.
 fn receipt_deadline(auth: &VerifiedAuthorization) -> Duration {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    Duration::from_secs(auth.valid_before_secs().saturating_sub(now)).min(RECEIPT_TIMEOUT)
+    Duration::from_secs(auth.valid_before_secs().saturating_sub(now))
 }

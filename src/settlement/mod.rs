@@ -135,7 +135,13 @@ impl Facilitators {
                     .cloned();
                 let settler = kept.unwrap_or_else(|| {
                     let provider = chain::connect(&settler.rpc_url, RPC_TIMEOUT);
-                    Arc::new(LocalSettler::new(provider, settler.rpc_url.clone(), settler.key.clone(), *chain_id))
+                    Arc::new(LocalSettler::new(
+                        provider,
+                        settler.rpc_url.clone(),
+                        settler.key.clone(),
+                        *chain_id,
+                        settings.settle_timeout,
+                    ))
                 });
                 (*chain_id, settler)
             })

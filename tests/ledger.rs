@@ -1,0 +1,191 @@
+//! The payment ledger: a row per payment in the right state, revenue equal to what moved on chain, settlement
+//! timeouts resolved by reconciliation, and the `ledger` commands.
+
+mod common;
+
+use alloy::primitives::U256;
+use alloy::providers::Provider;
+use alloy::signers::local::PrivateKeySigner;
+use common::chain::Chain;
+use common::pay::{self, Authorization};
+use common::*;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use std::process::Command;
+use std::time::Duration;
+use x402_gateway::ledger::Row;
+use x402_gateway::proxy::body::full;
+
+const PAY_TO: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
+
+/// An upstream that fails (500) on any path containing `fail`.
+async fn fragile_upstream() -> Upstream {
+    spawn_upstream(|request: Request<hyper::body::Incoming>| async move {
+        let fails = request.uri().path().contains("fail");
+        let mut response = Response::new(full(if fails { "broken" } else { "the goods" }));
+        if fails {
+            *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        }
+        response
+    })
+    .await
+}
+
+fn toml(upstream: &Upstream, chain: &Chain, extra_payment: &str) -> String {
+    format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+[upstreams.api]
+url = "{}"
+[payment]
+pay_to = "{PAY_TO}"
+network = "eip155:84532"
+asset = "USDC"
+{extra_payment}
+[[routes]]
+path = "/goods"
+upstream = "api"
+amount = "1000"
+[[routes]]
+path = "/fail-after"
+upstream = "api"
+amount = "1000"
+[[routes]]
+path = "/fail-before"
+upstream = "api"
+amount = "1000"
+settle = "before"
+{}"#,
+        upstream.url(),
+        chain.network_toml()
+    )
+}
+
+async fn payment(gateway: &Gateway, path: &str, buyer: &PrivateKeySigner) -> String {
+    let challenge = pay::decode_header(&get(&gateway.url(path)).await.headers["payment-required"]);
+    let offer = &challenge["accepts"][0];
+    pay::v2_header(&challenge["resource"], offer, Authorization::for_offer(buyer.address(), offer).sign(buyer))
+}
+
+async fn pay_with(gateway: &Gateway, path: &str, header: &str) -> Answer {
+    send(&client(), Request::get(gateway.url(path)).header("payment-signature", header).body(Full::default()).unwrap())
+        .await
+}
+
+async fn row_of(gateway: &Gateway, payer: alloy::primitives::Address) -> Row {
+    let rows = gateway.pipeline.ledger().list(None, None, Some(payer.to_string()), 10).await.unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    rows.into_iter().next().unwrap()
+}
+
+/// Waits (bounded) for a row to reach `state` and `served`.
+async fn row_when(gateway: &Gateway, payer: alloy::primitives::Address, state: &str, served: bool) -> Row {
+    for _ in 0..100 {
+        let row = row_of(gateway, payer).await;
+        if row.state == state && row.served == served {
+            return row;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("row never reached {state}/{served}: {:?}", row_of(gateway, payer).await);
+}
+
+fn ledger_command(gateway: &Gateway, args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_x402-gateway"))
+        .args(["ledger", "--config"])
+        .arg(gateway.dir.join("gateway.toml"))
+        .args(args)
+        .output()
+        .expect("the binary runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn every_payment_has_a_row_in_the_right_state_and_revenue_matches_the_chain() {
+    let chain = Chain::start().await;
+    let gateway = start_gateway(&toml(&fragile_upstream().await, &chain, "")).await;
+    let buyers: Vec<PrivateKeySigner> = (0..4).map(|_| PrivateKeySigner::random()).collect();
+    for buyer in &buyers {
+        chain.mint(buyer.address(), 10_000).await;
+    }
+
+    let delivered = pay_with(&gateway, "/goods", &payment(&gateway, "/goods", &buyers[0]).await).await;
+    assert_eq!(delivered.status, StatusCode::OK);
+    let receipt = pay::decode_header(&delivered.headers["payment-response"]);
+    let row = row_when(&gateway, buyers[0].address(), "settled", true).await;
+    assert_eq!(row.transaction.as_deref(), receipt["transaction"].as_str());
+    assert_eq!((row.amount.as_str(), row.route.as_str(), row.settle_mode.as_str()), ("1000", "/goods", "after"));
+    assert_eq!(row.upstream_status, Some(200));
+
+    let second = pay_with(&gateway, "/goods", &payment(&gateway, "/goods", &buyers[1]).await).await;
+    assert_eq!(second.status, StatusCode::OK);
+
+    // settle = "after" and the answer failed: nothing charged, the row released.
+    let failed = pay_with(&gateway, "/fail-after", &payment(&gateway, "/fail-after", &buyers[2]).await).await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let row = row_when(&gateway, buyers[2].address(), "released", false).await;
+    assert_eq!((row.upstream_status, row.transaction), (Some(500), None));
+
+    // settle = "before" and the answer failed after the payment settled: marked for refund.
+    let charged = pay_with(&gateway, "/fail-before", &payment(&gateway, "/fail-before", &buyers[3]).await).await;
+    assert_eq!(charged.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(pay::decode_header(&charged.headers["payment-response"])["success"], true, "the buyer gets its receipt");
+    let row = row_when(&gateway, buyers[3].address(), "refund_needed", false).await;
+    assert!(row.failure.as_deref().unwrap_or("").contains("500"), "{row:?}");
+
+    // Revenue (by the library and by the command) equals what moved on chain to the payee.
+    let on_chain = chain.balance(PAY_TO.parse().unwrap()).await;
+    assert_eq!(on_chain, U256::from(3000));
+    let revenue = gateway.pipeline.ledger().revenue().await.unwrap();
+    let total: U256 = revenue.iter().map(|r| r.amount.parse::<U256>().unwrap()).sum();
+    assert_eq!(total, on_chain);
+    let table = ledger_command(&gateway, &["revenue"]);
+    assert!(table.contains("/goods") && table.contains("2000") && table.contains("/fail-before"), "{table}");
+
+    let listed = ledger_command(&gateway, &["list", "--state", "released"]);
+    assert_eq!(listed.lines().count(), 2, "a header and the released row: {listed}");
+    let shown: serde_json::Value =
+        serde_json::from_str(&ledger_command(&gateway, &["show", &row.id.to_string()])).unwrap();
+    assert_eq!(shown["state"], "refund_needed");
+}
+
+#[tokio::test]
+async fn a_settlement_timeout_stays_pending_until_reconciliation_and_the_retry_delivers() {
+    let chain = Chain::start().await;
+    let gateway = start_gateway(&toml(&fragile_upstream().await, &chain, "settle_timeout_secs = 1")).await;
+    let buyer = PrivateKeySigner::random();
+    chain.mint(buyer.address(), 10_000).await;
+    let header = payment(&gateway, "/goods", &buyer).await;
+
+    // The chain stops mining: the settlement is broadcast but not confirmed in time.
+    let _: serde_json::Value = chain.provider.raw_request("evm_setAutomine".into(), (false,)).await.unwrap();
+    let pending = pay_with(&gateway, "/goods", &header).await;
+    assert_eq!(pending.status, StatusCode::PAYMENT_REQUIRED);
+    assert!(!pending.text().contains("the goods"), "withheld while unpaid");
+    let receipt = pay::decode_header(&pending.headers["payment-response"]);
+    assert_eq!(receipt["errorReason"], "settlement_pending");
+    let transaction = receipt["transaction"].as_str().unwrap().to_string();
+    assert_eq!(transaction.len(), 66);
+    let row = row_of(&gateway, buyer.address()).await;
+    assert_eq!((row.state.as_str(), row.transaction.as_deref()), ("settling", Some(transaction.as_str())));
+    // Meanwhile a retry is told it is still pending, and nothing is charged twice.
+    let retry = pay_with(&gateway, "/goods", &header).await;
+    assert_eq!(pay::decode_header(&retry.headers["payment-response"])["errorReason"], "settlement_pending");
+
+    // Mining resumes; reconciliation finds the transfer on chain.
+    let _: serde_json::Value = chain.provider.raw_request("evm_setAutomine".into(), (true,)).await.unwrap();
+    let _: serde_json::Value = chain.provider.raw_request("evm_mine".into(), ()).await.unwrap();
+    let report = gateway.pipeline.reconcile(x402_gateway::replay::unix_now() + 1).await.unwrap();
+    assert_eq!((report.settled, report.refunds, report.still_pending), (1, 1, 0), "{report:?}");
+    let row = row_of(&gateway, buyer.address()).await;
+    assert_eq!((row.state.as_str(), row.transaction.as_deref()), ("refund_needed", Some(transaction.as_str())));
+
+    // The buyer retries with the same authorization: it gets the answer it paid for, once.
+    let delivered = pay_with(&gateway, "/goods", &header).await;
+    assert_eq!(delivered.status, StatusCode::OK);
+    assert_eq!(delivered.text(), "the goods");
+    assert_eq!(pay::decode_header(&delivered.headers["payment-response"])["transaction"], transaction.as_str());
+    row_when(&gateway, buyer.address(), "settled", true).await;
+    assert_eq!(chain.balance(PAY_TO.parse().unwrap()).await, U256::from(1000));
+}
