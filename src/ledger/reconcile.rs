@@ -56,6 +56,16 @@ pub async fn reconcile(
                 ledger.failed(row.id, "the settlement transaction reverted".into(), row.transaction.clone()).await?;
                 report.failed += 1;
             }
+            Ok(Outcome::Lost) => {
+                ledger
+                    .failed(
+                        row.id,
+                        "the settlement was never broadcast, or was dropped".into(),
+                        row.transaction.clone(),
+                    )
+                    .await?;
+                report.failed += 1;
+            }
             Ok(Outcome::NotYet) if now >= row.valid_before => {
                 ledger.failed(row.id, "the authorization expired unsettled".into(), row.transaction.clone()).await?;
                 report.failed += 1;
@@ -79,6 +89,8 @@ enum Outcome {
     /// The authorization was used: the transfer happened, in this transaction.
     Moved(String),
     Reverted,
+    /// Not on chain, not in the node's pool, and no one left to send it: it will not happen.
+    Lost,
     NotYet,
 }
 
@@ -102,9 +114,18 @@ async fn on_chain(provider: &RootProvider, row: &Row) -> Result<Outcome, String>
         };
         return Ok(Outcome::Moved(transaction));
     }
-    Ok(match receipt {
-        Some(r) if !r.status() => Outcome::Reverted,
-        _ => Outcome::NotYet,
+    if receipt.as_ref().is_some_and(|r| !r.status()) {
+        return Ok(Outcome::Reverted);
+    }
+    // The hash is recorded before each broadcast, so a local settlement without one was never sent. A remote
+    // facilitator may be sending it still: only the authorization's expiry closes that row.
+    Ok(match known {
+        Some(hash) => match provider.get_transaction_by_hash(hash).await.map_err(|e| e.to_string())? {
+            Some(_) => Outcome::NotYet,
+            None => Outcome::Lost,
+        },
+        None if row.facilitator == "local" => Outcome::Lost,
+        None => Outcome::NotYet,
     })
 }
 

@@ -33,6 +33,8 @@ pub struct NewPayment {
     pub nonce: String,
     pub valid_before: u64,
     pub settle_mode: &'static str,
+    /// `local`, or the URL of the remote facilitator that settles it.
+    pub facilitator: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -49,6 +51,7 @@ pub struct Row {
     pub nonce: String,
     pub valid_before: u64,
     pub settle_mode: String,
+    pub facilitator: String,
     pub transaction: Option<String>,
     pub upstream_status: Option<u16>,
     pub served: bool,
@@ -82,6 +85,7 @@ CREATE TABLE IF NOT EXISTS payments (
     nonce           TEXT NOT NULL,
     valid_before    INTEGER NOT NULL,
     settle_mode     TEXT NOT NULL,
+    facilitator     TEXT NOT NULL,
     tx_hash         TEXT,
     upstream_status INTEGER,
     served          INTEGER NOT NULL DEFAULT 0,
@@ -93,9 +97,8 @@ CREATE TABLE IF NOT EXISTS payments (
 CREATE INDEX IF NOT EXISTS payments_state ON payments (state);
 ";
 
-const COLUMNS: &str =
-    "id, state, route, payer, payee, network, chain_id, asset, amount, nonce, valid_before, settle_mode, \
-                       tx_hash, upstream_status, served, failure, created_at, updated_at";
+const COLUMNS: &str = "id, state, route, payer, payee, network, chain_id, asset, amount, nonce, valid_before, \
+                       settle_mode, facilitator, tx_hash, upstream_status, served, failure, created_at, updated_at";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok(Row {
@@ -111,12 +114,13 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         nonce: r.get(9)?,
         valid_before: r.get(10)?,
         settle_mode: r.get(11)?,
-        transaction: r.get(12)?,
-        upstream_status: r.get(13)?,
-        served: r.get(14)?,
-        failure: r.get(15)?,
-        created_at: r.get(16)?,
-        updated_at: r.get(17)?,
+        facilitator: r.get(12)?,
+        transaction: r.get(13)?,
+        upstream_status: r.get(14)?,
+        served: r.get(15)?,
+        failure: r.get(16)?,
+        created_at: r.get(17)?,
+        updated_at: r.get(18)?,
     })
 }
 
@@ -153,8 +157,8 @@ impl Ledger {
     }
 
     /// Records a verified payment and returns its row id. An authorization seen before and never charged
-    /// (`released`, or `failed` with nothing moved) gets its row back in `verified`; one that is settling or
-    /// settled is returned as it is, for the caller to refuse or replay.
+    /// (`released` or `failed`: reconciliation marks `failed` only what the chain says did not move) gets its
+    /// row back in `verified`; one that is settling or settled is returned as it is, to refuse or replay.
     pub async fn record_verified(&self, p: NewPayment) -> Result<Result<i64, Row>, LedgerError> {
         self.run(move |conn| {
             let existing = conn
@@ -166,19 +170,20 @@ impl Ledger {
                 .optional()?;
             let t = now();
             match existing {
-                Some(old) if old.state == "released" || (old.state == "failed" && old.transaction.is_none()) => {
+                Some(old) if old.state == "released" || old.state == "failed" => {
                     conn.execute(
-                        "UPDATE payments SET state = 'verified', route = ?2, failure = NULL, upstream_status = NULL, updated_at = ?3 WHERE id = ?1",
-                        params![old.id, p.route, t],
+                        "UPDATE payments SET state = 'verified', route = ?2, facilitator = ?3, failure = NULL, tx_hash = NULL, \
+                         upstream_status = NULL, updated_at = ?4 WHERE id = ?1",
+                        params![old.id, p.route, p.facilitator, t],
                     )?;
                     Ok(Ok(old.id))
                 }
                 Some(old) => Ok(Err(old)),
                 None => {
                     conn.execute(
-                        "INSERT INTO payments (state, route, payer, payee, network, chain_id, asset, amount, nonce, valid_before, settle_mode, created_at, updated_at)
-                         VALUES ('verified', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)",
-                        params![p.route, p.payer, p.payee, p.network, p.chain_id, p.asset, p.amount, p.nonce, p.valid_before, p.settle_mode, t],
+                        "INSERT INTO payments (state, route, payer, payee, network, chain_id, asset, amount, nonce, valid_before, settle_mode, facilitator, created_at, updated_at)
+                         VALUES ('verified', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+                        params![p.route, p.payer, p.payee, p.network, p.chain_id, p.asset, p.amount, p.nonce, p.valid_before, p.settle_mode, p.facilitator, t],
                     )?;
                     Ok(Ok(conn.last_insert_rowid()))
                 }

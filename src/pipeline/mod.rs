@@ -239,7 +239,10 @@ impl Gateway {
         // Payment gate: decode, match an offer, verify offline, reserve the authorization.
         let payment = match self.gate.check(offers, request.headers(), unix_now()) {
             Ok(payment) => payment,
-            Err(GateError::Reserved(payment)) => return Ok(self.already_paid(&payment, challenge).await),
+            Err(GateError::Reserved(payment)) => match self.already_paid(&payment, challenge).await {
+                Some(answer) => return Ok(answer),
+                None => *payment,
+            },
             Err(GateError::Challenge(rejection)) => return Ok(challenge(rejection.as_ref())),
             Err(GateError::Malformed(message)) => {
                 self.metrics.rejected(route_name, "invalid_payload");
@@ -267,15 +270,17 @@ impl Gateway {
             };
         }
         self.metrics.verified(route_name, verifying.elapsed());
-        let id = match self.ledger.record_verified(new_payment(&payment, route_name, paid.settle)).await {
-            Ok(Ok(id)) => id,
-            Ok(Err(spent)) => return Ok(paid::spent(&payment, &spent)),
-            Err(err) => {
-                self.gate.release(&payment);
-                tracing::error!("{err}");
-                return Err(GatewayError::LedgerUnavailable);
-            }
-        };
+        let id =
+            match self.ledger.record_verified(new_payment(&payment, route_name, paid.settle, facilitator.name())).await
+            {
+                Ok(Ok(id)) => id,
+                Ok(Err(spent)) => return Ok(paid::spent(&payment, &spent)),
+                Err(err) => {
+                    self.gate.release(&payment);
+                    tracing::error!("{err}");
+                    return Err(GatewayError::LedgerUnavailable);
+                }
+            };
         log.payment = Some(payment.clone());
         log.ledger_id = Some(id);
         log.price_key = priced.key;
@@ -359,7 +364,7 @@ impl Gateway {
     }
 }
 
-fn new_payment(payment: &Payment, route: &str, settle: SettleMode) -> NewPayment {
+fn new_payment(payment: &Payment, route: &str, settle: SettleMode, facilitator: String) -> NewPayment {
     NewPayment {
         route: route.to_string(),
         payer: payment.authorization.from.to_string(),
@@ -374,6 +379,7 @@ fn new_payment(payment: &Payment, route: &str, settle: SettleMode) -> NewPayment
             SettleMode::After => "after",
             SettleMode::Before => "before",
         },
+        facilitator,
     }
 }
 

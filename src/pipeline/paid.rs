@@ -9,7 +9,7 @@ use crate::gate::Payment;
 use crate::ledger::{Ledger, Row, State};
 use crate::proxy::body::{full, json_response, Body};
 use crate::respond;
-use crate::settlement::{Facilitator, SettleFailure, Settled};
+use crate::settlement::{BeforeBroadcast, Facilitator, SettleFailure, Settled};
 use crate::usage::{OnEnd, UsageTap};
 use crate::x402::wire::ResourceInfo;
 use crate::x402::Rejection;
@@ -127,7 +127,12 @@ impl Gateway {
 
     async fn settle(&self, route: &RouteSpec, call: &PaidCall<'_, '_>) -> Result<Settled, SettleFailure> {
         let started = Instant::now();
-        let outcome = call.facilitator.settle(&call.payment, &call.resource).await;
+        let (ledger, id) = (self.ledger.clone(), call.id);
+        let record_hash: BeforeBroadcast = Box::new(move |hash| {
+            let ledger = ledger.clone();
+            Box::pin(async move { ledger.pending(id, hash.to_string()).await.map_err(|e| e.to_string()) })
+        });
+        let outcome = call.facilitator.settle(&call.payment, &call.resource, Some(record_hash)).await;
         let route = route.pattern_text.as_str();
         match &outcome {
             Ok(_) => {
@@ -168,16 +173,17 @@ impl Gateway {
     }
 
     /// A retry of an authorization that is already reserved: the original answer if it is kept, else what
-    /// the ledger knows (409 once it is spent, a pending 402 while it settles), else a concurrent duplicate.
+    /// the ledger knows (409 once it is spent, a pending 402 while it settles). `None` when the ledger says
+    /// nothing was charged (`failed`, `released`): the payment goes on as a new one.
     pub(super) async fn already_paid(
         &self,
         payment: &Payment,
         challenge: impl Fn(Option<&Rejection>) -> Response<Body>,
-    ) -> Response<Body> {
+    ) -> Option<Response<Body>> {
         let answer = self.answers.get(payment);
         match &answer {
-            Some(answer) if answer.paid_by != payment.key => return identifier_reused(),
-            Some(answer) if answer.settled => return replay(answer),
+            Some(answer) if answer.paid_by != payment.key => return Some(identifier_reused()),
+            Some(answer) if answer.settled => return Some(replay(answer)),
             _ => {}
         }
         let auth = &payment.authorization;
@@ -191,11 +197,15 @@ impl Gateway {
             )
             .await;
         let row = match found {
+            Ok(Some(row)) if row.state == State::Failed.as_str() || row.state == State::Released.as_str() => {
+                return None
+            }
             Ok(Some(row)) if row.state != State::Verified.as_str() => row,
-            _ => return challenge(Some(&Rejection::Replayed)),
+            // In flight right now (or the ledger cannot say): a concurrent duplicate.
+            _ => return Some(challenge(Some(&Rejection::Replayed))),
         };
         let paid = row.state == State::Settled.as_str() || row.state == State::RefundNeeded.as_str();
-        match (answer, paid, row.transaction.clone()) {
+        Some(match (answer, paid, row.transaction.clone()) {
             // Withheld while pending, settled since: the buyer gets what it paid for, and the row says so.
             (Some(withheld), true, Some(transaction)) => {
                 let mut response = replay(&withheld);
@@ -204,7 +214,7 @@ impl Gateway {
                 response
             }
             _ => spent(payment, &row),
-        }
+        })
     }
 
     /// A ledger write that must succeed before the next step may take effect.

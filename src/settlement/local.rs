@@ -1,7 +1,7 @@
 //! The in-process facilitator: simulates each authorization on chain before the request goes upstream, and
 //! settles it with the gateway's own gas-paying key.
 
-use super::queue::{SendError, TxQueue};
+use super::queue::{BeforeBroadcast, SendError, TxQueue};
 use super::{SettleFailure, Settled, VerifyFailure};
 use crate::chain::{self, SimulationFailure};
 use crate::x402::exact_evm::VerifiedAuthorization;
@@ -68,8 +68,13 @@ impl LocalSettler {
         }
     }
 
-    pub async fn settle(&self, token: Address, auth: &VerifiedAuthorization) -> Result<Settled, SettleFailure> {
-        let hash = match self.queue.send(token, chain::transfer_calldata(auth)).await {
+    pub async fn settle(
+        &self,
+        token: Address,
+        auth: &VerifiedAuthorization,
+        before: Option<BeforeBroadcast>,
+    ) -> Result<Settled, SettleFailure> {
+        let hash = match self.queue.send(token, chain::transfer_calldata(auth), before).await {
             Ok(hash) => hash,
             Err(SendError::Refused(message)) => {
                 return Err(SettleFailure::nothing_moved("invalid_exact_evm_transaction_failed", message, None))

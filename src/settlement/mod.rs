@@ -6,6 +6,7 @@ mod queue;
 mod remote;
 
 pub use local::LocalSettler;
+pub use queue::BeforeBroadcast;
 pub use remote::RemoteFacilitator;
 
 use crate::chain;
@@ -87,6 +88,14 @@ pub enum Facilitator<'a> {
 }
 
 impl Facilitator<'_> {
+    /// How the ledger names it: `local`, or the remote facilitator's URL.
+    pub fn name(&self) -> String {
+        match self {
+            Facilitator::Local(_) => "local".into(),
+            Facilitator::Remote(remote) => remote.url().to_string(),
+        }
+    }
+
     pub async fn verify(&self, payment: &Payment, resource: &ResourceInfo) -> Result<(), VerifyFailure> {
         match self {
             Facilitator::Local(settler) => settler.verify(payment.offer.asset.address, &payment.authorization).await,
@@ -94,9 +103,17 @@ impl Facilitator<'_> {
         }
     }
 
-    pub async fn settle(&self, payment: &Payment, resource: &ResourceInfo) -> Result<Settled, SettleFailure> {
+    /// Settles; a local settler calls `before` with the transaction's hash before broadcasting it.
+    pub async fn settle(
+        &self,
+        payment: &Payment,
+        resource: &ResourceInfo,
+        before: Option<BeforeBroadcast>,
+    ) -> Result<Settled, SettleFailure> {
         match self {
-            Facilitator::Local(settler) => settler.settle(payment.offer.asset.address, &payment.authorization).await,
+            Facilitator::Local(settler) => {
+                settler.settle(payment.offer.asset.address, &payment.authorization, before).await
+            }
             Facilitator::Remote(remote) => remote.settle(&remote_body(payment, resource)).await,
         }
     }

@@ -5,6 +5,8 @@ use crate::chain::{self, TxParams};
 use alloy::primitives::{keccak256, Address, Bytes, B256};
 use alloy::providers::{Provider, RootProvider};
 use alloy::signers::local::PrivateKeySigner;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
@@ -23,10 +25,15 @@ pub enum SendError {
     Unknown(B256),
 }
 
+/// Called with each signed transaction's hash before it is broadcast (to record it write-ahead; the last call
+/// names the transaction that was sent). An error stops the broadcast.
+pub type BeforeBroadcast = Box<dyn Fn(B256) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
 enum Message {
     Send {
         to: Address,
         input: Bytes,
+        before: Option<BeforeBroadcast>,
         reply: oneshot::Sender<Result<B256, SendError>>,
     },
     /// Forget the cached nonce: a transaction was lost, so the chain must be asked again.
@@ -45,11 +52,12 @@ impl TxQueue {
         TxQueue { messages }
     }
 
-    /// Signs and broadcasts a call; returns its transaction hash once the node has accepted it.
-    pub async fn send(&self, to: Address, input: Bytes) -> Result<B256, SendError> {
+    /// Signs and broadcasts a call; returns its transaction hash once the node has accepted it. `before` runs
+    /// inside the queue, between signing and broadcasting, so a caller that goes away cannot split the two.
+    pub async fn send(&self, to: Address, input: Bytes, before: Option<BeforeBroadcast>) -> Result<B256, SendError> {
         let (reply, answer) = oneshot::channel();
         self.messages
-            .send(Message::Send { to, input, reply })
+            .send(Message::Send { to, input, before, reply })
             .await
             .map_err(|_| SendError::Refused("the settlement queue has stopped".into()))?;
         answer.await.map_err(|_| SendError::Refused("the settlement queue has stopped".into()))?
@@ -73,14 +81,19 @@ impl Worker {
         while let Some(message) = inbox.recv().await {
             match message {
                 Message::Resync => self.next_nonce = None,
-                Message::Send { to, input, reply } => {
-                    let _ = reply.send(self.broadcast(to, input).await);
+                Message::Send { to, input, before, reply } => {
+                    let _ = reply.send(self.broadcast(to, input, before).await);
                 }
             }
         }
     }
 
-    async fn broadcast(&mut self, to: Address, input: Bytes) -> Result<B256, SendError> {
+    async fn broadcast(
+        &mut self,
+        to: Address,
+        input: Bytes,
+        before: Option<BeforeBroadcast>,
+    ) -> Result<B256, SendError> {
         let mut last_refusal = String::new();
         for _ in 0..SEND_ATTEMPTS {
             let params =
@@ -88,6 +101,9 @@ impl Worker {
             let raw = chain::sign_call(&self.signer, to, input.clone(), &params)
                 .map_err(|e| SendError::Refused(format!("cannot sign: {e}")))?;
             let hash = keccak256(&raw);
+            if let Some(record) = &before {
+                record(hash).await.map_err(SendError::Refused)?;
+            }
             match self.provider.send_raw_transaction(&raw).await {
                 Ok(_) => {
                     self.next_nonce = Some(params.nonce + 1);

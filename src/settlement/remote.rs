@@ -53,6 +53,10 @@ impl RemoteFacilitator {
         RemoteFacilitator { base, auth, timeout, client: https_client() }
     }
 
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
     /// The `/verify` and `/settle` body: the buyer's payload as sent, and our own requirements for it.
     pub fn body(version: u8, payload: &Value, requirements: &Value) -> Value {
         serde_json::json!({ "x402Version": version, "paymentPayload": payload, "paymentRequirements": requirements })
