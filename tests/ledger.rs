@@ -189,3 +189,53 @@ async fn a_settlement_timeout_stays_pending_until_reconciliation_and_the_retry_d
     row_when(&gateway, buyer.address(), "settled", true).await;
     assert_eq!(chain.balance(PAY_TO.parse().unwrap()).await, U256::from(1000));
 }
+
+#[tokio::test]
+async fn a_retry_whose_answer_is_too_big_to_keep_gets_a_409_with_the_transaction() {
+    let chain = Chain::start().await;
+    let toml = toml(&fragile_upstream().await, &chain, "") + "[ledger]\nanswers_max_body_bytes = 4\n";
+    let gateway = start_gateway(&toml).await;
+    let buyer = PrivateKeySigner::random();
+    chain.mint(buyer.address(), 10_000).await;
+    let header = payment(&gateway, "/goods", &buyer).await;
+    let first = pay_with(&gateway, "/goods", &header).await;
+    assert_eq!(first.status, StatusCode::OK);
+    let transaction = pay::decode_header(&first.headers["payment-response"])["transaction"].clone();
+    let retry = pay_with(&gateway, "/goods", &header).await;
+    assert_eq!(retry.status, StatusCode::CONFLICT);
+    assert_eq!(retry.json()["error"], "payment_already_used");
+    assert_eq!(retry.json()["transaction"], transaction);
+    assert_eq!(chain.balance(PAY_TO.parse().unwrap()).await, U256::from(1000), "never a second charge");
+}
+
+#[tokio::test]
+async fn a_payment_identifier_is_the_idempotency_key() {
+    let chain = Chain::start().await;
+    let gateway = start_gateway(&toml(&fragile_upstream().await, &chain, "")).await;
+    let buyer = PrivateKeySigner::random();
+    chain.mint(buyer.address(), 10_000).await;
+    let challenge = pay::decode_header(&get(&gateway.url("/goods")).await.headers["payment-required"]);
+    let offer = &challenge["accepts"][0];
+    let with_id = |id: &str| {
+        let payload = Authorization::for_offer(buyer.address(), offer).sign(&buyer);
+        let body = serde_json::json!({
+            "x402Version": 2, "resource": challenge["resource"], "accepted": offer, "payload": payload,
+            "extensions": { "payment-identifier": { "info": { "id": id } } }
+        });
+        pay::encode(&body)
+    };
+    let first = with_id("pay_0123456789abcdef");
+    assert_eq!(pay_with(&gateway, "/goods", &first).await.status, StatusCode::OK);
+    // The same id and payment again: the cached answer.
+    let again = pay_with(&gateway, "/goods", &first).await;
+    assert_eq!((again.status, again.text().as_str()), (StatusCode::OK, "the goods"));
+    assert_eq!(again.headers["x402-replayed"], "true");
+    // The same id with another authorization: refused, and nothing charged for it.
+    let reused = pay_with(&gateway, "/goods", &with_id("pay_0123456789abcdef")).await;
+    assert_eq!(reused.status, StatusCode::CONFLICT);
+    assert_eq!(reused.json()["error"], "payment_identifier_reused");
+    // A malformed id is a bad request.
+    let malformed = pay_with(&gateway, "/goods", &with_id("short")).await;
+    assert_eq!(malformed.status, StatusCode::BAD_REQUEST);
+    assert_eq!(chain.balance(PAY_TO.parse().unwrap()).await, U256::from(1000));
+}

@@ -122,7 +122,20 @@ async fn challenge_carries_v2_header_and_v1_body() {
                 "scheme": "exact", "network": "eip155:84532", "amount": "1000", "asset": s.chain.token.to_string(),
                 "payTo": PAY_TO, "maxTimeoutSeconds": 300, "extra": { "name": "USD Coin", "version": "2" }
             }],
-            "extensions": {}
+            "extensions": {
+                "payment-identifier": {
+                    "info": { "required": false },
+                    "schema": {
+                        "$schema": "https://json-schema.org/draft/2020-12/schema",
+                        "type": "object",
+                        "properties": {
+                            "required": { "type": "boolean" },
+                            "id": { "type": "string", "minLength": 16, "maxLength": 128, "pattern": "^[a-zA-Z0-9_-]+$" }
+                        },
+                        "required": ["required"]
+                    }
+                }
+            }
         })
     );
     assert_eq!(

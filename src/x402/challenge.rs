@@ -75,11 +75,33 @@ impl Challenge<'_> {
             error: Some(self.rejection.map_or("Payment required", Rejection::reason).to_string()),
             resource: self.resource.clone(),
             accepts: self.offers.iter().map(requirements_v2).collect(),
-            extensions: self
-                .bazaar
-                .map(|b| [("bazaar".to_string(), b.extension.clone())].into_iter().collect())
-                .unwrap_or_default(),
+            extensions: self.extensions(),
         }
+    }
+
+    /// `payment-identifier` (idempotency: a retry with the same id gets the same answer) on every route, and
+    /// the route's `bazaar` discovery metadata when it declares some.
+    fn extensions(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut extensions = serde_json::Map::new();
+        extensions.insert(
+            "payment-identifier".into(),
+            serde_json::json!({
+                "info": { "required": false },
+                "schema": {
+                    "$schema": "https://json-schema.org/draft/2020-12/schema",
+                    "type": "object",
+                    "properties": {
+                        "required": { "type": "boolean" },
+                        "id": { "type": "string", "minLength": 16, "maxLength": 128, "pattern": "^[a-zA-Z0-9_-]+$" }
+                    },
+                    "required": ["required"]
+                }
+            }),
+        );
+        if let Some(bazaar) = self.bazaar {
+            extensions.insert("bazaar".into(), bazaar.extension.clone());
+        }
+        extensions
     }
 
     pub fn payment_required_v1(&self) -> PaymentRequiredV1 {
