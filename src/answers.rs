@@ -17,6 +17,8 @@ pub struct StoredAnswer {
     pub body: Bytes,
     /// The authorization that paid for it: a `payment-identifier` reused with another one is refused.
     pub paid_by: NonceKey,
+    /// Its ledger row, marked served whenever the answer is handed over.
+    pub row: i64,
     /// False for an answer withheld while its settlement is pending: it is handed over once the ledger says
     /// the payment settled.
     pub settled: bool,

@@ -28,6 +28,8 @@ pub enum GatewayError {
     AnswerTooLarge,
     #[error("the payment ledger cannot be written; no payment is taken")]
     LedgerUnavailable,
+    #[error("internal error")]
+    Internal,
     #[error("the upstream service could not be reached")]
     UpstreamUnavailable,
     #[error("the upstream service did not answer in time")]
@@ -45,12 +47,14 @@ impl GatewayError {
             BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             BodyUnreadable => (StatusCode::BAD_REQUEST, "invalid_body"),
             Price(crate::pricing::PriceError::NotJson(_)) => (StatusCode::BAD_REQUEST, "invalid_body"),
+            Price(crate::pricing::PriceError::Ambiguous(_)) => (StatusCode::BAD_REQUEST, "ambiguous_price_key"),
             Price(crate::pricing::PriceError::Unknown { .. }) => (StatusCode::BAD_REQUEST, "unknown_price_key"),
             MalformedPayment(_) => (StatusCode::BAD_REQUEST, "invalid_payload"),
             PaymentsBusy => (StatusCode::SERVICE_UNAVAILABLE, "payments_busy"),
             FacilitatorUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "facilitator_unavailable"),
             AnswerTooLarge => (StatusCode::BAD_GATEWAY, "upstream_answer_too_large"),
             LedgerUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "ledger_unavailable"),
+            Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
             UpstreamUnavailable => (StatusCode::BAD_GATEWAY, "upstream_unavailable"),
             UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
         }

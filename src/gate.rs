@@ -60,16 +60,22 @@ impl PaymentGate {
             PaymentPayload::V2(p) => (match_v2(offers, &p.accepted)?, &p.payload, 2),
             PaymentPayload::V1(p) => (match_v1(offers, &p.scheme, &p.network)?, &p.payload, 1),
         };
-        let authorization = exact_evm::verify(scheme_payload, offer, now).map_err(|rejection| match rejection {
+        let reject = |rejection: Rejection| match rejection {
             Rejection::MalformedPayload(msg) => GateError::Malformed(msg),
             other => GateError::Challenge(Some(other)),
-        })?;
+        };
+        let authorization = exact_evm::verify_signed(scheme_payload, offer).map_err(reject)?;
         let key = NonceKey {
             chain_id: offer.network.chain_id,
             asset: offer.asset.address,
             from: authorization.from,
             nonce: authorization.nonce,
         };
+        // A retry of an authorization already in play is answered as such, even once it has expired.
+        let in_play = self.reservations.contains(&key);
+        if !in_play {
+            exact_evm::check_window(&authorization, offer, now).map_err(reject)?;
+        }
         let identifier = payment_identifier(&payload)?;
         let valid_before = authorization.valid_before_secs();
         let payment = Payment { version, offer: offer.clone(), authorization, payload, key, identifier };

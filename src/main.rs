@@ -101,6 +101,11 @@ struct PayArgs {
     data: Option<String>,
 }
 
+/// The tokio runtime a command runs on; `None` (reported) if the system refuses one.
+fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    builder.enable_all().build().map_err(|err| eprintln!("error: cannot start the runtime: {err}")).ok()
+}
+
 /// Appends a formatted line to a `String` (formatting into a `String` cannot fail).
 macro_rules! line {
     ($out:expr, $($arg:tt)*) => {{
@@ -197,13 +202,7 @@ fn pay(args: PayArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else { return ExitCode::FAILURE };
     match runtime.block_on(buyer::pay(&request)) {
         Ok(outcome) => {
             let paid = if outcome.paid { " (paid)" } else { "" };
@@ -234,13 +233,7 @@ fn ledger_command(args: LedgerArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else { return ExitCode::FAILURE };
     match runtime.block_on(ledger_action(&config, args.action)) {
         Ok(out) => {
             print_out(&out);
@@ -295,18 +288,10 @@ async fn ledger_action(config: &Config, action: LedgerAction) -> Result<String, 
             line!(out, "{}", serde_json::to_string_pretty(&row).unwrap_or_default());
         }
         LedgerAction::Reconcile { all } => {
-            let chains = config
-                .payment
-                .networks
-                .values()
-                .filter_map(|n| {
-                    let url = n.rpc_url.as_deref()?.parse().ok()?;
-                    Some((n.chain_id, x402_gateway::chain::connect(&url, std::time::Duration::from_secs(15))))
-                })
-                .collect();
+            let chains = x402_gateway::chain::providers(config.payment.networks.values());
             let now = x402_gateway::replay::unix_now();
             let cutoff = if all { now + 1 } else { now.saturating_sub(300) };
-            let report = ledger::reconcile(&store, &chains, cutoff).await.map_err(|e| e.to_string())?;
+            let report = ledger::reconcile(&store, &chains, cutoff, cutoff).await.map_err(|e| e.to_string())?;
             line!(out, "{}", serde_json::to_string(&report).unwrap_or_default());
         }
         LedgerAction::Revenue => {
@@ -358,13 +343,7 @@ fn pay_request(args: PayArgs) -> Result<buyer::PayRequest, String> {
 }
 
 fn run(path: &std::path::Path) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else { return ExitCode::FAILURE };
     runtime.block_on(async {
         let shutdown = match shutdown_signal() {
             Ok(shutdown) => shutdown,

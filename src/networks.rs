@@ -3,7 +3,7 @@
 
 use alloy::primitives::{address, Address};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Network {
     pub chain_id: u64,
     /// CAIP-2 identifier, `eip155:<chain id>`: what x402 v2 puts on the wire.
@@ -12,6 +12,18 @@ pub struct Network {
     pub v1_name: Option<String>,
     pub rpc_url: Option<String>,
     pub assets: Vec<Asset>,
+}
+
+impl std::fmt::Debug for Network {
+    // The RPC URL often carries a node provider's key: never shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network")
+            .field("chain_id", &self.chain_id)
+            .field("v1_name", &self.v1_name)
+            .field("rpc_url", &self.rpc_url.as_ref().map(|_| "<redacted>"))
+            .field("assets", &self.assets)
+            .finish()
+    }
 }
 
 /// An EIP-3009 token. `eip712_name`/`eip712_version` must equal the token's on-chain `name()`/`version()`,

@@ -116,6 +116,8 @@ pub struct Priced<'a> {
 pub enum PriceError {
     #[error("the request body must be JSON: its `{0}` sets the price")]
     NotJson(String),
+    #[error("{0} is sent more than once; the price depends on it, so it must be unambiguous")]
+    Ambiguous(String),
     #[error("{rule} is {shown}; this route sells: {}", allowed.join(", "))]
     Unknown { rule: String, shown: String, allowed: Vec<String> },
 }
@@ -155,10 +157,21 @@ impl PriceSource {
                     Some(other) => Some(other.to_string()),
                 }
             }
-            PriceSource::Query(name) => form_urlencoded::parse(query.unwrap_or("").as_bytes())
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.into_owned()),
-            PriceSource::Header(name) => headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string),
+            // The upstream may read another copy than the first: a repeated key could buy the dear with the cheap.
+            PriceSource::Query(name) => {
+                let mut values = form_urlencoded::parse(query.unwrap_or("").as_bytes()).filter(|(k, _)| k == name);
+                let first = values.next().map(|(_, v)| v.into_owned());
+                if values.next().is_some() {
+                    return Err(PriceError::Ambiguous(self.describe()));
+                }
+                first
+            }
+            PriceSource::Header(name) => {
+                if headers.get_all(name).iter().count() > 1 {
+                    return Err(PriceError::Ambiguous(self.describe()));
+                }
+                headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+            }
         })
     }
 }
@@ -230,6 +243,8 @@ mod rule_tests {
         assert_eq!(read("body.missing"), Ok(None));
         assert_eq!(read("query.tier"), Ok(Some("silver".into())));
         assert_eq!(read("header.x-tier"), Ok(Some("gold".into())));
+        let twice = PriceSource::parse("query.tier").unwrap().read(Some("tier=cheap&tier=dear"), &headers, body);
+        assert_eq!(twice, Err(PriceError::Ambiguous("query.tier".into())));
         let not_json = PriceSource::parse("body.model").unwrap().read(None, &headers, b"model=x");
         assert_eq!(not_json, Err(PriceError::NotJson("body.model".into())));
     }

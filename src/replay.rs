@@ -61,6 +61,10 @@ impl Reservations {
         }
     }
 
+    pub fn contains(&self, key: &NonceKey) -> bool {
+        self.cache.contains_key(key)
+    }
+
     pub fn release(&self, key: &NonceKey) {
         self.cache.invalidate(key);
     }

@@ -50,6 +50,8 @@ pub type OnEnd = Box<dyn FnOnce(Option<Usage>, bool) + Send>;
 pub struct UsageTap {
     inner: Body,
     sse: bool,
+    /// Only JSON answers are buffered (to read their `usage` at the end); anything else passes untouched.
+    json: bool,
     pending: BytesMut,
     usage: Option<Usage>,
     on_end: Option<OnEnd>,
@@ -58,14 +60,18 @@ pub struct UsageTap {
 impl UsageTap {
     pub fn new(inner: Body, content_type: Option<&str>, on_end: OnEnd) -> UsageTap {
         let sse = content_type.is_some_and(|c| c.starts_with("text/event-stream"));
-        UsageTap { inner, sse, pending: BytesMut::new(), usage: None, on_end: Some(on_end) }
+        let json = content_type.is_some_and(|c| c.starts_with("application/json") || c.contains("+json"));
+        UsageTap { inner, sse, json, pending: BytesMut::new(), usage: None, on_end: Some(on_end) }
     }
 
     fn inspect(&mut self, data: &Bytes) {
-        if !self.sse {
+        if self.json {
             if self.pending.len() + data.len() <= MAX_JSON_BYTES {
                 self.pending.extend_from_slice(data);
             }
+            return;
+        }
+        if !self.sse {
             return;
         }
         self.pending.extend_from_slice(data);
@@ -95,7 +101,7 @@ impl UsageTap {
     fn finish(&mut self, complete: bool) {
         let Some(on_end) = self.on_end.take() else { return };
         // A cut-short JSON answer does not parse, so it reports no usage.
-        if !self.sse {
+        if self.json {
             self.usage = serde_json::from_slice::<Value>(&self.pending)
                 .ok()
                 .and_then(|answer| answer.get("usage").and_then(Usage::from_json));

@@ -36,6 +36,16 @@ pub fn connect(rpc_url: &http::Uri, timeout: Duration) -> RootProvider {
     RootProvider::new(RpcClient::new(HttpTransport::new(rpc_url.clone(), timeout), is_local))
 }
 
+/// A provider for every network that has an `rpc_url`, by chain id.
+pub fn providers<'a>(
+    networks: impl IntoIterator<Item = &'a crate::networks::Network>,
+) -> std::collections::HashMap<u64, RootProvider> {
+    networks
+        .into_iter()
+        .filter_map(|n| Some((n.chain_id, connect(&n.rpc_url.as_deref()?.parse().ok()?, Duration::from_secs(15)))))
+        .collect()
+}
+
 /// Calldata of `transferWithAuthorization(..., v, r, s)` for a verified authorization.
 pub fn transfer_calldata(auth: &VerifiedAuthorization) -> Bytes {
     let signature = &auth.signature;

@@ -24,16 +24,18 @@ pub struct Reconciled {
     pub unreachable: u64,
 }
 
-/// Resolves rows last touched before `cutoff` (unix seconds): `settling` against the chain, `verified` (never
-/// broadcast: the process that held them is gone) to `released`, and `settled` but never served to `refund_needed`.
+/// Resolves `settling` rows last touched before `settling_cutoff` against the chain (their settlement had time
+/// to land), and rows last touched before `cutoff` (unix seconds; the request that held them is over): `verified`
+/// (never broadcast) to `released`, and `settled` but never served to `refund_needed`.
 pub async fn reconcile(
     ledger: &Ledger,
     chains: &HashMap<u64, RootProvider>,
+    settling_cutoff: u64,
     cutoff: u64,
 ) -> Result<Reconciled, LedgerError> {
     let mut report = Reconciled::default();
     let now = crate::replay::unix_now();
-    for row in ledger.in_state(State::Settling).await?.into_iter().filter(|r| r.updated_at < cutoff) {
+    for row in ledger.in_state(State::Settling).await?.into_iter().filter(|r| r.updated_at < settling_cutoff) {
         let Some(provider) = chains.get(&row.chain_id) else {
             report.unreachable += 1;
             continue;
@@ -44,45 +46,59 @@ pub async fn reconcile(
                 report.unreachable += 1;
             }
             Ok(Outcome::Moved(transaction)) => {
-                ledger.settled(row.id, transaction.clone()).await?;
+                moved(ledger.settled(row.id, transaction.clone()).await)?;
                 report.settled += 1;
                 if !row.served {
-                    ledger.refund_needed(row.id, NEVER_SERVED.into()).await?;
+                    moved(ledger.refund_needed(row.id, NEVER_SERVED.into()).await)?;
                     report.refunds += 1;
                     tracing::warn!(id = row.id, payer = %row.payer, amount = %row.amount, %transaction, "payment settled but never served: refund needed");
                 }
             }
             Ok(Outcome::Reverted) => {
-                ledger.failed(row.id, "the settlement transaction reverted".into(), row.transaction.clone()).await?;
+                moved(
+                    ledger.failed(row.id, "the settlement transaction reverted".into(), row.transaction.clone()).await,
+                )?;
                 report.failed += 1;
             }
             Ok(Outcome::Lost) => {
-                ledger
-                    .failed(
-                        row.id,
-                        "the settlement was never broadcast, or was dropped".into(),
-                        row.transaction.clone(),
-                    )
-                    .await?;
+                moved(
+                    ledger
+                        .failed(
+                            row.id,
+                            "the settlement was never broadcast, or was dropped".into(),
+                            row.transaction.clone(),
+                        )
+                        .await,
+                )?;
                 report.failed += 1;
             }
             Ok(Outcome::NotYet) if now >= row.valid_before => {
-                ledger.failed(row.id, "the authorization expired unsettled".into(), row.transaction.clone()).await?;
+                moved(
+                    ledger.failed(row.id, "the authorization expired unsettled".into(), row.transaction.clone()).await,
+                )?;
                 report.failed += 1;
             }
             Ok(Outcome::NotYet) => report.still_pending += 1,
         }
     }
     for row in ledger.in_state(State::Verified).await?.into_iter().filter(|r| r.updated_at < cutoff) {
-        ledger.released(row.id, row.upstream_status).await?;
+        moved(ledger.released(row.id, row.upstream_status).await)?;
         report.released += 1;
     }
     for row in ledger.in_state(State::Settled).await?.into_iter().filter(|r| !r.served && r.updated_at < cutoff) {
-        ledger.refund_needed(row.id, NEVER_SERVED.into()).await?;
+        moved(ledger.refund_needed(row.id, NEVER_SERVED.into()).await)?;
         report.refunds += 1;
         tracing::warn!(id = row.id, payer = %row.payer, amount = %row.amount, "payment settled but never served: refund needed");
     }
     Ok(report)
+}
+
+/// A row that moved underneath (its request finished meanwhile) needs nothing more from reconciliation.
+fn moved(written: Result<(), LedgerError>) -> Result<(), LedgerError> {
+    match written {
+        Err(LedgerError::Conflict(_)) => Ok(()),
+        other => other,
+    }
 }
 
 enum Outcome {

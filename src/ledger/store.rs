@@ -13,6 +13,8 @@ pub enum LedgerError {
     Sql(#[from] rusqlite::Error),
     #[error("ledger: the blocking pool is gone")]
     Shutdown,
+    #[error("ledger: payment {0} is no longer in the state this step expects")]
+    Conflict(i64),
 }
 
 #[derive(Clone)]
@@ -194,68 +196,76 @@ impl Ledger {
 
     /// About to settle (before anything is broadcast).
     pub async fn settling(&self, id: i64, upstream_status: Option<u16>) -> Result<(), LedgerError> {
-        self.update(
-            id,
-            "state = 'settling', upstream_status = COALESCE(?2, upstream_status)",
-            upstream_status.map(i64::from),
-        )
-        .await
+        let set = "state = 'settling', upstream_status = COALESCE(?2, upstream_status)";
+        self.update(id, set, upstream_status.map(i64::from), "'verified'").await
     }
 
-    /// Broadcast, not confirmed: stays `settling`, with the hash reconciliation will look up.
+    /// A settlement transaction's hash, written before it is broadcast: the row stays `settling`.
     pub async fn pending(&self, id: i64, transaction: String) -> Result<(), LedgerError> {
-        self.update(id, "tx_hash = ?2", Some(transaction)).await
+        self.update(id, "tx_hash = ?2", Some(transaction), "'settling'").await
     }
 
     pub async fn settled(&self, id: i64, transaction: String) -> Result<(), LedgerError> {
-        self.update(id, "state = 'settled', tx_hash = ?2, failure = NULL", Some(transaction)).await
+        let set = "state = 'settled', tx_hash = ?2, failure = NULL";
+        self.update(id, set, Some(transaction), "'settling', 'verified'").await
     }
 
+    /// Certainly no money moved (refused, reverted, never sent, expired).
     pub async fn failed(&self, id: i64, reason: String, transaction: Option<String>) -> Result<(), LedgerError> {
         let t = now();
-        self.run(move |conn| {
-            conn.execute(
-                "UPDATE payments SET state = 'failed', failure = ?2, tx_hash = ?3, updated_at = ?4 WHERE id = ?1",
-                params![id, reason, transaction, t],
-            )
-        })
-        .await
-        .map(drop)
+        let changed = self
+            .run(move |conn| {
+                conn.execute(
+                    "UPDATE payments SET state = 'failed', failure = ?2, tx_hash = COALESCE(?3, tx_hash), updated_at = ?4 \
+                     WHERE id = ?1 AND state IN ('settling', 'verified')",
+                    params![id, reason, transaction, t],
+                )
+            })
+            .await?;
+        if changed == 0 {
+            return Err(LedgerError::Conflict(id));
+        }
+        Ok(())
     }
 
     /// The answer failed before any settlement: nothing charged.
     pub async fn released(&self, id: i64, upstream_status: Option<u16>) -> Result<(), LedgerError> {
-        self.update(id, "state = 'released', upstream_status = ?2", upstream_status.map(i64::from)).await
+        self.update(id, "state = 'released', upstream_status = ?2", upstream_status.map(i64::from), "'verified'").await
     }
 
     pub async fn refund_needed(&self, id: i64, reason: String) -> Result<(), LedgerError> {
-        self.update(id, "state = 'refund_needed', failure = ?2", Some(reason)).await
+        self.update(id, "state = 'refund_needed', failure = ?2", Some(reason), "'settled', 'settling'").await
     }
 
     /// The paid answer was handed over whole. A payment marked for refund only because it had not been is
     /// settled after all.
     pub async fn served(&self, id: i64) -> Result<(), LedgerError> {
-        self.update(
-            id,
+        let set =
             "served = 1, state = CASE WHEN state = 'refund_needed' AND failure = ?2 THEN 'settled' ELSE state END, \
-             failure = CASE WHEN failure = ?2 THEN NULL ELSE failure END",
-            Some(super::reconcile::NEVER_SERVED.to_string()),
-        )
-        .await
+                   failure = CASE WHEN failure = ?2 THEN NULL ELSE failure END";
+        self.update(id, set, Some(super::reconcile::NEVER_SERVED.to_string()), "'settled', 'refund_needed'").await
     }
 
+    /// One state transition, allowed only from the states in `from` (an SQL list): a row that moved
+    /// underneath (reconciled meanwhile, say) is a conflict, never overwritten.
     async fn update<P: rusqlite::ToSql + Send + 'static>(
         &self,
         id: i64,
         set: &'static str,
         value: Option<P>,
+        from: &'static str,
     ) -> Result<(), LedgerError> {
         let t = now();
-        self.run(move |conn| {
-            conn.execute(&format!("UPDATE payments SET {set}, updated_at = ?3 WHERE id = ?1"), params![id, value, t])
-        })
-        .await
-        .map(drop)
+        let changed = self
+            .run(move |conn| {
+                let sql = format!("UPDATE payments SET {set}, updated_at = ?3 WHERE id = ?1 AND state IN ({from})");
+                conn.execute(&sql, params![id, value, t])
+            })
+            .await?;
+        if changed == 0 {
+            return Err(LedgerError::Conflict(id));
+        }
+        Ok(())
     }
 
     pub async fn find(
@@ -326,7 +336,8 @@ impl Ledger {
         let mut sums: std::collections::BTreeMap<(String, String, String, String), (u64, alloy::primitives::U256)> =
             Default::default();
         for r in rows {
-            let day = day_of(r.updated_at);
+            // The day it was paid for: `created_at` stays put when later flags (served, refund) change.
+            let day = day_of(r.created_at);
             let entry = sums.entry((r.route, day, r.network, r.asset)).or_default();
             entry.0 += 1;
             entry.1 += alloy::primitives::U256::from_str_radix(&r.amount, 10).unwrap_or_default();
@@ -374,6 +385,43 @@ fn day_of(unix: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn payment() -> NewPayment {
+        NewPayment {
+            route: "/r".into(),
+            payer: "0x01".into(),
+            payee: "0x02".into(),
+            network: "eip155:1".into(),
+            chain_id: 1,
+            asset: "0x03".into(),
+            amount: "1000".into(),
+            nonce: "0x04".into(),
+            valid_before: u64::MAX / 2,
+            settle_mode: "after",
+            facilitator: "local".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn transitions_are_guarded_by_the_current_state() {
+        let path = std::env::temp_dir().join(format!("x402-ledger-{}.db", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let ledger = Ledger::open(&path).unwrap();
+        let id = ledger.record_verified(payment()).await.unwrap().unwrap();
+        assert!(
+            matches!(ledger.pending(id, "0xaa".into()).await, Err(LedgerError::Conflict(_))),
+            "no hash before settling"
+        );
+        ledger.settling(id, Some(200)).await.unwrap();
+        ledger.settled(id, "0xaa".into()).await.unwrap();
+        // A late failure (or release) cannot overwrite a settlement.
+        assert!(matches!(ledger.failed(id, "late".into(), None).await, Err(LedgerError::Conflict(_))));
+        assert!(matches!(ledger.released(id, None).await, Err(LedgerError::Conflict(_))));
+        assert_eq!(ledger.get(id).await.unwrap().unwrap().state, "settled");
+        // A settled authorization is not recorded again: the row comes back for a replay or a refusal.
+        assert!(matches!(ledger.record_verified(payment()).await.unwrap(), Err(row) if row.id == id));
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn days() {

@@ -37,6 +37,8 @@ use paid::PaidCall;
 
 /// Rows younger than this are left to the request that is handling them (long streams included).
 const RECONCILE_GRACE: Duration = Duration::from_secs(300);
+/// Beyond the settlement timeout, before a `settling` row is decided by reconciliation.
+const SETTLING_MARGIN: Duration = Duration::from_secs(30);
 
 pub struct Gateway {
     /// The current configuration's routes and settlers, replaced whole by a reload: a request keeps the
@@ -48,6 +50,8 @@ pub struct Gateway {
     ledger: Ledger,
     answers: PaidAnswers,
     reconcile_interval: Duration,
+    /// A `settling` row this old had time to land: reconciliation may decide it.
+    settling_grace: Duration,
     metrics: Metrics,
 }
 
@@ -116,6 +120,7 @@ impl Gateway {
                 settings.answers_ttl,
             ),
             reconcile_interval: settings.reconcile_interval,
+            settling_grace: config.payment.settle_timeout + SETTLING_MARGIN,
             gate,
             ledger,
             live: RwLock::new(Arc::new(Live::new(config, None))),
@@ -148,26 +153,41 @@ impl Gateway {
 
     /// Resolves ledger rows last touched before `cutoff` (unix seconds) against the chain.
     pub async fn reconcile(&self, cutoff: u64) -> Result<Reconciled, LedgerError> {
-        ledger::reconcile(&self.ledger, &self.live().chains, cutoff).await
+        ledger::reconcile(&self.ledger, &self.live().chains, cutoff, cutoff).await
     }
 
     /// At start, everything a previous run left open; then, periodically, what timeouts left open.
     pub async fn reconcile_forever(self: Arc<Self>) {
         let started = unix_now();
-        let mut cutoff = started;
+        let (mut settling_cutoff, mut cutoff) = (started, started);
         loop {
-            match self.reconcile(cutoff).await {
+            let chains = self.live().chains.clone();
+            match ledger::reconcile(&self.ledger, &chains, settling_cutoff, cutoff).await {
                 Ok(report) if report != Reconciled::default() => tracing::info!(?report, "ledger reconciled"),
                 Ok(_) => {}
                 Err(err) => tracing::error!("ledger reconciliation failed: {err}"),
             }
             tokio::time::sleep(self.reconcile_interval).await;
-            cutoff = unix_now().saturating_sub(RECONCILE_GRACE.as_secs()).max(started);
+            let now = unix_now();
+            settling_cutoff = now.saturating_sub(self.settling_grace.as_secs()).max(started);
+            cutoff = now.saturating_sub(RECONCILE_GRACE.as_secs()).max(started);
         }
     }
 
-    /// Serves one request on a public listener and writes its access-log line.
-    pub async fn handle(&self, request: Request<Incoming>, client: ClientInfo) -> Response<Body> {
+    /// Serves one request on a public listener. It runs in a task of its own: a client that goes away cannot
+    /// cut a payment's steps in half (a reservation held, a row half written); the answer is simply dropped.
+    pub async fn handle(self: Arc<Self>, request: Request<Incoming>, client: ClientInfo) -> Response<Body> {
+        match tokio::spawn(async move { self.serve(request, client).await }).await {
+            Ok(response) => response,
+            Err(err) => {
+                tracing::error!("request task failed: {err}");
+                GatewayError::Internal.into_response()
+            }
+        }
+    }
+
+    /// The request, and its access-log line.
+    async fn serve(&self, request: Request<Incoming>, client: ClientInfo) -> Response<Body> {
         let started = Instant::now();
         let method = request.method().clone();
         let path = request.uri().path().to_string();
@@ -250,7 +270,7 @@ impl Gateway {
             }
             Err(GateError::Busy) => return Err(GatewayError::PaymentsBusy),
         };
-        if self.answers.get(&payment).is_some() {
+        if self.answers.get(&payment).is_some_and(|answered| answered.paid_by != payment.key) {
             // A `payment-identifier` already answered, now with another authorization: nothing is charged.
             self.gate.release(&payment);
             return Ok(paid::identifier_reused());

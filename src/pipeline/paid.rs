@@ -103,6 +103,7 @@ impl Gateway {
                         headers: parts.headers,
                         body,
                         paid_by: call.payment.key,
+                        row: call.id,
                         settled: false,
                     };
                     self.answers.keep(&call.payment, withheld);
@@ -119,6 +120,7 @@ impl Gateway {
             headers: response.headers().clone(),
             body,
             paid_by: call.payment.key,
+            row: call.id,
             settled: true,
         };
         self.answers.keep(&call.payment, kept);
@@ -150,8 +152,9 @@ impl Gateway {
     /// authorization; an uncertain one (`settlement_pending`) keeps it, and reconciliation finishes the row.
     async fn settle_failed(&self, call: &PaidCall<'_, '_>, failure: &SettleFailure) -> Response<Body> {
         if failure.nothing_moved {
-            self.gate.release(&call.payment);
+            // The row first: a retry arriving in between must find it failed, not spent.
             self.record(self.ledger.failed(call.id, failure.reason.clone(), failure.transaction.clone()).await);
+            self.gate.release(&call.payment);
         } else if let Some(transaction) = &failure.transaction {
             self.record(self.ledger.pending(call.id, transaction.clone()).await);
         }
@@ -168,8 +171,8 @@ impl Gateway {
     /// Nothing was charged (the answer failed): the row is released and the buyer may use the
     /// authorization again.
     async fn release(&self, call: &PaidCall<'_, '_>, status: Option<StatusCode>) {
-        self.gate.release(&call.payment);
         self.record(self.ledger.released(call.id, status.map(|s| s.as_u16())).await);
+        self.gate.release(&call.payment);
     }
 
     /// A retry of an authorization that is already reserved: the original answer if it is kept, else what
@@ -183,7 +186,10 @@ impl Gateway {
         let answer = self.answers.get(payment);
         match &answer {
             Some(answer) if answer.paid_by != payment.key => return Some(identifier_reused()),
-            Some(answer) if answer.settled => return Some(replay(answer)),
+            Some(answer) if answer.settled => {
+                self.record(self.ledger.served(answer.row).await);
+                return Some(replay(answer));
+            }
             _ => {}
         }
         let auth = &payment.authorization;

@@ -10,6 +10,10 @@ pub enum PathError {
     DotSegment,
     #[error("the path must start with `/`")]
     NotAbsolute,
+    /// An encoded `/` or `\\`, or a `;` parameter: upstreams disagree on them, so a path could be matched as one
+    /// route here and served as another there.
+    #[error("the path contains an encoded separator or a `;` parameter")]
+    Ambiguous,
 }
 
 /// Collapses repeated slashes, decodes percent-escaped unreserved characters, upper-cases the remaining
@@ -37,6 +41,9 @@ fn decode_unreserved(segment: &str, out: &mut String) -> Result<(), PathError> {
     let bytes = segment.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
+        if bytes[i] == b';' {
+            return Err(PathError::Ambiguous);
+        }
         if bytes[i] != b'%' {
             out.push(bytes[i] as char);
             i += 1;
@@ -45,6 +52,9 @@ fn decode_unreserved(segment: &str, out: &mut String) -> Result<(), PathError> {
         let hex = bytes.get(i + 1..i + 3).ok_or(PathError::BadEscape)?;
         let hex = std::str::from_utf8(hex).map_err(|_| PathError::BadEscape)?;
         let byte = u8::from_str_radix(hex, 16).map_err(|_| PathError::BadEscape)?;
+        if matches!(byte, b'/' | b'\\' | b';') {
+            return Err(PathError::Ambiguous);
+        }
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
             out.push(byte as char);
         } else {
@@ -71,7 +81,7 @@ mod tests {
         assert_eq!(canonicalize("//a///b").unwrap(), "/a/b");
         assert_eq!(canonicalize("/a/b/").unwrap(), "/a/b/");
         assert_eq!(canonicalize("/%70aid").unwrap(), "/paid");
-        assert_eq!(canonicalize("/a%2fb").unwrap(), "/a%2Fb");
+        assert_eq!(canonicalize("/a%20b").unwrap(), "/a%20b");
         assert_eq!(canonicalize("/caf%C3%A9").unwrap(), "/caf%C3%A9");
     }
 
@@ -83,5 +93,8 @@ mod tests {
         assert_eq!(canonicalize("/a%2"), Err(PathError::BadEscape));
         assert_eq!(canonicalize("/a%zz"), Err(PathError::BadEscape));
         assert_eq!(canonicalize("a"), Err(PathError::NotAbsolute));
+        assert_eq!(canonicalize("/free%2F..%2Fpaid"), Err(PathError::Ambiguous));
+        assert_eq!(canonicalize("/a%5Cb"), Err(PathError::Ambiguous));
+        assert_eq!(canonicalize("/paid;jsessionid=1"), Err(PathError::Ambiguous));
     }
 }

@@ -10,7 +10,7 @@ use alloy::primitives::{Address, B256};
 use alloy::providers::{Provider, RootProvider};
 use alloy::signers::local::PrivateKeySigner;
 use http::Uri;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 const FIRST_POLL: Duration = Duration::from_millis(20);
 const LONGEST_POLL: Duration = Duration::from_millis(500);
@@ -74,6 +74,15 @@ impl LocalSettler {
         auth: &VerifiedAuthorization,
         before: Option<BeforeBroadcast>,
     ) -> Result<Settled, SettleFailure> {
+        if receipt_deadline(auth) < Duration::from_secs(crate::x402::exact_evm::SETTLE_MARGIN_SECS) {
+            // Too late to land: broadcasting would only burn the settler's gas on a revert.
+            let message = "the authorization expired before it could be settled".to_string();
+            return Err(SettleFailure::nothing_moved(
+                "invalid_exact_evm_payload_authorization_valid_before",
+                message,
+                None,
+            ));
+        }
         let hash = match self.queue.send(token, chain::transfer_calldata(auth), before).await {
             Ok(hash) => hash,
             Err(SendError::Refused(message)) => {
@@ -117,6 +126,5 @@ impl LocalSettler {
 
 /// Wait no longer than the authorization is valid: after `validBefore` the transaction cannot succeed.
 fn receipt_deadline(auth: &VerifiedAuthorization) -> Duration {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    Duration::from_secs(auth.valid_before_secs().saturating_sub(now))
+    Duration::from_secs(auth.valid_before_secs().saturating_sub(crate::replay::unix_now()))
 }

@@ -91,8 +91,11 @@ impl RemoteFacilitator {
             (false, _) => {
                 let reason = answer.error_reason.unwrap_or_else(|| "unexpected_settle_error".into());
                 let transaction = Some(answer.transaction).filter(|t| !t.is_empty());
-                // A facilitator that names a transaction may have moved money; one that doesn't, did not.
-                let nothing_moved = transaction.is_none() && reason != "settlement_pending";
+                // Only a refusal that comes before any broadcast proves nothing moved. A failed or unconfirmed
+                // transaction may still have moved money even when the facilitator names none (the reference
+                // answers `invalid_exact_evm_transaction_failed` with `transaction: ""` after a broadcast): such a
+                // row stays `settling` for reconciliation to settle by the authorization's on-chain state.
+                let nothing_moved = transaction.is_none() && !settle_may_have_broadcast(&reason);
                 Err(SettleFailure {
                     reason,
                     message: answer.error_message.unwrap_or_default(),
@@ -143,6 +146,25 @@ impl RemoteFacilitator {
     }
 }
 
+fn settle_may_have_broadcast(reason: &str) -> bool {
+    reason == "settlement_pending" || reason == "unexpected_settle_error" || reason.contains("transaction")
+}
+
 fn unavailable(why: &str) -> VerifyFailure {
     VerifyFailure::Unavailable(format!("facilitator: {why}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::settle_may_have_broadcast;
+
+    #[test]
+    fn only_refusals_before_a_broadcast_prove_nothing_moved() {
+        for reason in ["invalid_exact_evm_transaction_failed", "settlement_pending", "unexpected_settle_error"] {
+            assert!(settle_may_have_broadcast(reason), "{reason}");
+        }
+        for reason in ["invalid_exact_evm_signature", "invalid_exact_evm_insufficient_balance", "invalid_payload"] {
+            assert!(!settle_may_have_broadcast(reason), "{reason}");
+        }
+    }
 }

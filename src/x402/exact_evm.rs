@@ -55,8 +55,10 @@ pub fn domain(offer: &Offer) -> Eip712Domain {
     )
 }
 
-/// Verifies an `exact` EVM payload (the scheme-specific `payload` JSON) against the offer it claims to pay.
-pub fn verify(payload: &serde_json::Value, offer: &Offer, now: u64) -> Result<VerifiedAuthorization, Rejection> {
+/// Verifies what the buyer signed of an `exact` EVM payload (the scheme-specific `payload` JSON) against the
+/// offer it claims to pay: signature, payee, amount. The time window is `check_window`'s, separately, so that a
+/// retry of an authorization already paid is recognised whatever the time.
+pub fn verify_signed(payload: &serde_json::Value, offer: &Offer) -> Result<VerifiedAuthorization, Rejection> {
     let payload: ExactEvmPayload =
         serde_json::from_value(payload.clone()).map_err(|e| Rejection::MalformedPayload(e.to_string()))?;
     let auth = &payload.authorization;
@@ -78,18 +80,6 @@ pub fn verify(payload: &serde_json::Value, offer: &Offer, now: u64) -> Result<Ve
     if message.to != offer.pay_to {
         return Err(Rejection::RecipientMismatch);
     }
-    let now_u256 = U256::from(now);
-    if message.validBefore < U256::from(now.saturating_add(SETTLE_MARGIN_SECS)) {
-        return Err(Rejection::Expired);
-    }
-    // Bounds how long a reservation must be remembered: official clients sign now + maxTimeoutSeconds.
-    let latest = now.saturating_add(offer.max_timeout_seconds).saturating_add(CLOCK_SKEW_SECS);
-    if message.validBefore > U256::from(latest) {
-        return Err(Rejection::ValidityTooLong);
-    }
-    if message.validAfter > now_u256 {
-        return Err(Rejection::NotYetValid);
-    }
     if message.value != offer.amount {
         return Err(Rejection::Amount);
     }
@@ -102,6 +92,23 @@ pub fn verify(payload: &serde_json::Value, offer: &Offer, now: u64) -> Result<Ve
         nonce: message.nonce,
         signature,
     })
+}
+
+/// The authorization can still be settled (with the reference's 6 s margin), is not signed for longer than
+/// the offer allows (plus clock skew), and is already valid.
+pub fn check_window(auth: &VerifiedAuthorization, offer: &Offer, now: u64) -> Result<(), Rejection> {
+    if auth.valid_before < U256::from(now.saturating_add(SETTLE_MARGIN_SECS)) {
+        return Err(Rejection::Expired);
+    }
+    // Bounds how long a reservation must be remembered: official clients sign now + maxTimeoutSeconds.
+    let latest = now.saturating_add(offer.max_timeout_seconds).saturating_add(CLOCK_SKEW_SECS);
+    if auth.valid_before > U256::from(latest) {
+        return Err(Rejection::ValidityTooLong);
+    }
+    if auth.valid_after > U256::from(now) {
+        return Err(Rejection::NotYetValid);
+    }
+    Ok(())
 }
 
 fn parse_address(field: &'static str, text: &str) -> Result<Address, Rejection> {
