@@ -79,13 +79,15 @@ impl Gateway {
             return Ok(response);
         }
         let (parts, body) = response.into_parts();
-        let body = match read_to_limit(body, call.max_held).await {
-            Ok(body) => body,
-            Err(err) => {
+        // The whole answer, not just its head, must come within the upstream's timeout: a payment is open meanwhile.
+        let body = match tokio::time::timeout(route.upstream.timeout, read_to_limit(body, call.max_held)).await {
+            Ok(Ok(body)) => body,
+            outcome => {
                 self.release(&call, Some(status)).await;
-                return Err(match err {
-                    ReadError::TooLarge => GatewayError::AnswerTooLarge,
-                    ReadError::Broken => GatewayError::UpstreamUnavailable,
+                return Err(match outcome {
+                    Err(_) => GatewayError::UpstreamTimeout,
+                    Ok(Err(ReadError::TooLarge)) => GatewayError::AnswerTooLarge,
+                    Ok(_) => GatewayError::UpstreamUnavailable,
                 });
             }
         };
