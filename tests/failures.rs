@@ -185,3 +185,49 @@ async fn health_is_served_on_the_admin_listener_only() {
     assert_eq!(proxied_on_admin.status, StatusCode::NOT_FOUND, "the admin listener does not proxy");
     assert_eq!(echo.hits(), 0);
 }
+
+fn catch_all(upstream: &str, server_extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n[upstreams.api]\nurl = \"{upstream}\"\n[[routes]]\npath = \"/*\"\nupstream = \"api\"\n"
+    )
+}
+
+#[tokio::test]
+async fn a_request_head_that_never_ends_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = spawn_echo("api").await;
+    let gw = start_gateway(&catch_all(&echo.url(), "header_read_timeout_secs = 1")).await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.http.expect("listener")).await.expect("connect");
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: slow\r\n").await.expect("half a head");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the gateway closes a connection whose head does not arrive in time");
+    assert_eq!(echo.hits(), 0);
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_wait_for_a_free_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = spawn_echo("api").await;
+    let gw = start_gateway(&catch_all(&echo.url(), "max_connections = 2")).await;
+    let addr = gw.http.expect("listener");
+    let request = b"GET /x HTTP/1.1\r\nHost: cap\r\n\r\n";
+    async fn answered(tcp: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+        let mut buf = [0u8; 1024];
+        matches!(tokio::time::timeout(wait, tcp.read(&mut buf)).await, Ok(Ok(n)) if n > 0 && buf.starts_with(b"HTTP/1.1 200"))
+    }
+    // Two keep-alive connections take both slots.
+    let mut first = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut second = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    for tcp in [&mut first, &mut second] {
+        tcp.write_all(request).await.expect("send");
+        assert!(answered(tcp, Duration::from_secs(10)).await);
+    }
+    // A third waits, unserved, while they stay open...
+    let mut third = tokio::net::TcpStream::connect(addr).await.expect("the kernel backlog takes it");
+    third.write_all(request).await.expect("send");
+    assert!(!answered(&mut third, Duration::from_millis(500)).await, "served beyond max_connections");
+    // ...and is served as soon as one of them closes.
+    drop(first);
+    assert!(answered(&mut third, Duration::from_secs(10)).await, "served once a slot is free");
+}

@@ -174,3 +174,36 @@ async fn facilitator_auth_reaches_the_facilitator_on_every_call() {
     assert!(paths.contains(&"/verify") && paths.contains(&"/settle"), "{calls:?}");
     assert!(calls.iter().all(|(_, auth)| auth.as_deref() == Some("Bearer t0ken")), "{calls:?}");
 }
+
+#[tokio::test]
+async fn a_facilitator_outage_is_a_503_for_paid_routes_only_and_recovery_is_automatic() {
+    let chain = Chain::start().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let toml = paid_toml(&spawn_echo("api").await, &chain, &format!("http://127.0.0.1:{port}"))
+        + "[[routes]]\npath = \"/free\"\nupstream = \"api\"\n";
+    let gateway = start_gateway(&toml).await;
+    let buyer = PrivateKeySigner::random();
+    chain.mint(buyer.address(), 5 * PRICE).await;
+    let challenge = common::pay::decode_header(&get(&gateway.url("/report")).await.headers["payment-required"]);
+    let offer = &challenge["accepts"][0];
+    let header = common::pay::v2_header(
+        &challenge["resource"],
+        offer,
+        common::pay::Authorization::for_offer(buyer.address(), offer).sign(&buyer),
+    );
+    let pay = || async {
+        let request = http::Request::get(gateway.url("/report")).header("payment-signature", &header);
+        send(&client(), request.body(http_body_util::Full::default()).unwrap()).await
+    };
+
+    let down = pay().await;
+    assert_eq!(down.status, http::StatusCode::SERVICE_UNAVAILABLE, "{}", down.text());
+    assert_eq!(down.json()["error"], "facilitator_unavailable");
+    assert_eq!(get(&gateway.url("/free")).await.status, http::StatusCode::OK, "free routes keep working");
+
+    // The facilitator comes back on its address: the same authorization now pays, nothing restarted.
+    let _facilitator = start_reference_facilitator(&chain, port);
+    let up = pay().await;
+    assert_eq!(up.status, http::StatusCode::OK, "{}", up.text());
+    assert_eq!(chain.balance(PAY_TO.parse().unwrap()).await, U256::from(PRICE));
+}
