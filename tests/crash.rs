@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use x402_gateway::ledger::Ledger;
 
-const PAY_TO: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
 const PRICE: u64 = 1000;
 const CALLS: usize = 200;
 const BUYERS: usize = 20;

@@ -12,7 +12,6 @@ use common::*;
 use serde_json::Value;
 use std::process::Command;
 
-const PAY_TO: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
 const PRICE: u64 = 1000;
 
 fn node_script(name: &str) -> String {
@@ -40,26 +39,11 @@ async fn official_client_pays(url: String, client: &'static str, buyer: &Private
 }
 
 fn paid_toml(upstream: &Upstream, chain: &Chain, facilitator: &str) -> String {
-    format!(
-        r#"[server]
-listen = "127.0.0.1:0"
-[upstreams.api]
-url = "{}"
-[payment]
-pay_to = "{PAY_TO}"
-network = "base-sepolia"
-asset = "USDC"
-facilitator = "{facilitator}"
-[[routes]]
-path = "/report"
-upstream = "api"
-amount = "{PRICE}"
-description = "A paid report"
-mime_type = "application/json"
-{}"#,
-        upstream.url(),
-        chain.network_toml()
-    )
+    let routes = format!(
+        "[[routes]]\npath = \"/report\"\nupstream = \"api\"\namount = \"{PRICE}\"\n\
+         description = \"A paid report\"\nmime_type = \"application/json\"\n"
+    );
+    paid_config(&upstream.url(), "", &format!("facilitator = \"{facilitator}\"")) + &routes + &chain.network_toml()
 }
 
 async fn assert_paid(report: &Value, header: &str, chain: &Chain, buyer: Address, payee_before: U256) {

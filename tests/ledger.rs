@@ -16,8 +16,6 @@ use std::time::Duration;
 use x402_gateway::ledger::Row;
 use x402_gateway::proxy::body::full;
 
-const PAY_TO: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
-
 /// An upstream that fails (500) on any path containing `fail`.
 async fn fragile_upstream() -> Upstream {
     spawn_upstream(|request: Request<hyper::body::Incoming>| async move {
@@ -32,17 +30,7 @@ async fn fragile_upstream() -> Upstream {
 }
 
 fn toml(upstream: &Upstream, chain: &Chain, extra_payment: &str) -> String {
-    format!(
-        r#"[server]
-listen = "127.0.0.1:0"
-[upstreams.api]
-url = "{}"
-[payment]
-pay_to = "{PAY_TO}"
-network = "eip155:84532"
-asset = "USDC"
-{extra_payment}
-[[routes]]
+    let routes = r#"[[routes]]
 path = "/goods"
 upstream = "api"
 amount = "1000"
@@ -55,10 +43,8 @@ path = "/fail-before"
 upstream = "api"
 amount = "1000"
 settle = "before"
-{}"#,
-        upstream.url(),
-        chain.network_toml()
-    )
+"#;
+    paid_config(&upstream.url(), "", extra_payment) + routes + &chain.network_toml()
 }
 
 async fn payment(gateway: &Gateway, path: &str, buyer: &PrivateKeySigner) -> String {

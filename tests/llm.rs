@@ -19,7 +19,6 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use x402_gateway::proxy::body::full;
 
-const PAY_TO: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
 const OPERATOR_KEY: &str = "sk-operator-secret";
 
 /// Everything the gateway logs in this test binary, to find the usage lines in.

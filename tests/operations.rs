@@ -17,20 +17,9 @@ use std::path::Path;
 use std::time::Duration;
 use x402_gateway::config::Config;
 
-const PAY_TO: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
-
 fn toml(upstream: &Upstream, chain: &Chain, price: &str) -> String {
-    format!(
-        r#"[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[upstreams.api]
-url = "{}"
-[payment]
-pay_to = "{PAY_TO}"
-network = "eip155:84532"
-asset = "USDC"
-[[routes]]
+    let routes = format!(
+        r#"[[routes]]
 path = "/free"
 upstream = "api"
 [[routes]]
@@ -46,10 +35,9 @@ path = "/ask"
 methods = ["POST"]
 upstream = "api"
 price = {{ by = "body.model", table = {{ small = "$0.001", large = "$0.01" }} }}
-{}"#,
-        upstream.url(),
-        chain.network_toml()
-    )
+"#
+    );
+    paid_config(&upstream.url(), "admin_listen = \"127.0.0.1:0\"", "") + &routes + &chain.network_toml()
 }
 
 async fn admin_get(gateway: &Gateway, path: &str) -> Answer {

@@ -8,8 +8,6 @@ use common::chain::Chain;
 use common::*;
 use std::process::{Command, Output};
 
-const PAY_TO: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
-
 async fn run_pay(args: Vec<String>, key: Option<String>) -> Output {
     tokio::task::spawn_blocking(move || {
         let mut command = Command::new(env!("CARGO_BIN_EXE_x402-gateway"));
@@ -26,11 +24,9 @@ async fn run_pay(args: Vec<String>, key: Option<String>) -> Output {
 #[tokio::test]
 async fn pay_settles_with_v2_and_v1_and_refuses_what_it_should() {
     let chain = Chain::start().await;
-    let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.api]\nurl = \"{}\"\n[payment]\npay_to = \"{PAY_TO}\"\nnetwork = \"eip155:84532\"\nasset = \"USDC\"\n[[routes]]\npath = \"/paid\"\nupstream = \"api\"\nprice = \"$0.002\"\n{}",
-        spawn_echo("api").await.url(),
-        chain.network_toml()
-    );
+    let toml = paid_config(&spawn_echo("api").await.url(), "", "")
+        + "[[routes]]\npath = \"/paid\"\nupstream = \"api\"\nprice = \"$0.002\"\n"
+        + &chain.network_toml();
     let gateway = start_gateway(&toml).await;
     let buyer = PrivateKeySigner::random();
     chain.mint(buyer.address(), 1_000_000).await;

@@ -13,20 +13,11 @@ use http::{Request, StatusCode};
 use http_body_util::Full;
 use serde_json::{json, Value};
 
-const PAY_TO: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
 const OTHER_PAY_TO: &str = "0x15d34AAf54267DB7D7c367839AAf71A00a2C6A65";
 
 fn paid_toml(upstream: &Upstream, chain: &Chain) -> String {
     let routes = format!(
-        r#"[server]
-listen = "127.0.0.1:0"
-[upstreams.api]
-url = "{}"
-[payment]
-pay_to = "{PAY_TO}"
-network = "eip155:84532"
-asset = "USDC"
-[[routes]]
+        r#"[[routes]]
 path = "/weather"
 methods = ["GET", "HEAD"]
 upstream = "api"
@@ -41,10 +32,9 @@ accepts = [{{ pay_to = "{PAY_TO}" }}, {{ pay_to = "{OTHER_PAY_TO}", max_timeout_
 [[routes]]
 path = "/free"
 upstream = "api"
-"#,
-        upstream.url()
+"#
     );
-    routes + &chain.network_toml()
+    paid_config(&upstream.url(), "", "") + &routes + &chain.network_toml()
 }
 
 struct Setup {

@@ -19,28 +19,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use x402_gateway::proxy::body::full;
 
-const PAY_TO: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
 const PRICE: u64 = 1000;
 
 fn toml(upstream: &Upstream, chain: &Chain, settle: &str) -> String {
-    format!(
-        r#"[server]
-listen = "127.0.0.1:0"
-[upstreams.api]
-url = "{}"
-[payment]
-pay_to = "{PAY_TO}"
-network = "eip155:84532"
-asset = "USDC"
-settle = "{settle}"
-[[routes]]
-path = "/paid"
-upstream = "api"
-amount = "{PRICE}"
-{}"#,
-        upstream.url(),
-        chain.network_toml()
-    )
+    let routes = format!("[[routes]]\npath = \"/paid\"\nupstream = \"api\"\namount = \"{PRICE}\"\n");
+    paid_config(&upstream.url(), "", &format!("settle = \"{settle}\"")) + &routes + &chain.network_toml()
 }
 
 struct Market {

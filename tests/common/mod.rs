@@ -131,6 +131,19 @@ impl Drop for Gateway {
     }
 }
 
+/// The payee of the tests' paid routes (anvil's account #3).
+pub const PAY_TO: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
+
+/// The start of a paid gateway's configuration: a plain listener on a free port, the upstream `api`, and
+/// `[payment]` in USDC on eip155:84532 to `PAY_TO`. `server` and `payment` add lines to those sections;
+/// routes and `[networks]` follow.
+pub fn paid_config(upstream: &str, server: &str, payment: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n[upstreams.api]\nurl = \"{upstream}\"\n\
+         [payment]\npay_to = \"{PAY_TO}\"\nnetwork = \"eip155:84532\"\nasset = \"USDC\"\n{payment}\n"
+    )
+}
+
 static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
 
 /// A fresh folder for one test's files, under the target directory.
