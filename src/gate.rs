@@ -95,7 +95,7 @@ impl PaymentGate {
 
     /// How many authorizations are reserved now.
     pub fn reserved(&self) -> u64 {
-        self.reservations.len()
+        self.reservations.count()
     }
 
     /// Frees an authorization that was certainly not charged, so the buyer may use it again.

@@ -134,4 +134,11 @@ mod tests {
         assert_eq!(base_sepolia.asset("0x036CbD53842c5426634e7929541eC2318f3dCF7e"), Some(usdc));
         assert!(builtin(31337).assets.is_empty());
     }
+
+    #[test]
+    fn debug_output_hides_the_rpc_url() {
+        let network = Network { rpc_url: Some("https://node.example/v2/SECRET-KEY".into()), ..builtin(8453) };
+        let shown = format!("{network:?}");
+        assert!(!shown.contains("SECRET-KEY") && shown.contains("redacted"), "{shown}");
+    }
 }

@@ -69,14 +69,10 @@ impl Reservations {
         self.cache.invalidate(key);
     }
 
-    pub fn len(&self) -> u64 {
-        // Expired entries leave on moka's housekeeping; run it so the count is current.
+    /// Live reservations now (expired ones leave on moka's housekeeping, which this runs first).
+    pub fn count(&self) -> u64 {
         self.cache.run_pending_tasks();
         self.cache.entry_count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

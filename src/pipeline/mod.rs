@@ -143,10 +143,6 @@ impl Gateway {
         *self.live.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = next;
     }
 
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
     }

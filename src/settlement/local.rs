@@ -85,8 +85,11 @@ impl LocalSettler {
         }
         let hash = match self.queue.send(token, chain::transfer_calldata(auth), before).await {
             Ok(hash) => hash,
-            Err(SendError::Refused(message)) => {
-                return Err(SettleFailure::nothing_moved("invalid_exact_evm_transaction_failed", message, None))
+            Err(SendError::Refused(detail)) => {
+                // The node's or the ledger's words are the operator's business, not the buyer's.
+                tracing::warn!(detail = %detail, "the settlement transaction was not sent");
+                let message = "the settlement transaction could not be sent; nothing was charged".to_string();
+                return Err(SettleFailure::nothing_moved("invalid_exact_evm_transaction_failed", message, None));
             }
             Err(SendError::Unknown(hash)) => hash,
         };

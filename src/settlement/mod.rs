@@ -203,3 +203,33 @@ impl Facilitators {
         self.remote.iter()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn config(rpc_url: &str) -> Config {
+        let toml = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.api]\nurl = \"http://127.0.0.1:9\"\n[payment]\n\
+             pay_to = \"0x90F79bf6EB2c4f870365E785982E1f101E93b906\"\nnetwork = \"eip155:84532\"\nasset = \"USDC\"\n\
+             [networks.\"eip155:84532\"]\nrpc_url = \"{rpc_url}\"\n\
+             settler_key = \"0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a\"\n\
+             [[routes]]\npath = \"/paid\"\nupstream = \"api\"\namount = \"1000\"\n"
+        );
+        Config::parse(&toml, Path::new("gateway.toml"), Path::new("."), &|_| None).expect("valid")
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_the_settler_and_queue_of_an_unchanged_key() {
+        let first = config("http://127.0.0.1:1");
+        let before = Facilitators::new(&first.payment, &first.routes, None);
+        let same = config("http://127.0.0.1:1");
+        let after = Facilitators::new(&same.payment, &same.routes, Some(&before));
+        assert!(Arc::ptr_eq(&before.local[&84532], &after.local[&84532]), "one key, one queue");
+        let moved = config("http://127.0.0.1:2");
+        let elsewhere = Facilitators::new(&moved.payment, &moved.routes, Some(&after));
+        assert!(!Arc::ptr_eq(&after.local[&84532], &elsewhere.local[&84532]), "another node, another settler");
+    }
+}
