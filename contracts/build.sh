@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild contracts/TestUSDC.bin and contracts/TestUSDC.abi.json from contracts/TestUSDC.sol.
+# Rebuild contracts/NAME.bin and NAME.abi.json from each contracts/NAME.sol (TestUSDC, Multicall).
 # Needs node + npm (solc-js is pure JS/wasm; no native solc download).
 set -euo pipefail
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Compile TestUSDC.sol with solc-js (standard JSON), writing TestUSDC.bin and TestUSDC.abi.json.
+// Compile the test contracts with solc-js (standard JSON), writing NAME.bin and NAME.abi.json for each.
 // Usage: node compile.js <path-to-solc-node_modules-dir>   (build.sh does this for you)
 'use strict';
 const fs = require('fs');
@@ -16,10 +16,12 @@ if (EXPECTED_VERSION && !version.startsWith(EXPECTED_VERSION + '+')) {
   process.exit(1);
 }
 
-const source = 'TestUSDC.sol';
+const contracts = ['TestUSDC', 'Multicall'];
 const input = {
   language: 'Solidity',
-  sources: { [source]: { content: fs.readFileSync(path.join(here, source), 'utf8') } },
+  sources: Object.fromEntries(
+    contracts.map((name) => [`${name}.sol`, { content: fs.readFileSync(path.join(here, `${name}.sol`), 'utf8') }]),
+  ),
   settings: {
     optimizer: { enabled: true, runs: 200 },
     evmVersion: 'paris',
@@ -36,12 +38,14 @@ for (const e of output.errors || []) {
 }
 if (failed) process.exit(1);
 
-const contract = output.contracts[source].TestUSDC;
-const bin = contract.evm.bytecode.object;
-if (!/^[0-9a-f]+$/.test(bin)) {
-  console.error('unexpected bytecode output');
-  process.exit(1);
+for (const name of contracts) {
+  const contract = output.contracts[`${name}.sol`][name];
+  const bin = contract.evm.bytecode.object;
+  if (!/^[0-9a-f]+$/.test(bin)) {
+    console.error(`unexpected bytecode output for ${name}`);
+    process.exit(1);
+  }
+  fs.writeFileSync(path.join(here, `${name}.bin`), bin);
+  fs.writeFileSync(path.join(here, `${name}.abi.json`), JSON.stringify(contract.abi, null, 2) + '\n');
+  console.log(`compiled ${name}.sol with solc ${version}: ${bin.length / 2} bytes of creation code`);
 }
-fs.writeFileSync(path.join(here, 'TestUSDC.bin'), bin);
-fs.writeFileSync(path.join(here, 'TestUSDC.abi.json'), JSON.stringify(contract.abi, null, 2) + '\n');
-console.log(`compiled ${source} with solc ${version}: ${bin.length / 2} bytes of creation code`);

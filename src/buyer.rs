@@ -59,6 +59,18 @@ pub enum PayError {
     Sign(String),
 }
 
+/// A v2 `PAYMENT-SIGNATURE` value paying a 402 challenge's first `exact` EVM offer, with a fresh nonce, and
+/// the amount it pays.
+pub fn v2_payment(signer: &PrivateKeySigner, challenge: &HeaderMap) -> Result<(U256, HeaderValue), PayError> {
+    let (offer, resource) = v2_offer(challenge)?;
+    let amount = U256::from_str_radix(&offer.amount, 10)
+        .map_err(|_| PayError::Challenge("the amount is not a number".into()))?;
+    let payload = sign(signer, &offer)?;
+    let payload = PaymentPayloadV2 { x402_version: 2, resource, accepted: offer, payload, extensions: None };
+    let value = HeaderValue::from_str(&codec::encode(&payload)).map_err(|e| PayError::Sign(e.to_string()))?;
+    Ok((amount, value))
+}
+
 pub async fn pay(request: &PayRequest) -> Result<PayOutcome, PayError> {
     let first = send(request, None).await?;
     if first.0 != StatusCode::PAYMENT_REQUIRED {

@@ -7,13 +7,13 @@ use crate::x402::exact_evm::VerifiedAuthorization;
 use alloy::consensus::{SignableTransaction, TxEip1559, TxEnvelope};
 use alloy::eips::Encodable2718;
 use alloy::network::TxSignerSync;
-use alloy::primitives::{Address, Bytes, TxKind, U256};
+use alloy::primitives::{Address, Bytes, TxKind, B256, U256};
 use alloy::providers::{Provider, RootProvider};
 use alloy::rpc::client::RpcClient;
-use alloy::rpc::types::TransactionRequest;
+use alloy::rpc::types::{TransactionReceipt, TransactionRequest};
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol;
-use alloy::sol_types::SolCall;
+use alloy::sol_types::{SolCall, SolEvent};
 use alloy::transports::TransportError;
 use std::time::Duration;
 
@@ -25,11 +25,28 @@ sol! {
         function transferWithAuthorization(address from, address to, uint256 value, uint256 validAfter, uint256 validBefore, bytes32 nonce, uint8 v, bytes32 r, bytes32 s) external;
         function authorizationState(address authorizer, bytes32 nonce) external view returns (bool);
         function balanceOf(address account) external view returns (uint256);
+        event AuthorizationUsed(address indexed authorizer, bytes32 indexed nonce);
+    }
+
+    /// Multicall3's batch entry point: each call may fail without reverting the others.
+    interface Multicall3 {
+        struct Call3 {
+            address target;
+            bool allowFailure;
+            bytes callData;
+        }
+        struct Result {
+            bool success;
+            bytes returnData;
+        }
+        function aggregate3(Call3[] calldata calls) external payable returns (Result[] memory returnData);
     }
 }
 
 /// Generous for `transferWithAuthorization` (about 60k to 110k gas on USDC deployments); unused gas is not paid.
 pub const SETTLE_GAS_LIMIT: u64 = 200_000;
+/// Per authorization in a batch, where the transaction's base cost is paid once.
+const BATCHED_SETTLE_GAS: u64 = 100_000;
 
 pub fn connect(rpc_url: &http::Uri, timeout: Duration) -> RootProvider {
     let is_local = rpc_url.host().is_some_and(|h| h == "127.0.0.1" || h == "localhost" || h == "[::1]");
@@ -63,6 +80,28 @@ pub fn transfer_calldata(auth: &VerifiedAuthorization) -> Bytes {
     }
     .abi_encode()
     .into()
+}
+
+/// One `aggregate3` call running each `(token, calldata)` on its own: a failing authorization never sinks the
+/// others. Returns the calldata and a gas limit for it.
+pub fn batch_calldata(calls: impl IntoIterator<Item = (Address, Bytes)>) -> (Bytes, u64) {
+    let calls: Vec<Multicall3::Call3> = calls
+        .into_iter()
+        .map(|(target, input)| Multicall3::Call3 { target, allowFailure: true, callData: input })
+        .collect();
+    let gas = SETTLE_GAS_LIMIT + BATCHED_SETTLE_GAS * calls.len() as u64;
+    (Multicall3::aggregate3Call { calls }.abi_encode().into(), gas)
+}
+
+/// Whether this transaction used the authorization: its token logged `AuthorizationUsed(authorizer, nonce)`.
+/// In a batch, the transaction succeeding says nothing of each call; the event does.
+pub fn used_authorization(receipt: &TransactionReceipt, token: Address, authorizer: Address, nonce: B256) -> bool {
+    receipt.status()
+        && receipt.inner.logs().iter().any(|log| {
+            log.address() == token
+                && log.topics()
+                    == [Eip3009Token::AuthorizationUsed::SIGNATURE_HASH, authorizer.into_word(), nonce].as_slice()
+        })
 }
 
 /// What the chain says about an authorization that failed simulation, in x402's terms.
@@ -124,12 +163,13 @@ pub fn sign_call(
     signer: &PrivateKeySigner,
     to: Address,
     input: Bytes,
+    gas_limit: u64,
     params: &TxParams,
 ) -> Result<Vec<u8>, alloy::signers::Error> {
     let mut tx = TxEip1559 {
         chain_id: params.chain_id,
         nonce: params.nonce,
-        gas_limit: SETTLE_GAS_LIMIT,
+        gas_limit,
         max_fee_per_gas: params.max_fee_per_gas,
         max_priority_fee_per_gas: params.max_priority_fee_per_gas,
         to: TxKind::Call(to),

@@ -45,6 +45,8 @@ pub struct Payment {
     pub settle: Option<String>,
     pub settle_after_max_bytes: Option<usize>,
     pub settle_timeout_secs: Option<u64>,
+    pub settle_batch_max: Option<usize>,
+    pub settle_batch_window_ms: Option<u64>,
     pub nonce_cache_capacity: Option<u64>,
 }
 
@@ -65,6 +67,7 @@ pub struct Terms {
 pub struct Network {
     pub rpc_url: Option<String>,
     pub settler_key: Option<String>,
+    pub multicall: Option<String>,
     pub v1_name: Option<String>,
     #[serde(default)]
     pub assets: BTreeMap<String, Asset>,

@@ -7,7 +7,7 @@ mod file;
 mod payment;
 
 pub use error::ConfigError;
-pub use payment::{Bazaar, FacilitatorChoice, PaidRoute, PaymentSettings, RemoteConfig, SettlerConfig};
+pub use payment::{BatchSettings, Bazaar, FacilitatorChoice, PaidRoute, PaymentSettings, RemoteConfig, SettlerConfig};
 
 use crate::routing::PathPattern;
 use http::header::{HeaderName, HeaderValue};

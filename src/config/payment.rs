@@ -18,6 +18,11 @@ pub const DEFAULT_NONCE_CACHE_CAPACITY: u64 = 100_000;
 pub const DEFAULT_FACILITATOR_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_SETTLE_AFTER_MAX_BYTES: usize = 10 * 1024 * 1024;
 pub const DEFAULT_SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Keeps a batch's gas limit (100k per payment) well inside a block.
+pub const MAX_SETTLE_BATCH: usize = 200;
+pub const DEFAULT_SETTLE_BATCH_WINDOW: Duration = Duration::from_millis(50);
+/// Multicall3's address on every chain that has it (Base and Base Sepolia among them).
+pub const MULTICALL3: Address = alloy::primitives::address!("0xcA11bde05977b3631167028862bE2a173976CA11");
 const LOCAL_FACILITATOR: &str = "local";
 
 /// What a paid route sells and for how much.
@@ -70,6 +75,8 @@ pub struct SettlerConfig {
     /// May carry a node provider's key: never shown.
     pub rpc_url: Uri,
     pub key: PrivateKeySigner,
+    /// The Multicall3 (`aggregate3`) contract that batched settlements go through.
+    pub multicall: Address,
 }
 
 impl fmt::Debug for SettlerConfig {
@@ -93,6 +100,17 @@ pub struct PaymentSettings {
     /// Longest wait for a local settlement's receipt (the authorization's expiry may cut it shorter); past it,
     /// the payment is `settlement_pending` and reconciliation finishes it.
     pub settle_timeout: Duration,
+    /// `None`: one transaction per payment.
+    pub settle_batch: Option<BatchSettings>,
+}
+
+/// Local settlements that share one transaction, each allowed to fail alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSettings {
+    /// Most payments in one transaction.
+    pub max: usize,
+    /// Longest a payment waits for others to share its transaction.
+    pub window: Duration,
 }
 
 impl Validator<'_> {
@@ -115,8 +133,15 @@ impl Validator<'_> {
             if let Some(url) = raw.rpc_url {
                 network.rpc_url = Some(self.expand(&format!("{key}.rpc_url"), &url)?);
             }
+            let multicall = match raw.multicall {
+                None => MULTICALL3,
+                Some(address) => self
+                    .expand(&format!("{key}.multicall"), &address)?
+                    .parse::<Address>()
+                    .map_err(|_| ConfigError::invalid(format!("{key}.multicall"), "not a 0x contract address"))?,
+            };
             if let Some(settler) = self.settler(&key, network.rpc_url.as_deref(), raw.settler_key.as_deref())? {
-                settlers.insert(chain_id, settler);
+                settlers.insert(chain_id, SettlerConfig { multicall, ..settler });
             }
             if raw.v1_name.is_some() {
                 network.v1_name = raw.v1_name;
@@ -150,6 +175,7 @@ impl Validator<'_> {
                 .map_or(DEFAULT_SETTLE_TIMEOUT, Duration::from_secs);
         Ok(PaymentSettings {
             settle_timeout,
+            settle_batch: settle_batch(payment)?,
             nonce_cache_capacity: capacity.unwrap_or(DEFAULT_NONCE_CACHE_CAPACITY),
             networks,
             settlers,
@@ -185,7 +211,7 @@ impl Validator<'_> {
             .trim()
             .parse::<PrivateKeySigner>()
             .map_err(|_| ConfigError::invalid(&key_key, "not a 32-byte hex private key"))?;
-        Ok(Some(SettlerConfig { rpc_url, key }))
+        Ok(Some(SettlerConfig { rpc_url, key, multicall: MULTICALL3 }))
     }
 
     /// The route's offers, or `None` for a free route (no price anywhere and no `accepts`).
@@ -433,4 +459,25 @@ fn bazaar(method: &str, input: Option<&toml::Table>, output: Option<&toml::Table
         "required": ["input"],
     });
     Some(Bazaar { extension: serde_json::json!({ "info": info, "schema": schema }), output_schema_v1 })
+}
+
+/// `settle_batch_max` above 1 turns batching on; the window alone is an error, since it would do nothing.
+fn settle_batch(payment: Option<&file::Payment>) -> Result<Option<BatchSettings>, ConfigError> {
+    let max = super::nonzero("payment.settle_batch_max", payment.and_then(|p| p.settle_batch_max))?;
+    let window_ms = super::nonzero("payment.settle_batch_window_ms", payment.and_then(|p| p.settle_batch_window_ms))?;
+    match (max, window_ms) {
+        (Some(max), _) if max > MAX_SETTLE_BATCH => Err(ConfigError::invalid(
+            "payment.settle_batch_max",
+            format!("at most {MAX_SETTLE_BATCH} payments fit in one settlement transaction"),
+        )),
+        (Some(max), window_ms) if max > 1 => Ok(Some(BatchSettings {
+            max,
+            window: window_ms.map_or(DEFAULT_SETTLE_BATCH_WINDOW, Duration::from_millis),
+        })),
+        (_, Some(_)) => Err(ConfigError::invalid(
+            "payment.settle_batch_window_ms",
+            "batching is off: set `settle_batch_max` above 1 to settle several payments per transaction",
+        )),
+        _ => Ok(None),
+    }
 }

@@ -55,9 +55,8 @@ pub async fn reconcile(
                 }
             }
             Ok(Outcome::Reverted) => {
-                moved(
-                    ledger.failed(row.id, "the settlement transaction reverted".into(), row.transaction.clone()).await,
-                )?;
+                let reason = "the settlement transaction did not transfer this payment";
+                moved(ledger.failed(row.id, reason.into(), row.transaction.clone()).await)?;
                 report.failed += 1;
             }
             Ok(Outcome::Lost) => {
@@ -104,6 +103,7 @@ fn moved(written: Result<(), LedgerError>) -> Result<(), LedgerError> {
 enum Outcome {
     /// The authorization was used: the transfer happened, in this transaction.
     Moved(String),
+    /// Mined without using the authorization.
     Reverted,
     /// Not on chain, not in the node's pool, and no one left to send it: it will not happen.
     Lost,
@@ -115,22 +115,24 @@ async fn on_chain(provider: &RootProvider, row: &Row) -> Result<Outcome, String>
     let token: Address = parse("asset", row.asset.parse())?;
     let payer: Address = parse("payer", row.payer.parse())?;
     let nonce: B256 = row.nonce.parse().map_err(|_| format!("row {}: bad nonce", row.id))?;
-    let used = chain::view(provider, token, Eip3009Token::authorizationStateCall { authorizer: payer, nonce })
-        .await
-        .map_err(|e| e.to_string())?;
     let known: Option<B256> = row.transaction.as_deref().and_then(|t| t.parse().ok());
+    // The receipt first: once mined, a transaction that had not used the authorization never will.
     let receipt = match known {
         Some(hash) => provider.get_transaction_receipt(hash).await.map_err(|e| e.to_string())?,
         None => None,
     };
+    let used = chain::view(provider, token, Eip3009Token::authorizationStateCall { authorizer: payer, nonce })
+        .await
+        .map_err(|e| e.to_string())?;
     if used {
         let transaction = match (known, &receipt) {
-            (Some(hash), Some(r)) if r.status() => hash.to_string(),
+            (Some(hash), Some(r)) if chain::used_authorization(r, token, payer, nonce) => hash.to_string(),
             _ => transfer_event(provider, token, payer, nonce).await.unwrap_or_else(|| "unknown".into()),
         };
         return Ok(Outcome::Moved(transaction));
     }
-    if receipt.as_ref().is_some_and(|r| !r.status()) {
+    if receipt.is_some() {
+        // Reverted, or its call failed inside a batch.
         return Ok(Outcome::Reverted);
     }
     // The hash is recorded before each broadcast, so a local settlement without one was never sent. A remote

@@ -1,19 +1,19 @@
 //! The in-process facilitator: simulates each authorization on chain before the request goes upstream, and
 //! settles it with the gateway's own gas-paying key.
 
-use super::queue::{BeforeBroadcast, SendError, TxQueue};
+use super::queue::{Batching, BeforeBroadcast, SendError, TxQueue};
+use super::receipts::Receipts;
 use super::{SettleFailure, Settled, VerifyFailure};
 use crate::chain::{self, SimulationFailure};
+use crate::config::{PaymentSettings, SettlerConfig};
 use crate::x402::exact_evm::VerifiedAuthorization;
 use crate::x402::Rejection;
-use alloy::primitives::{Address, B256};
+use alloy::primitives::Address;
 use alloy::providers::{Provider, RootProvider};
-use alloy::signers::local::PrivateKeySigner;
 use http::Uri;
+use std::sync::Arc;
 use std::time::Duration;
 
-const FIRST_POLL: Duration = Duration::from_millis(20);
-const LONGEST_POLL: Duration = Duration::from_millis(500);
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct LocalSettler {
@@ -22,20 +22,49 @@ pub struct LocalSettler {
     settler: Address,
     chain_id: u64,
     queue: TxQueue,
+    receipts: Arc<Receipts>,
     receipt_timeout: Duration,
+    batching: Option<Batching>,
 }
 
 impl LocalSettler {
+    /// Must run inside the tokio runtime: it starts the key's transaction queue.
     pub fn new(
         provider: RootProvider,
-        rpc_url: Uri,
-        signer: PrivateKeySigner,
+        config: &SettlerConfig,
         chain_id: u64,
-        receipt_timeout: Duration,
+        settings: &PaymentSettings,
     ) -> LocalSettler {
-        let settler = signer.address();
-        let queue = TxQueue::spawn(provider.clone(), signer, chain_id);
-        LocalSettler { provider, rpc_url, settler, chain_id, queue, receipt_timeout }
+        let queue = TxQueue::spawn(provider.clone(), config.key.clone(), chain_id);
+        let receipts = Receipts::new(provider.clone(), settings.settle_timeout);
+        LocalSettler {
+            provider,
+            rpc_url: config.rpc_url.clone(),
+            settler: config.key.address(),
+            chain_id,
+            queue,
+            receipts,
+            receipt_timeout: settings.settle_timeout,
+            batching: batching(config, settings),
+        }
+    }
+
+    /// The same node, key and transaction queue under new settings (after a reload).
+    pub fn reconfigured(&self, config: &SettlerConfig, settings: &PaymentSettings) -> LocalSettler {
+        LocalSettler {
+            provider: self.provider.clone(),
+            rpc_url: self.rpc_url.clone(),
+            settler: self.settler,
+            chain_id: self.chain_id,
+            queue: self.queue.clone(),
+            receipts: Receipts::new(self.provider.clone(), settings.settle_timeout),
+            receipt_timeout: settings.settle_timeout,
+            batching: batching(config, settings),
+        }
+    }
+
+    pub fn shares_queue_with(&self, other: &LocalSettler) -> bool {
+        self.queue.same_queue(&other.queue)
     }
 
     /// Whether this settler is the one a configuration asks for (same node, same key).
@@ -83,7 +112,7 @@ impl LocalSettler {
                 None,
             ));
         }
-        let hash = match self.queue.send(token, chain::transfer_calldata(auth), before).await {
+        let hash = match self.queue.send(token, chain::transfer_calldata(auth), self.batching, before).await {
             Ok(hash) => hash,
             Err(SendError::Refused(detail)) => {
                 // The node's or the ledger's words are the operator's business, not the buyer's.
@@ -93,11 +122,14 @@ impl LocalSettler {
             }
             Err(SendError::Unknown(hash)) => hash,
         };
-        match self.wait_for_receipt(hash, receipt_deadline(auth).min(self.receipt_timeout)).await {
-            Some(true) => Ok(Settled { transaction: hash.to_string() }),
-            Some(false) => Err(SettleFailure::nothing_moved(
+        match self.receipts.wait(hash, receipt_deadline(auth).min(self.receipt_timeout)).await {
+            Some(receipt) if chain::used_authorization(&receipt, token, auth.from, auth.nonce) => {
+                Ok(Settled { transaction: hash.to_string() })
+            }
+            // Mined without using it (reverted, or its call failed inside a batch): it can never move now.
+            Some(_) => Err(SettleFailure::nothing_moved(
                 "invalid_exact_evm_transaction_failed",
-                "the settlement transaction reverted".into(),
+                "the settlement transaction did not transfer this payment".into(),
                 Some(hash.to_string()),
             )),
             None => {
@@ -107,27 +139,13 @@ impl LocalSettler {
             }
         }
     }
-
-    /// `Some(succeeded)` once the receipt is in, `None` if the deadline passes first.
-    async fn wait_for_receipt(&self, hash: B256, timeout: Duration) -> Option<bool> {
-        let started = tokio::time::Instant::now();
-        let mut pause = FIRST_POLL;
-        while started.elapsed() < timeout {
-            match self.provider.get_transaction_receipt(hash).await {
-                Ok(Some(receipt)) => return Some(receipt.status()),
-                Ok(None) => {}
-                Err(err) => {
-                    tracing::warn!(error = %err, transaction = %hash, "polling for a settlement receipt failed")
-                }
-            }
-            tokio::time::sleep(pause.min(timeout.saturating_sub(started.elapsed()))).await;
-            pause = (pause * 2).min(LONGEST_POLL);
-        }
-        None
-    }
 }
 
 /// Wait no longer than the authorization is valid: after `validBefore` the transaction cannot succeed.
 fn receipt_deadline(auth: &VerifiedAuthorization) -> Duration {
     Duration::from_secs(auth.valid_before_secs().saturating_sub(crate::replay::unix_now()))
+}
+
+fn batching(config: &SettlerConfig, settings: &PaymentSettings) -> Option<Batching> {
+    settings.settle_batch.map(|settings| Batching { multicall: config.multicall, settings })
 }

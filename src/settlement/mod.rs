@@ -3,6 +3,7 @@
 
 mod local;
 mod queue;
+mod receipts;
 mod remote;
 
 pub use local::LocalSettler;
@@ -139,8 +140,8 @@ pub struct Facilitators {
 
 impl Facilitators {
     /// Must run inside the tokio runtime: local settlers start their transaction queues. A settler of
-    /// `previous` with the same chain, node and key is kept, with its queue (two queues for one key would
-    /// hand out the same account nonces).
+    /// `previous` with the same chain, node and key keeps its queue under the new settings (two queues for
+    /// one key would hand out the same account nonces).
     pub fn new(settings: &PaymentSettings, routes: &[RouteSpec], previous: Option<&Facilitators>) -> Facilitators {
         let local = settings
             .settlers
@@ -148,19 +149,14 @@ impl Facilitators {
             .map(|(chain_id, settler)| {
                 let kept = previous
                     .and_then(|p| p.local.get(chain_id))
-                    .filter(|old| old.serves(&settler.rpc_url, settler.key.address()))
-                    .cloned();
-                let settler = kept.unwrap_or_else(|| {
-                    let provider = chain::connect(&settler.rpc_url, RPC_TIMEOUT);
-                    Arc::new(LocalSettler::new(
-                        provider,
-                        settler.rpc_url.clone(),
-                        settler.key.clone(),
-                        *chain_id,
-                        settings.settle_timeout,
-                    ))
-                });
-                (*chain_id, settler)
+                    .filter(|old| old.serves(&settler.rpc_url, settler.key.address()));
+                let local = match kept {
+                    Some(old) => old.reconfigured(settler, settings),
+                    None => {
+                        LocalSettler::new(chain::connect(&settler.rpc_url, RPC_TIMEOUT), settler, *chain_id, settings)
+                    }
+                };
+                (*chain_id, Arc::new(local))
             })
             .collect();
         let mut remote = HashMap::new();
@@ -227,9 +223,9 @@ mod tests {
         let before = Facilitators::new(&first.payment, &first.routes, None);
         let same = config("http://127.0.0.1:1");
         let after = Facilitators::new(&same.payment, &same.routes, Some(&before));
-        assert!(Arc::ptr_eq(&before.local[&84532], &after.local[&84532]), "one key, one queue");
+        assert!(before.local[&84532].shares_queue_with(&after.local[&84532]), "one key, one queue");
         let moved = config("http://127.0.0.1:2");
         let elsewhere = Facilitators::new(&moved.payment, &moved.routes, Some(&after));
-        assert!(!Arc::ptr_eq(&after.local[&84532], &elsewhere.local[&84532]), "another node, another settler");
+        assert!(!after.local[&84532].shares_queue_with(&elsewhere.local[&84532]), "another node, another queue");
     }
 }

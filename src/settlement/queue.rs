@@ -1,10 +1,14 @@
 //! One transaction queue per settler key: it alone assigns the account's nonces, so concurrent settlements
-//! never collide. It only signs and broadcasts; waiting for receipts happens in the callers, concurrently.
+//! never collide. It signs and broadcasts, several transactions in flight at once; waiting for receipts
+//! happens in the callers. With batching on, the payments that arrive within a short window share one
+//! Multicall3 `aggregate3` transaction, each call allowed to fail alone.
 
 use crate::chain::{self, TxParams};
+use crate::config::BatchSettings;
 use alloy::primitives::{keccak256, Address, Bytes, B256};
 use alloy::providers::{Provider, RootProvider};
 use alloy::signers::local::PrivateKeySigner;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
@@ -26,16 +30,28 @@ pub enum SendError {
 }
 
 /// Called with each signed transaction's hash before it is broadcast (to record it write-ahead; the last call
-/// names the transaction that was sent). An error stops the broadcast.
+/// names the transaction that was sent). An error leaves this call out of the broadcast.
 pub type BeforeBroadcast = Box<dyn Fn(B256) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
+/// Where settlements may share a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    pub multicall: Address,
+    pub settings: BatchSettings,
+}
+
+/// A contract call waiting for its transaction.
+struct Call {
+    to: Address,
+    input: Bytes,
+    before: Option<BeforeBroadcast>,
+    batching: Option<Batching>,
+    queued_at: Instant,
+    reply: oneshot::Sender<Result<B256, SendError>>,
+}
+
 enum Message {
-    Send {
-        to: Address,
-        input: Bytes,
-        before: Option<BeforeBroadcast>,
-        reply: oneshot::Sender<Result<B256, SendError>>,
-    },
+    Send(Call),
     /// Forget the cached nonce: a transaction was lost, so the chain must be asked again.
     Resync,
 }
@@ -47,17 +63,25 @@ pub struct TxQueue {
 
 impl TxQueue {
     pub fn spawn(provider: RootProvider, signer: PrivateKeySigner, chain_id: u64) -> TxQueue {
-        let (messages, inbox) = mpsc::channel(1024);
+        let (messages, inbox) = mpsc::channel(4096);
         tokio::spawn(Worker { provider, signer, chain_id, next_nonce: None, fees: None }.run(inbox));
         TxQueue { messages }
     }
 
-    /// Signs and broadcasts a call; returns its transaction hash once the node has accepted it. `before` runs
-    /// inside the queue, between signing and broadcasting, so a caller that goes away cannot split the two.
-    pub async fn send(&self, to: Address, input: Bytes, before: Option<BeforeBroadcast>) -> Result<B256, SendError> {
+    /// Signs and broadcasts a call, alone or (with `batching`) in a batch; returns the hash of the transaction
+    /// that carries it once the node has accepted it. `before` runs inside the queue, between signing and
+    /// broadcasting, so a caller that goes away cannot split the two.
+    pub async fn send(
+        &self,
+        to: Address,
+        input: Bytes,
+        batching: Option<Batching>,
+        before: Option<BeforeBroadcast>,
+    ) -> Result<B256, SendError> {
         let (reply, answer) = oneshot::channel();
+        let call = Call { to, input, before, batching, queued_at: Instant::now(), reply };
         self.messages
-            .send(Message::Send { to, input, before, reply })
+            .send(Message::Send(call))
             .await
             .map_err(|_| SendError::Refused("the settlement queue has stopped".into()))?;
         answer.await.map_err(|_| SendError::Refused("the settlement queue has stopped".into()))?
@@ -65,6 +89,11 @@ impl TxQueue {
 
     pub fn resync(&self) {
         let _ = self.messages.try_send(Message::Resync);
+    }
+
+    /// Whether both handles feed the same queue (one key must never have two).
+    pub fn same_queue(&self, other: &TxQueue) -> bool {
+        self.messages.same_channel(&other.messages)
     }
 }
 
@@ -78,36 +107,66 @@ struct Worker {
 
 impl Worker {
     async fn run(mut self, mut inbox: mpsc::Receiver<Message>) {
-        while let Some(message) = inbox.recv().await {
-            match message {
-                Message::Resync => self.next_nonce = None,
-                Message::Send { to, input, before, reply } => {
-                    let _ = reply.send(self.broadcast(to, input, before).await);
-                }
-            }
+        // Lone calls that arrived while a batch was filling, in order.
+        let mut deferred = VecDeque::new();
+        loop {
+            let call = match deferred.pop_front() {
+                Some(call) => call,
+                None => match inbox.recv().await {
+                    Some(Message::Send(call)) => call,
+                    Some(Message::Resync) => {
+                        self.next_nonce = None;
+                        continue;
+                    }
+                    None => return,
+                },
+            };
+            let batch = match call.batching {
+                Some(batching) => self.fill(call, batching, &mut inbox, &mut deferred).await,
+                None => vec![call],
+            };
+            self.broadcast(batch).await;
         }
     }
 
-    async fn broadcast(
+    /// Gathers the calls that share `first`'s batch: until the batch is full, or the window that opened when
+    /// `first` was queued closes.
+    async fn fill(
         &mut self,
-        to: Address,
-        input: Bytes,
-        before: Option<BeforeBroadcast>,
-    ) -> Result<B256, SendError> {
+        first: Call,
+        batching: Batching,
+        inbox: &mut mpsc::Receiver<Message>,
+        deferred: &mut VecDeque<Call>,
+    ) -> Vec<Call> {
+        let closes = tokio::time::Instant::from_std(first.queued_at + batching.settings.window);
+        let mut batch = vec![first];
+        while batch.len() < batching.settings.max {
+            match tokio::time::timeout_at(closes, inbox.recv()).await {
+                Ok(Some(Message::Send(call))) if call.batching.map(|b| b.multicall) == Some(batching.multicall) => {
+                    batch.push(call)
+                }
+                Ok(Some(Message::Send(call))) => deferred.push_back(call),
+                Ok(Some(Message::Resync)) => self.next_nonce = None,
+                Ok(None) | Err(_) => break,
+            }
+        }
+        batch
+    }
+
+    /// Sends one transaction for all of `calls` (directly for a single call, through `aggregate3` for more) and
+    /// tells each caller its hash, or why it was not sent.
+    async fn broadcast(&mut self, mut calls: Vec<Call>) {
         let mut last_refusal = String::new();
         for _ in 0..SEND_ATTEMPTS {
-            let params =
-                self.params().await.map_err(|e| SendError::Refused(format!("cannot prepare the transaction: {e}")))?;
-            let raw = chain::sign_call(&self.signer, to, input.clone(), &params)
-                .map_err(|e| SendError::Refused(format!("cannot sign: {e}")))?;
-            let hash = keccak256(&raw);
-            if let Some(record) = &before {
-                record(hash).await.map_err(SendError::Refused)?;
-            }
-            match self.provider.send_raw_transaction(&raw).await {
+            let signed = match self.sign_recorded(&mut calls).await {
+                Ok(Some(signed)) => signed,
+                Ok(None) => return,
+                Err(refusal) => return answer(calls, Err(SendError::Refused(refusal))),
+            };
+            match self.provider.send_raw_transaction(&signed.raw).await {
                 Ok(_) => {
-                    self.next_nonce = Some(params.nonce + 1);
-                    return Ok(hash);
+                    self.next_nonce = Some(signed.nonce + 1);
+                    return answer(calls, Ok(signed.hash));
                 }
                 Err(err) if err.as_error_resp().is_some() => {
                     // Most refusals are a stale nonce (another sender, a dropped transaction): ask the chain again.
@@ -116,11 +175,52 @@ impl Worker {
                 }
                 Err(_) => {
                     self.next_nonce = None;
-                    return Err(SendError::Unknown(hash));
+                    return answer(calls, Err(SendError::Unknown(signed.hash)));
                 }
             }
         }
-        Err(SendError::Refused(last_refusal))
+        answer(calls, Err(SendError::Refused(last_refusal)))
+    }
+
+    /// Signs a transaction for `calls` and records its hash for each of them. A call whose record fails is
+    /// answered and left out, and the rest signed again. `Ok(None)`: no call is left.
+    async fn sign_recorded(&mut self, calls: &mut Vec<Call>) -> Result<Option<Signed>, String> {
+        loop {
+            let Some(signed) = self.sign(calls).await? else { return Ok(None) };
+            let mut kept = Vec::with_capacity(calls.len());
+            for call in calls.drain(..) {
+                match &call.before {
+                    Some(record) => match record(signed.hash).await {
+                        Ok(()) => kept.push(call),
+                        Err(refusal) => {
+                            let _ = call.reply.send(Err(SendError::Refused(refusal)));
+                        }
+                    },
+                    None => kept.push(call),
+                }
+            }
+            let all_recorded = kept.len() == signed.calls;
+            *calls = kept;
+            if all_recorded {
+                return Ok(Some(signed));
+            }
+        }
+    }
+
+    async fn sign(&mut self, calls: &[Call]) -> Result<Option<Signed>, String> {
+        let (to, input, gas_limit) = match calls {
+            [] => return Ok(None),
+            [call] => (call.to, call.input.clone(), chain::SETTLE_GAS_LIMIT),
+            [first, ..] => {
+                let multicall = first.batching.map(|b| b.multicall).unwrap_or(first.to);
+                let (input, gas_limit) = chain::batch_calldata(calls.iter().map(|c| (c.to, c.input.clone())));
+                (multicall, input, gas_limit)
+            }
+        };
+        let params = self.params().await.map_err(|e| format!("cannot prepare the transaction: {e}"))?;
+        let raw =
+            chain::sign_call(&self.signer, to, input, gas_limit, &params).map_err(|e| format!("cannot sign: {e}"))?;
+        Ok(Some(Signed { hash: keccak256(&raw), raw, nonce: params.nonce, calls: calls.len() }))
     }
 
     async fn params(&mut self) -> Result<TxParams, alloy::transports::TransportError> {
@@ -137,5 +237,19 @@ impl Worker {
             }
         };
         Ok(TxParams { chain_id: self.chain_id, nonce, max_fee_per_gas, max_priority_fee_per_gas })
+    }
+}
+
+struct Signed {
+    raw: Vec<u8>,
+    hash: B256,
+    nonce: u64,
+    /// How many calls it carries.
+    calls: usize,
+}
+
+fn answer(calls: Vec<Call>, outcome: Result<B256, SendError>) {
+    for call in calls {
+        let _ = call.reply.send(outcome.clone());
     }
 }

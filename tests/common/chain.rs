@@ -68,12 +68,14 @@ impl Chain {
         let rpc_url = format!("http://{addr}");
         let provider = x402_gateway::chain::connect(&rpc_url.parse().unwrap(), Duration::from_secs(10));
         let mut chain = Chain { rpc_url, token: Address::ZERO, provider, anvil };
-        chain.token = chain.deploy_token().await;
+        chain.token = chain.deploy("TestUSDC").await;
         chain
     }
 
-    async fn deploy_token(&self) -> Address {
-        let hex = std::fs::read_to_string(super::repo_path("contracts/TestUSDC.bin")).expect("contracts/TestUSDC.bin");
+    /// Deploys `contracts/{name}.bin` from the deployer account.
+    pub async fn deploy(&self, name: &str) -> Address {
+        let path = format!("contracts/{name}.bin");
+        let hex = std::fs::read_to_string(super::repo_path(&path)).expect(&path);
         let code: Bytes = alloy::hex::decode(hex.trim()).expect("bytecode hex").into();
         let deploy = TransactionRequest::default().from(DEPLOYER.parse().unwrap()).with_deploy_code(code);
         let receipt = self.provider.send_transaction(deploy).await.unwrap().get_receipt().await.unwrap();

@@ -1,0 +1,181 @@
+//! Batched settlement on a real local chain: concurrent payments share one Multicall3 `aggregate3`
+//! transaction, each one's outcome is its own, and a failing authorization never sinks the others.
+
+mod common;
+
+use alloy::primitives::{keccak256, Address, B256, U256};
+use alloy::providers::Provider;
+use alloy::signers::local::PrivateKeySigner;
+use common::chain::Chain;
+use common::pay::{self, Authorization};
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use std::collections::BTreeSet;
+
+const PRICE: u64 = 1000;
+
+/// A paid `/paid` route settled in-process; `batch` adds the batching lines to `[payment]`.
+fn toml(upstream: &Upstream, chain: &Chain, batch: &str, multicall: Option<Address>) -> String {
+    let routes = format!("[[routes]]\npath = \"/paid\"\nupstream = \"api\"\namount = \"{PRICE}\"\n");
+    let network = match multicall {
+        Some(multicall) => {
+            chain.network_toml().replacen("rpc_url", &format!("multicall = \"{multicall}\"\nrpc_url"), 1)
+        }
+        None => chain.network_toml(),
+    };
+    paid_config(&upstream.url(), "", &format!("facilitator = \"local\"\n{batch}")) + &routes + &network
+}
+
+/// A signed `PAYMENT-SIGNATURE` for `/paid` from `buyer`, built from the gateway's own challenge.
+async fn payment(gateway: &Gateway, buyer: &PrivateKeySigner) -> String {
+    let answer = get(&gateway.url("/paid")).await;
+    let challenge = pay::decode_header(&answer.headers["payment-required"]);
+    let accepted = &challenge["accepts"][0];
+    let auth = Authorization::for_offer(buyer.address(), accepted);
+    pay::v2_header(&challenge["resource"], accepted, auth.sign(buyer))
+}
+
+async fn pay_all(gateway: &Gateway, headers: Vec<String>) -> Vec<Answer> {
+    let calls = headers.into_iter().map(|header| {
+        let request =
+            Request::get(gateway.url("/paid")).header("payment-signature", header).body(Full::default()).unwrap();
+        tokio::spawn(async move { send(&client(), request).await })
+    });
+    let mut answers = Vec::new();
+    for call in calls.collect::<Vec<_>>() {
+        answers.push(call.await.unwrap());
+    }
+    answers
+}
+
+/// The settlement transaction named in an answer's `PAYMENT-RESPONSE`.
+fn transaction(answer: &Answer) -> B256 {
+    let receipt = pay::decode_header(&answer.headers["payment-response"]);
+    receipt["transaction"].as_str().unwrap().parse().unwrap()
+}
+
+async fn funded_buyers(chain: &Chain, count: usize) -> Vec<PrivateKeySigner> {
+    let mut buyers = Vec::new();
+    for _ in 0..count {
+        let buyer = PrivateKeySigner::random();
+        chain.mint(buyer.address(), PRICE).await;
+        buyers.push(buyer);
+    }
+    buyers
+}
+
+/// How many `AuthorizationUsed` events the transaction logged, and the gas it used.
+async fn mined(chain: &Chain, hash: B256) -> (usize, u64) {
+    let receipt = chain.provider.get_transaction_receipt(hash).await.unwrap().expect("mined");
+    assert!(receipt.status(), "the settlement transaction succeeded");
+    let event = keccak256("AuthorizationUsed(address,bytes32)");
+    let used = receipt.inner.logs().iter().filter(|log| log.topics().first() == Some(&event)).count();
+    (used, receipt.gas_used)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_payments_share_one_transaction_and_cost_less_gas_each() {
+    const BATCH: usize = 10;
+    let chain = Chain::start().await;
+    let multicall = chain.deploy("Multicall").await;
+    let upstream = spawn_echo("api").await;
+
+    // One payment alone, for the gas it costs.
+    let lone = start_gateway(&toml(&upstream, &chain, "", None)).await;
+    let buyer = funded_buyers(&chain, 1).await.remove(0);
+    let answer = pay_all(&lone, vec![payment(&lone, &buyer).await]).await.remove(0);
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    let (used, lone_gas) = mined(&chain, transaction(&answer)).await;
+    assert_eq!(used, 1);
+
+    // A full batch closes at once, however long the window.
+    let batched = format!("settle_batch_max = {BATCH}\nsettle_batch_window_ms = 60000\n");
+    let gateway = start_gateway(&toml(&upstream, &chain, &batched, Some(multicall))).await;
+    let buyers = funded_buyers(&chain, BATCH).await;
+    let mut headers = Vec::new();
+    for buyer in &buyers {
+        headers.push(payment(&gateway, buyer).await);
+    }
+    let before = chain.balance(PAY_TO.parse().unwrap()).await;
+    let answers = pay_all(&gateway, headers).await;
+    for answer in &answers {
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    }
+    let hashes: BTreeSet<B256> = answers.iter().map(transaction).collect();
+    assert_eq!(hashes.len(), 1, "one transaction for the whole batch: {hashes:?}");
+    let hash = *hashes.first().unwrap();
+    let (used, batch_gas) = mined(&chain, hash).await;
+    assert_eq!(used, BATCH, "each authorization used once");
+    assert_eq!(chain.balance(PAY_TO.parse().unwrap()).await - before, U256::from(PRICE * BATCH as u64));
+    for buyer in &buyers {
+        assert_eq!(chain.balance(buyer.address()).await, U256::ZERO, "each buyer paid once");
+    }
+    let per_payment = batch_gas / BATCH as u64;
+    println!("gas: lone {lone_gas}, batch of {BATCH} {batch_gas} ({per_payment} per payment)");
+    assert!(per_payment < lone_gas, "a batched payment costs less gas ({per_payment}) than a lone one ({lone_gas})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_authorization_does_not_sink_the_rest_of_its_batch() {
+    let chain = Chain::start().await;
+    let multicall = chain.deploy("Multicall").await;
+    let upstream = spawn_echo("api").await;
+    let batched = "settle_batch_max = 5\nsettle_batch_window_ms = 60000\n";
+    let gateway = start_gateway(&toml(&upstream, &chain, batched, Some(multicall))).await;
+    // The double spender can pay once: each authorization passes simulation alone, but not both together.
+    let buyers = funded_buyers(&chain, 4).await;
+    let spender = &buyers[0];
+    let mut headers = vec![payment(&gateway, spender).await];
+    for buyer in &buyers {
+        headers.push(payment(&gateway, buyer).await);
+    }
+    let before = chain.balance(PAY_TO.parse().unwrap()).await;
+
+    let answers = pay_all(&gateway, headers).await;
+
+    let paid: Vec<&Answer> = answers.iter().filter(|a| a.status == StatusCode::OK).collect();
+    let refused: Vec<&Answer> = answers.iter().filter(|a| a.status == StatusCode::PAYMENT_REQUIRED).collect();
+    assert_eq!(
+        (paid.len(), refused.len()),
+        (4, 1),
+        "statuses: {:?}",
+        answers.iter().map(|a| a.status).collect::<Vec<_>>()
+    );
+    let refusal = pay::decode_header(&refused[0].headers["payment-response"]);
+    assert_eq!(refusal["success"], false);
+    assert_eq!(refusal["errorReason"], "invalid_exact_evm_transaction_failed");
+    assert!(refused[0].body.is_empty() || !refused[0].text().contains("\"upstream\""), "the answer is withheld");
+    let hashes: BTreeSet<B256> = paid.iter().map(|a| transaction(a)).collect();
+    assert_eq!(hashes.len(), 1, "one transaction: {hashes:?}");
+    let hash = *hashes.first().unwrap();
+    assert_eq!(refusal["transaction"], hash.to_string(), "the failure names the batch it failed in");
+    assert_eq!(mined(&chain, hash).await.0, 4);
+    assert_eq!(chain.balance(PAY_TO.parse().unwrap()).await - before, U256::from(4 * PRICE));
+    for buyer in &buyers {
+        assert_eq!(chain.balance(buyer.address()).await, U256::ZERO);
+    }
+    let rows = gateway.pipeline.ledger().list(None, None, Some(spender.address().to_string()), 10).await.unwrap();
+    let mut states: Vec<&str> = rows.iter().map(|r| r.state.as_str()).collect();
+    states.sort();
+    assert_eq!(states, ["failed", "settled"], "the spender was charged once, and the ledger says so");
+}
+
+#[tokio::test]
+async fn batching_settings_are_checked_at_start() {
+    let upstream = "http://127.0.0.1:9";
+    let check = |payment: &str| {
+        let toml =
+            paid_config(upstream, "", payment) + "[[routes]]\npath = \"/paid\"\nupstream = \"api\"\namount = \"1\"\n";
+        x402_gateway::config::Config::parse(&toml, "gateway.toml".as_ref(), ".".as_ref(), &|_| None)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    assert!(check("facilitator = \"http://127.0.0.1:9\"\nsettle_batch_max = 100\n").is_ok());
+    let alone = check("facilitator = \"http://127.0.0.1:9\"\nsettle_batch_window_ms = 50\n").unwrap_err();
+    assert!(alone.contains("payment.settle_batch_window_ms") && alone.contains("settle_batch_max"), "{alone}");
+    let huge = check("facilitator = \"http://127.0.0.1:9\"\nsettle_batch_max = 100000\n").unwrap_err();
+    assert!(huge.contains("payment.settle_batch_max"), "{huge}");
+    let zero = check("facilitator = \"http://127.0.0.1:9\"\nsettle_batch_max = 0\n").unwrap_err();
+    assert!(zero.contains("payment.settle_batch_max"), "{zero}");
+}
