@@ -2,11 +2,13 @@
 
 use crate::networks::{Asset, Network};
 use alloy::primitives::{Address, U256};
+use std::sync::Arc;
 
 /// One way to pay for a route: this amount of this asset on this network, to this address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Offer {
-    pub network: Network,
+    /// Shared: every paid request carries its offer, and a network holds its whole asset table.
+    pub network: Arc<Network>,
     pub asset: Asset,
     pub pay_to: Address,
     /// Atomic units of `asset`.

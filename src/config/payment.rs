@@ -418,7 +418,7 @@ impl Validator<'_> {
         })?;
         let max_timeout_seconds = super::nonzero(&format!("{key}.max_timeout_seconds"), terms.max_timeout_seconds)?
             .unwrap_or(DEFAULT_MAX_TIMEOUT_SECONDS);
-        Ok(Offer { network, asset, pay_to, amount, max_timeout_seconds })
+        Ok(Offer { network: Arc::new(network), asset, pay_to, amount, max_timeout_seconds })
     }
 }
 

@@ -21,7 +21,7 @@ use crate::proxy::upstream::{upstream_request, ClientInfo, UpstreamClient};
 use crate::replay::{unix_now, NonceKey};
 use crate::routing::{self, RouteTable};
 use crate::settlement::{Facilitators, SettleMode, VerifyFailure};
-use crate::x402::challenge::{Challenge, SCHEME_EXACT};
+use crate::x402::challenge::{Challenge, PAYMENT_SIGNATURE, SCHEME_EXACT, X_PAYMENT};
 use crate::x402::wire::ResourceInfo;
 use crate::x402::Rejection;
 use alloy::providers::RootProvider;
@@ -170,9 +170,14 @@ impl Gateway {
         }
     }
 
-    /// Serves one request on a public listener. It runs in a task of its own: a client that goes away cannot
-    /// cut a payment's steps in half (a reservation held, a row half written); the answer is simply dropped.
+    /// Serves one request on a public listener. A request that carries a payment runs in a task of its own: a
+    /// client that goes away cannot cut a payment's steps in half (a reservation held, a row half written);
+    /// the answer is simply dropped. Other requests change nothing, and are served in the connection's task.
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>, client: ClientInfo) -> Response<Body> {
+        let headers = request.headers();
+        if !headers.contains_key(PAYMENT_SIGNATURE) && !headers.contains_key(X_PAYMENT) {
+            return self.serve(request, client).await;
+        }
         match tokio::spawn(async move { self.serve(request, client).await }).await {
             Ok(response) => response,
             Err(err) => {
@@ -235,10 +240,25 @@ impl Gateway {
         let route = live.match_route(&request, &canonical_path)?;
         log.route = Some(route.pattern_text.clone());
         let request = live.limit_body(request)?;
-        let Some(paid) = &route.payment else {
+        if route.payment.is_none() {
             let request = upstream_request(request, &route, &canonical_path, client)?;
             return self.forward(request, &route).await;
-        };
+        }
+        // Boxed: a paid call's stages hold far more state than a free call, which should not carry its size.
+        Box::pin(self.process_paid(live, request, &route, &canonical_path, client, log)).await
+    }
+
+    /// Price → payment gate → verify → record → upstream and settlement, for a route that has a price.
+    async fn process_paid(
+        &self,
+        live: &Live,
+        request: Request<Body>,
+        route: &Arc<RouteSpec>,
+        canonical_path: &str,
+        client: ClientInfo,
+        log: &mut AccessLog,
+    ) -> Result<Response<Body>, GatewayError> {
+        let Some(paid) = &route.payment else { return Err(GatewayError::Internal) };
         let route_name = route.pattern_text.as_str();
 
         // Price: the offers for exactly this request.
@@ -302,7 +322,7 @@ impl Gateway {
         log.price_key = priced.key;
 
         // Upstream and settlement, in the route's order.
-        let request = upstream_request(request, &route, &canonical_path, client)?;
+        let request = upstream_request(request, route, canonical_path, client)?;
         let call = PaidCall { facilitator, payment, id, resource, log, max_held: live.settle_after_max_bytes };
         match paid.settle {
             SettleMode::Before => self.settle_then_stream(request, &route, call).await,

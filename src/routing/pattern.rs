@@ -55,6 +55,15 @@ impl PathPattern {
         (kind, Reverse(self.segments.len()), Reverse(literals))
     }
 
+    /// The literal segments before the first named one (or the end), lower-cased: where the route index files
+    /// this pattern.
+    pub fn leading_literals(&self) -> impl Iterator<Item = String> + '_ {
+        self.segments.iter().map_while(|s| match s {
+            Segment::Literal(lit) => Some(lit.to_ascii_lowercase()),
+            Segment::Param => None,
+        })
+    }
+
     /// Whether `prefix` (a path such as `/public`) is made of this pattern's leading literal segments.
     pub fn has_literal_prefix(&self, prefix: &str) -> bool {
         let mut own = self.segments.iter();

@@ -1,0 +1,71 @@
+# Shared by the benchmark scripts: tools, free ports, and the nginx upstream stand-in. Everything listens on
+# 127.0.0.1 only.
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+work="$(mktemp -d "${TMPDIR:-/tmp}/x402-bench.XXXXXX")"
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+need() {
+  local missing=()
+  for tool in "$@"; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+  [ ${#missing[@]} -eq 0 ] && return
+  echo "installing ${missing[*]} (apt-get)" >&2
+  apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+}
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+wait_port() {
+  for _ in $(seq 300); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on 127.0.0.1:$1" >&2
+  return 1
+}
+
+# nginx with one worker answering every request with a small fixed JSON body: the upstream stand-in.
+start_upstream() {
+  local port=$1 dir="$work/upstream"
+  mkdir -p "$dir/logs"
+  cat >"$dir/nginx.conf" <<CONF
+worker_processes 1;
+error_log $dir/logs/error.log;
+pid $dir/nginx.pid;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$port;
+    location / {
+      default_type application/json;
+      return 200 '{"city":"Lisbon","temperature_c":21.5,"wind_kmh":12}';
+    }
+  }
+}
+CONF
+  nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' &
+  pids+=($!)
+  wait_port "$port"
+}
+
+# Builds the gateway (and the load driver) in release mode once.
+build_release() {
+  (cd "$repo" && cargo build --release --locked --bin x402-gateway --example paid_load >&2)
+  gateway_bin="$repo/target/release/x402-gateway"
+  driver_bin="$repo/target/release/examples/paid_load"
+}
+
+median() {
+  sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}

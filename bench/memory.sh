@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The gateway's resident memory: idle after start, and at its peak while wrk holds 1,000 keep-alive
+# connections open on a free route.
+#   bash bench/memory.sh [connections=1000] [seconds=10]
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+connections=${1:-1000}
+seconds=${2:-10}
+
+need nginx wrk python3
+build_release
+
+upstream_port=$(free_port)
+start_upstream "$upstream_port"
+
+# A free route and a paid one (its facilitator is a closed loopback port: only the code paths are loaded).
+gateway_port=$(free_port)
+cat >"$work/gateway.toml" <<CONF
+[server]
+listen = "127.0.0.1:$gateway_port"
+[upstreams.api]
+url = "http://127.0.0.1:$upstream_port"
+[payment]
+pay_to = "0x90F79bf6EB2c4f870365E785982E1f101E93b906"
+network = "eip155:84532"
+asset = "USDC"
+facilitator = "http://127.0.0.1:9"
+[ledger]
+path = "$work/ledger.db"
+[[routes]]
+path = "/paid"
+upstream = "api"
+price = "\$0.001"
+[[routes]]
+path = "/*"
+upstream = "api"
+CONF
+"$gateway_bin" run --config "$work/gateway.toml" 2>"$work/gateway.log" &
+gateway=$!
+pids+=("$gateway")
+wait_port "$gateway_port"
+sleep 2
+
+rss_mb() { awk '/^VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$gateway/status"; }
+idle=$(rss_mb)
+
+wrk -t 2 -c "$connections" -d "${seconds}s" "http://127.0.0.1:$gateway_port/weather" >"$work/wrk.txt" &
+load=$!
+peak=$idle
+while kill -0 "$load" 2>/dev/null; do
+  now=$(rss_mb)
+  peak=$(awk -v a="$peak" -v b="$now" 'BEGIN { print (b > a) ? b : a }')
+  sleep 0.2
+done
+wait "$load"
+open=$(ls "/proc/$gateway/fd" | wc -l)
+requests=$(awk '/^Requests\/sec/ { print $2 }' "$work/wrk.txt")
+after=$(rss_mb)
+echo "idle RSS ${idle} MB; peak RSS ${peak} MB with ${connections} keep-alive connections (${requests} req/s); ${after} MB after; ${open} fds open at the end"

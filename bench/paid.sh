@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Paid calls end to end on a local chain: the gateway settling in-process on anvil, driven by the paid-call
+# load driver (examples/paid_load.rs) with N pre-signed authorizations from C concurrent buyers.
+#   bash bench/paid.sh [calls=3000] [concurrency=64] [batch=50] [window_ms=50]
+# Runs, each on a fresh gateway: the route free; settle = "after" and "before" with one transaction per
+# payment; the same with batched settlement. Prints paid calls/s, latency percentiles, how many settled on
+# chain, transactions and gas per payment, and each run's throughput as a ratio of the free route's.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+calls=${1:-3000}
+concurrency=${2:-64}
+batch=${3:-50}
+window_ms=${4:-50}
+
+need nginx python3
+anvil_bin=$(bash "$repo/scripts/install-anvil.sh" | tail -n 1)
+build_release
+
+upstream_port=$(free_port)
+start_upstream "$upstream_port"
+
+anvil_port=$(free_port)
+"$anvil_bin" --host 127.0.0.1 --port "$anvil_port" --chain-id 84532 >"$work/anvil.log" 2>&1 &
+pids+=($!)
+wait_port "$anvil_port"
+rpc="http://127.0.0.1:$anvil_port"
+eval "$("$driver_bin" deploy --rpc "$rpc")"   # sets TESTUSDC and MULTICALL
+
+# anvil's dev account #2 pays the settlement gas; #3 is the payee.
+gateway_config() { # name settlement-lines
+  local port=$2
+  cat <<CONF
+[server]
+listen = "127.0.0.1:$port"
+[upstreams.api]
+url = "http://127.0.0.1:$upstream_port"
+[payment]
+pay_to = "0x90F79bf6EB2c4f870365E785982E1f101E93b906"
+network = "eip155:84532"
+asset = "USDC"
+facilitator = "local"
+$3
+[ledger]
+path = "$work/$1.db"
+[networks."eip155:84532"]
+rpc_url = "$rpc"
+settler_key = "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a"
+multicall = "$MULTICALL"
+[networks."eip155:84532".assets.USDC]
+address = "$TESTUSDC"
+decimals = 6
+eip712_name = "USD Coin"
+eip712_version = "2"
+[[routes]]
+path = "/after"
+upstream = "api"
+amount = "1000"
+settle = "after"
+[[routes]]
+path = "/before"
+upstream = "api"
+amount = "1000"
+settle = "before"
+[[routes]]
+path = "/free"
+upstream = "api"
+CONF
+}
+
+run() { # label config-name settlement-lines path [--free]
+  local label=$1 name=$2 lines=$3 path=$4
+  shift 4
+  local port
+  port=$(free_port)
+  gateway_config "$name" "$port" "$lines" >"$work/$name.toml"
+  "$gateway_bin" run --config "$work/$name.toml" 2>"$work/$name.log" &
+  local gateway=$!
+  wait_port "$port"
+  "$driver_bin" run --url "http://127.0.0.1:$port$path" --rpc "$rpc" -n "$calls" -c "$concurrency" \
+    --label "$label" "$@" | tee -a "$work/results.jsonl"
+  kill "$gateway"
+  wait "$gateway" 2>/dev/null || true
+}
+
+batching="settle_batch_max = $batch
+settle_batch_window_ms = $window_ms"
+run "free route" lone "" /free --free
+run "after, one tx per payment" lone "" /after
+run "before, one tx per payment" lone "" /before
+run "after, batched" batched "$batching" /after
+run "before, batched" batched "$batching" /before
+
+python3 - "$work/results.jsonl" "$calls" "$concurrency" "$batch" "$window_ms" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+free = rows[0]["calls_per_sec"]
+print(f"\n{sys.argv[2]} calls, {sys.argv[3]} concurrent buyers, batches of up to {sys.argv[4]} within {sys.argv[5]} ms")
+print(f"{'run':28} {'calls/s':>8} {'x free':>7} {'p50 ms':>7} {'p99 ms':>8} {'ok':>6} {'settled':>8} {'on chain':>8} {'txs':>6} {'gas/payment':>11}")
+for r in rows:
+    print(f"{r['label']:28} {r['calls_per_sec']:8.0f} {r['calls_per_sec'] / free:7.2f} {r['p50_ms']:7.1f} {r['p99_ms']:8.1f} "
+          f"{r['ok']:6} {r.get('settled', '-'):>8} {r.get('settled_on_chain', '-'):>8} {r.get('transactions', '-'):>6} {r.get('gas_per_payment', '-'):>11}")
+PY
