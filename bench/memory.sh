@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The gateway's resident memory: idle after start, and at its peak while wrk holds 1,000 keep-alive
-# connections open on a free route.
+# The gateway's resident memory: idle after start; with 1,000 keep-alive connections open, each having made
+# one request through the gateway; and at its peak while wrk keeps 1,000 connections busy on a free route.
 #   bash bench/memory.sh [connections=1000] [seconds=10]
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -45,6 +45,30 @@ sleep 2
 rss_mb() { awk '/^VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$gateway/status"; }
 idle=$(rss_mb)
 
+# Open keep-alive connections: each sends one request, reads the answer, and stays open until told to go.
+python3 - "$gateway_port" "$connections" "$work/held" <<'PY' &
+import os, socket, sys, time
+port, count, flag = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+held = []
+for _ in range(count):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET /weather HTTP/1.1\r\nHost: bench\r\n\r\n")
+    answer = b""
+    while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < 10:
+        answer += s.recv(65536)
+    held.append(s)
+open(flag, "w").close()
+while os.path.exists(flag):
+    time.sleep(0.1)
+PY
+holder=$!
+while [ ! -e "$work/held" ]; do sleep 0.2; done
+sleep 1
+keepalive=$(rss_mb)
+rm -f "$work/held"
+wait "$holder"
+sleep 1
+
 wrk -t 2 -c "$connections" -d "${seconds}s" "http://127.0.0.1:$gateway_port/weather" >"$work/wrk.txt" &
 load=$!
 peak=$idle
@@ -57,4 +81,4 @@ wait "$load"
 open=$(ls "/proc/$gateway/fd" | wc -l)
 requests=$(awk '/^Requests\/sec/ { print $2 }' "$work/wrk.txt")
 after=$(rss_mb)
-echo "idle RSS ${idle} MB; peak RSS ${peak} MB with ${connections} keep-alive connections (${requests} req/s); ${after} MB after; ${open} fds open at the end"
+echo "idle RSS ${idle} MB; ${keepalive} MB with ${connections} open keep-alive connections; peak ${peak} MB with ${connections} busy connections (${requests} req/s), ${after} MB after; ${open} fds open at the end"

@@ -20,7 +20,7 @@ pub const DEFAULT_SETTLE_AFTER_MAX_BYTES: usize = 10 * 1024 * 1024;
 pub const DEFAULT_SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Keeps a batch's gas limit (100k per payment) well inside a block.
 pub const MAX_SETTLE_BATCH: usize = 200;
-pub const DEFAULT_SETTLE_BATCH_WINDOW: Duration = Duration::from_millis(50);
+pub const DEFAULT_SETTLE_BATCH_WINDOW: Duration = Duration::from_millis(20);
 /// Multicall3's address on every chain that has it (Base and Base Sepolia among them).
 pub const MULTICALL3: Address = alloy::primitives::address!("0xcA11bde05977b3631167028862bE2a173976CA11");
 const LOCAL_FACILITATOR: &str = "local";

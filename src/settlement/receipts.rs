@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::watch;
 
-const FIRST_POLL: Duration = Duration::from_millis(20);
+/// A local chain mines at once; a public one in seconds: start fast and back off.
+const FIRST_POLL: Duration = Duration::from_millis(5);
 const LONGEST_POLL: Duration = Duration::from_millis(500);
 
 type Seen = watch::Receiver<Option<Arc<TransactionReceipt>>>;
