@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Paid calls end to end on a local chain: the gateway settling in-process on anvil, driven by the paid-call
 # load driver (examples/paid_load.rs) with N pre-signed authorizations from C concurrent buyers.
-#   bash bench/paid.sh [calls=3000] [concurrency=64] [batch=50] [window_ms=50]
-# Runs, each on a fresh gateway: the route free; settle = "after" and "before" with one transaction per
-# payment; the same with batched settlement. Prints paid calls/s, latency percentiles, how many settled on
+#   bash bench/paid.sh [calls=3000] [concurrency=64] [batch=50] [window_ms=20]
+# Runs, each on a fresh chain and gateway (anvil slows down as its history grows): the route free;
+# settle = "after" and "before" with one transaction per payment; the same with batched settlement. Prints paid calls/s, latency percentiles, how many settled on
 # chain, transactions and gas per payment, and each run's throughput as a ratio of the free route's.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -11,7 +11,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 calls=${1:-3000}
 concurrency=${2:-64}
 batch=${3:-50}
-window_ms=${4:-50}
+window_ms=${4:-20}
 
 need nginx python3
 anvil_bin=$(bash "$repo/scripts/install-anvil.sh" | tail -n 1)
@@ -19,13 +19,6 @@ build_release
 
 upstream_port=$(free_port)
 start_upstream "$upstream_port"
-
-anvil_port=$(free_port)
-"$anvil_bin" --host 127.0.0.1 --port "$anvil_port" --chain-id 84532 >"$work/anvil.log" 2>&1 &
-pids+=($!)
-wait_port "$anvil_port"
-rpc="http://127.0.0.1:$anvil_port"
-eval "$("$driver_bin" deploy --rpc "$rpc")"   # sets TESTUSDC and MULTICALL
 
 # anvil's dev account #2 pays the settlement gas; #3 is the payee.
 gateway_config() { # name settlement-lines
@@ -71,7 +64,13 @@ CONF
 run() { # label config-name settlement-lines path [--free]
   local label=$1 name=$2 lines=$3 path=$4
   shift 4
-  local port
+  local anvil_port port
+  anvil_port=$(free_port)
+  "$anvil_bin" --host 127.0.0.1 --port "$anvil_port" --chain-id 84532 >"$work/anvil.log" 2>&1 &
+  local anvil=$!
+  wait_port "$anvil_port"
+  rpc="http://127.0.0.1:$anvil_port"
+  eval "$("$driver_bin" deploy --rpc "$rpc")" # sets TESTUSDC and MULTICALL
   port=$(free_port)
   gateway_config "$name" "$port" "$lines" >"$work/$name.toml"
   "$gateway_bin" run --config "$work/$name.toml" 2>"$work/$name.log" &
@@ -79,8 +78,9 @@ run() { # label config-name settlement-lines path [--free]
   wait_port "$port"
   "$driver_bin" run --url "http://127.0.0.1:$port$path" --rpc "$rpc" -n "$calls" -c "$concurrency" \
     --label "$label" "$@" | tee -a "$work/results.jsonl"
-  kill "$gateway"
-  wait "$gateway" 2>/dev/null || true
+  kill "$gateway" "$anvil"
+  wait "$gateway" "$anvil" 2>/dev/null || true
+  rm -f "$work/$name.db"*
 }
 
 batching="settle_batch_max = $batch

@@ -21,7 +21,7 @@ pub struct Metrics {
     upstream_latency: Histogram,
     verify_latency: Histogram,
     settle_latency: Histogram,
-    pub in_flight: Gauge,
+    in_flight: Gauge,
     nonce_reservations: Gauge,
 }
 
@@ -30,7 +30,21 @@ fn latency() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
 }
 
+/// A request counted in flight until this is dropped: also when its client goes away mid-request.
+pub struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 impl Metrics {
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.inc();
+        InFlight(self.in_flight.clone())
+    }
+
     pub fn new() -> Metrics {
         let mut m = Metrics {
             registry: Registry::with_prefix("x402_gateway"),

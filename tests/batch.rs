@@ -24,7 +24,8 @@ fn toml(upstream: &Upstream, chain: &Chain, batch: &str, multicall: Option<Addre
         }
         None => chain.network_toml(),
     };
-    paid_config(&upstream.url(), "", &format!("facilitator = \"local\"\n{batch}")) + &routes + &network
+    let server = "admin_listen = \"127.0.0.1:0\"";
+    paid_config(&upstream.url(), server, &format!("facilitator = \"local\"\n{batch}")) + &routes + &network
 }
 
 /// A signed `PAYMENT-SIGNATURE` for `/paid` from `buyer`, built from the gateway's own challenge.
@@ -89,8 +90,8 @@ async fn concurrent_payments_share_one_transaction_and_cost_less_gas_each() {
     let (used, lone_gas) = mined(&chain, transaction(&answer)).await;
     assert_eq!(used, 1);
 
-    // A full batch closes at once, however long the window.
-    let batched = format!("settle_batch_max = {BATCH}\nsettle_batch_window_ms = 60000\n");
+    // A full batch closes at once, before its window (the longest allowed) ends.
+    let batched = format!("settle_batch_max = {BATCH}\nsettle_batch_window_ms = 1000\n");
     let gateway = start_gateway(&toml(&upstream, &chain, &batched, Some(multicall))).await;
     let buyers = funded_buyers(&chain, BATCH).await;
     let mut headers = Vec::new();
@@ -121,7 +122,7 @@ async fn a_failing_authorization_does_not_sink_the_rest_of_its_batch() {
     let chain = Chain::start().await;
     let multicall = chain.deploy("Multicall").await;
     let upstream = spawn_echo("api").await;
-    let batched = "settle_batch_max = 5\nsettle_batch_window_ms = 60000\n";
+    let batched = "settle_batch_max = 5\nsettle_batch_window_ms = 1000\n";
     let gateway = start_gateway(&toml(&upstream, &chain, batched, Some(multicall))).await;
     // The double spender can pay once: each authorization passes simulation alone, but not both together.
     let buyers = funded_buyers(&chain, 4).await;
@@ -176,6 +177,26 @@ async fn batching_settings_are_checked_at_start() {
     assert!(alone.contains("payment.settle_batch_window_ms") && alone.contains("settle_batch_max"), "{alone}");
     let huge = check("facilitator = \"http://127.0.0.1:9\"\nsettle_batch_max = 100000\n").unwrap_err();
     assert!(huge.contains("payment.settle_batch_max"), "{huge}");
+    let slow = check("facilitator = \"http://127.0.0.1:9\"\nsettle_batch_max = 10\nsettle_batch_window_ms = 5000\n");
+    assert!(slow.unwrap_err().contains("payment.settle_batch_window_ms"));
     let zero = check("facilitator = \"http://127.0.0.1:9\"\nsettle_batch_max = 0\n").unwrap_err();
     assert!(zero.contains("payment.settle_batch_max"), "{zero}");
+}
+
+#[tokio::test]
+async fn readiness_requires_the_multicall_contract_when_batching() {
+    let chain = Chain::start().await;
+    let upstream = spawn_echo("api").await;
+    let batched = "settle_batch_max = 5\n";
+    let nowhere: Address = PAY_TO.parse().unwrap();
+    let gateway = start_gateway(&toml(&upstream, &chain, batched, Some(nowhere))).await;
+    let readyz = |gateway: &Gateway| format!("http://{}/readyz", gateway.admin.expect("admin listener"));
+    let unready = get(&readyz(&gateway)).await;
+    assert_eq!(unready.status, StatusCode::SERVICE_UNAVAILABLE, "{}", unready.text());
+    assert!(unready.text().contains("no contract at the multicall address"), "{}", unready.text());
+
+    let multicall = chain.deploy("Multicall").await;
+    let gateway = start_gateway(&toml(&upstream, &chain, batched, Some(multicall))).await;
+    let ready = get(&readyz(&gateway)).await;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
 }

@@ -93,15 +93,16 @@ pub fn batch_calldata(calls: impl IntoIterator<Item = (Address, Bytes)>) -> (Byt
     (Multicall3::aggregate3Call { calls }.abi_encode().into(), gas)
 }
 
-/// Whether this transaction used the authorization: its token logged `AuthorizationUsed(authorizer, nonce)`.
-/// In a batch, the transaction succeeding says nothing of each call; the event does.
+/// Whether this transaction moved this authorization's money: its token logged `AuthorizationUsed(authorizer,
+/// nonce)`, or it was a successful call straight to the token (which can only have been this transfer, even on
+/// a token that logs no such event). In a batch, the transaction succeeding says nothing of each call.
 pub fn used_authorization(receipt: &TransactionReceipt, token: Address, authorizer: Address, nonce: B256) -> bool {
-    receipt.status()
-        && receipt.inner.logs().iter().any(|log| {
-            log.address() == token
-                && log.topics()
-                    == [Eip3009Token::AuthorizationUsed::SIGNATURE_HASH, authorizer.into_word(), nonce].as_slice()
-        })
+    let logged = receipt.inner.logs().iter().any(|log| {
+        log.address() == token
+            && log.topics()
+                == [Eip3009Token::AuthorizationUsed::SIGNATURE_HASH, authorizer.into_word(), nonce].as_slice()
+    });
+    receipt.status() && (logged || receipt.to == Some(token))
 }
 
 /// What the chain says about an authorization that failed simulation, in x402's terms.

@@ -18,8 +18,10 @@ pub const DEFAULT_NONCE_CACHE_CAPACITY: u64 = 100_000;
 pub const DEFAULT_FACILITATOR_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_SETTLE_AFTER_MAX_BYTES: usize = 10 * 1024 * 1024;
 pub const DEFAULT_SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Keeps a batch's gas limit (100k per payment) well inside a block.
-pub const MAX_SETTLE_BATCH: usize = 200;
+/// Keeps a batch's gas limit (100k per payment) under EIP-7825's 2^24 gas cap per transaction.
+pub const MAX_SETTLE_BATCH: usize = 100;
+/// A payment must still have time to land after waiting for its batch (it was checked for 6 s of validity).
+pub const MAX_SETTLE_BATCH_WINDOW_MS: u64 = 1000;
 pub const DEFAULT_SETTLE_BATCH_WINDOW: Duration = Duration::from_millis(20);
 /// Multicall3's address on every chain that has it (Base and Base Sepolia among them).
 pub const MULTICALL3: Address = alloy::primitives::address!("0xcA11bde05977b3631167028862bE2a173976CA11");
@@ -469,6 +471,10 @@ fn settle_batch(payment: Option<&file::Payment>) -> Result<Option<BatchSettings>
         (Some(max), _) if max > MAX_SETTLE_BATCH => Err(ConfigError::invalid(
             "payment.settle_batch_max",
             format!("at most {MAX_SETTLE_BATCH} payments fit in one settlement transaction"),
+        )),
+        (_, Some(window_ms)) if window_ms > MAX_SETTLE_BATCH_WINDOW_MS => Err(ConfigError::invalid(
+            "payment.settle_batch_window_ms",
+            format!("at most {MAX_SETTLE_BATCH_WINDOW_MS} ms: a payment must have time to land after waiting"),
         )),
         (Some(max), window_ms) if max > 1 => Ok(Some(BatchSettings {
             max,

@@ -54,7 +54,7 @@ pub async fn reconcile(
                     tracing::warn!(id = row.id, payer = %row.payer, amount = %row.amount, %transaction, "payment settled but never served: refund needed");
                 }
             }
-            Ok(Outcome::Reverted) => {
+            Ok(Outcome::MinedUnused) => {
                 let reason = "the settlement transaction did not transfer this payment";
                 moved(ledger.failed(row.id, reason.into(), row.transaction.clone()).await)?;
                 report.failed += 1;
@@ -103,8 +103,8 @@ fn moved(written: Result<(), LedgerError>) -> Result<(), LedgerError> {
 enum Outcome {
     /// The authorization was used: the transfer happened, in this transaction.
     Moved(String),
-    /// Mined without using the authorization.
-    Reverted,
+    /// Mined without using the authorization (reverted, or its call failed inside a batch).
+    MinedUnused,
     /// Not on chain, not in the node's pool, and no one left to send it: it will not happen.
     Lost,
     NotYet,
@@ -116,7 +116,7 @@ async fn on_chain(provider: &RootProvider, row: &Row) -> Result<Outcome, String>
     let payer: Address = parse("payer", row.payer.parse())?;
     let nonce: B256 = row.nonce.parse().map_err(|_| format!("row {}: bad nonce", row.id))?;
     let known: Option<B256> = row.transaction.as_deref().and_then(|t| t.parse().ok());
-    // The receipt first: once mined, a transaction that had not used the authorization never will.
+    // The receipt first: a transaction mined before `authorizationState` is read is seen using it there.
     let receipt = match known {
         Some(hash) => provider.get_transaction_receipt(hash).await.map_err(|e| e.to_string())?,
         None => None,
@@ -132,8 +132,7 @@ async fn on_chain(provider: &RootProvider, row: &Row) -> Result<Outcome, String>
         return Ok(Outcome::Moved(transaction));
     }
     if receipt.is_some() {
-        // Reverted, or its call failed inside a batch.
-        return Ok(Outcome::Reverted);
+        return Ok(Outcome::MinedUnused);
     }
     // The hash is recorded before each broadcast, so a local settlement without one was never sent. A remote
     // facilitator may be sending it still: only the authorization's expiry closes that row.

@@ -194,12 +194,12 @@ impl Gateway {
         let path = request.uri().path().to_string();
         let mut log = AccessLog::default();
         let live = self.live();
-        self.metrics.in_flight.inc();
+        let in_flight = self.metrics.in_flight();
         let response = match self.process(&live, request, client, &mut log).await {
             Ok(response) => response,
             Err(err) => err.into_response(),
         };
-        self.metrics.in_flight.dec();
+        drop(in_flight);
         self.metrics.request(log.route.as_deref().unwrap_or("-"), response.status().as_u16());
         let payment = log.payment.as_ref();
         tracing::info!(

@@ -72,13 +72,25 @@ impl LocalSettler {
         self.rpc_url == *rpc_url && self.settler == settler
     }
 
-    /// Readiness: the node answers and is on the configured chain.
+    /// Readiness: the node answers and is on the configured chain, and batches have a contract to go through
+    /// (a call to an address without code "succeeds" and moves nothing).
     pub async fn probe(&self) -> Result<(), String> {
         match tokio::time::timeout(PROBE_TIMEOUT, self.provider.get_chain_id()).await {
-            Err(_) => Err("the RPC did not answer in time".into()),
-            Ok(Err(_)) => Err("the RPC is unreachable".into()),
-            Ok(Ok(id)) if id != self.chain_id => Err(format!("the RPC is on chain {id}, not {}", self.chain_id)),
+            Err(_) => return Err("the RPC did not answer in time".into()),
+            Ok(Err(_)) => return Err("the RPC is unreachable".into()),
+            Ok(Ok(id)) if id != self.chain_id => {
+                return Err(format!("the RPC is on chain {id}, not {}", self.chain_id))
+            }
+            Ok(Ok(_)) => {}
+        }
+        let Some(batching) = self.batching else { return Ok(()) };
+        match tokio::time::timeout(PROBE_TIMEOUT, self.provider.get_code_at(batching.multicall)).await {
+            Ok(Ok(code)) if code.is_empty() => Err(format!(
+                "no contract at the multicall address {}: batched settlements cannot go out",
+                batching.multicall
+            )),
             Ok(Ok(_)) => Ok(()),
+            _ => Err("the RPC did not say whether the multicall contract exists".into()),
         }
     }
 
@@ -122,21 +134,30 @@ impl LocalSettler {
             }
             Err(SendError::Unknown(hash)) => hash,
         };
-        match self.receipts.wait(hash, receipt_deadline(auth).min(self.receipt_timeout)).await {
-            Some(receipt) if chain::used_authorization(&receipt, token, auth.from, auth.nonce) => {
-                Ok(Settled { transaction: hash.to_string() })
-            }
-            // Mined without using it (reverted, or its call failed inside a batch): it can never move now.
-            Some(_) => Err(SettleFailure::nothing_moved(
+        let Some(receipt) = self.receipts.wait(hash, receipt_deadline(auth).min(self.receipt_timeout)).await else {
+            // It may have been dropped, leaving a gap in the account's nonces: let the queue ask the chain.
+            self.queue.resync();
+            return Err(SettleFailure::pending(hash.to_string()));
+        };
+        if chain::used_authorization(&receipt, token, auth.from, auth.nonce) {
+            return Ok(Settled { transaction: hash.to_string() });
+        }
+        // Not by this transaction: the call reverted (alone, or inside a batch), or someone else used the
+        // authorization first. The token's own record decides.
+        let used = chain::view(
+            &self.provider,
+            token,
+            chain::Eip3009Token::authorizationStateCall { authorizer: auth.from, nonce: auth.nonce },
+        )
+        .await;
+        match used {
+            Ok(false) => Err(SettleFailure::nothing_moved(
                 "invalid_exact_evm_transaction_failed",
                 "the settlement transaction did not transfer this payment".into(),
                 Some(hash.to_string()),
             )),
-            None => {
-                // It may have been dropped, leaving a gap in the account's nonces: let the queue ask the chain.
-                self.queue.resync();
-                Err(SettleFailure::pending(hash.to_string()))
-            }
+            // Moved, by another transaction (or the node could not say): reconciliation finds which.
+            _ => Err(SettleFailure::pending(hash.to_string())),
         }
     }
 }

@@ -129,8 +129,9 @@ impl Worker {
         }
     }
 
-    /// Gathers the calls that share `first`'s batch: until the batch is full, or the window that opened when
-    /// `first` was queued closes.
+    /// Gathers the calls that share `first`'s batch: until the batch is full, or the window closes. The window
+    /// opens when `first` was queued, not when the worker got to it, so no payment waits longer than the
+    /// window for its batch, even behind a slow broadcast.
     async fn fill(
         &mut self,
         first: Call,
@@ -199,7 +200,7 @@ impl Worker {
                     None => kept.push(call),
                 }
             }
-            let all_recorded = kept.len() == signed.calls;
+            let all_recorded = kept.len() == signed.call_count;
             *calls = kept;
             if all_recorded {
                 return Ok(Some(signed));
@@ -212,7 +213,8 @@ impl Worker {
             [] => return Ok(None),
             [call] => (call.to, call.input.clone(), chain::SETTLE_GAS_LIMIT),
             [first, ..] => {
-                let multicall = first.batching.map(|b| b.multicall).unwrap_or(first.to);
+                // Only `fill` makes batches, of calls that all name this contract.
+                let multicall = first.batching.ok_or("a batch without a multicall contract")?.multicall;
                 let (input, gas_limit) = chain::batch_calldata(calls.iter().map(|c| (c.to, c.input.clone())));
                 (multicall, input, gas_limit)
             }
@@ -220,7 +222,7 @@ impl Worker {
         let params = self.params().await.map_err(|e| format!("cannot prepare the transaction: {e}"))?;
         let raw =
             chain::sign_call(&self.signer, to, input, gas_limit, &params).map_err(|e| format!("cannot sign: {e}"))?;
-        Ok(Some(Signed { hash: keccak256(&raw), raw, nonce: params.nonce, calls: calls.len() }))
+        Ok(Some(Signed { hash: keccak256(&raw), raw, nonce: params.nonce, call_count: calls.len() }))
     }
 
     async fn params(&mut self) -> Result<TxParams, alloy::transports::TransportError> {
@@ -244,8 +246,7 @@ struct Signed {
     raw: Vec<u8>,
     hash: B256,
     nonce: u64,
-    /// How many calls it carries.
-    calls: usize,
+    call_count: usize,
 }
 
 fn answer(calls: Vec<Call>, outcome: Result<B256, SendError>) {
