@@ -325,8 +325,8 @@ impl Gateway {
         let request = upstream_request(request, route, canonical_path, client)?;
         let call = PaidCall { facilitator, payment, id, resource, log, max_held: live.settle_after_max_bytes };
         match paid.settle {
-            SettleMode::Before => self.settle_then_stream(request, &route, call).await,
-            SettleMode::After => self.deliver_then_settle(request, &route, call).await,
+            SettleMode::Before => self.settle_then_stream(request, route, call).await,
+            SettleMode::After => self.deliver_then_settle(request, route, call).await,
         }
     }
 
