@@ -133,6 +133,7 @@ async fn a_failing_authorization_does_not_sink_the_rest_of_its_batch() {
     }
     let before = chain.balance(PAY_TO.parse().unwrap()).await;
 
+    let headers_sent = headers.clone();
     let answers = pay_all(&gateway, headers).await;
 
     let paid: Vec<&Answer> = answers.iter().filter(|a| a.status == StatusCode::OK).collect();
@@ -160,6 +161,54 @@ async fn a_failing_authorization_does_not_sink_the_rest_of_its_batch() {
     let mut states: Vec<&str> = rows.iter().map(|r| r.state.as_str()).collect();
     states.sort();
     assert_eq!(states, ["failed", "settled"], "the spender was charged once, and the ledger says so");
+
+    // The failed authorization went out in the batch's calldata: anyone may land it while it is valid. Once
+    // someone does, reconciliation owes the buyer a refund, since it never got the answer.
+    let failed = rows.iter().find(|r| r.state == "failed").unwrap();
+    let spender_headers = [&headers_sent[0], &headers_sent[1]];
+    let landed_by_someone = land(&chain, &spender_headers, &failed.nonce).await;
+    let report = gateway.pipeline.reconcile(pay::now() + 1).await.unwrap();
+    assert_eq!(report.refunds, 1, "{report:?}");
+    let row = gateway.pipeline.ledger().get(failed.id).await.unwrap().unwrap();
+    assert_eq!(row.state, "refund_needed");
+    assert_eq!(row.transaction, Some(landed_by_someone.to_string()));
+    assert_eq!(chain.balance(PAY_TO.parse().unwrap()).await - before, U256::from(5 * PRICE));
+}
+
+alloy::sol! {
+    function transferWithAuthorization(address from, address to, uint256 value, uint256 validAfter, uint256 validBefore, bytes32 nonce, uint8 v, bytes32 r, bytes32 s) external;
+}
+
+/// Someone else (anvil's first account) submits the authorization with `nonce` from one of `headers`, after
+/// funding its payer; returns the transaction.
+async fn land(chain: &Chain, headers: &[&String], nonce: &str) -> B256 {
+    use alloy::network::TransactionBuilder;
+    use alloy::sol_types::SolCall;
+    let payloads = headers.iter().map(|h| pay::decode_header(&http::HeaderValue::from_str(h).unwrap()));
+    let payload = payloads.map(|p| p["payload"].clone()).find(|p| p["authorization"]["nonce"] == nonce).unwrap();
+    let auth = &payload["authorization"];
+    let field = |name: &str| auth[name].as_str().unwrap().to_string();
+    let signature = alloy::hex::decode(payload["signature"].as_str().unwrap()).unwrap();
+    let from: Address = field("from").parse().unwrap();
+    chain.mint(from, PRICE).await;
+    let call = transferWithAuthorizationCall {
+        from,
+        to: field("to").parse().unwrap(),
+        value: field("value").parse().unwrap(),
+        validAfter: field("validAfter").parse().unwrap(),
+        validBefore: field("validBefore").parse().unwrap(),
+        nonce: field("nonce").parse().unwrap(),
+        v: signature[64],
+        r: B256::from_slice(&signature[..32]),
+        s: B256::from_slice(&signature[32..64]),
+    };
+    let tx = alloy::rpc::types::TransactionRequest::default()
+        .from(common::chain::DEPLOYER.parse().unwrap())
+        .with_to(chain.token)
+        .with_input(call.abi_encode());
+    let receipt = chain.provider.send_transaction(tx).await.unwrap().get_receipt().await.unwrap();
+    assert!(receipt.status(), "the authorization landed");
+    receipt.transaction_hash
 }
 
 #[tokio::test]

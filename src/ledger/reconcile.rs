@@ -11,6 +11,9 @@ use std::collections::HashMap;
 pub const NEVER_SERVED: &str = "settled, but the paid answer was never delivered";
 /// How far back to look for the transfer event of an authorization whose transaction hash was not recorded.
 const EVENT_LOOKBACK_BLOCKS: u64 = 50_000;
+/// A failed settlement's authorization may be landed by anyone who saw it until it expires: its row is watched
+/// that long, and this much longer, so at least one check falls after the expiry.
+const LATE_LANDING_WATCH_SECS: u64 = 3600;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Reconciled {
@@ -80,6 +83,19 @@ pub async fn reconcile(
             Ok(Outcome::NotYet) => report.still_pending += 1,
         }
     }
+    let watched = ledger.failed_valid_since(now.saturating_sub(LATE_LANDING_WATCH_SECS)).await?;
+    for row in watched.into_iter().filter(|r| r.updated_at < cutoff) {
+        let Some(provider) = chains.get(&row.chain_id) else { continue };
+        match landed(provider, &row).await {
+            Ok(Some(transaction)) => {
+                moved(ledger.landed_late(row.id, transaction.clone()).await)?;
+                report.refunds += 1;
+                tracing::warn!(id = row.id, payer = %row.payer, amount = %row.amount, %transaction, "a payment recorded as failed was settled by someone else: refund needed");
+            }
+            Ok(None) => {}
+            Err(err) => tracing::warn!(id = row.id, error = %err, "reconciliation could not reach the chain"),
+        }
+    }
     for row in ledger.in_state(State::Verified).await?.into_iter().filter(|r| r.updated_at < cutoff) {
         moved(ledger.released(row.id, row.upstream_status).await)?;
         report.released += 1;
@@ -111,10 +127,7 @@ enum Outcome {
 }
 
 async fn on_chain(provider: &RootProvider, row: &Row) -> Result<Outcome, String> {
-    let parse = |what: &str, r: Result<_, _>| r.map_err(|_| format!("row {}: bad {what}", row.id));
-    let token: Address = parse("asset", row.asset.parse())?;
-    let payer: Address = parse("payer", row.payer.parse())?;
-    let nonce: B256 = row.nonce.parse().map_err(|_| format!("row {}: bad nonce", row.id))?;
+    let (token, payer, nonce) = authorization_of(row)?;
     let known: Option<B256> = row.transaction.as_deref().and_then(|t| t.parse().ok());
     // The receipt first: a transaction mined before `authorizationState` is read is seen using it there.
     let receipt = match known {
@@ -144,6 +157,26 @@ async fn on_chain(provider: &RootProvider, row: &Row) -> Result<Outcome, String>
         None if row.facilitator == "local" => Outcome::Lost,
         None => Outcome::NotYet,
     })
+}
+
+/// Whether a failed row's authorization has been used since, and by which transaction.
+async fn landed(provider: &RootProvider, row: &Row) -> Result<Option<String>, String> {
+    let (token, payer, nonce) = authorization_of(row)?;
+    let used = chain::view(provider, token, Eip3009Token::authorizationStateCall { authorizer: payer, nonce })
+        .await
+        .map_err(|e| e.to_string())?;
+    if !used {
+        return Ok(None);
+    }
+    Ok(Some(transfer_event(provider, token, payer, nonce).await.unwrap_or_else(|| "unknown".into())))
+}
+
+fn authorization_of(row: &Row) -> Result<(Address, Address, B256), String> {
+    let bad = |what: &str| format!("row {}: bad {what}", row.id);
+    let token = row.asset.parse().map_err(|_| bad("asset"))?;
+    let payer = row.payer.parse().map_err(|_| bad("payer"))?;
+    let nonce = row.nonce.parse().map_err(|_| bad("nonce"))?;
+    Ok((token, payer, nonce))
 }
 
 /// The transaction that used `(payer, nonce)`, from the token's `AuthorizationUsed` event.

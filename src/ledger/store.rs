@@ -318,6 +318,24 @@ impl Ledger {
         self.list(Some(state.as_str().to_string()), None, None, u32::MAX).await
     }
 
+    /// `failed` rows whose authorization is, or was until `since`, still valid: someone may yet land it.
+    pub async fn failed_valid_since(&self, since: u64) -> Result<Vec<Row>, LedgerError> {
+        self.run(move |conn| {
+            let mut statement =
+                conn.prepare(&format!("SELECT {COLUMNS} FROM payments WHERE state = 'failed' AND valid_before > ?1"))?;
+            let rows = statement.query_map(params![since], row)?.collect();
+            rows
+        })
+        .await
+    }
+
+    /// A payment recorded as failed moved after all (its authorization, public once broadcast, was landed by
+    /// someone else): the buyer had no answer, so it is owed a refund.
+    pub async fn landed_late(&self, id: i64, transaction: String) -> Result<(), LedgerError> {
+        let set = "state = 'refund_needed', tx_hash = ?2, failure = 'settled after it was reported failed; the answer was withheld'";
+        self.update(id, set, Some(transaction), "'failed'").await
+    }
+
     /// Authorizations that must stay refused after a restart: charged, or possibly being charged, and not expired.
     pub async fn unexpired_spent(&self, now: u64) -> Result<Vec<Row>, LedgerError> {
         self.run(move |conn| {
