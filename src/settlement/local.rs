@@ -36,30 +36,30 @@ impl LocalSettler {
         settings: &PaymentSettings,
     ) -> LocalSettler {
         let queue = TxQueue::spawn(provider.clone(), config.key.clone(), chain_id);
-        let receipts = Receipts::new(provider.clone(), settings.settle_timeout);
+        LocalSettler::with_queue(provider, queue, config, chain_id, settings)
+    }
+
+    /// The same node, key and transaction queue under new settings (after a reload).
+    pub fn reconfigured(&self, config: &SettlerConfig, settings: &PaymentSettings) -> LocalSettler {
+        LocalSettler::with_queue(self.provider.clone(), self.queue.clone(), config, self.chain_id, settings)
+    }
+
+    fn with_queue(
+        provider: RootProvider,
+        queue: TxQueue,
+        config: &SettlerConfig,
+        chain_id: u64,
+        settings: &PaymentSettings,
+    ) -> LocalSettler {
         LocalSettler {
+            receipts: Receipts::new(provider.clone(), settings.settle_timeout),
             provider,
             rpc_url: config.rpc_url.clone(),
             settler: config.key.address(),
             chain_id,
             queue,
-            receipts,
             receipt_timeout: settings.settle_timeout,
-            batching: batching(config, settings),
-        }
-    }
-
-    /// The same node, key and transaction queue under new settings (after a reload).
-    pub fn reconfigured(&self, config: &SettlerConfig, settings: &PaymentSettings) -> LocalSettler {
-        LocalSettler {
-            provider: self.provider.clone(),
-            rpc_url: self.rpc_url.clone(),
-            settler: self.settler,
-            chain_id: self.chain_id,
-            queue: self.queue.clone(),
-            receipts: Receipts::new(self.provider.clone(), settings.settle_timeout),
-            receipt_timeout: settings.settle_timeout,
-            batching: batching(config, settings),
+            batching: settings.settle_batch.map(|settings| Batching { multicall: config.multicall, settings }),
         }
     }
 
@@ -165,8 +165,4 @@ impl LocalSettler {
 /// Wait no longer than the authorization is valid: after `validBefore` the transaction cannot succeed.
 fn receipt_deadline(auth: &VerifiedAuthorization) -> Duration {
     Duration::from_secs(auth.valid_before_secs().saturating_sub(crate::replay::unix_now()))
-}
-
-fn batching(config: &SettlerConfig, settings: &PaymentSettings) -> Option<Batching> {
-    settings.settle_batch.map(|settings| Batching { multicall: config.multicall, settings })
 }
