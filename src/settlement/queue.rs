@@ -188,22 +188,28 @@ impl Worker {
     async fn sign_recorded(&mut self, calls: &mut Vec<Call>) -> Result<Option<Signed>, String> {
         loop {
             let Some(signed) = self.sign(calls).await? else { return Ok(None) };
-            let mut kept = Vec::with_capacity(calls.len());
-            for call in calls.drain(..) {
-                match &call.before {
-                    Some(record) => match record(signed.hash).await {
-                        Ok(()) => kept.push(call),
-                        Err(refusal) => {
-                            let _ = call.reply.send(Err(SendError::Refused(refusal)));
-                        }
-                    },
-                    None => kept.push(call),
+            // All of a batch's records at once: one after another, they would hold up every settlement behind.
+            let mut recording = tokio::task::JoinSet::new();
+            for (position, record) in
+                calls.iter().enumerate().filter_map(|(i, c)| Some((i, c.before.as_ref()?(signed.hash))))
+            {
+                recording.spawn(async move { (position, record.await) });
+            }
+            let mut refusals = Vec::new();
+            while let Some(done) = recording.join_next().await {
+                match done {
+                    Ok((_, Ok(()))) => {}
+                    Ok((position, Err(refusal))) => refusals.push((position, refusal)),
+                    Err(_) => return Err("recording the settlement transaction failed".into()),
                 }
             }
-            let all_recorded = kept.len() == signed.call_count;
-            *calls = kept;
-            if all_recorded {
+            if refusals.is_empty() {
                 return Ok(Some(signed));
+            }
+            // Leave out the calls whose record failed (last first, so positions stay valid), and sign again.
+            refusals.sort_by_key(|(position, _)| std::cmp::Reverse(*position));
+            for (position, refusal) in refusals {
+                let _ = calls.remove(position).reply.send(Err(SendError::Refused(refusal)));
             }
         }
     }
@@ -222,7 +228,7 @@ impl Worker {
         let params = self.params().await.map_err(|e| format!("cannot prepare the transaction: {e}"))?;
         let raw =
             chain::sign_call(&self.signer, to, input, gas_limit, &params).map_err(|e| format!("cannot sign: {e}"))?;
-        Ok(Some(Signed { hash: keccak256(&raw), raw, nonce: params.nonce, call_count: calls.len() }))
+        Ok(Some(Signed { hash: keccak256(&raw), raw, nonce: params.nonce }))
     }
 
     async fn params(&mut self) -> Result<TxParams, alloy::transports::TransportError> {
@@ -246,7 +252,6 @@ struct Signed {
     raw: Vec<u8>,
     hash: B256,
     nonce: u64,
-    call_count: usize,
 }
 
 fn answer(calls: Vec<Call>, outcome: Result<B256, SendError>) {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 /// A local chain mines at once; a public one in seconds: start fast and back off.
-const FIRST_POLL: Duration = Duration::from_millis(5);
+const FIRST_POLL: Duration = Duration::from_millis(2);
 const LONGEST_POLL: Duration = Duration::from_millis(500);
 
 type Seen = watch::Receiver<Option<Arc<TransactionReceipt>>>;
