@@ -249,3 +249,17 @@ async fn readiness_requires_the_multicall_contract_when_batching() {
     let ready = get(&readyz(&gateway)).await;
     assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_alone_in_its_window_goes_straight_to_the_token() {
+    let chain = Chain::start().await;
+    let multicall = chain.deploy("Multicall").await;
+    let upstream = spawn_echo("api").await;
+    let gateway = start_gateway(&toml(&upstream, &chain, "settle_batch_max = 5\n", Some(multicall))).await;
+    let buyer = funded_buyers(&chain, 1).await.remove(0);
+    let answer = pay_all(&gateway, vec![payment(&gateway, &buyer).await]).await.remove(0);
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    let receipt = chain.provider.get_transaction_receipt(transaction(&answer)).await.unwrap().expect("mined");
+    assert_eq!(receipt.to, Some(chain.token), "no multicall for a batch of one");
+    assert_eq!(chain.balance(buyer.address()).await, U256::ZERO);
+}
