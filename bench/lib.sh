@@ -59,6 +59,19 @@ CONF
   wait_port "$port"
 }
 
+# A gateway configuration with one free catch-all route to the upstream stand-in; callers may append to it.
+free_gateway_config() { # gateway-port upstream-port
+  cat <<CONF
+[server]
+listen = "127.0.0.1:$1"
+[upstreams.api]
+url = "http://127.0.0.1:$2"
+[[routes]]
+path = "/*"
+upstream = "api"
+CONF
+}
+
 # Builds the gateway (and the load driver) in release mode once.
 build_release() {
   (cd "$repo" && cargo build --release --locked --bin x402-gateway --example paid_load >&2)

@@ -16,11 +16,8 @@ start_upstream "$upstream_port"
 
 # A free route and a paid one (its facilitator is a closed loopback port: only the code paths are loaded).
 gateway_port=$(free_port)
-cat >"$work/gateway.toml" <<CONF
-[server]
-listen = "127.0.0.1:$gateway_port"
-[upstreams.api]
-url = "http://127.0.0.1:$upstream_port"
+free_gateway_config "$gateway_port" "$upstream_port" >"$work/gateway.toml"
+cat >>"$work/gateway.toml" <<CONF
 [payment]
 pay_to = "0x90F79bf6EB2c4f870365E785982E1f101E93b906"
 network = "eip155:84532"
@@ -32,9 +29,6 @@ path = "$work/ledger.db"
 path = "/paid"
 upstream = "api"
 price = "\$0.001"
-[[routes]]
-path = "/*"
-upstream = "api"
 CONF
 "$gateway_bin" run --config "$work/gateway.toml" 2>"$work/gateway.log" &
 gateway=$!

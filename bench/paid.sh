@@ -24,7 +24,7 @@ upstream_port=$(free_port)
 start_upstream "$upstream_port"
 
 # anvil's dev account #2 pays the settlement gas; #3 is the payee.
-gateway_config() { # name settlement-lines
+gateway_config() { # ledger-name port settlement-lines
   local port=$2
   cat <<CONF
 [server]

@@ -46,15 +46,7 @@ wait_port "$nginx_port"
 
 # The gateway: one free route to the same upstream; its access log goes to a file, as nginx's does.
 gateway_port=$(free_port)
-cat >"$work/gateway.toml" <<CONF
-[server]
-listen = "127.0.0.1:$gateway_port"
-[upstreams.api]
-url = "http://127.0.0.1:$upstream_port"
-[[routes]]
-path = "/*"
-upstream = "api"
-CONF
+free_gateway_config "$gateway_port" "$upstream_port" >"$work/gateway.toml"
 "$gateway_bin" run --config "$work/gateway.toml" 2>"$work/gateway.log" &
 pids+=($!)
 wait_port "$gateway_port"

@@ -271,8 +271,8 @@ impl Report {
             }
             let received = balance - chain.balance_before;
             report["settled"] = settled.len().into();
-            report["settled_on_chain"] =
-                (received / chain.amount.max(U256::from(1))).to_string().parse::<u64>().unwrap_or(0).into();
+            let payments = received.checked_div(chain.amount).and_then(|n| u64::try_from(n).ok());
+            report["settled_on_chain"] = payments.into();
             report["transactions"] = transactions.len().into();
             report["gas_per_payment"] = (gas / settled.len().max(1) as u64).into();
         }

@@ -63,12 +63,9 @@ pub enum PayError {
 /// the amount it pays.
 pub fn v2_payment(signer: &PrivateKeySigner, challenge: &HeaderMap) -> Result<(U256, HeaderValue), PayError> {
     let (offer, resource) = v2_offer(challenge)?;
-    let amount = U256::from_str_radix(&offer.amount, 10)
-        .map_err(|_| PayError::Challenge("the amount is not a number".into()))?;
-    let payload = sign(signer, &offer)?;
-    let payload = PaymentPayloadV2 { x402_version: 2, resource, accepted: offer, payload, extensions: None };
-    let value = HeaderValue::from_str(&codec::encode(&payload)).map_err(|e| PayError::Sign(e.to_string()))?;
-    Ok((amount, value))
+    let amount = amount_of(&offer)?;
+    let (_, header) = signed_header(signer, offer, resource, false)?;
+    Ok((amount, header))
 }
 
 pub async fn pay(request: &PayRequest) -> Result<PayOutcome, PayError> {
@@ -78,16 +75,30 @@ pub async fn pay(request: &PayRequest) -> Result<PayOutcome, PayError> {
     }
     let (_, headers, body) = &first;
     let (offer, resource) = if request.v1 { v1_offer(body)? } else { v2_offer(headers)? };
-    if U256::from_str_radix(&offer.amount, 10).map_err(|_| PayError::Challenge("the amount is not a number".into()))?
-        > request.max_amount
-    {
+    if amount_of(&offer)? > request.max_amount {
         return Err(PayError::NoOffer(format!(
             "the price {} is above --max-amount {}",
             offer.amount, request.max_amount
         )));
     }
-    let payload = sign(&request.signer, &offer)?;
-    let (name, header) = if request.v1 {
+    let (name, value) = signed_header(&request.signer, offer, resource, request.v1)?;
+    let second = send(request, Some((HeaderName::from_static(name), value))).await?;
+    Ok(outcome(second, true))
+}
+
+fn amount_of(offer: &RequirementsV2) -> Result<U256, PayError> {
+    U256::from_str_radix(&offer.amount, 10).map_err(|_| PayError::Challenge("the amount is not a number".into()))
+}
+
+/// Signs `offer` and wraps the payload as the header of the protocol version asked for: its name and value.
+fn signed_header(
+    signer: &PrivateKeySigner,
+    offer: RequirementsV2,
+    resource: Option<serde_json::Value>,
+    v1: bool,
+) -> Result<(&'static str, HeaderValue), PayError> {
+    let payload = sign(signer, &offer)?;
+    let (name, header) = if v1 {
         let network = chain_id_of(&offer.network)
             .and_then(|id| crate::networks::builtin(id).v1_name)
             .ok_or_else(|| PayError::NoOffer(format!("{} has no v1 name", offer.network)))?;
@@ -98,8 +109,7 @@ pub async fn pay(request: &PayRequest) -> Result<PayOutcome, PayError> {
         (PAYMENT_SIGNATURE, codec::encode(&payload))
     };
     let value = HeaderValue::from_str(&header).map_err(|e| PayError::Sign(e.to_string()))?;
-    let second = send(request, Some((HeaderName::from_static(name), value))).await?;
-    Ok(outcome(second, true))
+    Ok((name, value))
 }
 
 fn outcome((status, headers, body): (StatusCode, HeaderMap, Bytes), paid: bool) -> PayOutcome {

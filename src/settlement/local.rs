@@ -63,6 +63,7 @@ impl LocalSettler {
         }
     }
 
+    #[cfg(test)]
     pub fn shares_queue_with(&self, other: &LocalSettler) -> bool {
         self.queue.same_queue(&other.queue)
     }

@@ -92,6 +92,7 @@ impl TxQueue {
     }
 
     /// Whether both handles feed the same queue (one key must never have two).
+    #[cfg(test)]
     pub fn same_queue(&self, other: &TxQueue) -> bool {
         self.messages.same_channel(&other.messages)
     }
