@@ -1,7 +1,7 @@
 //! Prices: what a seller writes (`"$0.001"` or atomic units) and the offers a paid route makes.
 
 use crate::networks::{Asset, Network};
-use alloy::primitives::{Address, U256};
+use alloy::primitives::{Address, B256, U256};
 use std::sync::Arc;
 
 /// One way to pay for a route: this amount of this asset on this network, to this address.
@@ -14,6 +14,8 @@ pub struct Offer {
     /// Atomic units of `asset`.
     pub amount: U256,
     pub max_timeout_seconds: u64,
+    /// The asset's EIP-712 domain separator on this network, hashed once: every signature check needs it.
+    pub domain_separator: B256,
 }
 
 /// A price as configured, before it meets an asset's decimals.

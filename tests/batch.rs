@@ -6,12 +6,14 @@ mod common;
 use alloy::primitives::{keccak256, Address, B256, U256};
 use alloy::providers::Provider;
 use alloy::signers::local::PrivateKeySigner;
+use alloy::sol_types::SolCall;
 use common::chain::Chain;
 use common::pay::{self, Authorization};
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 const PRICE: u64 = 1000;
 
@@ -122,19 +124,31 @@ async fn a_failing_authorization_does_not_sink_the_rest_of_its_batch() {
     let chain = Chain::start().await;
     let multicall = chain.deploy("Multicall").await;
     let upstream = spawn_echo("api").await;
-    let batched = "settle_batch_max = 5\nsettle_batch_window_ms = 1000\n";
-    let gateway = start_gateway(&toml(&upstream, &chain, batched, Some(multicall))).await;
-    // The double spender can pay once: each authorization passes simulation alone, but not both together.
-    let buyers = funded_buyers(&chain, 4).await;
-    let spender = &buyers[0];
-    let mut headers = vec![payment(&gateway, spender).await];
+    // Room for one more than is paid: the batch waits out its whole window, which leaves time to act.
+    let batched = "settle_batch_max = 6\nsettle_batch_window_ms = 1000\n";
+    let gateway = Arc::new(start_gateway(&toml(&upstream, &chain, batched, Some(multicall))).await);
+    let buyers = funded_buyers(&chain, 5).await;
+    let drained = &buyers[0];
+    let mut headers = Vec::new();
     for buyer in &buyers {
         headers.push(payment(&gateway, buyer).await);
     }
     let before = chain.balance(PAY_TO.parse().unwrap()).await;
 
-    let headers_sent = headers.clone();
-    let answers = pay_all(&gateway, headers).await;
+    let paying = tokio::spawn({
+        let (gateway, headers) = (gateway.clone(), headers.clone());
+        async move { pay_all(&gateway, headers).await }
+    });
+    // Every payment passed simulation (its ledger row is written after), and waits for its batch: now the
+    // drained buyer's money leaves through another authorization of its own.
+    while gateway.pipeline.ledger().list(None, None, None, 10).await.unwrap().len() < buyers.len() {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let challenge = pay::decode_header(&get(&gateway.url("/paid")).await.headers["payment-required"]);
+    let mut elsewhere = Authorization::for_offer(drained.address(), &challenge["accepts"][0]);
+    elsewhere.message.to = common::chain::DEPLOYER.parse().unwrap();
+    land(&chain, &elsewhere.sign(drained)).await;
+    let answers = paying.await.unwrap();
 
     let paid: Vec<&Answer> = answers.iter().filter(|a| a.status == StatusCode::OK).collect();
     let refused: Vec<&Answer> = answers.iter().filter(|a| a.status == StatusCode::PAYMENT_REQUIRED).collect();
@@ -157,16 +171,15 @@ async fn a_failing_authorization_does_not_sink_the_rest_of_its_batch() {
     for buyer in &buyers {
         assert_eq!(chain.balance(buyer.address()).await, U256::ZERO);
     }
-    let rows = gateway.pipeline.ledger().list(None, None, Some(spender.address().to_string()), 10).await.unwrap();
-    let mut states: Vec<&str> = rows.iter().map(|r| r.state.as_str()).collect();
-    states.sort();
-    assert_eq!(states, ["failed", "settled"], "the spender was charged once, and the ledger says so");
+    let rows = gateway.pipeline.ledger().list(None, None, Some(drained.address().to_string()), 10).await.unwrap();
+    let states: Vec<&str> = rows.iter().map(|r| r.state.as_str()).collect();
+    assert_eq!(states, ["failed"], "the drained buyer was not charged, and the ledger says so");
 
     // The failed authorization went out in the batch's calldata: anyone may land it while it is valid. Once
     // someone does, reconciliation owes the buyer a refund, since it never got the answer.
-    let failed = rows.iter().find(|r| r.state == "failed").unwrap();
-    let spender_headers = [&headers_sent[0], &headers_sent[1]];
-    let landed_by_someone = land(&chain, &spender_headers, &failed.nonce).await;
+    let failed = &rows[0];
+    chain.mint(drained.address(), PRICE).await;
+    let landed_by_someone = land(&chain, &pay::decode_header(&headers[0].parse().unwrap())["payload"]).await;
     let report = gateway.pipeline.reconcile(pay::now() + 1).await.unwrap();
     assert_eq!(report.refunds, 1, "{report:?}");
     let row = gateway.pipeline.ledger().get(failed.id).await.unwrap().unwrap();
@@ -175,24 +188,76 @@ async fn a_failing_authorization_does_not_sink_the_rest_of_its_batch() {
     assert_eq!(chain.balance(PAY_TO.parse().unwrap()).await - before, U256::from(5 * PRICE));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_simulations_refuse_exactly_the_payments_that_cannot_settle() {
+    let chain = Chain::start().await;
+    let multicall = chain.deploy("Multicall").await;
+    let upstream = spawn_echo("api").await;
+    let batched = "settle_batch_max = 20\nsettle_batch_window_ms = 50\n";
+    let gateway = start_gateway(&toml(&upstream, &chain, batched, Some(multicall))).await;
+    let buyers = funded_buyers(&chain, 12).await;
+    let broke = PrivateKeySigner::random();
+    let mut headers = vec![payment(&gateway, &broke).await];
+    for buyer in &buyers {
+        headers.push(payment(&gateway, buyer).await);
+    }
+    // A second authorization from a buyer who can afford one: simulated with the first it fails there,
+    // apart from it it passes and then fails in the batch. Either way it is not charged twice.
+    headers.push(payment(&gateway, &buyers[0]).await);
+    let before = chain.balance(PAY_TO.parse().unwrap()).await;
+
+    let answers = pay_all(&gateway, headers).await;
+
+    let statuses: Vec<StatusCode> = answers.iter().map(|a| a.status).collect();
+    let broke_refusal = pay::decode_header(&answers[0].headers["payment-required"]);
+    assert_eq!(answers[0].status, StatusCode::PAYMENT_REQUIRED, "{statuses:?}");
+    assert_eq!(broke_refusal["error"], "invalid_exact_evm_insufficient_balance");
+    assert_eq!(statuses.iter().filter(|s| **s == StatusCode::OK).count(), buyers.len(), "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == StatusCode::PAYMENT_REQUIRED).count(), 2, "{statuses:?}");
+    assert_eq!(chain.balance(PAY_TO.parse().unwrap()).await - before, U256::from(PRICE * buyers.len() as u64));
+    for buyer in &buyers {
+        assert_eq!(chain.balance(buyer.address()).await, U256::ZERO);
+    }
+}
+
+#[tokio::test]
+async fn one_shared_simulation_judges_each_call_alone() {
+    let chain = Chain::start().await;
+    let multicall = chain.deploy("Multicall").await;
+    let challenge = serde_json::json!({
+        "network": format!("eip155:{}", common::chain::CHAIN_ID), "asset": chain.token.to_string(),
+        "payTo": PAY_TO, "amount": PRICE.to_string(), "maxTimeoutSeconds": 300,
+        "extra": { "name": "USD Coin", "version": "2" },
+    });
+    let buyers = funded_buyers(&chain, 2).await;
+    let broke = PrivateKeySigner::random();
+    let call = |buyer: &PrivateKeySigner| {
+        let payload = Authorization::for_offer(buyer.address(), &challenge).sign(buyer);
+        (chain.token, transfer_call(&payload).abi_encode().into())
+    };
+    let calls = vec![call(&buyers[0]), call(&broke), call(&buyers[1])];
+    let settler = common::chain::DEPLOYER.parse().unwrap();
+    let verdicts = x402_gateway::chain::would_each_succeed(&chain.provider, settler, multicall, calls.clone()).await;
+    assert_eq!(verdicts.unwrap(), [true, false, true]);
+    assert_eq!(chain.balance(buyers[0].address()).await, U256::from(PRICE), "a simulation moves nothing");
+
+    // Without a contract at the multicall address, nobody can say: never a pass.
+    let nowhere = PAY_TO.parse().unwrap();
+    let verdicts = x402_gateway::chain::would_each_succeed(&chain.provider, settler, nowhere, calls).await;
+    assert!(verdicts.is_err(), "{verdicts:?}");
+}
+
 alloy::sol! {
     function transferWithAuthorization(address from, address to, uint256 value, uint256 validAfter, uint256 validBefore, bytes32 nonce, uint8 v, bytes32 r, bytes32 s) external;
 }
 
-/// Someone else (anvil's first account) submits the authorization with `nonce` from one of `headers`, after
-/// funding its payer; returns the transaction.
-async fn land(chain: &Chain, headers: &[&String], nonce: &str) -> B256 {
-    use alloy::network::TransactionBuilder;
-    use alloy::sol_types::SolCall;
-    let payloads = headers.iter().map(|h| pay::decode_header(&http::HeaderValue::from_str(h).unwrap()));
-    let payload = payloads.map(|p| p["payload"].clone()).find(|p| p["authorization"]["nonce"] == nonce).unwrap();
+/// The token call that lands an `exact` payload (its `signature` and `authorization`).
+fn transfer_call(payload: &serde_json::Value) -> transferWithAuthorizationCall {
     let auth = &payload["authorization"];
     let field = |name: &str| auth[name].as_str().unwrap().to_string();
     let signature = alloy::hex::decode(payload["signature"].as_str().unwrap()).unwrap();
-    let from: Address = field("from").parse().unwrap();
-    chain.mint(from, PRICE).await;
-    let call = transferWithAuthorizationCall {
-        from,
+    transferWithAuthorizationCall {
+        from: field("from").parse().unwrap(),
         to: field("to").parse().unwrap(),
         value: field("value").parse().unwrap(),
         validAfter: field("validAfter").parse().unwrap(),
@@ -201,11 +266,16 @@ async fn land(chain: &Chain, headers: &[&String], nonce: &str) -> B256 {
         v: signature[64],
         r: B256::from_slice(&signature[..32]),
         s: B256::from_slice(&signature[32..64]),
-    };
+    }
+}
+
+/// Someone else (anvil's first account) submits an `exact` payload's authorization; returns the transaction.
+async fn land(chain: &Chain, payload: &serde_json::Value) -> B256 {
+    use alloy::network::TransactionBuilder;
     let tx = alloy::rpc::types::TransactionRequest::default()
         .from(common::chain::DEPLOYER.parse().unwrap())
         .with_to(chain.token)
-        .with_input(call.abi_encode());
+        .with_input(transfer_call(payload).abi_encode());
     let receipt = chain.provider.send_transaction(tx).await.unwrap().get_receipt().await.unwrap();
     assert!(receipt.status(), "the authorization landed");
     receipt.transaction_hash

@@ -105,7 +105,7 @@ pub fn used_authorization(receipt: &TransactionReceipt, token: Address, authoriz
     receipt.status() && (logged || receipt.to == Some(token))
 }
 
-/// What the chain says about an authorization that failed simulation, in x402's terms.
+/// What the chain says about an authorization that failed simulation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SimulationFailure {
     NonceUsed,
@@ -113,22 +113,43 @@ pub enum SimulationFailure {
     Other,
 }
 
-/// Simulates the settlement (`eth_call` from the settler) and, when it would revert, finds out why.
-pub async fn simulate_transfer(
+/// Whether `input` sent to `target` by `settler` would succeed now (`eth_call`). `Err`: the node could not say.
+pub async fn would_succeed(
     provider: &RootProvider,
-    token: Address,
     settler: Address,
-    auth: &VerifiedAuthorization,
-) -> Result<Result<(), SimulationFailure>, TransportError> {
-    let call = TransactionRequest::default().from(settler).to(token).input(transfer_calldata(auth).into());
+    target: Address,
+    input: Bytes,
+) -> Result<bool, TransportError> {
+    let call = TransactionRequest::default().from(settler).to(target).input(input.into());
     match provider.call(call).await {
-        Ok(_) => Ok(Ok(())),
-        Err(err) if err.as_error_resp().is_some() => Ok(Err(diagnose(provider, token, auth).await?)),
+        Ok(_) => Ok(true),
+        Err(err) if err.as_error_resp().is_some() => Ok(false),
         Err(err) => Err(err),
     }
 }
 
-async fn diagnose(
+/// `would_succeed` for each `(target, calldata)`, in one `eth_call` through `multicall`'s `aggregate3` with
+/// each call allowed to fail alone, as in a batched settlement.
+pub async fn would_each_succeed(
+    provider: &RootProvider,
+    settler: Address,
+    multicall: Address,
+    calls: Vec<(Address, Bytes)>,
+) -> Result<Vec<bool>, TransportError> {
+    let count = calls.len();
+    let (input, gas) = batch_calldata(calls);
+    let request = TransactionRequest::default().from(settler).to(multicall).input(input.into()).gas_limit(gas);
+    // A multicall address without code answers `0x`, which does not decode: an error, never a pass.
+    let results = Multicall3::aggregate3Call::abi_decode_returns(&provider.call(request).await?)
+        .map_err(TransportError::local_usage)?;
+    if results.len() != count {
+        return Err(TransportError::local_usage_str("the multicall answered for a different number of calls"));
+    }
+    Ok(results.into_iter().map(|result| result.success).collect())
+}
+
+/// Why an authorization would not settle, in x402's terms, from the token's own records.
+pub async fn diagnose(
     provider: &RootProvider,
     token: Address,
     auth: &VerifiedAuthorization,

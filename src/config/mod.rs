@@ -7,7 +7,9 @@ mod file;
 mod payment;
 
 pub use error::ConfigError;
-pub use payment::{BatchSettings, Bazaar, FacilitatorChoice, PaidRoute, PaymentSettings, RemoteConfig, SettlerConfig};
+pub use payment::{
+    BatchSettings, Bazaar, FacilitatorChoice, PaidRoute, PaymentSettings, RemoteConfig, SettlerConfig, MAX_SETTLE_BATCH,
+};
 
 use crate::routing::PathPattern;
 use http::header::{HeaderName, HeaderValue};

@@ -420,7 +420,8 @@ impl Validator<'_> {
         })?;
         let max_timeout_seconds = super::nonzero(&format!("{key}.max_timeout_seconds"), terms.max_timeout_seconds)?
             .unwrap_or(DEFAULT_MAX_TIMEOUT_SECONDS);
-        Ok(Offer { network: Arc::new(network), asset, pay_to, amount, max_timeout_seconds })
+        let domain_separator = crate::x402::exact_evm::domain(network.chain_id, &asset).separator();
+        Ok(Offer { network: Arc::new(network), asset, pay_to, amount, max_timeout_seconds, domain_separator })
     }
 }
 

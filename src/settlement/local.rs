@@ -3,6 +3,7 @@
 
 use super::queue::{Batching, BeforeBroadcast, SendError, TxQueue};
 use super::receipts::Receipts;
+use super::simulations::Simulations;
 use super::{SettleFailure, Settled, VerifyFailure};
 use crate::chain::{self, SimulationFailure};
 use crate::config::{PaymentSettings, SettlerConfig};
@@ -25,6 +26,8 @@ pub struct LocalSettler {
     receipts: Arc<Receipts>,
     receipt_timeout: Duration,
     batching: Option<Batching>,
+    /// With batching, concurrent simulations share `eth_call`s too.
+    simulations: Option<Simulations>,
 }
 
 impl LocalSettler {
@@ -51,7 +54,9 @@ impl LocalSettler {
         chain_id: u64,
         settings: &PaymentSettings,
     ) -> LocalSettler {
+        let batching = settings.settle_batch.map(|settings| Batching { multicall: config.multicall, settings });
         LocalSettler {
+            simulations: batching.map(|b| Simulations::spawn(provider.clone(), config.key.address(), b.multicall)),
             receipts: Receipts::new(provider.clone(), settings.settle_timeout),
             provider,
             rpc_url: config.rpc_url.clone(),
@@ -59,7 +64,7 @@ impl LocalSettler {
             chain_id,
             queue,
             receipt_timeout: settings.settle_timeout,
-            batching: settings.settle_batch.map(|settings| Batching { multicall: config.multicall, settings }),
+            batching,
         }
     }
 
@@ -95,14 +100,22 @@ impl LocalSettler {
         }
     }
 
+    /// Simulates the settlement; one that would fail is diagnosed from the token's records.
     pub async fn verify(&self, token: Address, auth: &VerifiedAuthorization) -> Result<(), VerifyFailure> {
-        match chain::simulate_transfer(&self.provider, token, self.settler, auth).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(SimulationFailure::NonceUsed)) => Err(VerifyFailure::Rejected(Rejection::Replayed)),
-            Ok(Err(SimulationFailure::InsufficientBalance)) => {
-                Err(VerifyFailure::Rejected(Rejection::InsufficientBalance))
-            }
-            Ok(Err(SimulationFailure::Other)) => Err(VerifyFailure::Rejected(Rejection::SimulationFailed)),
+        let input = chain::transfer_calldata(auth);
+        let would_succeed = match &self.simulations {
+            Some(shared) => shared.would_succeed(token, input).await,
+            None => chain::would_succeed(&self.provider, self.settler, token, input).await.map_err(|e| e.to_string()),
+        };
+        let failure = match would_succeed {
+            Ok(true) => return Ok(()),
+            Ok(false) => chain::diagnose(&self.provider, token, auth).await.map_err(|err| err.to_string()),
+            Err(err) => Err(err),
+        };
+        match failure {
+            Ok(SimulationFailure::NonceUsed) => Err(VerifyFailure::Rejected(Rejection::Replayed)),
+            Ok(SimulationFailure::InsufficientBalance) => Err(VerifyFailure::Rejected(Rejection::InsufficientBalance)),
+            Ok(SimulationFailure::Other) => Err(VerifyFailure::Rejected(Rejection::SimulationFailed)),
             Err(err) => {
                 tracing::warn!(error = %err, "chain RPC failed during verification");
                 Err(VerifyFailure::Unavailable("the chain RPC did not answer".into()))

@@ -5,6 +5,7 @@ mod local;
 mod queue;
 mod receipts;
 mod remote;
+mod simulations;
 
 pub use local::LocalSettler;
 pub use queue::BeforeBroadcast;

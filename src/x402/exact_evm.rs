@@ -4,10 +4,12 @@
 
 use super::wire::ExactEvmPayload;
 use super::Rejection;
+use crate::networks::Asset;
 use crate::pricing::Offer;
-use alloy::primitives::{Address, Signature, B256, U256};
+use alloy::primitives::{b256, Address, Keccak256, Signature, B256, U256};
 use alloy::sol;
 use alloy::sol_types::{Eip712Domain, SolStruct};
+use serde::Deserialize;
 
 sol! {
     /// EIP-3009's signed message; field order is part of the type hash.
@@ -45,22 +47,38 @@ impl VerifiedAuthorization {
     }
 }
 
-pub fn domain(offer: &Offer) -> Eip712Domain {
+/// The asset's EIP-712 domain on a chain, as EIP-3009 tokens define it.
+pub fn domain(chain_id: u64, asset: &Asset) -> Eip712Domain {
     Eip712Domain::new(
-        Some(offer.asset.eip712_name.clone().into()),
-        Some(offer.asset.eip712_version.clone().into()),
-        Some(U256::from(offer.network.chain_id)),
-        Some(offer.asset.address),
+        Some(asset.eip712_name.clone().into()),
+        Some(asset.eip712_version.clone().into()),
+        Some(U256::from(chain_id)),
+        Some(asset.address),
         None,
     )
+}
+
+/// `keccak256` of EIP-3009's `TransferWithAuthorization(...)` type string: fixed, so not hashed per payment.
+const TRANSFER_TYPE_HASH: B256 = b256!("7c7c6cdb67a18743f49ec6fa9b35f50d52ed05cbed4cc592e13b44501c1a2267");
+
+/// EIP-712's `keccak256(0x1901 ‖ domainSeparator ‖ hashStruct(message))`, with the offer's precomputed
+/// domain separator.
+fn signing_hash(domain_separator: &B256, message: &TransferWithAuthorization) -> B256 {
+    let mut struct_hasher = Keccak256::new();
+    struct_hasher.update(TRANSFER_TYPE_HASH);
+    struct_hasher.update(message.eip712_encode_data());
+    let mut hasher = Keccak256::new();
+    hasher.update([0x19, 0x01]);
+    hasher.update(domain_separator);
+    hasher.update(struct_hasher.finalize());
+    hasher.finalize()
 }
 
 /// Verifies what the buyer signed of an `exact` EVM payload (the scheme-specific `payload` JSON) against the
 /// offer it claims to pay: signature, payee, amount. The time window is `check_window`'s, separately, so that a
 /// retry of an authorization already paid is recognised whatever the time.
 pub fn verify_signed(payload: &serde_json::Value, offer: &Offer) -> Result<VerifiedAuthorization, Rejection> {
-    let payload: ExactEvmPayload =
-        serde_json::from_value(payload.clone()).map_err(|e| Rejection::MalformedPayload(e.to_string()))?;
+    let payload = ExactEvmPayload::deserialize(payload).map_err(|e| Rejection::MalformedPayload(e.to_string()))?;
     let auth = &payload.authorization;
     let message = TransferWithAuthorization {
         from: parse_address("from", &auth.from)?,
@@ -72,8 +90,9 @@ pub fn verify_signed(payload: &serde_json::Value, offer: &Offer) -> Result<Verif
     };
     let signature = parse_signature(&payload.signature)?;
 
-    let signing_hash = message.eip712_signing_hash(&domain(offer));
-    let signer = signature.recover_address_from_prehash(&signing_hash).map_err(|_| Rejection::Signature)?;
+    let signer = signature
+        .recover_address_from_prehash(&signing_hash(&offer.domain_separator, &message))
+        .map_err(|_| Rejection::Signature)?;
     if signer != message.from {
         return Err(Rejection::Signature);
     }
@@ -156,20 +175,26 @@ fn parse_signature(text: &str) -> Result<Signature, Rejection> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use alloy::primitives::b256;
 
     #[test]
-    fn type_hash_is_eip3009s() {
-        assert_eq!(
-            TransferWithAuthorization::eip712_type_hash(&TransferWithAuthorization {
-                from: Address::ZERO,
-                to: Address::ZERO,
-                value: U256::ZERO,
-                validAfter: U256::ZERO,
-                validBefore: U256::ZERO,
-                nonce: B256::ZERO,
-            }),
-            b256!("7c7c6cdb67a18743f49ec6fa9b35f50d52ed05cbed4cc592e13b44501c1a2267")
-        );
+    fn fixed_type_hash_and_signing_hash_are_eip712s() {
+        let message = TransferWithAuthorization {
+            from: Address::repeat_byte(1),
+            to: Address::repeat_byte(2),
+            value: U256::from(1000),
+            validAfter: U256::from(5),
+            validBefore: U256::from(7),
+            nonce: B256::repeat_byte(3),
+        };
+        assert_eq!(message.eip712_type_hash(), TRANSFER_TYPE_HASH);
+        let asset = Asset {
+            symbol: "USDC".into(),
+            address: Address::repeat_byte(4),
+            decimals: 6,
+            eip712_name: "USD Coin".into(),
+            eip712_version: "2".into(),
+        };
+        let domain = domain(84532, &asset);
+        assert_eq!(signing_hash(&domain.separator(), &message), message.eip712_signing_hash(&domain));
     }
 }

@@ -1,0 +1,86 @@
+//! Simulating settlements together. With batching on, the simulations that arrive while others are in flight
+//! share one `eth_call` through Multicall3's `aggregate3`, each call allowed to fail alone: a burst of payments
+//! costs the node a few calls instead of one each. A payment that finds a free slot is simulated at once, so
+//! sharing adds no wait.
+
+use crate::chain;
+use alloy::primitives::{Address, Bytes};
+use alloy::providers::RootProvider;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// `eth_call`s in flight at once; what arrives meanwhile goes into the next one.
+const IN_FLIGHT: usize = 2;
+/// Calls in one `eth_call`: the settlement batch's own limit, so a simulation never outgrows its transaction.
+const MOST_PER_CALL: usize = crate::config::MAX_SETTLE_BATCH;
+
+/// Whether the call would succeed now; `Err` when the node could not say.
+type Verdict = Result<bool, String>;
+
+struct Request {
+    token: Address,
+    input: Bytes,
+    reply: oneshot::Sender<Verdict>,
+}
+
+pub struct Simulations {
+    requests: mpsc::UnboundedSender<Request>,
+}
+
+impl Simulations {
+    /// Must run inside the tokio runtime. `settler` sends the calls; `multicall` carries several at once.
+    pub fn spawn(provider: RootProvider, settler: Address, multicall: Address) -> Simulations {
+        let (requests, inbox) = mpsc::unbounded_channel();
+        tokio::spawn(run(provider, settler, multicall, inbox));
+        Simulations { requests }
+    }
+
+    /// Whether `input` sent to `token` would succeed if the settler sent it now.
+    pub async fn would_succeed(&self, token: Address, input: Bytes) -> Verdict {
+        let (reply, verdict) = oneshot::channel();
+        let stopped = || "the simulation worker has stopped".to_string();
+        self.requests.send(Request { token, input, reply }).map_err(|_| stopped())?;
+        verdict.await.map_err(|_| stopped())?
+    }
+}
+
+async fn run(
+    provider: RootProvider,
+    settler: Address,
+    multicall: Address,
+    mut inbox: mpsc::UnboundedReceiver<Request>,
+) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let mut batch = Vec::new();
+        if inbox.recv_many(&mut batch, MOST_PER_CALL).await == 0 {
+            return;
+        }
+        let provider = provider.clone();
+        tokio::spawn(async move {
+            let verdicts = match batch.as_slice() {
+                [alone] => {
+                    chain::would_succeed(&provider, settler, alone.token, alone.input.clone()).await.map(|v| vec![v])
+                }
+                _ => {
+                    let calls = batch.iter().map(|r| (r.token, r.input.clone())).collect();
+                    chain::would_each_succeed(&provider, settler, multicall, calls).await
+                }
+            };
+            match verdicts {
+                Ok(verdicts) => {
+                    for (request, verdict) in batch.into_iter().zip(verdicts) {
+                        let _ = request.reply.send(Ok(verdict));
+                    }
+                }
+                Err(err) => {
+                    for request in batch {
+                        let _ = request.reply.send(Err(err.to_string()));
+                    }
+                }
+            }
+            drop(slot);
+        });
+    }
+}
