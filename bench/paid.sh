@@ -24,11 +24,12 @@ upstream_port=$(free_port)
 start_upstream "$upstream_port"
 
 # anvil's dev account #2 pays the settlement gas; #3 is the payee.
-gateway_config() { # ledger-name port settlement-lines
-  local port=$2
+gateway_config() { # ledger-name port admin-port settlement-lines
+  local port=$2 admin_port=$3
   cat <<CONF
 [server]
 listen = "127.0.0.1:$port"
+admin_listen = "127.0.0.1:$admin_port"
 [upstreams.api]
 url = "http://127.0.0.1:$upstream_port"
 [payment]
@@ -36,7 +37,7 @@ pay_to = "0x90F79bf6EB2c4f870365E785982E1f101E93b906"
 network = "eip155:84532"
 asset = "USDC"
 facilitator = "local"
-$3
+$4
 [ledger]
 path = "$work/$1.db"
 [networks."eip155:84532"]
@@ -67,7 +68,7 @@ CONF
 run() { # label config-name settlement-lines path calls [--free]
   local label=$1 name=$2 lines=$3 path=$4 calls=$5
   shift 5
-  local anvil_port port
+  local anvil_port port admin_port
   anvil_port=$(free_port)
   "$anvil_bin" --host 127.0.0.1 --port "$anvil_port" --chain-id 84532 >"$work/anvil.log" 2>&1 &
   local anvil=$!
@@ -75,12 +76,26 @@ run() { # label config-name settlement-lines path calls [--free]
   rpc="http://127.0.0.1:$anvil_port"
   eval "$("$driver_bin" deploy --rpc "$rpc")" # sets TESTUSDC and MULTICALL
   port=$(free_port)
-  gateway_config "$name" "$port" "$lines" >"$work/$name.toml"
+  admin_port=$(free_port)
+  gateway_config "$name" "$port" "$admin_port" "$lines" >"$work/$name.toml"
   "$gateway_bin" run --config "$work/$name.toml" 2>"$work/$name.log" &
   local gateway=$!
   wait_port "$port"
   "$driver_bin" run --url "http://127.0.0.1:$port$path" --rpc "$rpc" -n "$calls" -c "$concurrency" \
     --label "$label" "$@" | tee -a "$work/results.jsonl"
+  # Where a call's time went, from the gateway's own histograms: mean milliseconds per stage.
+  python3 - "http://127.0.0.1:$admin_port/metrics" "$label" <<'PY' | tee -a "$work/stages.txt"
+import sys, urllib.request
+sums = {}
+for line in urllib.request.urlopen(sys.argv[1]).read().decode().splitlines():
+    name, _, value = line.rpartition(" ")
+    if name.endswith(("_latency_seconds_sum", "_latency_seconds_count")):
+        sums[name.removeprefix("x402_gateway_")] = float(value)
+stages = [s.removesuffix("_latency_seconds_count") for s in sums if s.endswith("_count")]
+means = [f"{s} {1000 * sums[s + '_latency_seconds_sum'] / sums[s + '_latency_seconds_count']:.1f}"
+         for s in stages if sums[s + "_latency_seconds_count"]]
+print(f"{sys.argv[2]:28} mean ms per call: " + ", ".join(means))
+PY
   kill "$gateway" "$anvil"
   wait "$gateway" "$anvil" 2>/dev/null || true
   rm -f "$work/$name.db"*
@@ -104,3 +119,5 @@ for r in rows:
     print(f"{r['label']:28} {r['calls']:6} {r['calls_per_sec']:8.0f} {r['calls_per_sec'] / free:7.2f} {r['p50_ms']:7.1f} {r['p99_ms']:8.1f} "
           f"{r['ok']:6} {r.get('settled', '-'):>8} {r.get('settled_on_chain', '-'):>8} {r.get('transactions', '-'):>6} {r.get('gas_per_payment', '-'):>11}")
 PY
+echo
+cat "$work/stages.txt"

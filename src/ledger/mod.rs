@@ -4,6 +4,7 @@
 
 mod reconcile;
 mod store;
+mod writer;
 
 pub use reconcile::{reconcile, Reconciled};
 pub use store::{Ledger, LedgerError, NewPayment, Revenue, Row};

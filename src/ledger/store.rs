@@ -1,9 +1,10 @@
-//! SQLite storage of the ledger. Calls run on tokio's blocking pool; each is one short transaction.
+//! SQLite storage of the ledger: its schema, rows and state transitions. Every call goes through the writer
+//! (`writer.rs`), which commits concurrent calls together.
 
+use super::writer::Writer;
 use super::State;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -11,15 +12,17 @@ pub enum LedgerError {
     Open { path: PathBuf, message: String },
     #[error("ledger: {0}")]
     Sql(#[from] rusqlite::Error),
-    #[error("ledger: the blocking pool is gone")]
+    #[error("ledger: the writer has stopped")]
     Shutdown,
+    #[error("ledger: the transaction did not commit: {0}")]
+    Commit(String),
     #[error("ledger: payment {0} is no longer in the state this step expects")]
     Conflict(i64),
 }
 
 #[derive(Clone)]
 pub struct Ledger {
-    conn: Arc<Mutex<Connection>>,
+    writer: Writer,
 }
 
 /// What is known of a payment when it is first recorded (at verification).
@@ -142,20 +145,16 @@ impl Ledger {
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;")
             .and_then(|_| conn.execute_batch(SCHEMA))
             .map_err(|e| fail(e.to_string()))?;
-        Ok(Ledger { conn: Arc::new(Mutex::new(conn)) })
+        // Room for every statement the ledger runs: each is prepared once.
+        conn.set_prepared_statement_cache_capacity(64);
+        Ok(Ledger { writer: Writer::start(conn).map_err(|e| fail(e.to_string()))? })
     }
 
     async fn run<T: Send + 'static>(
         &self,
         job: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, LedgerError> {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            job(&conn).map_err(LedgerError::from)
-        })
-        .await
-        .map_err(|_| LedgerError::Shutdown)?
+        self.writer.run(job).await
     }
 
     /// Records a verified payment and returns its row id. An authorization seen before and never charged
@@ -163,30 +162,24 @@ impl Ledger {
     /// row back in `verified`; one that is settling or settled is returned as it is, to refuse or replay.
     pub async fn record_verified(&self, p: NewPayment) -> Result<Result<i64, Row>, LedgerError> {
         self.run(move |conn| {
-            let existing = conn
-                .query_row(
-                    &format!("SELECT {COLUMNS} FROM payments WHERE chain_id = ?1 AND asset = ?2 AND payer = ?3 AND nonce = ?4"),
-                    params![p.chain_id, p.asset, p.payer, p.nonce],
-                    row,
-                )
-                .optional()?;
+            let existing = by_authorization(conn, p.chain_id, &p.asset, &p.payer, &p.nonce)?;
             let t = now();
             match existing {
                 Some(old) if old.state == "released" || old.state == "failed" => {
-                    conn.execute(
+                    conn.prepare_cached(
                         "UPDATE payments SET state = 'verified', route = ?2, facilitator = ?3, failure = NULL, tx_hash = NULL, \
                          upstream_status = NULL, updated_at = ?4 WHERE id = ?1",
-                        params![old.id, p.route, p.facilitator, t],
-                    )?;
+                    )?
+                    .execute(params![old.id, p.route, p.facilitator, t])?;
                     Ok(Ok(old.id))
                 }
                 Some(old) => Ok(Err(old)),
                 None => {
-                    conn.execute(
+                    conn.prepare_cached(
                         "INSERT INTO payments (state, route, payer, payee, network, chain_id, asset, amount, nonce, valid_before, settle_mode, facilitator, created_at, updated_at)
                          VALUES ('verified', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
-                        params![p.route, p.payer, p.payee, p.network, p.chain_id, p.asset, p.amount, p.nonce, p.valid_before, p.settle_mode, p.facilitator, t],
-                    )?;
+                    )?
+                    .execute(params![p.route, p.payer, p.payee, p.network, p.chain_id, p.asset, p.amount, p.nonce, p.valid_before, p.settle_mode, p.facilitator, t])?;
                     Ok(Ok(conn.last_insert_rowid()))
                 }
             }
@@ -215,11 +208,11 @@ impl Ledger {
         let t = now();
         let changed = self
             .run(move |conn| {
-                conn.execute(
+                conn.prepare_cached(
                     "UPDATE payments SET state = 'failed', failure = ?2, tx_hash = COALESCE(?3, tx_hash), updated_at = ?4 \
                      WHERE id = ?1 AND state IN ('settling', 'verified')",
-                    params![id, reason, transaction, t],
-                )
+                )?
+                .execute(params![id, reason, transaction, t])
             })
             .await?;
         if changed == 0 {
@@ -259,7 +252,7 @@ impl Ledger {
         let changed = self
             .run(move |conn| {
                 let sql = format!("UPDATE payments SET {set}, updated_at = ?3 WHERE id = ?1 AND state IN ({from})");
-                conn.execute(&sql, params![id, value, t])
+                conn.prepare_cached(&sql)?.execute(params![id, value, t])
             })
             .await?;
         if changed == 0 {
@@ -275,22 +268,14 @@ impl Ledger {
         payer: String,
         nonce: String,
     ) -> Result<Option<Row>, LedgerError> {
-        self.run(move |conn| {
-            conn.query_row(
-                &format!(
-                    "SELECT {COLUMNS} FROM payments WHERE chain_id = ?1 AND asset = ?2 AND payer = ?3 AND nonce = ?4"
-                ),
-                params![chain_id, asset, payer, nonce],
-                row,
-            )
-            .optional()
-        })
-        .await
+        self.run(move |conn| by_authorization(conn, chain_id, &asset, &payer, &nonce)).await
     }
 
     pub async fn get(&self, id: i64) -> Result<Option<Row>, LedgerError> {
         self.run(move |conn| {
-            conn.query_row(&format!("SELECT {COLUMNS} FROM payments WHERE id = ?1"), params![id], row).optional()
+            conn.prepare_cached(&format!("SELECT {COLUMNS} FROM payments WHERE id = ?1"))?
+                .query_row(params![id], row)
+                .optional()
         })
         .await
     }
@@ -304,7 +289,7 @@ impl Ledger {
         limit: u32,
     ) -> Result<Vec<Row>, LedgerError> {
         self.run(move |conn| {
-            let mut statement = conn.prepare(&format!(
+            let mut statement = conn.prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM payments WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR route = ?2) \
                  AND (?3 IS NULL OR lower(payer) = lower(?3)) ORDER BY id DESC LIMIT ?4"
             ))?;
@@ -321,8 +306,9 @@ impl Ledger {
     /// `failed` rows whose authorization is, or was until `since`, still valid: someone may yet land it.
     pub async fn failed_valid_since(&self, since: u64) -> Result<Vec<Row>, LedgerError> {
         self.run(move |conn| {
-            let mut statement =
-                conn.prepare(&format!("SELECT {COLUMNS} FROM payments WHERE state = 'failed' AND valid_before > ?1"))?;
+            let mut statement = conn.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM payments WHERE state = 'failed' AND valid_before > ?1"
+            ))?;
             let rows = statement.query_map(params![since], row)?.collect();
             rows
         })
@@ -339,7 +325,7 @@ impl Ledger {
     /// Authorizations that must stay refused after a restart: charged, or possibly being charged, and not expired.
     pub async fn unexpired_spent(&self, now: u64) -> Result<Vec<Row>, LedgerError> {
         self.run(move |conn| {
-            let mut statement = conn.prepare(&format!(
+            let mut statement = conn.prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM payments WHERE state IN ('verified', 'settling', 'settled', 'refund_needed') AND valid_before > ?1"
             ))?;
             let rows = statement.query_map(params![now], row)?.collect();
@@ -377,12 +363,27 @@ impl Ledger {
         self.run(move |conn| {
             let placeholders = states.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
             let mut statement =
-                conn.prepare(&format!("SELECT {COLUMNS} FROM payments WHERE state IN ({placeholders})"))?;
+                conn.prepare_cached(&format!("SELECT {COLUMNS} FROM payments WHERE state IN ({placeholders})"))?;
             let rows = statement.query_map([], row)?.collect();
             rows
         })
         .await
     }
+}
+
+/// The row of one authorization, if it was ever recorded.
+fn by_authorization(
+    conn: &Connection,
+    chain_id: u64,
+    asset: &str,
+    payer: &str,
+    nonce: &str,
+) -> rusqlite::Result<Option<Row>> {
+    conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM payments WHERE chain_id = ?1 AND asset = ?2 AND payer = ?3 AND nonce = ?4"
+    ))?
+    .query_row(params![chain_id, asset, payer, nonce], row)
+    .optional()
 }
 
 /// `YYYY-MM-DD` (UTC) of a unix time, by the civil-from-days algorithm.
