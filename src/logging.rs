@@ -1,3 +1,6 @@
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::sync::Arc;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -7,8 +10,11 @@ pub enum LogFormat {
 }
 
 /// Installs the global subscriber. `RUST_LOG` overrides the default `info` level.
-pub fn init(format: LogFormat) {
+pub fn init(format: LogFormat) -> std::io::Result<()> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Each line goes out whole in one write(2) on a duplicate of stderr. std's stderr handle would take a
+    // process-wide lock for every line, which the worker threads' access logs contend on.
+    let stderr = Arc::new(File::from(std::io::stderr().as_fd().try_clone_to_owned()?));
     // A closed stderr must not bring the gateway down: tracing reports write failures with eprintln!, which
     // panics on a closed pipe, so it is told not to.
     // Colours only for a person at a terminal: escape codes in a log file or a collector are noise (and cost
@@ -16,11 +22,12 @@ pub fn init(format: LogFormat) {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(stderr)
         .with_ansi(ansi)
         .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    Ok(())
 }

@@ -127,7 +127,10 @@ fn main() -> ExitCode {
         Command::Pay(args) => pay(args),
         Command::Ledger(args) => ledger_command(args),
         Command::Run(args) => {
-            logging::init(cli.log_format);
+            if let Err(err) = logging::init(cli.log_format) {
+                eprintln!("error: cannot log to stderr: {err}");
+                return ExitCode::FAILURE;
+            }
             run(&args.config)
         }
     }

@@ -17,7 +17,7 @@ use crate::ledger::{self, Ledger, LedgerError, NewPayment, Reconciled};
 use crate::metrics::Metrics;
 use crate::pricing::Offer;
 use crate::proxy::body::{json_response, Body};
-use crate::proxy::upstream::{upstream_request, ClientInfo, UpstreamClient};
+use crate::proxy::upstream::{self, upstream_request, ClientInfo};
 use crate::replay::{unix_now, NonceKey};
 use crate::routing::{self, RouteTable};
 use crate::settlement::{Facilitators, SettleMode, VerifyFailure};
@@ -44,7 +44,6 @@ pub struct Gateway {
     /// The current configuration's routes and settlers, replaced whole by a reload: a request keeps the
     /// `Live` it started with.
     live: RwLock<Arc<Live>>,
-    upstreams: UpstreamClient,
     /// Outlives reloads: an authorization reserved under the old configuration stays reserved.
     gate: PaymentGate,
     ledger: Ledger,
@@ -124,7 +123,6 @@ impl Gateway {
             gate,
             ledger,
             live: RwLock::new(Arc::new(Live::new(config, None))),
-            upstreams: UpstreamClient::new(),
             metrics: Metrics::new(),
         })
     }
@@ -332,7 +330,7 @@ impl Gateway {
 
     async fn forward(&self, request: Request<Body>, route: &RouteSpec) -> Result<Response<Body>, GatewayError> {
         let started = Instant::now();
-        let answer = self.upstreams.send(request, &route.upstream).await;
+        let answer = upstream::send(request, &route.upstream).await;
         self.metrics.upstream(started.elapsed());
         answer
     }

@@ -208,7 +208,13 @@ impl Gateway {
             Ok(Some(row)) if row.state == State::Failed.as_str() || row.state == State::Released.as_str() => {
                 return None
             }
-            Ok(Some(row)) if row.state != State::Verified.as_str() => row,
+            // Settling with no answer kept: its original request is still at work.
+            Ok(Some(row))
+                if row.state != State::Verified.as_str()
+                    && (row.state != State::Settling.as_str() || answer.is_some()) =>
+            {
+                row
+            }
             // In flight right now (or the ledger cannot say): a concurrent duplicate.
             _ => return Some(challenge(Some(&Rejection::Replayed))),
         };

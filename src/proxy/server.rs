@@ -37,8 +37,10 @@ enum Role {
     Admin,
 }
 
+/// A bound socket, outside any runtime: each thread that accepts from it registers its own handle.
+#[derive(Clone)]
 struct Listener {
-    socket: TcpListener,
+    socket: Arc<std::net::TcpListener>,
     role: Role,
     tls: Option<TlsAcceptor>,
 }
@@ -96,30 +98,54 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then stops accepting and lets open connections finish for up to
     /// `server.shutdown_grace_secs`.
+    ///
+    /// The public listeners are served by one thread per core, each running its own single-threaded runtime
+    /// that accepts from a shared socket and keeps its connections (and their upstream connections) to itself,
+    /// as nginx's workers do: no request wakes another thread. The admin listener and background work
+    /// (settlement queues, reconciliation) stay on the calling runtime.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(());
+        let (finished_tx, finished_rx) = watch::channel(false);
         let graceful = Arc::new(GracefulShutdown::new());
-        let permits = Arc::new(Semaphore::new(self.limits.max_connections));
-        let builder = Arc::new(http_builder(&self.limits));
-        let mut loops = tokio::task::JoinSet::new();
-        for listener in self.listeners {
-            if let Ok(addr) = listener.socket.local_addr() {
-                let kind = match (listener.role, &listener.tls) {
-                    (Role::Admin, _) => "admin",
-                    (_, Some(_)) => "https",
-                    _ => "http",
-                };
-                tracing::info!(%addr, kind, "listening");
-            }
-            let accept = AcceptLoop {
-                gateway: self.gateway.clone(),
-                builder: builder.clone(),
-                graceful: graceful.clone(),
-                permits: permits.clone(),
-                handshake_timeout: self.limits.header_read_timeout,
-            };
-            loops.spawn(accept.run(listener, stop_rx.clone()));
+        let accept = AcceptLoop {
+            gateway: self.gateway.clone(),
+            builder: Arc::new(http_builder(&self.limits)),
+            graceful: graceful.clone(),
+            permits: Arc::new(Semaphore::new(self.limits.max_connections)),
+            handshake_timeout: self.limits.header_read_timeout,
+        };
+        let (admin, public): (Vec<Listener>, Vec<Listener>) =
+            self.listeners.into_iter().partition(|l| matches!(l.role, Role::Admin));
+        for listener in admin.iter().chain(&public) {
+            log_listening(listener);
         }
+        let mut loops = tokio::task::JoinSet::new();
+        for listener in admin {
+            loops.spawn(accept.clone().run(listener, stop_rx.clone()));
+        }
+        // Each worker holds a sender until its accept loops have ended.
+        let (workers_tx, mut workers_rx) = tokio::sync::mpsc::channel::<()>(1);
+        let mut threads = Vec::new();
+        for index in 0..worker_count() {
+            let work = Worker {
+                accept: accept.clone(),
+                listeners: public.clone(),
+                stop: stop_rx.clone(),
+                finished: finished_rx.clone(),
+                running: workers_tx.clone(),
+            };
+            match std::thread::Builder::new().name(format!("x402-worker-{index}")).spawn(|| work.run()) {
+                Ok(thread) => threads.push(thread),
+                Err(err) => tracing::error!(error = %err, "cannot start a worker thread"),
+            }
+        }
+        if threads.is_empty() {
+            tracing::error!("no worker thread could start: serving on the main runtime");
+            for listener in public {
+                loops.spawn(accept.clone().run(listener, stop_rx.clone()));
+            }
+        }
+        drop((workers_tx, accept));
         tokio::spawn(self.gateway.clone().reconcile_forever());
         let gateway = self.gateway.clone();
         tokio::spawn(async move {
@@ -131,17 +157,66 @@ impl Server {
         tracing::info!("shutting down: no new connections; waiting for open ones");
         drop(stop_tx);
         while loops.join_next().await.is_some() {}
-        let Ok(graceful) = Arc::try_unwrap(graceful) else {
-            return;
-        };
-        if tokio::time::timeout(self.limits.shutdown_grace, graceful.shutdown()).await.is_err() {
-            tracing::warn!("shutdown grace period over; closing the remaining connections");
+        while workers_rx.recv().await.is_some() {}
+        if let Ok(graceful) = Arc::try_unwrap(graceful) {
+            if tokio::time::timeout(self.limits.shutdown_grace, graceful.shutdown()).await.is_err() {
+                tracing::warn!("shutdown grace period over; closing the remaining connections");
+            }
         }
+        // The workers' runtimes end now, closing whatever the grace period left open.
+        let _ = finished_tx.send(true);
+        let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join()))).await;
     }
 }
 
-async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { key, addr, source })
+fn log_listening(listener: &Listener) {
+    if let Ok(addr) = listener.socket.local_addr() {
+        let kind = match (listener.role, &listener.tls) {
+            (Role::Admin, _) => "admin",
+            (_, Some(_)) => "https",
+            _ => "http",
+        };
+        tracing::info!(%addr, kind, "listening");
+    }
+}
+
+/// One worker thread per core (as reported by the system).
+fn worker_count() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// What a worker thread runs: its own runtime, accepting from every public listener until told to stop.
+struct Worker {
+    accept: AcceptLoop,
+    listeners: Vec<Listener>,
+    stop: watch::Receiver<()>,
+    /// Set once the graceful shutdown is over: until then the worker's connections are still served.
+    finished: watch::Receiver<bool>,
+    running: tokio::sync::mpsc::Sender<()>,
+}
+
+impl Worker {
+    fn run(self) {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(err) => return tracing::error!(error = %err, "a worker thread cannot start its runtime"),
+        };
+        let Worker { accept, listeners, stop, mut finished, running } = self;
+        runtime.block_on(async move {
+            let mut loops = tokio::task::JoinSet::new();
+            for listener in listeners {
+                loops.spawn(accept.clone().run(listener, stop.clone()));
+            }
+            while loops.join_next().await.is_some() {}
+            drop((running, accept));
+            let _ = finished.wait_for(|done| *done).await;
+        });
+    }
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<Arc<std::net::TcpListener>, StartError> {
+    let bound = TcpListener::bind(addr).await.and_then(TcpListener::into_std);
+    bound.map(Arc::new).map_err(|source| StartError::Bind { key, addr, source })
 }
 
 fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -159,6 +234,7 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+#[derive(Clone)]
 struct AcceptLoop {
     gateway: Arc<Gateway>,
     builder: Arc<auto::Builder<TokioExecutor>>,
@@ -168,7 +244,12 @@ struct AcceptLoop {
 }
 
 impl AcceptLoop {
+    /// Accepts on `listener` (shared with other threads, registered with this thread's runtime) until `stop`.
     async fn run(self, listener: Listener, mut stop: watch::Receiver<()>) {
+        let socket = match listener.socket.try_clone().and_then(TcpListener::from_std) {
+            Ok(socket) => socket,
+            Err(err) => return tracing::error!(error = %err, "cannot accept on a listener"),
+        };
         loop {
             // At the connection cap, stop accepting: the kernel's backlog holds the rest.
             let permit = tokio::select! {
@@ -176,7 +257,7 @@ impl AcceptLoop {
                 _ = stop.changed() => return,
             };
             let (tcp, peer) = tokio::select! {
-                accepted = listener.socket.accept() => match accepted {
+                accepted = socket.accept() => match accepted {
                     Ok(pair) => pair,
                     Err(err) => {
                         // Typically out of file descriptors: back off instead of spinning.

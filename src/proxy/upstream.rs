@@ -21,37 +21,27 @@ pub struct ClientInfo {
     pub proto: &'static str,
 }
 
-#[derive(Clone)]
-pub struct UpstreamClient {
-    client: Client<HttpsConnector<HttpConnector>, Body>,
+thread_local! {
+    /// Each thread keeps its own pool of upstream connections: with one runtime per core, a request then never
+    /// wakes another thread to reach its connection.
+    static POOL: Client<HttpsConnector<HttpConnector>, Body> = super::client::https_client();
 }
 
-impl UpstreamClient {
-    pub fn new() -> UpstreamClient {
-        UpstreamClient { client: super::client::https_client() }
-    }
-
-    /// Sends `request` and waits for the answer's head within the upstream's timeout; the body then streams.
-    pub async fn send(&self, request: Request<Body>, upstream: &Upstream) -> Result<Response<Body>, GatewayError> {
-        let mut response = match tokio::time::timeout(upstream.timeout, self.client.request(request)).await {
-            Err(_) => return Err(GatewayError::UpstreamTimeout),
-            Ok(Err(err)) if caused_by_body_limit(&err) => return Err(GatewayError::BodyTooLarge),
-            Ok(Err(err)) => {
-                // Connection errors carry no URL, so the operator's query credentials cannot leak here.
-                tracing::warn!(upstream = %upstream.name, error = %error_chain(&err), "upstream request failed");
-                return Err(GatewayError::UpstreamUnavailable);
-            }
-            Ok(Ok(response)) => response,
-        };
-        remove_hop_by_hop(response.headers_mut());
-        Ok(response.map(|body| body.map_err(BoxError::from).boxed_unsync()))
-    }
-}
-
-impl Default for UpstreamClient {
-    fn default() -> Self {
-        UpstreamClient::new()
-    }
+/// Sends `request` and waits for the answer's head within the upstream's timeout; the body then streams.
+pub async fn send(request: Request<Body>, upstream: &Upstream) -> Result<Response<Body>, GatewayError> {
+    let pool = POOL.with(Client::clone);
+    let mut response = match tokio::time::timeout(upstream.timeout, pool.request(request)).await {
+        Err(_) => return Err(GatewayError::UpstreamTimeout),
+        Ok(Err(err)) if caused_by_body_limit(&err) => return Err(GatewayError::BodyTooLarge),
+        Ok(Err(err)) => {
+            // Connection errors carry no URL, so the operator's query credentials cannot leak here.
+            tracing::warn!(upstream = %upstream.name, error = %error_chain(&err), "upstream request failed");
+            return Err(GatewayError::UpstreamUnavailable);
+        }
+        Ok(Ok(response)) => response,
+    };
+    remove_hop_by_hop(response.headers_mut());
+    Ok(response.map(|body| body.map_err(BoxError::from).boxed_unsync()))
 }
 
 /// Builds the upstream request from the client's: the route's upstream and rewritten path, the operator's
