@@ -82,7 +82,7 @@ pub async fn pay(request: &PayRequest) -> Result<PayOutcome, PayError> {
         )));
     }
     let (name, value) = signed_header(&request.signer, offer, resource, request.v1)?;
-    let second = send(request, Some((HeaderName::from_static(name), value))).await?;
+    let second = send(request, Some((name, value))).await?;
     Ok(outcome(second, true))
 }
 
@@ -96,7 +96,7 @@ fn signed_header(
     offer: RequirementsV2,
     resource: Option<serde_json::Value>,
     v1: bool,
-) -> Result<(&'static str, HeaderValue), PayError> {
+) -> Result<(HeaderName, HeaderValue), PayError> {
     let payload = sign(signer, &offer)?;
     let (name, header) = if v1 {
         let network = chain_id_of(&offer.network)

@@ -21,7 +21,7 @@ pub fn build(routes: &[RouteSpec]) -> BTreeMap<String, Bytes> {
                 "object": "model",
                 "created": 0,
                 "owned_by": route.upstream.name,
-                "x402": { "route": route.pattern_text, "description": paid.description, "accepts": offers.iter().map(price).collect::<Vec<_>>() },
+                "x402": { "route": &*route.pattern_text, "description": paid.description, "accepts": offers.iter().map(price).collect::<Vec<_>>() },
             }));
         }
     }

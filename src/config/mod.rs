@@ -106,7 +106,7 @@ impl fmt::Debug for Upstream {
 #[derive(Debug)]
 pub struct RouteSpec {
     /// The pattern as written, used to name the route in logs and `check`.
-    pub pattern_text: String,
+    pub pattern_text: Arc<str>,
     pub pattern: PathPattern,
     /// `None`: any method.
     pub methods: Option<Vec<Method>>,
@@ -352,7 +352,7 @@ impl Validator<'_> {
             }
         }
         Ok(RouteSpec {
-            pattern_text: raw.path,
+            pattern_text: raw.path.into(),
             pattern,
             methods,
             upstream,

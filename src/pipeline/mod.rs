@@ -92,7 +92,7 @@ impl Live {
 /// What the access-log line reports besides the request and the status.
 #[derive(Default)]
 struct AccessLog {
-    route: Option<String>,
+    route: Option<Arc<str>>,
     payment: Option<Payment>,
     ledger_id: Option<i64>,
     transaction: Option<String>,
@@ -189,7 +189,8 @@ impl Gateway {
     async fn serve(&self, request: Request<Incoming>, client: ClientInfo) -> Response<Body> {
         let started = Instant::now();
         let method = request.method().clone();
-        let path = request.uri().path().to_string();
+        // A shared copy (no allocation): the request itself moves on.
+        let uri = request.uri().clone();
         let mut log = AccessLog::default();
         let live = self.live();
         let in_flight = self.metrics.in_flight();
@@ -198,12 +199,12 @@ impl Gateway {
             Err(err) => err.into_response(),
         };
         drop(in_flight);
-        self.metrics.request(log.route.as_deref().unwrap_or("-"), response.status().as_u16());
+        self.metrics.request(log.route.as_ref(), response.status().as_u16());
         let payment = log.payment.as_ref();
         tracing::info!(
             target: "access",
             %method,
-            path,
+            path = uri.path(),
             route = log.route.as_deref().unwrap_or("-"),
             status = response.status().as_u16(),
             latency_ms = started.elapsed().as_secs_f64() * 1e3,
@@ -257,7 +258,7 @@ impl Gateway {
         log: &mut AccessLog,
     ) -> Result<Response<Body>, GatewayError> {
         let Some(paid) = &route.payment else { return Err(GatewayError::Internal) };
-        let route_name = route.pattern_text.as_str();
+        let route_name = &*route.pattern_text;
 
         // Price: the offers for exactly this request.
         let (request, body) = live.buffer_body_for_pricing(request, paid).await?;

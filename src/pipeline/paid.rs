@@ -137,7 +137,7 @@ impl Gateway {
             Box::pin(async move { ledger.pending(id, hash.to_string()).await.map_err(|e| e.to_string()) })
         });
         let outcome = call.facilitator.settle(&call.payment, &call.resource, Some(record_hash)).await;
-        let route = route.pattern_text.as_str();
+        let route = &*route.pattern_text;
         match &outcome {
             Ok(_) => {
                 self.metrics.settled(route, "success", started.elapsed());
@@ -322,7 +322,7 @@ fn record_usage(
         if let Some(usage) = usage {
             tracing::info!(
                 target: "usage",
-                route,
+                route = &*route,
                 payer,
                 amount,
                 transaction,

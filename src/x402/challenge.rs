@@ -9,13 +9,14 @@ use crate::config::Bazaar;
 use crate::pricing::Offer;
 use crate::proxy::body::{full, Body};
 use alloy::primitives::U256;
-use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
-pub const PAYMENT_REQUIRED: &str = "payment-required";
-pub const PAYMENT_SIGNATURE: &str = "payment-signature";
-pub const PAYMENT_RESPONSE: &str = "payment-response";
-pub const X_PAYMENT: &str = "x-payment";
-pub const X_PAYMENT_RESPONSE: &str = "x-payment-response";
+// Header names as values, not strings: a string key is parsed again on every look-up.
+pub const PAYMENT_REQUIRED: HeaderName = HeaderName::from_static("payment-required");
+pub const PAYMENT_SIGNATURE: HeaderName = HeaderName::from_static("payment-signature");
+pub const PAYMENT_RESPONSE: HeaderName = HeaderName::from_static("payment-response");
+pub const X_PAYMENT: HeaderName = HeaderName::from_static("x-payment");
+pub const X_PAYMENT_RESPONSE: HeaderName = HeaderName::from_static("x-payment-response");
 /// Lets browser clients read the payment headers of cross-origin answers.
 pub const EXPOSE_HEADERS: &str = "PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE";
 
