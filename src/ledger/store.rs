@@ -230,13 +230,14 @@ impl Ledger {
         self.update(id, "state = 'refund_needed', failure = ?2", Some(reason), "'settled', 'settling'").await
     }
 
-    /// The paid answer was handed over whole. A payment marked for refund only because it had not been is
-    /// settled after all.
+    /// The paid answer was handed over whole (possibly to a retry, while its settlement is being recorded). A
+    /// payment marked for refund only because it had not been is settled after all.
     pub async fn served(&self, id: i64) -> Result<(), LedgerError> {
         let set =
             "served = 1, state = CASE WHEN state = 'refund_needed' AND failure = ?2 THEN 'settled' ELSE state END, \
                    failure = CASE WHEN failure = ?2 THEN NULL ELSE failure END";
-        self.update(id, set, Some(super::reconcile::NEVER_SERVED.to_string()), "'settled', 'refund_needed'").await
+        let from = "'settled', 'refund_needed', 'settling'";
+        self.update(id, set, Some(super::reconcile::NEVER_SERVED.to_string()), from).await
     }
 
     /// One state transition, allowed only from the states in `from` (an SQL list): a row that moved

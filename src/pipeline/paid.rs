@@ -113,8 +113,6 @@ impl Gateway {
                 return Ok(self.settle_failed(&call, &failure).await);
             }
         };
-        self.record(self.ledger.settled(call.id, settled.transaction.clone()).await);
-        call.log.transaction = Some(settled.transaction.clone());
         let mut response = Response::from_parts(parts, full(body.clone()));
         respond::attach_receipt(&mut response, &call.payment, &settled);
         let kept = StoredAnswer {
@@ -125,7 +123,10 @@ impl Gateway {
             row: call.id,
             settled: true,
         };
+        // Kept before the ledger says settled: a concurrent retry that finds the row settled finds the answer too.
         self.answers.keep(&call.payment, kept);
+        self.record(self.ledger.settled(call.id, settled.transaction.clone()).await);
+        call.log.transaction = Some(settled.transaction.clone());
         Ok(record_usage(response, route, call.log, Some((self.ledger.clone(), call.id))))
     }
 

@@ -40,6 +40,12 @@ pub enum PaymentPayload {
     V2(PaymentPayloadV2),
 }
 
+#[derive(serde::Deserialize)]
+struct Declared {
+    #[serde(rename = "x402Version")]
+    version: u64,
+}
+
 pub fn decode_payment(header: &[u8]) -> Result<PaymentPayload, DecodeError> {
     // Base64 grows data by 4/3: a header this long cannot decode to an acceptable size.
     if header.len() > MAX_PAYMENT_HEADER_BYTES * 4 / 3 + 4 {
@@ -47,14 +53,12 @@ pub fn decode_payment(header: &[u8]) -> Result<PaymentPayload, DecodeError> {
     }
     let trimmed = header.trim_ascii();
     let json = LENIENT.decode(trimmed).map_err(|_| DecodeError::Base64)?;
-    let value: serde_json::Value = serde_json::from_slice(&json).map_err(|e| DecodeError::Json(e.to_string()))?;
-    let version = value
-        .get("x402Version")
-        .and_then(serde_json::Value::as_u64)
-        .ok_or_else(|| DecodeError::Json("missing numeric `x402Version`".into()))?;
+    // The version first (skimming the rest), then straight into its shape: no intermediate JSON tree.
+    let Declared { version } =
+        serde_json::from_slice(&json).map_err(|_| DecodeError::Json("missing numeric `x402Version`".into()))?;
     let parsed = match version {
-        1 => serde_json::from_value(value).map(PaymentPayload::V1),
-        2 => serde_json::from_value(value).map(PaymentPayload::V2),
+        1 => serde_json::from_slice(&json).map(PaymentPayload::V1),
+        2 => serde_json::from_slice(&json).map(PaymentPayload::V2),
         other => return Err(DecodeError::Version(other)),
     };
     parsed.map_err(|e| DecodeError::Json(e.to_string()))
