@@ -10,6 +10,8 @@ use crate::x402::wire::RequirementsV2;
 use crate::x402::Rejection;
 use alloy::primitives::Address;
 use http::HeaderMap;
+use std::collections::HashSet;
+use std::sync::{Mutex, PoisonError};
 
 /// A verified payment whose authorization is now reserved.
 #[derive(Debug, Clone)]
@@ -41,11 +43,25 @@ pub enum GateError {
 
 pub struct PaymentGate {
     reservations: Reservations,
+    /// Authorizations whose request is being served right now: a retry meanwhile is a concurrent duplicate.
+    in_progress: Mutex<HashSet<NonceKey>>,
+}
+
+/// An authorization's request, marked as being served until this is dropped.
+pub struct InProgress<'g> {
+    gate: &'g PaymentGate,
+    key: NonceKey,
+}
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        self.gate.in_progress.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
+    }
 }
 
 impl PaymentGate {
     pub fn new(nonce_cache_capacity: u64) -> PaymentGate {
-        PaymentGate { reservations: Reservations::new(nonce_cache_capacity) }
+        PaymentGate { reservations: Reservations::new(nonce_cache_capacity), in_progress: Mutex::default() }
     }
 
     /// Checks the request's payment against `offers`, the offers priced for this very request.
@@ -96,6 +112,17 @@ impl PaymentGate {
     /// How many authorizations are reserved now.
     pub fn reserved(&self) -> u64 {
         self.reservations.count()
+    }
+
+    /// Marks `payment`'s request as being served, until the returned guard is dropped.
+    pub fn serving(&self, payment: &Payment) -> InProgress<'_> {
+        self.in_progress.lock().unwrap_or_else(PoisonError::into_inner).insert(payment.key);
+        InProgress { gate: self, key: payment.key }
+    }
+
+    /// Whether the request of the authorization `key` is being served right now.
+    pub fn is_serving(&self, key: &NonceKey) -> bool {
+        self.in_progress.lock().unwrap_or_else(PoisonError::into_inner).contains(key)
     }
 
     /// Frees an authorization that was certainly not charged, so the buyer may use it again.

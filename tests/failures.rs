@@ -137,13 +137,13 @@ async fn oversized_request_head_is_431_before_the_upstream() {
 }
 
 #[tokio::test]
-async fn shutdown_lets_the_in_flight_request_finish_then_closes_the_listener() {
+async fn shutdown_closes_the_listener_at_once_and_lets_the_in_flight_request_finish() {
     let (arrived_tx, mut arrived_rx) = mpsc::channel::<()>(1);
     let slow = spawn_upstream(move |_req| {
         let arrived_tx = arrived_tx.clone();
         async move {
             let _ = arrived_tx.send(()).await;
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
             Response::new(full("finished"))
         }
     })
@@ -156,6 +156,14 @@ async fn shutdown_lets_the_in_flight_request_finish_then_closes_the_listener() {
     within("the request reaching the upstream", arrived_rx.recv()).await.expect("upstream handler ran");
 
     let stopped = gw.shutdown();
+    // The listener closes at once, not after the grace period: nobody would serve what it accepted.
+    let closed = async {
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    within("the listener closing", closed).await;
+    assert!(!in_flight.is_finished(), "the listener closed only after the in-flight request finished");
     let answer = within("the in-flight request", in_flight).await.expect("request task");
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(answer.text(), "finished");

@@ -7,9 +7,7 @@ mod file;
 mod payment;
 
 pub use error::ConfigError;
-pub use payment::{
-    BatchSettings, Bazaar, FacilitatorChoice, PaidRoute, PaymentSettings, RemoteConfig, SettlerConfig, MAX_SETTLE_BATCH,
-};
+pub use payment::{BatchSettings, Bazaar, FacilitatorChoice, PaidRoute, PaymentSettings, RemoteConfig, SettlerConfig};
 
 use crate::routing::PathPattern;
 use http::header::{HeaderName, HeaderValue};

@@ -1,10 +1,11 @@
 //! The ledger's one connection, on a thread of its own, with group commit: the calls queued while a
 //! transaction runs share the next one, each inside its own savepoint so that a call's error undoes only its own
-//! changes. No caller hears back before its transaction has committed, so write-ahead still holds; under load a
-//! thousand payments a second cost a few dozen commits instead of thousands.
+//! changes. No caller hears back before its transaction has committed, so write-ahead still holds. Calls no
+//! longer wait for one another's commits, nor hop to a blocking pool.
 
 use super::store::LedgerError;
 use rusqlite::Connection;
+use std::panic::AssertUnwindSafe;
 use std::sync::mpsc;
 use tokio::sync::oneshot;
 
@@ -39,21 +40,28 @@ fn commit_forever(conn: &Connection, queue: &mpsc::Receiver<Box<dyn Call>>) {
     while let Ok(first) = queue.recv() {
         let mut group = vec![first];
         group.extend(queue.try_iter().take(MOST_PER_COMMIT - 1));
-        let committed = conn.execute_batch("BEGIN IMMEDIATE").and_then(|()| {
-            for call in &mut group {
-                call.run(conn);
-            }
-            conn.execute_batch("COMMIT")
-        });
-        let committed = committed.map_err(|err| {
-            // Nothing of the group is stored; the connection must be left outside any transaction.
-            let _ = conn.execute_batch("ROLLBACK");
-            err.to_string()
-        });
+        let committed = commit_group(conn, &mut group);
         for call in group {
             call.answer(committed.as_ref().map(|_| ()).map_err(String::as_str));
         }
     }
+}
+
+/// Runs a group in one transaction. `Err`: nothing of the group is stored.
+fn commit_group(conn: &Connection, group: &mut [Box<dyn Call>]) -> Result<(), String> {
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(|err| err.to_string())?;
+    for call in group.iter_mut() {
+        call.run(conn);
+        // Some errors (a full disk, an I/O error) roll back the whole transaction, not just the call's
+        // savepoint: what ran before is gone, and what follows must not run outside a transaction.
+        if conn.is_autocommit() {
+            return Err("the transaction was rolled back".into());
+        }
+    }
+    conn.execute_batch("COMMIT").map_err(|err| {
+        let _ = conn.execute_batch("ROLLBACK");
+        err.to_string()
+    })
 }
 
 /// A queued call, type-erased so that one queue carries calls of any result type.
@@ -64,7 +72,7 @@ trait Call: Send {
 
 struct Queued<T, F> {
     job: Option<F>,
-    outcome: Option<rusqlite::Result<T>>,
+    outcome: Option<Result<T, LedgerError>>,
     reply: oneshot::Sender<Result<T, LedgerError>>,
 }
 
@@ -75,14 +83,22 @@ where
 {
     fn run(&mut self, conn: &Connection) {
         if let Some(job) = self.job.take() {
-            self.outcome = Some(in_savepoint(conn, job));
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| in_savepoint(conn, job)));
+            self.outcome = Some(match outcome {
+                Ok(outcome) => outcome.map_err(LedgerError::from),
+                Err(_) => {
+                    // A bug, not a state: undo the call, and keep the writer alive for every other one.
+                    let _ = conn.execute_batch("ROLLBACK TO call; RELEASE call");
+                    Err(LedgerError::Commit("a ledger call failed unexpectedly".into()))
+                }
+            });
         }
     }
 
     fn answer(self: Box<Self>, committed: Result<(), &str>) {
         let answer = match (committed, self.outcome) {
             (Err(why), _) => Err(LedgerError::Commit(why.to_string())),
-            (Ok(()), Some(outcome)) => outcome.map_err(LedgerError::from),
+            (Ok(()), Some(outcome)) => outcome,
             (Ok(()), None) => Err(LedgerError::Shutdown),
         };
         let _ = self.reply.send(answer);
@@ -135,5 +151,23 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(stored, (0..50).filter(|n| !fails(*n)).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_call_that_panics_is_undone_and_the_writer_lives_on() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (n INTEGER)").unwrap();
+        let writer = Writer::start(conn).unwrap();
+        let panicked = writer
+            .run(|conn| -> rusqlite::Result<()> {
+                conn.execute("INSERT INTO t VALUES (1)", [])?;
+                panic!("a bug in a ledger call");
+            })
+            .await;
+        assert!(matches!(panicked, Err(LedgerError::Commit(_))), "{panicked:?}");
+        writer.run(|conn| conn.execute("INSERT INTO t VALUES (2)", [])).await.unwrap();
+        let stored: Vec<i64> =
+            writer.run(|conn| conn.prepare("SELECT n FROM t")?.query_map([], |r| r.get(0))?.collect()).await.unwrap();
+        assert_eq!(stored, [2]);
     }
 }

@@ -178,22 +178,17 @@ impl Gateway {
         self.gate.release(&call.payment);
     }
 
-    /// A retry of an authorization that is already reserved: the original answer if it is kept, else what
-    /// the ledger knows (409 once it is spent, a pending 402 while it settles). `None` when the ledger says
-    /// nothing was charged (`failed`, `released`): the payment goes on as a new one.
+    /// A retry of an authorization that is already reserved: refused while its original request is being
+    /// served; then the original answer if it is kept, else what the ledger knows (409 once it is spent, a
+    /// pending 402 while it settles). `None` when the ledger says nothing was charged (`failed`, `released`):
+    /// the payment goes on as a new one.
     pub(super) async fn already_paid(
         &self,
         payment: &Payment,
         challenge: impl Fn(Option<&Rejection>) -> Response<Body>,
     ) -> Option<Response<Body>> {
-        let answer = self.answers.get(payment);
-        match &answer {
-            Some(answer) if answer.paid_by != payment.key => return Some(identifier_reused()),
-            Some(answer) if answer.settled => {
-                self.record(self.ledger.served(answer.row).await);
-                return Some(replay(answer));
-            }
-            _ => {}
+        if self.gate.is_serving(&payment.key) {
+            return Some(challenge(Some(&Rejection::Replayed)));
         }
         let auth = &payment.authorization;
         let found = self
@@ -205,18 +200,22 @@ impl Gateway {
                 auth.nonce.to_string(),
             )
             .await;
+        // Read after the ledger: an answer is kept before its row says settled, so a settled row's answer shows.
+        let answer = self.answers.get(payment);
+        match &answer {
+            Some(answer) if answer.paid_by != payment.key => return Some(identifier_reused()),
+            Some(answer) if answer.settled => {
+                self.record(self.ledger.served(answer.row).await);
+                return Some(replay(answer));
+            }
+            _ => {}
+        }
         let row = match found {
             Ok(Some(row)) if row.state == State::Failed.as_str() || row.state == State::Released.as_str() => {
                 return None
             }
-            // Settling with no answer kept: its original request is still at work.
-            Ok(Some(row))
-                if row.state != State::Verified.as_str()
-                    && (row.state != State::Settling.as_str() || answer.is_some()) =>
-            {
-                row
-            }
-            // In flight right now (or the ledger cannot say): a concurrent duplicate.
+            Ok(Some(row)) if row.state != State::Verified.as_str() => row,
+            // Being recorded right now (or the ledger cannot say): a concurrent duplicate.
             _ => return Some(challenge(Some(&Rejection::Replayed))),
         };
         let paid = row.state == State::Settled.as_str() || row.state == State::RefundNeeded.as_str();

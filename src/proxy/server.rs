@@ -141,11 +141,12 @@ impl Server {
         }
         if threads.is_empty() {
             tracing::error!("no worker thread could start: serving on the main runtime");
-            for listener in public {
-                loops.spawn(accept.clone().run(listener, stop_rx.clone()));
+            for listener in &public {
+                loops.spawn(accept.clone().run(listener.clone(), stop_rx.clone()));
             }
         }
-        drop((workers_tx, accept));
+        // The accept loops hold the only handles left: a listener closes as soon as they stop.
+        drop((public, workers_tx, accept));
         tokio::spawn(self.gateway.clone().reconcile_forever());
         let gateway = self.gateway.clone();
         tokio::spawn(async move {
@@ -158,10 +159,13 @@ impl Server {
         drop(stop_tx);
         while loops.join_next().await.is_some() {}
         while workers_rx.recv().await.is_some() {}
-        if let Ok(graceful) = Arc::try_unwrap(graceful) {
-            if tokio::time::timeout(self.limits.shutdown_grace, graceful.shutdown()).await.is_err() {
-                tracing::warn!("shutdown grace period over; closing the remaining connections");
+        match Arc::try_unwrap(graceful) {
+            Ok(graceful) => {
+                if tokio::time::timeout(self.limits.shutdown_grace, graceful.shutdown()).await.is_err() {
+                    tracing::warn!("shutdown grace period over; closing the remaining connections");
+                }
             }
+            Err(_) => tracing::error!("an accept loop outlived the shutdown: open connections are closed now"),
         }
         // The workers' runtimes end now, closing whatever the grace period left open.
         let _ = finished_tx.send(true);
@@ -208,7 +212,9 @@ impl Worker {
                 loops.spawn(accept.clone().run(listener, stop.clone()));
             }
             while loops.join_next().await.is_some() {}
-            drop((running, accept));
+            // The shared shutdown state first: once `running` goes, the main runtime claims it.
+            drop(accept);
+            drop(running);
             let _ = finished.wait_for(|done| *done).await;
         });
     }
@@ -251,11 +257,6 @@ impl AcceptLoop {
             Err(err) => return tracing::error!(error = %err, "cannot accept on a listener"),
         };
         loop {
-            // At the connection cap, stop accepting: the kernel's backlog holds the rest.
-            let permit = tokio::select! {
-                permit = self.permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
-                _ = stop.changed() => return,
-            };
             let (tcp, peer) = tokio::select! {
                 accepted = socket.accept() => match accepted {
                     Ok(pair) => pair,
@@ -266,6 +267,12 @@ impl AcceptLoop {
                         continue;
                     }
                 },
+                _ = stop.changed() => return,
+            };
+            // At the connection cap, this connection waits unserved and the loop accepts nothing more: the
+            // kernel's backlog holds the rest. (Taking the slot only now keeps idle loops from holding slots.)
+            let permit = tokio::select! {
+                permit = self.permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
                 _ = stop.changed() => return,
             };
             let _ = tcp.set_nodelay(true);

@@ -56,7 +56,7 @@ impl LocalSettler {
     ) -> LocalSettler {
         let batching = settings.settle_batch.map(|settings| Batching { multicall: config.multicall, settings });
         LocalSettler {
-            simulations: batching.map(|b| Simulations::spawn(provider.clone(), config.key.address(), b.multicall)),
+            simulations: batching.map(|b| Simulations::spawn(provider.clone(), config.key.address(), b)),
             receipts: Receipts::new(provider.clone(), settings.settle_timeout),
             provider,
             rpc_url: config.rpc_url.clone(),

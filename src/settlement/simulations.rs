@@ -3,6 +3,7 @@
 //! costs the node a few calls instead of one each. A payment that finds a free slot is simulated at once, so
 //! sharing adds no wait.
 
+use super::queue::Batching;
 use crate::chain;
 use alloy::primitives::{Address, Bytes};
 use alloy::providers::RootProvider;
@@ -11,8 +12,6 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// `eth_call`s in flight at once; what arrives meanwhile goes into the next one.
 const IN_FLIGHT: usize = 2;
-/// Calls in one `eth_call`: the settlement batch's own limit, so a simulation never outgrows its transaction.
-const MOST_PER_CALL: usize = crate::config::MAX_SETTLE_BATCH;
 
 /// Whether the call would succeed now; `Err` when the node could not say.
 type Verdict = Result<bool, String>;
@@ -28,10 +27,11 @@ pub struct Simulations {
 }
 
 impl Simulations {
-    /// Must run inside the tokio runtime. `settler` sends the calls; `multicall` carries several at once.
-    pub fn spawn(provider: RootProvider, settler: Address, multicall: Address) -> Simulations {
+    /// Must run inside the tokio runtime. `settler` sends the calls; `multicall` carries up to `batching.max` at
+    /// once, the settlement batch's own limit, so a simulation never asks for more gas than its transaction.
+    pub fn spawn(provider: RootProvider, settler: Address, batching: Batching) -> Simulations {
         let (requests, inbox) = mpsc::unbounded_channel();
-        tokio::spawn(run(provider, settler, multicall, inbox));
+        tokio::spawn(run(provider, settler, batching, inbox));
         Simulations { requests }
     }
 
@@ -47,14 +47,15 @@ impl Simulations {
 async fn run(
     provider: RootProvider,
     settler: Address,
-    multicall: Address,
+    batching: Batching,
     mut inbox: mpsc::UnboundedReceiver<Request>,
 ) {
+    let Batching { multicall, settings } = batching;
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let mut batch = Vec::new();
-        if inbox.recv_many(&mut batch, MOST_PER_CALL).await == 0 {
+        if inbox.recv_many(&mut batch, settings.max).await == 0 {
             return;
         }
         let provider = provider.clone();

@@ -53,9 +53,14 @@ pub fn decode_payment(header: &[u8]) -> Result<PaymentPayload, DecodeError> {
     }
     let trimmed = header.trim_ascii();
     let json = LENIENT.decode(trimmed).map_err(|_| DecodeError::Base64)?;
+    // serde reads a struct from a JSON array too; a payment payload is an object.
+    if json.trim_ascii_start().first() != Some(&b'{') {
+        return Err(DecodeError::Json("not a JSON object".into()));
+    }
     // The version first (skimming the rest), then straight into its shape: no intermediate JSON tree.
-    let Declared { version } =
-        serde_json::from_slice(&json).map_err(|_| DecodeError::Json("missing numeric `x402Version`".into()))?;
+    let Declared { version } = serde_json::from_slice(&json).map_err(|e| {
+        DecodeError::Json(if e.is_data() { "missing numeric `x402Version`".into() } else { e.to_string() })
+    })?;
     let parsed = match version {
         1 => serde_json::from_slice(&json).map(PaymentPayload::V1),
         2 => serde_json::from_slice(&json).map(PaymentPayload::V2),
@@ -94,6 +99,11 @@ mod tests {
         assert!(matches!(decode_payment(PADDED.encode("{nope").as_bytes()), Err(DecodeError::Json(_))));
         let v3 = PADDED.encode(r#"{"x402Version":3}"#);
         assert_eq!(decode_payment(v3.as_bytes()), Err(DecodeError::Version(3)));
+        let array = PADDED.encode(r#"[2, null, {}, {}]"#);
+        assert_eq!(decode_payment(array.as_bytes()), Err(DecodeError::Json("not a JSON object".into())));
+        let no_version = PADDED.encode(r#"{"x402Version":"2"}"#);
+        let missing = DecodeError::Json("missing numeric `x402Version`".into());
+        assert_eq!(decode_payment(no_version.as_bytes()), Err(missing));
         let huge = PADDED.encode(vec![b' '; MAX_PAYMENT_HEADER_BYTES * 2]);
         assert_eq!(decode_payment(huge.as_bytes()), Err(DecodeError::TooLarge));
     }
