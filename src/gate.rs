@@ -44,24 +44,24 @@ pub enum GateError {
 pub struct PaymentGate {
     reservations: Reservations,
     /// Authorizations whose request is being served right now: a retry meanwhile is a concurrent duplicate.
-    in_progress: Mutex<HashSet<NonceKey>>,
+    serving: Mutex<HashSet<NonceKey>>,
 }
 
 /// An authorization's request, marked as being served until this is dropped.
-pub struct InProgress<'g> {
+pub struct Serving<'g> {
     gate: &'g PaymentGate,
     key: NonceKey,
 }
 
-impl Drop for InProgress<'_> {
+impl Drop for Serving<'_> {
     fn drop(&mut self) {
-        self.gate.in_progress.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
+        self.gate.serving.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
     }
 }
 
 impl PaymentGate {
     pub fn new(nonce_cache_capacity: u64) -> PaymentGate {
-        PaymentGate { reservations: Reservations::new(nonce_cache_capacity), in_progress: Mutex::default() }
+        PaymentGate { reservations: Reservations::new(nonce_cache_capacity), serving: Mutex::default() }
     }
 
     /// Checks the request's payment against `offers`, the offers priced for this very request.
@@ -115,14 +115,14 @@ impl PaymentGate {
     }
 
     /// Marks `payment`'s request as being served, until the returned guard is dropped.
-    pub fn serving(&self, payment: &Payment) -> InProgress<'_> {
-        self.in_progress.lock().unwrap_or_else(PoisonError::into_inner).insert(payment.key);
-        InProgress { gate: self, key: payment.key }
+    pub fn start_serving(&self, payment: &Payment) -> Serving<'_> {
+        self.serving.lock().unwrap_or_else(PoisonError::into_inner).insert(payment.key);
+        Serving { gate: self, key: payment.key }
     }
 
     /// Whether the request of the authorization `key` is being served right now.
     pub fn is_serving(&self, key: &NonceKey) -> bool {
-        self.in_progress.lock().unwrap_or_else(PoisonError::into_inner).contains(key)
+        self.serving.lock().unwrap_or_else(PoisonError::into_inner).contains(key)
     }
 
     /// Frees an authorization that was certainly not charged, so the buyer may use it again.

@@ -285,7 +285,7 @@ impl Gateway {
             }
             Err(GateError::Busy) => return Err(GatewayError::PaymentsBusy),
         };
-        let _serving = self.gate.serving(&payment);
+        let _serving = self.gate.start_serving(&payment);
         if self.answers.get(&payment).is_some_and(|answered| answered.paid_by != payment.key) {
             // A `payment-identifier` already answered, now with another authorization: nothing is charged.
             self.gate.release(&payment);
