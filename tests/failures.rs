@@ -239,3 +239,18 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() {
     drop(first);
     assert!(answered(&mut third, Duration::from_secs(10)).await, "served once a slot is free");
 }
+
+#[tokio::test]
+async fn the_worker_count_is_configurable_and_checked() {
+    let echo = spawn_echo("api").await;
+    let gw = start_gateway(&catch_all(&echo.url(), "workers = 1")).await;
+    let answer = within("a request on one worker", get(&gw.url("/x"))).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(echo.hits(), 1);
+    for (workers, why) in [("0", "greater than zero"), ("5000", "at most 1024")] {
+        let toml = catch_all(&echo.url(), &format!("workers = {workers}"));
+        let parsed = x402_gateway::config::Config::parse(&toml, "g.toml".as_ref(), ".".as_ref(), &|_| None);
+        let err = parsed.map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("server.workers") && err.contains(why), "{err}");
+    }
+}

@@ -96,6 +96,7 @@ pub struct Server {
     pub header_read_timeout_secs: Option<u64>,
     pub max_connections: Option<usize>,
     pub shutdown_grace_secs: Option<u64>,
+    pub workers: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -25,6 +25,8 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Far beyond any core count: a typo, not a machine.
+const MAX_WORKERS: usize = 1024;
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
@@ -72,6 +74,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub max_connections: usize,
     pub shutdown_grace: Duration,
+    /// Threads serving the public listeners; `None`: one per core.
+    pub workers: Option<usize>,
 }
 
 /// An upstream API and the operator's credentials for it.
@@ -228,6 +232,12 @@ impl Validator<'_> {
             shutdown_grace: match raw.shutdown_grace_secs {
                 Some(secs) => Duration::from_secs(secs),
                 None => DEFAULT_SHUTDOWN_GRACE,
+            },
+            workers: match nonzero("server.workers", raw.workers)? {
+                Some(n) if n > MAX_WORKERS => {
+                    return Err(ConfigError::invalid("server.workers", format!("at most {MAX_WORKERS}")))
+                }
+                workers => workers,
             },
         };
         Ok(ServerConfig {

@@ -99,7 +99,7 @@ impl Server {
     /// Serves until `shutdown` resolves, then stops accepting and lets open connections finish for up to
     /// `server.shutdown_grace_secs`.
     ///
-    /// The public listeners are served by one thread per core, each running its own single-threaded runtime
+    /// The public listeners are served by `server.workers` threads (one per core by default), each running its own single-threaded runtime
     /// that accepts from a shared socket and keeps its connections (and their upstream connections) to itself,
     /// as nginx's workers do: no request wakes another thread. The admin listener and background work
     /// (settlement queues, reconciliation) stay on the calling runtime.
@@ -126,7 +126,7 @@ impl Server {
         // Each worker holds a sender until its accept loops have ended.
         let (workers_tx, mut workers_rx) = tokio::sync::mpsc::channel::<()>(1);
         let mut threads = Vec::new();
-        for index in 0..worker_count() {
+        for index in 0..self.limits.workers.unwrap_or_else(cores) {
             let work = Worker {
                 accept: accept.clone(),
                 listeners: public.clone(),
@@ -184,8 +184,8 @@ fn log_listening(listener: &Listener) {
     }
 }
 
-/// One worker thread per core (as reported by the system).
-fn worker_count() -> usize {
+/// Cores available to the process, as the system reports them (cgroup quotas included).
+fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
 
