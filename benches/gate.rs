@@ -49,7 +49,12 @@ fn payment_header(offer: &Offer) -> String {
         nonce: keccak256("bench nonce"),
     };
     let signature = buyer
-        .sign_hash_sync(&message.eip712_signing_hash(&exact_evm::domain(offer.network.chain_id, &offer.asset)))
+        .sign_hash_sync(&message.eip712_signing_hash(&exact_evm::domain(
+            &offer.asset.eip712_name,
+            &offer.asset.eip712_version,
+            offer.network.chain_id,
+            offer.asset.address,
+        )))
         .expect("signed");
     let accepted = x402_gateway::x402::challenge::requirements_v2(offer);
     let payload = serde_json::json!({

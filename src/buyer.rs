@@ -9,7 +9,7 @@ use crate::x402::challenge::{
     PAYMENT_REQUIRED, PAYMENT_RESPONSE, PAYMENT_SIGNATURE, SCHEME_EXACT, X_PAYMENT, X_PAYMENT_RESPONSE,
 };
 use crate::x402::codec;
-use crate::x402::exact_evm::TransferWithAuthorization;
+use crate::x402::exact_evm::{self, TransferWithAuthorization};
 use crate::x402::wire::{
     AuthorizationWire, Eip712Extra, ExactEvmPayload, PaymentPayloadV1, PaymentPayloadV2, PaymentRequiredV1,
     PaymentRequiredV2, RequirementsV2, SettleResponse,
@@ -17,7 +17,7 @@ use crate::x402::wire::{
 use alloy::primitives::{Address, B256, U256};
 use alloy::signers::local::PrivateKeySigner;
 use alloy::signers::SignerSync;
-use alloy::sol_types::{Eip712Domain, SolStruct};
+use alloy::sol_types::SolStruct;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
@@ -194,13 +194,7 @@ fn sign(signer: &PrivateKeySigner, offer: &RequirementsV2) -> Result<serde_json:
         validBefore: U256::from(now + offer.max_timeout_seconds.max(60)),
         nonce: B256::random(),
     };
-    let domain = Eip712Domain::new(
-        Some(extra.name.into()),
-        Some(extra.version.into()),
-        Some(U256::from(chain_id)),
-        Some(token),
-        None,
-    );
+    let domain = exact_evm::domain(&extra.name, &extra.version, chain_id, token);
     let signature =
         signer.sign_hash_sync(&message.eip712_signing_hash(&domain)).map_err(|e| PayError::Sign(e.to_string()))?;
     let payload = ExactEvmPayload {

@@ -206,8 +206,11 @@ async fn concurrent_simulations_refuse_exactly_the_payments_that_cannot_settle()
     let chain = Chain::start().await;
     let multicall = chain.deploy("Multicall").await;
     let upstream = spawn_echo("api").await;
+    // The gateway reaches the chain through a relay that counts the simulations made through the multicall.
+    let relay = counting_relay(&chain, multicall).await;
     let batched = "settle_batch_max = 20\nsettle_batch_window_ms = 50\n";
-    let gateway = start_gateway(&toml(&upstream, &chain, batched, Some(multicall))).await;
+    let config = toml(&upstream, &chain, batched, Some(multicall)).replace(&chain.rpc_url, &relay.upstream.url());
+    let gateway = start_gateway(&config).await;
     let buyers = funded_buyers(&chain, 12).await;
     let broke = PrivateKeySigner::random();
     let mut headers = vec![payment(&gateway, &broke).await];
@@ -231,6 +234,39 @@ async fn concurrent_simulations_refuse_exactly_the_payments_that_cannot_settle()
     for buyer in &buyers {
         assert_eq!(chain.balance(buyer.address()).await, U256::ZERO);
     }
+    // 14 payments at once, two simulations in flight at a time: the rest went together through the multicall.
+    let shared = relay.multicall_calls.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(shared >= 1, "no simulation was shared ({} RPC requests in all)", relay.upstream.hits());
+}
+
+struct Relay {
+    upstream: Upstream,
+    /// `eth_call`s addressed to the multicall contract.
+    multicall_calls: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A JSON-RPC relay to the chain that counts the `eth_call`s addressed to `multicall`.
+async fn counting_relay(chain: &Chain, multicall: Address) -> Relay {
+    let node = chain.rpc_url.clone();
+    let multicall_calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = multicall_calls.clone();
+    let multicall = multicall.to_string().to_lowercase();
+    let upstream = spawn_upstream(move |request: http::Request<hyper::body::Incoming>| {
+        let (node, counted, multicall) = (node.clone(), counted.clone(), multicall.clone());
+        async move {
+            use http_body_util::BodyExt;
+            let body = request.into_body().collect().await.unwrap().to_bytes();
+            let text = String::from_utf8_lossy(&body).to_lowercase();
+            if text.contains("\"eth_call\"") && text.contains(&multicall) {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            let forward = Request::post(node).header("content-type", "application/json").body(Full::new(body));
+            let answer = send(&client(), forward.unwrap()).await;
+            http::Response::new(x402_gateway::proxy::body::full(answer.body))
+        }
+    })
+    .await;
+    Relay { upstream, multicall_calls }
 }
 
 #[tokio::test]

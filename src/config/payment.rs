@@ -5,6 +5,7 @@ use super::{ConfigError, Validator};
 use crate::networks::{self, Asset, Network};
 use crate::pricing::{Offer, Price, PriceSource, PriceTable, Pricing};
 use crate::settlement::SettleMode;
+use crate::x402::exact_evm;
 use alloy::primitives::{Address, U256};
 use alloy::signers::local::PrivateKeySigner;
 use http::{HeaderValue, Uri};
@@ -420,7 +421,8 @@ impl Validator<'_> {
         })?;
         let max_timeout_seconds = super::nonzero(&format!("{key}.max_timeout_seconds"), terms.max_timeout_seconds)?
             .unwrap_or(DEFAULT_MAX_TIMEOUT_SECONDS);
-        let domain_separator = crate::x402::exact_evm::domain(network.chain_id, &asset).separator();
+        let domain_separator =
+            exact_evm::domain(&asset.eip712_name, &asset.eip712_version, network.chain_id, asset.address).separator();
         Ok(Offer { network: Arc::new(network), asset, pay_to, amount, max_timeout_seconds, domain_separator })
     }
 }

@@ -3,7 +3,7 @@
 
 use super::writer::Writer;
 use super::State;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -273,12 +273,7 @@ impl Ledger {
     }
 
     pub async fn get(&self, id: i64) -> Result<Option<Row>, LedgerError> {
-        self.run(move |conn| {
-            conn.prepare_cached(&format!("SELECT {COLUMNS} FROM payments WHERE id = ?1"))?
-                .query_row(params![id], row)
-                .optional()
-        })
-        .await
+        self.run(move |conn| Ok(rows_where(conn, "id = ?1", params![id])?.pop())).await
     }
 
     /// Rows filtered by state, route and payer (each optional), newest first.
@@ -290,12 +285,9 @@ impl Ledger {
         limit: u32,
     ) -> Result<Vec<Row>, LedgerError> {
         self.run(move |conn| {
-            let mut statement = conn.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM payments WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR route = ?2) \
-                 AND (?3 IS NULL OR lower(payer) = lower(?3)) ORDER BY id DESC LIMIT ?4"
-            ))?;
-            let rows = statement.query_map(params![state, route, payer, limit], row)?.collect();
-            rows
+            let condition = "(?1 IS NULL OR state = ?1) AND (?2 IS NULL OR route = ?2) \
+                             AND (?3 IS NULL OR lower(payer) = lower(?3)) ORDER BY id DESC LIMIT ?4";
+            rows_where(conn, condition, params![state, route, payer, limit])
         })
         .await
     }
@@ -306,14 +298,7 @@ impl Ledger {
 
     /// `failed` rows whose authorization is, or was until `since`, still valid: someone may yet land it.
     pub async fn failed_valid_since(&self, since: u64) -> Result<Vec<Row>, LedgerError> {
-        self.run(move |conn| {
-            let mut statement = conn.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM payments WHERE state = 'failed' AND valid_before > ?1"
-            ))?;
-            let rows = statement.query_map(params![since], row)?.collect();
-            rows
-        })
-        .await
+        self.run(move |conn| rows_where(conn, "state = 'failed' AND valid_before > ?1", params![since])).await
     }
 
     /// A payment recorded as failed moved after all (its authorization, public once broadcast, was landed by
@@ -326,18 +311,15 @@ impl Ledger {
     /// Authorizations that must stay refused after a restart: charged, or possibly being charged, and not expired.
     pub async fn unexpired_spent(&self, now: u64) -> Result<Vec<Row>, LedgerError> {
         self.run(move |conn| {
-            let mut statement = conn.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM payments WHERE state IN ('verified', 'settling', 'settled', 'refund_needed') AND valid_before > ?1"
-            ))?;
-            let rows = statement.query_map(params![now], row)?.collect();
-            rows
+            let condition = "state IN ('verified', 'settling', 'settled', 'refund_needed') AND valid_before > ?1";
+            rows_where(conn, condition, params![now])
         })
         .await
     }
 
     /// Settled revenue by route, UTC day, network and asset. Sums are exact (atomic units as decimal strings).
     pub async fn revenue(&self) -> Result<Vec<Revenue>, LedgerError> {
-        let rows = self.in_state_set(&["settled", "refund_needed"]).await?;
+        let rows = self.run(|conn| rows_where(conn, "state IN ('settled', 'refund_needed')", [])).await?;
         let mut sums: std::collections::BTreeMap<(String, String, String, String), (u64, alloy::primitives::U256)> =
             Default::default();
         for r in rows {
@@ -359,17 +341,6 @@ impl Ledger {
             })
             .collect())
     }
-
-    async fn in_state_set(&self, states: &'static [&'static str]) -> Result<Vec<Row>, LedgerError> {
-        self.run(move |conn| {
-            let placeholders = states.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
-            let mut statement =
-                conn.prepare_cached(&format!("SELECT {COLUMNS} FROM payments WHERE state IN ({placeholders})"))?;
-            let rows = statement.query_map([], row)?.collect();
-            rows
-        })
-        .await
-    }
 }
 
 /// The row of one authorization, if it was ever recorded.
@@ -380,11 +351,14 @@ fn by_authorization(
     payer: &str,
     nonce: &str,
 ) -> rusqlite::Result<Option<Row>> {
-    conn.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM payments WHERE chain_id = ?1 AND asset = ?2 AND payer = ?3 AND nonce = ?4"
-    ))?
-    .query_row(params![chain_id, asset, payer, nonce], row)
-    .optional()
+    // At most one: the table's unique constraint.
+    let condition = "chain_id = ?1 AND asset = ?2 AND payer = ?3 AND nonce = ?4";
+    Ok(rows_where(conn, condition, params![chain_id, asset, payer, nonce])?.pop())
+}
+
+/// The rows matching `condition` (what follows `WHERE`; static, so never built from input), with its parameters.
+fn rows_where(conn: &Connection, condition: &'static str, params: impl rusqlite::Params) -> rusqlite::Result<Vec<Row>> {
+    conn.prepare_cached(&format!("SELECT {COLUMNS} FROM payments WHERE {condition}"))?.query_map(params, row)?.collect()
 }
 
 /// `YYYY-MM-DD` (UTC) of a unix time, by the civil-from-days algorithm.

@@ -4,7 +4,6 @@
 
 use super::wire::ExactEvmPayload;
 use super::Rejection;
-use crate::networks::Asset;
 use crate::pricing::Offer;
 use alloy::primitives::{b256, Address, Keccak256, Signature, B256, U256};
 use alloy::sol;
@@ -47,13 +46,13 @@ impl VerifiedAuthorization {
     }
 }
 
-/// The asset's EIP-712 domain on a chain, as EIP-3009 tokens define it.
-pub fn domain(chain_id: u64, asset: &Asset) -> Eip712Domain {
+/// An EIP-3009 token's EIP-712 domain: its name and version (the offer's `extra`), chain and address.
+pub fn domain(name: &str, version: &str, chain_id: u64, token: Address) -> Eip712Domain {
     Eip712Domain::new(
-        Some(asset.eip712_name.clone().into()),
-        Some(asset.eip712_version.clone().into()),
+        Some(name.to_string().into()),
+        Some(version.to_string().into()),
         Some(U256::from(chain_id)),
-        Some(asset.address),
+        Some(token),
         None,
     )
 }
@@ -187,14 +186,7 @@ mod tests {
             nonce: B256::repeat_byte(3),
         };
         assert_eq!(message.eip712_type_hash(), TRANSFER_TYPE_HASH);
-        let asset = Asset {
-            symbol: "USDC".into(),
-            address: Address::repeat_byte(4),
-            decimals: 6,
-            eip712_name: "USD Coin".into(),
-            eip712_version: "2".into(),
-        };
-        let domain = domain(84532, &asset);
+        let domain = domain("USD Coin", "2", 84532, Address::repeat_byte(4));
         assert_eq!(signing_hash(&domain.separator(), &message), message.eip712_signing_hash(&domain));
     }
 }
