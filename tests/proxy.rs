@@ -9,7 +9,10 @@ use http::{Request, Response, StatusCode};
 use http_body_util::channel::Channel;
 use http_body_util::{BodyExt, Full};
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 fn toml_with(upstreams: &[(&str, &str)], routes: &str) -> String {
@@ -176,4 +179,86 @@ async fn chunks_reach_the_client_before_the_upstream_sends_the_next() {
     release_tx.send(()).await.unwrap();
     let second = tokio::time::timeout(Duration::from_secs(5), body.frame()).await.unwrap();
     assert_eq!(second.unwrap().unwrap().into_data().unwrap(), Bytes::from_static(b"data: second\n\n"));
+}
+
+/// An upstream on raw sockets answering every request `ok` (by length, or chunked), counting the connections
+/// it accepted and the ones it closed. With `closing`, each connection closes after its first answer, when
+/// the test adds a permit, without announcing it: as a server whose keep-alive timeout is over does.
+async fn counting_upstream(
+    chunked: bool,
+    closing: Option<Arc<tokio::sync::Semaphore>>,
+) -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (accepted, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (accepted_count, closed_count) = (accepted.clone(), closed.clone());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            accepted_count.fetch_add(1, Ordering::SeqCst);
+            let (closed_count, closing) = (closed_count.clone(), closing.clone());
+            tokio::spawn(async move {
+                let mut received = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while let Ok(n @ 1..) = socket.read(&mut buffer).await {
+                    received.extend_from_slice(&buffer[..n]);
+                    // Requests without a body: each ends with its blank line.
+                    while let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+                        received.drain(..end + 4);
+                        let answer: &[u8] = match chunked {
+                            true => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+                            false => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                        };
+                        socket.write_all(answer).await.unwrap();
+                        if let Some(closing) = &closing {
+                            closing.acquire().await.unwrap().forget();
+                            drop(socket);
+                            closed_count.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                    }
+                }
+                closed_count.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (url, accepted, closed)
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused_once_their_answer_is_read() {
+    let (by_length, by_length_connections, _) = counting_upstream(false, None).await;
+    let (chunked, chunked_connections, _) = counting_upstream(true, None).await;
+    let routes = "[[routes]]\npath = \"/length\"\nupstream = \"length\"\n\
+                  [[routes]]\npath = \"/chunked\"\nupstream = \"chunked\"\n";
+    // One worker thread: every request goes through the same thread's pool.
+    let toml = toml_with(&[("length", &by_length), ("chunked", &chunked)], routes)
+        .replace("[server]\n", "[server]\nworkers = 1\n");
+    let gw = start_gateway(&toml).await;
+    for _ in 0..10 {
+        for path in ["/length", "/chunked"] {
+            let answer = get(&gw.url(path)).await;
+            assert_eq!((answer.status, answer.text().as_str()), (StatusCode::OK, "ok"), "{path}");
+        }
+    }
+    assert_eq!(by_length_connections.load(Ordering::SeqCst), 1, "a body read to its length frees its connection");
+    assert_eq!(chunked_connections.load(Ordering::SeqCst), 1, "a chunked body frees its connection at its end");
+}
+
+#[tokio::test]
+async fn an_upstream_closing_idle_connections_costs_no_request() {
+    let closing = Arc::new(tokio::sync::Semaphore::new(0));
+    let (url, accepted, closed) = counting_upstream(false, Some(closing.clone())).await;
+    let toml = toml_with(&[("api", &url)], "[[routes]]\npath = \"/x\"\nupstream = \"api\"\n")
+        .replace("[server]\n", "[server]\nworkers = 1\n");
+    let gw = start_gateway(&toml).await;
+    for round in 1..=5 {
+        let answer = get(&gw.url("/x")).await;
+        assert_eq!((answer.status, answer.text().as_str()), (StatusCode::OK, "ok"), "request {round}");
+        // The connection the gateway keeps for the next request closes now, while idle.
+        closing.add_permits(1);
+        while closed.load(Ordering::SeqCst) < round {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 5);
 }

@@ -4,6 +4,7 @@ pub mod body;
 pub mod client;
 pub mod cors;
 pub mod headers;
+mod pool;
 pub mod server;
 pub mod tls;
 pub mod upstream;

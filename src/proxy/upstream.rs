@@ -3,10 +3,12 @@
 
 use super::body::{Body, BoxError};
 use super::headers::{remove_hop_by_hop, set_forwarded};
+use super::pool;
 use crate::config::{RouteSpec, Upstream};
 use crate::error::GatewayError;
 use crate::routing::path::segments;
 use crate::x402::challenge::{PAYMENT_SIGNATURE, X_PAYMENT};
+use http::uri::Scheme;
 use http::{header, HeaderValue, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
@@ -22,26 +24,34 @@ pub struct ClientInfo {
 }
 
 thread_local! {
-    /// Each thread keeps its own pool of upstream connections: with one runtime per core, a request then never
-    /// wakes another thread to reach its connection.
-    static POOL: Client<HttpsConnector<HttpConnector>, Body> = super::client::https_client();
+    /// https upstreams: each thread keeps its own pool, so a request never wakes another thread to reach its
+    /// connection. (Plain-http upstreams use the leaner [`pool`].)
+    static TLS_POOL: Client<HttpsConnector<HttpConnector>, Body> = super::client::https_client();
 }
 
 /// Sends `request` and waits for the answer's head within the upstream's timeout; the body then streams.
 pub async fn send(request: Request<Body>, upstream: &Upstream) -> Result<Response<Body>, GatewayError> {
-    let pool = POOL.with(Client::clone);
-    let mut response = match tokio::time::timeout(upstream.timeout, pool.request(request)).await {
+    let answer = tokio::time::timeout(upstream.timeout, async {
+        if upstream.scheme == Scheme::HTTP {
+            let response = pool::send(request, upstream).await?;
+            Ok(response.map(|body| body.map_err(BoxError::from).boxed_unsync()))
+        } else {
+            let response = TLS_POOL.with(|client| client.request(request)).await?;
+            Ok::<_, BoxError>(response.map(|body| body.map_err(BoxError::from).boxed_unsync()))
+        }
+    });
+    let mut response = match answer.await {
         Err(_) => return Err(GatewayError::UpstreamTimeout),
-        Ok(Err(err)) if caused_by_body_limit(&err) => return Err(GatewayError::BodyTooLarge),
+        Ok(Err(err)) if caused_by_body_limit(&*err) => return Err(GatewayError::BodyTooLarge),
         Ok(Err(err)) => {
             // Connection errors carry no URL, so the operator's query credentials cannot leak here.
-            tracing::warn!(upstream = %upstream.name, error = %error_chain(&err), "upstream request failed");
+            tracing::warn!(upstream = %upstream.name, error = %error_chain(&*err), "upstream request failed");
             return Err(GatewayError::UpstreamUnavailable);
         }
         Ok(Ok(response)) => response,
     };
     remove_hop_by_hop(response.headers_mut());
-    Ok(response.map(|body| body.map_err(BoxError::from).boxed_unsync()))
+    Ok(response)
 }
 
 /// Builds the upstream request from the client's: the route's upstream and rewritten path, the operator's
@@ -60,9 +70,15 @@ pub fn upstream_request(
         .or_else(|| request.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     let path = forwarded_path(canonical_path, route.strip_prefix.as_deref());
     let query = forwarded_query(request.uri().query(), &upstream.query);
+    // Plain http goes out on our own connections, which take the origin form; hyper-util's client (https)
+    // picks its connection by the absolute form.
+    let origin = match upstream.scheme == Scheme::HTTP {
+        true => String::new(),
+        false => format!("{}://{}", upstream.scheme, upstream.authority),
+    };
     let uri = match query {
-        Some(q) => format!("{}://{}{}{}?{}", upstream.scheme, upstream.authority, upstream.base_path, path, q),
-        None => format!("{}://{}{}{}", upstream.scheme, upstream.authority, upstream.base_path, path),
+        Some(q) => format!("{origin}{}{path}?{q}", upstream.base_path),
+        None => format!("{origin}{}{path}", upstream.base_path),
     };
     *request.uri_mut() = uri.parse::<Uri>().map_err(|_| GatewayError::BadPath(crate::routing::PathError::BadEscape))?;
     *request.version_mut() = Version::HTTP_11;
