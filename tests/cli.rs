@@ -241,7 +241,7 @@ path = "/api/*"
 upstream = "api"
 "#,
     );
-    let Running { mut child, addr, .. } = start_run(&path);
+    let Running { mut child, addr, lines } = start_run(&path);
 
     // It serves: a path without a route gets the gateway's own 404.
     let mut tcp = TcpStream::connect(addr).expect("connect to the running gateway");
@@ -251,6 +251,24 @@ upstream = "api"
     tcp.read_to_string(&mut answer).expect("read answer");
     assert!(answer.starts_with("HTTP/1.1 404"), "unexpected answer: {answer}");
     assert!(answer.contains("no_route"), "unexpected answer: {answer}");
+
+    // Its access-log line, in the shape of the other JSON log lines.
+    let access = loop {
+        let line = lines.recv_timeout(Duration::from_secs(10)).expect("an access-log line");
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        if event["target"] == "access" {
+            break event;
+        }
+    };
+    assert_eq!(access["level"], "INFO");
+    assert!(access["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')), "{access}");
+    assert_eq!(
+        (&access["method"], &access["path"], &access["route"]),
+        (&"GET".into(), &"/nowhere".into(), &"-".into())
+    );
+    assert_eq!((&access["status"], &access["client"]), (&404.into(), &"127.0.0.1".into()));
+    assert!(access["latency_ms"].as_f64().is_some_and(|ms| ms >= 0.0), "{access}");
+    assert!(access.get("payer").is_none(), "a free request has no payer: {access}");
 
     let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("run kill");
     assert!(kill.success(), "kill -TERM failed");

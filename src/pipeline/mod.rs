@@ -14,6 +14,7 @@ use crate::discovery;
 use crate::error::GatewayError;
 use crate::gate::{GateError, Payment, PaymentGate};
 use crate::ledger::{self, Ledger, LedgerError, NewPayment, Reconciled};
+use crate::logging::{self, AccessLine};
 use crate::metrics::Metrics;
 use crate::pricing::Offer;
 use crate::proxy::body::{json_response, Body};
@@ -201,20 +202,19 @@ impl Gateway {
         drop(in_flight);
         self.metrics.request(log.route.as_ref(), response.status().as_u16());
         let payment = log.payment.as_ref();
-        tracing::info!(
-            target: "access",
-            %method,
-            path = uri.path(),
-            route = log.route.as_deref().unwrap_or("-"),
-            status = response.status().as_u16(),
-            latency_ms = started.elapsed().as_secs_f64() * 1e3,
-            client = %client.peer.ip(),
-            payer = payment.map(|p| p.authorization.from.to_string()),
-            amount = payment.map(|p| p.authorization.value.to_string()),
-            network = payment.map(|p| p.offer.network.caip2.as_str()),
-            ledger_id = log.ledger_id,
-            transaction = log.transaction.as_deref(),
-        );
+        logging::access(&AccessLine {
+            method: method.as_str(),
+            path: uri.path(),
+            route: log.route.as_deref().unwrap_or("-"),
+            status: response.status().as_u16(),
+            latency: started.elapsed(),
+            client: client.peer.ip(),
+            payer: payment.map(|p| p.authorization.from.to_string()),
+            amount: payment.map(|p| p.authorization.value.to_string()),
+            network: payment.map(|p| p.offer.network.caip2.as_str()),
+            ledger_id: log.ledger_id,
+            transaction: log.transaction.as_deref(),
+        });
         response
     }
 
