@@ -90,11 +90,22 @@ impl Live {
     }
 }
 
+/// Where a request goes once routed.
+enum Next {
+    /// The gateway's own answer: a preflight, a catalogue, the discovery document.
+    Answer(Response<Body>),
+    /// A free route: the upstream request, ready to send.
+    Forward(Request<Body>, Arc<RouteSpec>),
+    /// A paid route, with the request's canonical path.
+    Pay(Request<Body>, Arc<RouteSpec>, String),
+}
+
 /// What the access-log line reports besides the request and the status.
 #[derive(Default)]
 struct AccessLog {
     route: Option<Arc<str>>,
-    payment: Option<Payment>,
+    /// Boxed: a free request's future carries this record, and a payment is large.
+    payment: Option<Box<Payment>>,
     ledger_id: Option<i64>,
     transaction: Option<String>,
     /// The request value that set the price (the model, for an LLM route).
@@ -195,10 +206,16 @@ impl Gateway {
         let mut log = AccessLog::default();
         let live = self.live();
         let in_flight = self.metrics.in_flight();
-        let response = match self.process(&live, request, client, &mut log).await {
-            Ok(response) => response,
-            Err(err) => err.into_response(),
+        let response = match self.route(&live, request, client, &mut log) {
+            Ok(Next::Answer(response)) => Ok(response),
+            Ok(Next::Forward(request, route)) => self.forward(request, &route).await,
+            // Boxed: a paid call's stages hold far more state than a free call, which should not carry its size.
+            Ok(Next::Pay(request, route, path)) => {
+                Box::pin(self.process_paid(&live, request, &route, &path, client, &mut log)).await
+            }
+            Err(err) => Err(err),
         };
+        let response = response.unwrap_or_else(GatewayError::into_response);
         drop(in_flight);
         self.metrics.request(log.route.as_ref(), response.status().as_u16());
         let payment = log.payment.as_ref();
@@ -218,33 +235,33 @@ impl Gateway {
         response
     }
 
-    async fn process(
+    /// Match → route: what the gateway answers itself, what it forwards free, and what must be paid for.
+    /// Nothing here waits, so the future a free request is served in stays small.
+    fn route(
         &self,
         live: &Live,
         request: Request<Incoming>,
         client: ClientInfo,
         log: &mut AccessLog,
-    ) -> Result<Response<Body>, GatewayError> {
+    ) -> Result<Next, GatewayError> {
         let canonical_path = routing::canonicalize(request.uri().path())?;
         if let Some(response) = live.paid_route_preflight(&request, &canonical_path) {
-            return Ok(response);
+            return Ok(Next::Answer(response));
         }
         if let Some(list) = live.catalogue(&request, &canonical_path) {
-            return Ok(list);
+            return Ok(Next::Answer(list));
         }
         if request.method() == http::Method::GET && canonical_path == discovery::PATH {
             let document = discovery::document(live.routes.routes(), &live.base_url(&request, client));
-            return Ok(json_response(StatusCode::OK, &document));
+            return Ok(Next::Answer(json_response(StatusCode::OK, &document)));
         }
         let route = live.match_route(&request, &canonical_path)?;
         log.route = Some(route.pattern_text.clone());
         let request = live.limit_body(request)?;
         if route.payment.is_none() {
-            let request = upstream_request(request, &route, &canonical_path, client)?;
-            return self.forward(request, &route).await;
+            return Ok(Next::Forward(upstream_request(request, &route, &canonical_path, client)?, route));
         }
-        // Boxed: a paid call's stages hold far more state than a free call, which should not carry its size.
-        Box::pin(self.process_paid(live, request, &route, &canonical_path, client, log)).await
+        Ok(Next::Pay(request, route, canonical_path))
     }
 
     /// Price → payment gate → verify → record → upstream and settlement, for a route that has a price.
@@ -317,7 +334,7 @@ impl Gateway {
                     return Err(GatewayError::LedgerUnavailable);
                 }
             };
-        log.payment = Some(payment.clone());
+        log.payment = Some(Box::new(payment.clone()));
         log.ledger_id = Some(id);
         log.price_key = priced.key;
 

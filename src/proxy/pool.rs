@@ -52,7 +52,8 @@ pub async fn send(mut request: Request<Body>, upstream: &Upstream) -> Result<Res
             },
         }
     }
-    let mut sender = connect(upstream).await?;
+    // Boxed: connecting is rare, and its future would make every request's larger.
+    let mut sender = Box::pin(connect(upstream)).await?;
     let response = sender.send_request(request).await?;
     Ok(pooled(response, sender, upstream.pool))
 }

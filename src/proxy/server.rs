@@ -287,7 +287,8 @@ impl AcceptLoop {
                     async move {
                         Ok::<_, Infallible>(match role {
                             Role::Public { proto } => gateway.handle(request, ClientInfo { peer, proto }).await,
-                            Role::Admin => gateway.handle_admin(request).await,
+                            // Boxed: the admin answers' future is large, and every public request would carry its size.
+                            Role::Admin => Box::pin(gateway.handle_admin(request)).await,
                         })
                     }
                 });
