@@ -262,3 +262,28 @@ async fn an_upstream_closing_idle_connections_costs_no_request() {
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 5);
 }
+
+#[tokio::test]
+async fn a_connection_still_sending_a_body_is_not_handed_to_the_next_request() {
+    // The upstream answers as soon as it has a request's head, as an API refusing an upload does, while the
+    // client's body is still coming: that connection is busy until the body ends.
+    let (url, accepted, _) = counting_upstream(false, None).await;
+    let toml = toml_with(&[("api", &url)], "[[routes]]\npath = \"/x\"\nupstream = \"api\"\n")
+        .replace("[server]\n", "[server]\nworkers = 1\n");
+    let gw = start_gateway(&toml).await;
+    let (mut upload, body) = Channel::<Bytes, Infallible>::new(1);
+    upload.send_data(Bytes::from_static(b"first part")).await.unwrap();
+    let post = Request::post(gw.url("/x")).body(body).unwrap();
+    let poster = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let answer = poster.request(post).await.unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert_eq!(answer.into_body().collect().await.unwrap().to_bytes(), "ok");
+
+    let next = tokio::time::timeout(Duration::from_secs(10), get(&gw.url("/x")))
+        .await
+        .expect("the next request must not wait for another client's upload");
+    assert_eq!((next.status, next.text().as_str()), (StatusCode::OK, "ok"));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "the busy connection was not reused");
+    drop(upload);
+}

@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,9 +90,6 @@ pub struct Upstream {
     /// Appended to every forwarded query string, replacing client-sent parameters of the same name.
     pub query: Vec<(String, String)>,
     pub timeout: Duration,
-    /// Names this upstream's pooled connections: unique in the process, so a reload never hands a request a
-    /// connection to the upstream an old configuration had under the same name.
-    pub pool: u64,
 }
 
 impl fmt::Debug for Upstream {
@@ -305,9 +301,7 @@ impl Validator<'_> {
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
         let timeout = seconds(&format!("upstreams.{name}.timeout_secs"), raw.timeout_secs, DEFAULT_UPSTREAM_TIMEOUT)?;
-        static POOLS: AtomicU64 = AtomicU64::new(0);
-        let pool = POOLS.fetch_add(1, Ordering::Relaxed);
-        Ok(Upstream { name: name.to_string(), scheme, authority, base_path, headers, query, timeout, pool })
+        Ok(Upstream { name: name.to_string(), scheme, authority, base_path, headers, query, timeout })
     }
 
     fn route(

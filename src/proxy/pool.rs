@@ -1,34 +1,38 @@
 //! Keep-alive HTTP/1.1 connections to plain-http upstreams, one pool per thread.
 //!
 //! hyper-util's pooled client clones itself, boxes a large future and locks a shared pool for every request:
-//! on a free route that was a fifth of the gateway's user-space CPU. Here a worker thread owns its idle
+//! on a free route that was a large share of the gateway's user-space CPU. Here a worker thread owns its idle
 //! connections, and checking one out is a pop from a thread-local stack. (https upstreams keep hyper-util's
 //! client, for TLS and HTTP/2.)
 
 use super::body::{Body, BoxError};
 use crate::config::Upstream;
 use bytes::Bytes;
-use http::{Request, Response};
+use http::uri::Authority;
+use http::{Request, Response, Uri};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::connect::HttpConnector;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
+use tokio::runtime::{Handle, RuntimeFlavor};
+use tower_service::Service;
 
 /// Idle connections kept per upstream and thread; more are closed when their answer ends.
 const MAX_IDLE: usize = 256;
 /// An idle connection unused this long is closed, as hyper-util's pool does.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often a worker thread looks for expired idle connections.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 thread_local! {
-    /// Idle connections by upstream (`Upstream::pool`), most recently used last. A few upstreams at most, so a
-    /// list beats a map.
-    static IDLE: RefCell<Vec<(u64, VecDeque<Idle>)>> = const { RefCell::new(Vec::new()) };
+    /// Idle connections by upstream address, most recently used last. Entries are never removed, so an
+    /// answer's body can name its pool by index; a thread only ever sees the few addresses configured.
+    static IDLE: RefCell<Vec<(Authority, VecDeque<Idle>)>> = const { RefCell::new(Vec::new()) };
 }
 
 struct Idle {
@@ -39,12 +43,14 @@ struct Idle {
 /// Sends `request` (origin-form URI) to `upstream` over an idle connection, or a new one. The connection
 /// goes back to the pool when the answer's body has been read to its end.
 pub async fn send(mut request: Request<Body>, upstream: &Upstream) -> Result<Response<PooledBody>, BoxError> {
-    while let Some(mut sender) = checkout(upstream.pool) {
-        if sender.ready().await.is_err() {
-            continue; // closed while idle
+    let pool = pool_of(&upstream.authority);
+    while let Some(mut sender) = checkout(pool) {
+        // Pooled connections were ready when they came back; one that is not any more has closed.
+        if !sender.is_ready() {
+            continue;
         }
         match sender.try_send_request(request).await {
-            Ok(response) => return Ok(pooled(response, sender, upstream.pool)),
+            Ok(response) => return Ok(pooled(response, sender, pool)),
             // Closed before the request went out: it is safe to send it again, on another connection.
             Err(mut failed) => match failed.take_message() {
                 Some(unsent) => request = unsent,
@@ -55,58 +61,87 @@ pub async fn send(mut request: Request<Body>, upstream: &Upstream) -> Result<Res
     // Boxed: connecting is rare, and its future would make every request's larger.
     let mut sender = Box::pin(connect(upstream)).await?;
     let response = sender.send_request(request).await?;
-    Ok(pooled(response, sender, upstream.pool))
+    Ok(pooled(response, sender, pool))
 }
 
+/// A new connection, with hyper-util's connector: a connect timeout, and IPv4 tried soon when IPv6 stalls.
 async fn connect(upstream: &Upstream) -> Result<SendRequest<Body>, BoxError> {
-    let authority = &upstream.authority;
-    // An IPv6 literal comes bracketed in a URL, and not in a socket address.
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
-    let stream = TcpStream::connect((host, authority.port_u16().unwrap_or(80))).await?;
-    stream.set_nodelay(true)?;
-    let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(10)));
+    let address = Uri::builder().scheme("http").authority(upstream.authority.clone()).path_and_query("/").build()?;
+    let stream = connector.call(address).await?;
+    let (sender, connection) = http1::handshake(stream).await?;
+    let name = upstream.name.clone();
     tokio::spawn(async move {
         if let Err(err) = connection.await {
-            tracing::debug!(error = %err, "upstream connection ended with an error");
+            tracing::debug!(upstream = %name, error = %err, "upstream connection ended with an error");
         }
     });
     Ok(sender)
 }
 
-fn checkout(pool: u64) -> Option<SendRequest<Body>> {
-    IDLE.with_borrow_mut(|pools| {
-        let (_, idle) = pools.iter_mut().find(|(id, _)| *id == pool)?;
-        while idle.front().is_some_and(|oldest| oldest.since.elapsed() > IDLE_TIMEOUT) {
-            idle.pop_front();
+/// The index of `authority`'s pool on this thread, made on first use.
+fn pool_of(authority: &Authority) -> usize {
+    IDLE.with_borrow_mut(|pools| match pools.iter().position(|(a, _)| a == authority) {
+        Some(index) => index,
+        None => {
+            if pools.is_empty() {
+                start_sweeping();
+            }
+            pools.push((authority.clone(), VecDeque::new()));
+            pools.len() - 1
         }
+    })
+}
+
+fn checkout(pool: usize) -> Option<SendRequest<Body>> {
+    IDLE.with_borrow_mut(|pools| {
+        let idle = &mut pools.get_mut(pool)?.1;
+        drop_expired(idle);
         idle.pop_back().map(|idle| idle.sender)
     })
 }
 
-fn release(pool: u64, sender: SendRequest<Body>) {
-    if sender.is_closed() {
+fn release(pool: usize, sender: SendRequest<Body>) {
+    // Not ready: the connection is still sending the request's body (the upstream answered early), or it
+    // closed. Either way no other request may wait on it.
+    if !sender.is_ready() {
         return;
     }
     // During thread teardown the pool is gone; the connection simply closes.
     let _ = IDLE.try_with(|pools| {
-        let mut pools = pools.borrow_mut();
-        let index = match pools.iter().position(|(id, _)| *id == pool) {
-            Some(index) => index,
-            None => {
-                // A new upstream (a reload replaces them all): forget the pools nobody used lately.
-                pools.retain(|(_, idle)| idle.back().is_some_and(|newest| newest.since.elapsed() <= IDLE_TIMEOUT));
-                pools.push((pool, VecDeque::new()));
-                pools.len() - 1
+        if let Some((_, idle)) = pools.borrow_mut().get_mut(pool) {
+            if idle.len() < MAX_IDLE {
+                idle.push_back(Idle { sender, since: Instant::now() });
             }
-        };
-        let idle = &mut pools[index].1;
-        if idle.len() < MAX_IDLE {
-            idle.push_back(Idle { sender, since: Instant::now() });
         }
     });
 }
 
-fn pooled(response: Response<Incoming>, sender: SendRequest<Body>, pool: u64) -> Response<PooledBody> {
+fn drop_expired(idle: &mut VecDeque<Idle>) {
+    while idle.front().is_some_and(|oldest| oldest.since.elapsed() > IDLE_TIMEOUT) {
+        idle.pop_front();
+    }
+}
+
+/// Closes this thread's expired idle connections every [`SWEEP_EVERY`], even when no request comes. Only on a
+/// single-threaded runtime (the workers'): elsewhere the task could run on another thread than the pool's,
+/// and expired connections are dropped when next met instead.
+fn start_sweeping() {
+    let Ok(runtime) = Handle::try_current() else { return };
+    if runtime.runtime_flavor() != RuntimeFlavor::CurrentThread {
+        return;
+    }
+    runtime.spawn(async {
+        loop {
+            tokio::time::sleep(SWEEP_EVERY).await;
+            IDLE.with_borrow_mut(|pools| pools.iter_mut().for_each(|(_, idle)| drop_expired(idle)));
+        }
+    });
+}
+
+fn pooled(response: Response<Incoming>, sender: SendRequest<Body>, pool: usize) -> Response<PooledBody> {
     response.map(|body| PooledBody { body, ended: false, connection: Some((pool, sender)) })
 }
 
@@ -115,7 +150,7 @@ pub struct PooledBody {
     body: Incoming,
     /// The last frame was read (a chunked body says so only by ending).
     ended: bool,
-    connection: Option<(u64, SendRequest<Body>)>,
+    connection: Option<(usize, SendRequest<Body>)>,
 }
 
 impl http_body::Body for PooledBody {
