@@ -72,9 +72,10 @@ pub fn upstream_request(
     let query = forwarded_query(request.uri().query(), &upstream.query);
     // Plain http goes out on our own connections, which take the origin form; hyper-util's client (https)
     // picks its connection by the absolute form.
-    let origin = match upstream.scheme == Scheme::HTTP {
-        true => String::new(),
-        false => format!("{}://{}", upstream.scheme, upstream.authority),
+    let origin = if upstream.scheme == Scheme::HTTP {
+        String::new()
+    } else {
+        format!("{}://{}", upstream.scheme, upstream.authority)
     };
     let uri = match query {
         Some(q) => format!("{origin}{}{path}?{q}", upstream.base_path),
