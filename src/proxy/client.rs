@@ -13,10 +13,8 @@ where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
 {
-    let mut http = HttpConnector::new();
+    let mut http = tcp_connector();
     http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(Duration::from_secs(10)));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
@@ -28,4 +26,13 @@ where
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .build(https)
+}
+
+/// Opens the TCP connections of every outbound client: no Nagle delay, a connect timeout, and IPv4 tried
+/// soon when IPv6 stalls.
+pub fn tcp_connector() -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(10)));
+    http
 }

@@ -13,7 +13,6 @@ use http::{Request, Response, Uri};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::client::legacy::connect::HttpConnector;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -64,11 +63,9 @@ pub async fn send(mut request: Request<Body>, upstream: &Upstream) -> Result<Res
     Ok(pooled(response, sender, pool))
 }
 
-/// A new connection, with hyper-util's connector: a connect timeout, and IPv4 tried soon when IPv6 stalls.
+/// A new connection, opened as the other outbound clients open theirs.
 async fn connect(upstream: &Upstream) -> Result<SendRequest<Body>, BoxError> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(10)));
+    let mut connector = super::client::tcp_connector();
     let address = Uri::builder().scheme("http").authority(upstream.authority.clone()).path_and_query("/").build()?;
     let stream = connector.call(address).await?;
     let (sender, connection) = http1::handshake(stream).await?;
@@ -177,7 +174,7 @@ impl http_body::Body for PooledBody {
 impl Drop for PooledBody {
     fn drop(&mut self) {
         // A body dropped half-read leaves its connection mid-answer: that one closes instead.
-        if self.ended || self.body.is_end_stream() {
+        if self.is_end_stream() {
             if let Some((pool, sender)) = self.connection.take() {
                 release(pool, sender);
             }
