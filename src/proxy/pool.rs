@@ -181,3 +181,31 @@ impl Drop for PooledBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper_util::rt::TokioIo;
+
+    /// A sender on an in-memory connection: enough to stand in an idle list.
+    async fn idle_since(since: Instant) -> Idle {
+        let (ours, _theirs) = tokio::io::duplex(64);
+        let (sender, _connection) = http1::handshake::<_, Body>(TokioIo::new(ours)).await.unwrap();
+        Idle { sender, since }
+    }
+
+    #[tokio::test]
+    async fn connections_idle_beyond_the_timeout_are_dropped_oldest_first() {
+        let now = Instant::now();
+        // Instants before the machine started do not exist: on a machine up for less than that, skip.
+        let Some(expired) = now.checked_sub(IDLE_TIMEOUT + Duration::from_secs(1)) else { return };
+        let Some(recent) = now.checked_sub(IDLE_TIMEOUT - Duration::from_secs(1)) else { return };
+        let mut idle = VecDeque::new();
+        for since in [expired, expired, recent, now] {
+            idle.push_back(idle_since(since).await);
+        }
+        drop_expired(&mut idle);
+        let left: Vec<Instant> = idle.iter().map(|i| i.since).collect();
+        assert_eq!(left, [recent, now]);
+    }
+}
