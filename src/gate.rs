@@ -114,15 +114,12 @@ impl PaymentGate {
         self.reservations.count()
     }
 
-    /// Marks `payment`'s request as being served, until the returned guard is dropped.
-    pub fn start_serving(&self, payment: &Payment) -> Serving<'_> {
-        self.serving.lock().unwrap_or_else(PoisonError::into_inner).insert(payment.key);
-        Serving { gate: self, key: payment.key }
-    }
-
-    /// Whether the request of the authorization `key` is being served right now.
-    pub fn is_serving(&self, key: &NonceKey) -> bool {
-        self.serving.lock().unwrap_or_else(PoisonError::into_inner).contains(key)
+    /// Marks the request of the authorization `key` as being served, until the returned guard is dropped.
+    /// `None` if another request of it is being served.
+    pub fn start_serving(&self, key: NonceKey) -> Option<Serving<'_>> {
+        let mut serving = self.serving.lock().unwrap_or_else(PoisonError::into_inner);
+        // Built only once inserted: a guard dropped here would free the mark of the request that holds it.
+        serving.insert(key).then(|| Serving { gate: self, key })
     }
 
     /// Frees an authorization that was certainly not charged, so the buyer may use it again.
@@ -181,5 +178,27 @@ fn payment_identifier(payload: &PaymentPayload) -> Result<Option<String>, GateEr
             Ok(Some(id.to_string()))
         }
         _ => Err(GateError::Malformed("payment-identifier: the id must be 16 to 128 of A-Z a-z 0-9 _ -".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloy::primitives::B256;
+
+    #[test]
+    fn one_request_at_a_time_serves_an_authorization() {
+        let gate = PaymentGate::new(16);
+        let key = |nonce: u8| NonceKey {
+            chain_id: 8453,
+            asset: Address::ZERO,
+            from: Address::ZERO,
+            nonce: B256::repeat_byte(nonce),
+        };
+        let first = gate.start_serving(key(1)).expect("nobody serves it yet");
+        assert!(gate.start_serving(key(1)).is_none(), "a second request meanwhile is a duplicate");
+        assert!(gate.start_serving(key(2)).is_some(), "another authorization is not held up");
+        drop(first);
+        assert!(gate.start_serving(key(1)).is_some(), "free again once the first is over");
     }
 }

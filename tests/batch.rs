@@ -284,10 +284,12 @@ async fn one_shared_simulation_judges_each_call_alone() {
         let payload = Authorization::for_offer(buyer.address(), &challenge).sign(buyer);
         (chain.token, transfer_call(&payload).abi_encode().into())
     };
-    let calls = vec![call(&buyers[0]), call(&broke), call(&buyers[1])];
+    // The last is a second authorization from a buyer funded for one: the calls run in order, so the first
+    // one spends the balance and the second is refused.
+    let calls = vec![call(&buyers[0]), call(&broke), call(&buyers[1]), call(&buyers[0])];
     let settler = common::chain::DEPLOYER.parse().unwrap();
     let verdicts = x402_gateway::chain::would_each_succeed(&chain.provider, settler, multicall, calls.clone()).await;
-    assert_eq!(verdicts.unwrap(), [true, false, true]);
+    assert_eq!(verdicts.unwrap(), [true, false, true, false]);
     assert_eq!(chain.balance(buyers[0].address()).await, U256::from(PRICE), "a simulation moves nothing");
 
     // Without a contract at the multicall address, nobody can say: never a pass.

@@ -241,7 +241,7 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() {
 }
 
 #[tokio::test]
-async fn the_worker_count_is_configurable_and_checked() {
+async fn the_worker_count_is_checked_at_start_and_one_worker_serves() {
     let echo = spawn_echo("api").await;
     let gw = start_gateway(&catch_all(&echo.url(), "workers = 1")).await;
     let answer = within("a request on one worker", get(&gw.url("/x"))).await;

@@ -1,7 +1,8 @@
 //! The ledger's one connection, on a thread of its own, with group commit: the calls queued while a
 //! transaction runs share the next one, each inside its own savepoint so that a call's error undoes only its own
-//! changes. No caller hears back before its transaction has committed, so write-ahead still holds. Calls no
-//! longer wait for one another's commits, nor hop to a blocking pool.
+//! changes. No caller hears back before its transaction has committed, so write-ahead still holds. A call that
+//! arrives during a commit waits for it, then shares the next one with every other call that arrived meanwhile;
+//! none hops to a blocking pool.
 
 use super::store::LedgerError;
 use rusqlite::Connection;
@@ -99,7 +100,8 @@ where
         let answer = match (committed, self.outcome) {
             (Err(why), _) => Err(LedgerError::Commit(why.to_string())),
             (Ok(()), Some(outcome)) => outcome,
-            (Ok(()), None) => Err(LedgerError::Shutdown),
+            // A committed group ran every call: this is only here for the type.
+            (Ok(()), None) => Err(LedgerError::Commit("the call was not run".into())),
         };
         let _ = self.reply.send(answer);
     }

@@ -289,12 +289,25 @@ impl Gateway {
         };
 
         // Payment gate: decode, match an offer, verify offline, reserve the authorization.
-        let payment = match self.gate.check(offers, request.headers(), unix_now()) {
-            Ok(payment) => payment,
-            Err(GateError::Reserved(payment)) => match self.already_paid(&payment, challenge).await {
-                Some(answer) => return Ok(answer),
-                None => *payment,
+        // Each authorization is served by one request at a time: another meanwhile is a concurrent duplicate.
+        let (payment, _serving) = match self.gate.check(offers, request.headers(), unix_now()) {
+            Ok(payment) => match self.gate.start_serving(payment.key) {
+                Some(serving) => (payment, serving),
+                None => {
+                    // The previous request of this authorization freed it and is still finishing.
+                    self.gate.release(&payment);
+                    return Ok(challenge(Some(&Rejection::Replayed)));
+                }
             },
+            Err(GateError::Reserved(payment)) => {
+                let Some(serving) = self.gate.start_serving(payment.key) else {
+                    return Ok(challenge(Some(&Rejection::Replayed)));
+                };
+                match self.already_paid(&payment, challenge).await {
+                    Some(answer) => return Ok(answer),
+                    None => (*payment, serving),
+                }
+            }
             Err(GateError::Challenge(rejection)) => return Ok(challenge(rejection.as_ref())),
             Err(GateError::Malformed(message)) => {
                 self.metrics.rejected(route_name, "invalid_payload");
@@ -302,7 +315,6 @@ impl Gateway {
             }
             Err(GateError::Busy) => return Err(GatewayError::PaymentsBusy),
         };
-        let _serving = self.gate.start_serving(&payment);
         if self.answers.get(&payment).is_some_and(|answered| answered.paid_by != payment.key) {
             // A `payment-identifier` already answered, now with another authorization: nothing is charged.
             self.gate.release(&payment);

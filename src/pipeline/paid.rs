@@ -178,8 +178,8 @@ impl Gateway {
         self.gate.release(&call.payment);
     }
 
-    /// A retry of an authorization that is already reserved: refused while its original request is being
-    /// served; then the original answer if it is kept, else what the ledger knows (409 once it is spent, a
+    /// A retry of an authorization that is already reserved, once its original request is over (the caller
+    /// serves it): the original answer if it is kept, else what the ledger knows (409 once it is spent, a
     /// pending 402 while it settles). `None` when the ledger says nothing was charged (`failed`, `released`):
     /// the payment goes on as a new one.
     pub(super) async fn already_paid(
@@ -187,9 +187,6 @@ impl Gateway {
         payment: &Payment,
         challenge: impl Fn(Option<&Rejection>) -> Response<Body>,
     ) -> Option<Response<Body>> {
-        if self.gate.is_serving(&payment.key) {
-            return Some(challenge(Some(&Rejection::Replayed)));
-        }
         let auth = &payment.authorization;
         let found = self
             .ledger
@@ -215,7 +212,8 @@ impl Gateway {
                 return None
             }
             Ok(Some(row)) if row.state != State::Verified.as_str() => row,
-            // Being recorded right now (or the ledger cannot say): a concurrent duplicate.
+            // Recorded, yet its request ended before any next step (or the ledger cannot say): refused as a
+            // duplicate, and reconciliation decides the row.
             _ => return Some(challenge(Some(&Rejection::Replayed))),
         };
         let paid = row.state == State::Settled.as_str() || row.state == State::RefundNeeded.as_str();
