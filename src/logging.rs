@@ -39,7 +39,7 @@ pub fn init(format: LogFormat) {
     }
 }
 
-/// Where log lines go: each line is handed to one write(2) on a duplicate of stderr. std's stderr handle
+/// Where log lines go: whole lines, handed to one write(2) at a time on a duplicate of stderr. std's stderr handle
 /// would take a process-wide lock for every line, which the worker threads' access logs contend on.
 enum Stderr {
     Duplicate(File),
@@ -77,9 +77,72 @@ struct AccessLog {
     format: LogFormat,
 }
 
+impl AccessLog {
+    fn write(&self, lines: &[u8]) {
+        // A full disk or a closed stderr loses the lines, never the request.
+        let _ = (&*self.stderr).write_all(lines);
+    }
+}
+
+/// Pipes keep a write of up to this many bytes whole: a batch of lines from one thread is never split by
+/// another thread's writes.
+const PIPE_BUF: usize = 4096;
+
 thread_local! {
-    /// The line being written, reused: a request's line allocates nothing.
-    static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// This thread's access lines not yet written, and whether it holds them for a batch (a worker does,
+    /// until its runtime runs out of work). The buffer is reused: a request's line allocates nothing.
+    static LINES: RefCell<PendingLines> = const { RefCell::new(PendingLines { buffer: Vec::new(), held: false }) };
+}
+
+struct PendingLines {
+    buffer: Vec<u8>,
+    held: bool,
+}
+
+impl PendingLines {
+    /// After a line was appended from `line_start`: the bytes to write now, and what stays pending. Unheld,
+    /// every line goes at once; held, lines gather up to [`PIPE_BUF`] bytes (a longer line goes alone).
+    fn write_due(&mut self, line_start: usize, mut write: impl FnMut(&[u8])) {
+        if self.held && line_start > 0 && self.buffer.len() > PIPE_BUF {
+            write(&self.buffer[..line_start]);
+            self.buffer.drain(..line_start);
+        }
+        if !self.held || self.buffer.len() >= PIPE_BUF {
+            self.flush(write);
+        }
+    }
+
+    fn flush(&mut self, mut write: impl FnMut(&[u8])) {
+        if !self.buffer.is_empty() {
+            write(&self.buffer);
+            self.buffer.clear();
+        }
+    }
+}
+
+/// From now until the guard drops, this thread's access lines are written in batches, when
+/// [`flush_access_lines`] runs (a worker runtime's park hook: whenever it has no work left) or a batch is full.
+/// Under load, one write(2) then carries many lines instead of one each; idle, a line is written as soon as
+/// its request is done.
+pub fn hold_access_lines() -> HeldAccessLines {
+    LINES.with_borrow_mut(|lines| lines.held = true);
+    HeldAccessLines(())
+}
+
+/// Returned by [`hold_access_lines`]: dropping it writes what is pending and stops holding lines.
+pub struct HeldAccessLines(());
+
+impl Drop for HeldAccessLines {
+    fn drop(&mut self) {
+        flush_access_lines();
+        let _ = LINES.try_with(|lines| lines.borrow_mut().held = false);
+    }
+}
+
+/// Writes this thread's pending access lines.
+pub fn flush_access_lines() {
+    let Some(log) = ACCESS_LOG.get() else { return };
+    let _ = LINES.try_with(|lines| lines.borrow_mut().flush(|bytes| log.write(bytes)));
 }
 
 /// A request on a public listener and what became of it.
@@ -112,8 +175,9 @@ pub fn access(line: &AccessLine) {
     if !tracing::enabled!(target: "access", tracing::Level::INFO) {
         return;
     }
-    LINE.with_borrow_mut(|buffer| {
-        buffer.clear();
+    LINES.with_borrow_mut(|lines| {
+        let line_start = lines.buffer.len();
+        let buffer = &mut lines.buffer;
         let formatted = match log.format {
             LogFormat::Text => line.write_text(buffer),
             LogFormat::Json => {
@@ -121,11 +185,12 @@ pub fn access(line: &AccessLine) {
                     .map_err(std::io::Error::from)
             }
         };
-        if formatted.is_ok() {
-            buffer.push(b'\n');
-            // A full disk or a closed stderr loses the line, never the request.
-            let _ = (&*log.stderr).write_all(buffer);
+        if formatted.is_err() {
+            buffer.truncate(line_start);
+            return;
         }
+        buffer.push(b'\n');
+        lines.write_due(line_start, |bytes| log.write(bytes));
     });
 }
 
@@ -221,5 +286,42 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains('\n'));
+    }
+
+    /// Appends `line` and returns what was written.
+    fn push(pending: &mut PendingLines, line: &[u8]) -> Vec<Vec<u8>> {
+        let line_start = pending.buffer.len();
+        pending.buffer.extend_from_slice(line);
+        let mut written = Vec::new();
+        pending.write_due(line_start, |bytes| written.push(bytes.to_vec()));
+        written
+    }
+
+    #[test]
+    fn unheld_lines_are_written_one_by_one() {
+        let mut pending = PendingLines { buffer: Vec::new(), held: false };
+        assert_eq!(push(&mut pending, b"a\n"), [b"a\n".to_vec()]);
+        assert_eq!(push(&mut pending, b"b\n"), [b"b\n".to_vec()]);
+        assert!(pending.buffer.is_empty());
+    }
+
+    #[test]
+    fn held_lines_are_written_in_whole_batches_of_at_most_a_pipe_buffer() {
+        let mut pending = PendingLines { buffer: Vec::new(), held: true };
+        let line = [b"x".repeat(999), b"\n".to_vec()].concat();
+        for _ in 0..4 {
+            assert!(push(&mut pending, &line).is_empty(), "4,000 bytes wait for the flush");
+        }
+        // The fifth line would make the batch longer than a pipe writes whole: the four go, it waits.
+        assert_eq!(push(&mut pending, &line), [line.repeat(4)]);
+        assert_eq!(pending.buffer, line);
+        // A line longer than a batch goes alone, after what was pending.
+        let long = [b"y".repeat(PIPE_BUF), b"\n".to_vec()].concat();
+        assert_eq!(push(&mut pending, &long), [line.clone(), long]);
+        let mut flushed = Vec::new();
+        push(&mut pending, b"z\n");
+        pending.flush(|bytes| flushed.push(bytes.to_vec()));
+        assert_eq!(flushed, [b"z\n".to_vec()]);
+        assert!(pending.buffer.is_empty());
     }
 }

@@ -3,6 +3,7 @@
 use super::tls::{self, TlsError};
 use super::upstream::ClientInfo;
 use crate::config::{Config, Limits};
+use crate::logging;
 use crate::pipeline::Gateway;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -201,10 +202,16 @@ struct Worker {
 
 impl Worker {
     fn run(self) {
-        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        // Access lines are written when the worker runs out of work: one write(2) for a burst of requests.
+        let built = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .on_thread_park(logging::flush_access_lines)
+            .build();
+        let runtime = match built {
             Ok(runtime) => runtime,
             Err(err) => return tracing::error!(error = %err, "a worker thread cannot start its runtime"),
         };
+        let _held = logging::hold_access_lines();
         let Worker { accept, listeners, stop, mut finished, running } = self;
         runtime.block_on(async move {
             let mut loops = tokio::task::JoinSet::new();
