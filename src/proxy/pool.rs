@@ -16,6 +16,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::runtime::{Handle, RuntimeFlavor};
@@ -29,9 +30,29 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 thread_local! {
+    static IDLE: RefCell<Pools> = RefCell::new(Pools { thread: next_thread_number(), by_address: Vec::new() });
+}
+
+/// One thread's idle connections.
+struct Pools {
+    /// Tells this thread's pools from another's: on a multi-threaded runtime an answer's body may be dropped
+    /// on another thread than the one its connection came from, where the same index is another upstream.
+    thread: u64,
     /// Idle connections by upstream address, most recently used last. Entries are never removed, so an
     /// answer's body can name its pool by index; a thread only ever sees the few addresses configured.
-    static IDLE: RefCell<Vec<(Authority, VecDeque<Idle>)>> = const { RefCell::new(Vec::new()) };
+    by_address: Vec<(Authority, VecDeque<Idle>)>,
+}
+
+fn next_thread_number() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Where a connection goes back to: a pool of one thread.
+#[derive(Clone, Copy)]
+struct PoolSlot {
+    thread: u64,
+    index: usize,
 }
 
 struct Idle {
@@ -78,37 +99,44 @@ async fn connect(upstream: &Upstream) -> Result<SendRequest<Body>, BoxError> {
     Ok(sender)
 }
 
-/// The index of `authority`'s pool on this thread, made on first use.
-fn pool_of(authority: &Authority) -> usize {
-    IDLE.with_borrow_mut(|pools| match pools.iter().position(|(a, _)| a == authority) {
-        Some(index) => index,
-        None => {
-            if pools.is_empty() {
+/// `authority`'s pool on this thread, made on first use.
+fn pool_of(authority: &Authority) -> PoolSlot {
+    IDLE.with_borrow_mut(|pools| {
+        let thread = pools.thread;
+        let list = &mut pools.by_address;
+        let index = list.iter().position(|(a, _)| a == authority).unwrap_or_else(|| {
+            if list.is_empty() {
                 start_sweeping();
             }
-            pools.push((authority.clone(), VecDeque::new()));
-            pools.len() - 1
-        }
+            list.push((authority.clone(), VecDeque::new()));
+            list.len() - 1
+        });
+        PoolSlot { thread, index }
     })
 }
 
-fn checkout(pool: usize) -> Option<SendRequest<Body>> {
+fn checkout(pool: PoolSlot) -> Option<SendRequest<Body>> {
     IDLE.with_borrow_mut(|pools| {
-        let idle = &mut pools.get_mut(pool)?.1;
+        let idle = &mut pools.by_address.get_mut(pool.index)?.1;
         drop_expired(idle);
         idle.pop_back().map(|idle| idle.sender)
     })
 }
 
-fn release(pool: usize, sender: SendRequest<Body>) {
+fn release(pool: PoolSlot, sender: SendRequest<Body>) {
     // Not ready: the connection is still sending the request's body (the upstream answered early), or it
     // closed. Either way no other request may wait on it.
     if !sender.is_ready() {
         return;
     }
-    // During thread teardown the pool is gone; the connection simply closes.
+    // During thread teardown the pool is gone; the connection simply closes. So does one whose answer ended
+    // on another thread than its pool's.
     let _ = IDLE.try_with(|pools| {
-        if let Some((_, idle)) = pools.borrow_mut().get_mut(pool) {
+        let mut pools = pools.borrow_mut();
+        if pools.thread != pool.thread {
+            return;
+        }
+        if let Some((_, idle)) = pools.by_address.get_mut(pool.index) {
             if idle.len() < MAX_IDLE {
                 idle.push_back(Idle { sender, since: Instant::now() });
             }
@@ -133,12 +161,12 @@ fn start_sweeping() {
     runtime.spawn(async {
         loop {
             tokio::time::sleep(SWEEP_EVERY).await;
-            IDLE.with_borrow_mut(|pools| pools.iter_mut().for_each(|(_, idle)| drop_expired(idle)));
+            IDLE.with_borrow_mut(|pools| pools.by_address.iter_mut().for_each(|(_, idle)| drop_expired(idle)));
         }
     });
 }
 
-fn pooled(response: Response<Incoming>, sender: SendRequest<Body>, pool: usize) -> Response<PooledBody> {
+fn pooled(response: Response<Incoming>, sender: SendRequest<Body>, pool: PoolSlot) -> Response<PooledBody> {
     response.map(|body| PooledBody { body, ended: false, connection: Some((pool, sender)) })
 }
 
@@ -147,7 +175,7 @@ pub struct PooledBody {
     body: Incoming,
     /// The last frame was read (a chunked body says so only by ending).
     ended: bool,
-    connection: Option<(usize, SendRequest<Body>)>,
+    connection: Option<(PoolSlot, SendRequest<Body>)>,
 }
 
 impl http_body::Body for PooledBody {
@@ -207,5 +235,38 @@ mod tests {
         drop_expired(&mut idle);
         let left: Vec<Instant> = idle.iter().map(|i| i.since).collect();
         assert_eq!(left, [recent, now]);
+    }
+
+    /// A sender whose (in-memory) connection is driven, so it is ready for a request.
+    async fn ready_sender() -> SendRequest<Body> {
+        let (ours, theirs) = tokio::io::duplex(64);
+        let (mut sender, connection) = http1::handshake::<_, Body>(TokioIo::new(ours)).await.unwrap();
+        tokio::spawn(async move {
+            let _theirs = theirs;
+            let _ = connection.await;
+        });
+        sender.ready().await.unwrap();
+        sender
+    }
+
+    fn idle_count(pool: PoolSlot) -> usize {
+        IDLE.with_borrow(|pools| pools.by_address[pool.index].1.len())
+    }
+
+    #[tokio::test]
+    async fn a_connection_goes_back_only_to_its_own_threads_pool() {
+        let here = pool_of(&Authority::from_static("here.example:80"));
+        release(here, ready_sender().await);
+        assert_eq!(idle_count(here), 1, "released on its own thread: pooled");
+
+        let sender = ready_sender().await;
+        let pooled_elsewhere = std::thread::spawn(move || {
+            // The same index on this thread is another upstream's pool.
+            let there = pool_of(&Authority::from_static("there.example:80"));
+            assert_eq!(there.index, here.index);
+            release(here, sender);
+            idle_count(there)
+        });
+        assert_eq!(pooled_elsewhere.join().unwrap(), 0);
     }
 }
