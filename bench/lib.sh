@@ -59,6 +59,31 @@ CONF
   wait_port "$port"
 }
 
+# nginx as a reverse proxy in front of the upstream stand-in, with upstream keep-alive: the reference the gateway
+# is measured against. Its access log goes to a file.
+write_nginx_proxy() { # dir port upstream-port workers
+  mkdir -p "$1/logs"
+  cat >"$1/nginx.conf" <<CONF
+worker_processes $4;
+error_log $1/logs/error.log;
+pid $1/nginx.pid;
+events { worker_connections 4096; }
+http {
+  access_log $1/logs/access.log;
+  keepalive_requests 1000000;
+  upstream api { server 127.0.0.1:$3; keepalive 128; }
+  server {
+    listen 127.0.0.1:$2;
+    location / {
+      proxy_pass http://api;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+CONF
+}
+
 # A gateway configuration with one free catch-all route to the upstream stand-in; callers may append to it.
 free_gateway_config() { # gateway-port upstream-port
   cat <<CONF

@@ -20,26 +20,7 @@ start_upstream "$upstream_port"
 
 # The reference: nginx proxying with upstream keep-alive, as many workers as the gateway has threads.
 nginx_port=$(free_port)
-mkdir -p "$work/proxy/logs"
-cat >"$work/proxy/nginx.conf" <<CONF
-worker_processes $cores;
-error_log $work/proxy/logs/error.log;
-pid $work/proxy/nginx.pid;
-events { worker_connections 4096; }
-http {
-  access_log $work/proxy/logs/access.log;
-  keepalive_requests 1000000;
-  upstream api { server 127.0.0.1:$upstream_port; keepalive 128; }
-  server {
-    listen 127.0.0.1:$nginx_port;
-    location / {
-      proxy_pass http://api;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-    }
-  }
-}
-CONF
+write_nginx_proxy "$work/proxy" "$nginx_port" "$upstream_port" "$cores"
 nginx -p "$work/proxy" -c "$work/proxy/nginx.conf" -g 'daemon off;' &
 pids+=($!)
 wait_port "$nginx_port"

@@ -21,5 +21,6 @@ pub mod replay;
 pub mod respond;
 pub mod routing;
 pub mod settlement;
+pub mod text;
 pub mod usage;
 pub mod x402;

@@ -1,5 +1,6 @@
 //! Logs on stderr: events through `tracing`, and the access log, one line per request, written here.
 
+use crate::text;
 use serde::Serialize;
 use std::cell::RefCell;
 use std::fs::File;
@@ -8,8 +9,6 @@ use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -178,16 +177,15 @@ pub fn access(line: &AccessLine) {
     LINES.with_borrow_mut(|lines| {
         let line_start = lines.buffer.len();
         let buffer = &mut lines.buffer;
-        let formatted = match log.format {
+        match log.format {
             LogFormat::Text => line.write_text(buffer),
             LogFormat::Json => {
-                serde_json::to_writer(&mut *buffer, &JsonLine { timestamp: Now, level: "INFO", line, target: "access" })
-                    .map_err(std::io::Error::from)
+                let json = JsonLine { timestamp: Now, level: "INFO", line, target: "access" };
+                if serde_json::to_writer(&mut *buffer, &json).is_err() {
+                    buffer.truncate(line_start);
+                    return;
+                }
             }
-        };
-        if formatted.is_err() {
-            buffer.truncate(line_start);
-            return;
         }
         buffer.push(b'\n');
         lines.write_due(line_start, |bytes| log.write(bytes));
@@ -197,33 +195,48 @@ pub fn access(line: &AccessLine) {
 impl AccessLine<'_> {
     /// `2026-01-01T00:00:00.000000Z  INFO access: method=GET path="/a" ...`: strings quoted and escaped, so
     /// nothing a client sends can forge a line.
-    fn write_text(&self, buffer: &mut Vec<u8>) -> std::io::Result<()> {
-        // u64: formatting a u128 is several times slower, and 2^64 µs is beyond any request.
+    fn write_text(&self, buffer: &mut Vec<u8>) {
+        buffer.extend_from_slice(&text::timestamp_now());
+        buffer.extend_from_slice(b"  INFO access: method=");
+        buffer.extend_from_slice(self.method.as_bytes());
+        buffer.extend_from_slice(b" path=");
+        text::push_quoted(buffer, self.path);
+        buffer.extend_from_slice(b" route=");
+        text::push_quoted(buffer, self.route);
+        buffer.extend_from_slice(b" status=");
+        text::push_number(buffer, self.status);
+        // u64: 2^64 µs is beyond any request.
         let micros = u64::try_from(self.latency.as_micros()).unwrap_or(u64::MAX);
-        write!(
-            buffer,
-            "{Now}  INFO access: method={} path={:?} route={:?} status={} latency_ms={}.{:03} client={}",
-            self.method,
-            self.path,
-            self.route,
-            self.status,
-            micros / 1000,
-            micros % 1000,
-            self.client
-        )?;
-        let quoted = [("payer", self.payer.as_deref()), ("amount", self.amount.as_deref()), ("network", self.network)];
+        buffer.extend_from_slice(b" latency_ms=");
+        text::push_number(buffer, micros / 1000);
+        let thousandths = micros % 1000;
+        buffer.extend_from_slice(match thousandths {
+            0..=9 => b".00",
+            10..=99 => b".0",
+            _ => b".",
+        });
+        text::push_number(buffer, thousandths);
+        buffer.extend_from_slice(b" client=");
+        text::push_ip(buffer, self.client);
+        let quoted = [
+            (&b" payer="[..], self.payer.as_deref()),
+            (b" amount=", self.amount.as_deref()),
+            (b" network=", self.network),
+        ];
         for (name, value) in quoted {
             if let Some(value) = value {
-                write!(buffer, " {name}={value:?}")?;
+                buffer.extend_from_slice(name);
+                text::push_quoted(buffer, value);
             }
         }
         if let Some(id) = self.ledger_id {
-            write!(buffer, " ledger_id={id}")?;
+            buffer.extend_from_slice(b" ledger_id=");
+            text::push_number(buffer, id);
         }
         if let Some(transaction) = self.transaction {
-            write!(buffer, " transaction={transaction:?}")?;
+            buffer.extend_from_slice(b" transaction=");
+            text::push_quoted(buffer, transaction);
         }
-        Ok(())
     }
 }
 
@@ -240,15 +253,11 @@ struct JsonLine<'a> {
 /// The current time as the other log lines show it (RFC 3339, UTC, microseconds).
 struct Now;
 
-impl std::fmt::Display for Now {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        SystemTime.format_time(&mut Writer::new(f))
-    }
-}
-
 impl Serialize for Now {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
+        let now = text::timestamp_now();
+        // ASCII digits and punctuation only.
+        serializer.serialize_str(std::str::from_utf8(&now).unwrap_or_default())
     }
 }
 
@@ -276,7 +285,7 @@ mod tests {
             transaction: None,
         };
         let mut buffer = Vec::new();
-        line.write_text(&mut buffer).unwrap();
+        line.write_text(&mut buffer);
         let text = String::from_utf8(buffer).unwrap();
         let fields = text.split_once("Z  INFO access: ").map(|(_, fields)| fields);
         assert_eq!(
@@ -287,6 +296,33 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains('\n'));
+    }
+
+    #[test]
+    fn text_lines_pad_the_latency_and_show_any_client() {
+        let line = AccessLine {
+            method: "POST",
+            path: "/v1/chat/completions",
+            route: "/v1/*",
+            status: 200,
+            latency: Duration::from_micros(3_042),
+            client: "2001:db8::1".parse().unwrap(),
+            payer: None,
+            amount: Some("1000".into()),
+            network: None,
+            ledger_id: None,
+            transaction: Some("0xabc"),
+        };
+        let mut buffer = Vec::new();
+        line.write_text(&mut buffer);
+        let text = String::from_utf8(buffer).unwrap();
+        assert!(
+            text.ends_with(
+                r#"INFO access: method=POST path="/v1/chat/completions" route="/v1/*" status=200 latency_ms=3.042 client=2001:db8::1 amount="1000" transaction="0xabc""#
+            ),
+            "{text}"
+        );
+        assert_eq!(text.find("Z  INFO"), Some(text::TIMESTAMP_LEN - 1), "{text}");
     }
 
     /// Appends `line` and returns what was written.

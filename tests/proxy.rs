@@ -147,6 +147,25 @@ strip_prefix = "/public"
 }
 
 #[tokio::test]
+async fn the_upstream_gets_the_canonical_path_and_the_clients_query() {
+    let echo = spawn_echo("echo").await;
+    let toml = toml_with(&[("echo", &echo.url())], "[[routes]]\npath = \"/*\"\nupstream = \"echo\"\n");
+    let gw = start_gateway(&toml).await;
+    for (asked, path, query) in [
+        ("/a/b?x=1%20y&z", "/a/b", "x=1%20y&z"),
+        ("/a/b/", "/a/b/", ""),
+        ("//a//b?x=1", "/a/b", "x=1"),
+        ("/%61/caf%c3%a9?q=%41", "/a/caf%C3%A9", "q=%41"),
+    ] {
+        let answer = get(&gw.url(asked)).await;
+        assert_eq!(answer.status, StatusCode::OK, "{asked}");
+        let echoed = answer.json();
+        assert_eq!(echoed["path"], path, "{asked}");
+        assert_eq!(echoed["query"].as_str().unwrap_or(""), query, "{asked}");
+    }
+}
+
+#[tokio::test]
 async fn chunks_reach_the_client_before_the_upstream_sends_the_next() {
     // The upstream sends one SSE event, then waits until the test has seen it before sending the second:
     // a gateway that buffered would never deliver the first, and the test would time out.

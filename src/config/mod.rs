@@ -83,6 +83,8 @@ pub struct Upstream {
     pub name: String,
     pub scheme: Scheme,
     pub authority: Authority,
+    /// The `Host` header forwarded requests carry: the authority, made a header value once.
+    pub host: HeaderValue,
     /// Path prefix of the upstream URL, without a trailing slash (empty for the root).
     pub base_path: String,
     /// Injected into every forwarded request, replacing any client-sent header of the same name.
@@ -279,6 +281,8 @@ impl Validator<'_> {
         if uri.query().is_some() {
             return Err(ConfigError::invalid(&key, "put query parameters in `query`, not in the URL"));
         }
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| ConfigError::invalid(&key, "the host is not a valid Host header"))?;
         let base_path = uri.path().trim_end_matches('/').to_string();
 
         let mut headers = HeaderMap::new();
@@ -301,7 +305,7 @@ impl Validator<'_> {
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
         let timeout = seconds(&format!("upstreams.{name}.timeout_secs"), raw.timeout_secs, DEFAULT_UPSTREAM_TIMEOUT)?;
-        Ok(Upstream { name: name.to_string(), scheme, authority, base_path, headers, query, timeout })
+        Ok(Upstream { name: name.to_string(), scheme, authority, host, base_path, headers, query, timeout })
     }
 
     fn route(

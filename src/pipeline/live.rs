@@ -41,7 +41,7 @@ impl Live {
         request: &Request<B>,
         paid: &PaidRoute,
         price_key: Option<&str>,
-        client: ClientInfo,
+        client: &ClientInfo,
     ) -> ResourceInfo {
         let description = match (price_key, paid.description.as_str()) {
             (None, description) => description.to_string(),
@@ -81,13 +81,13 @@ impl Live {
     }
 
     /// The URL buyers paid for: under `server.public_url` if set, else what the request says it asked for.
-    pub(super) fn resource_url<B>(&self, request: &Request<B>, client: ClientInfo) -> String {
+    pub(super) fn resource_url<B>(&self, request: &Request<B>, client: &ClientInfo) -> String {
         let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
         format!("{}{path_and_query}", self.base_url(request, client))
     }
 
     /// How buyers reach this gateway: `server.public_url`, or the scheme and host the request used.
-    pub(super) fn base_url<B>(&self, request: &Request<B>, client: ClientInfo) -> String {
+    pub(super) fn base_url<B>(&self, request: &Request<B>, client: &ClientInfo) -> String {
         if let Some(base) = &self.public_url {
             return base.clone();
         }

@@ -206,12 +206,12 @@ impl Gateway {
         let mut log = AccessLog::default();
         let live = self.live();
         let in_flight = self.metrics.in_flight();
-        let response = match self.route(&live, request, client, &mut log) {
+        let response = match self.route(&live, request, &client, &mut log) {
             Ok(Next::Answer(response)) => Ok(response),
             Ok(Next::Forward(request, route)) => self.forward(request, &route).await,
             // Boxed: a paid call's stages hold far more state than a free call, which should not carry its size.
             Ok(Next::Pay(request, route, path)) => {
-                Box::pin(self.process_paid(&live, request, &route, &path, client, &mut log)).await
+                Box::pin(self.process_paid(&live, request, &route, &path, &client, &mut log)).await
             }
             Err(err) => Err(err),
         };
@@ -241,7 +241,7 @@ impl Gateway {
         &self,
         live: &Live,
         request: Request<Incoming>,
-        client: ClientInfo,
+        client: &ClientInfo,
         log: &mut AccessLog,
     ) -> Result<Next, GatewayError> {
         let canonical_path = routing::canonicalize(request.uri().path())?;
@@ -271,7 +271,7 @@ impl Gateway {
         request: Request<Body>,
         route: &Arc<RouteSpec>,
         canonical_path: &str,
-        client: ClientInfo,
+        client: &ClientInfo,
         log: &mut AccessLog,
     ) -> Result<Response<Body>, GatewayError> {
         let Some(paid) = &route.payment else { return Err(GatewayError::Internal) };

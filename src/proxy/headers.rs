@@ -19,32 +19,29 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 
 /// Removes the hop-by-hop headers, including every header that `Connection` names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the (few) headers present, rather than a look-up for every name that might be.
-    let mut doomed: Vec<HeaderName> = headers.keys().filter(|name| HOP_BY_HOP.contains(name)).cloned().collect();
-    let named = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok());
-    doomed.extend(named);
-    for name in doomed {
-        headers.remove(name);
+    // Without allocating on the usual path (one `Connection` value): names are looked up as the `&str`s they are.
+    let mut connection = headers.get_all(header::CONNECTION).iter();
+    let first = connection.next().cloned();
+    let more: Vec<HeaderValue> = connection.cloned().collect();
+    for value in first.iter().chain(&more) {
+        let Ok(value) = value.to_str() else { continue };
+        for name in value.split(',') {
+            headers.remove(name.trim());
+        }
+    }
+    while let Some(hop) = headers.keys().find(|name| HOP_BY_HOP.contains(name)).cloned() {
+        headers.remove(hop);
     }
 }
 
-/// Appends the client to `X-Forwarded-For` and sets `X-Forwarded-Proto` and `X-Forwarded-Host`.
-pub fn set_forwarded(
-    headers: &mut HeaderMap,
-    client_ip: std::net::IpAddr,
-    proto: &'static str,
-    host: Option<HeaderValue>,
-) {
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(previous) => format!("{previous}, {client_ip}"),
-        None => client_ip.to_string(),
+/// Appends the client (its address, as `X-Forwarded-For` names it) to `X-Forwarded-For` and sets
+/// `X-Forwarded-Proto` and `X-Forwarded-Host`.
+pub fn set_forwarded(headers: &mut HeaderMap, client: &HeaderValue, proto: &'static str, host: Option<HeaderValue>) {
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR).filter(|v| v.to_str().is_ok()) {
+        Some(previous) => HeaderValue::from_bytes(&[previous.as_bytes(), b", ", client.as_bytes()].concat()).ok(),
+        None => Some(client.clone()),
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    if let Some(value) = forwarded_for {
         headers.insert(X_FORWARDED_FOR, value);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
@@ -74,9 +71,38 @@ mod tests {
     fn forwarded_for_appends() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        set_forwarded(&mut h, "127.0.0.1".parse().unwrap(), "https", Some(HeaderValue::from_static("api.example")));
+        set_forwarded(
+            &mut h,
+            &HeaderValue::from_static("127.0.0.1"),
+            "https",
+            Some(HeaderValue::from_static("api.example")),
+        );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "api.example");
+    }
+
+    #[test]
+    fn every_connection_value_names_headers_in_any_case() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive, Close"));
+        h.append(header::CONNECTION, HeaderValue::from_static("x-one ,X-Two, ,not a name"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-one", HeaderValue::from_static("1"));
+        h.insert("x-two", HeaderValue::from_static("2"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        remove_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["accept"]);
+    }
+
+    #[test]
+    fn a_forwarded_for_that_is_not_text_is_replaced() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_bytes(b"\xff").unwrap());
+        set_forwarded(&mut h, &HeaderValue::from_static("::1"), "http", None);
+        assert_eq!(h["x-forwarded-for"], "::1");
+        assert!(!h.contains_key("x-forwarded-host"));
     }
 }

@@ -287,13 +287,14 @@ impl AcceptLoop {
             let (gateway, builder, role, tls) =
                 (self.gateway.clone(), self.builder.clone(), listener.role, listener.tls.clone());
             let handshake_timeout = self.handshake_timeout;
+            let client = ClientInfo::new(peer, if let Role::Public { proto } = role { proto } else { "http" });
             tokio::spawn(async move {
                 let _permit = permit;
                 let service = service_fn(move |request: Request<Incoming>| {
-                    let gateway = gateway.clone();
+                    let (gateway, client) = (gateway.clone(), client.clone());
                     async move {
                         Ok::<_, Infallible>(match role {
-                            Role::Public { proto } => gateway.handle(request, ClientInfo { peer, proto }).await,
+                            Role::Public { .. } => gateway.handle(request, client).await,
                             // Boxed: the admin answers' future is large, and every public request would carry its size.
                             Role::Admin => Box::pin(gateway.handle_admin(request)).await,
                         })

@@ -7,6 +7,7 @@ use super::pool;
 use crate::config::{RouteSpec, Upstream};
 use crate::error::GatewayError;
 use crate::routing::path::segments;
+use crate::text;
 use crate::x402::challenge::{PAYMENT_SIGNATURE, X_PAYMENT};
 use http::uri::Scheme;
 use http::{header, HeaderValue, Request, Response, Uri, Version};
@@ -15,12 +16,24 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use std::net::SocketAddr;
 
-/// Who sent a request, as the listener saw it.
-#[derive(Debug, Clone, Copy)]
+/// Who sent a request, as the listener saw it: made once per connection.
+#[derive(Debug, Clone)]
 pub struct ClientInfo {
     pub peer: SocketAddr,
     /// `"http"` or `"https"`: the listener's scheme, for `X-Forwarded-Proto`.
     pub proto: &'static str,
+    /// The peer's address as `X-Forwarded-For` names it.
+    forwarded_for: HeaderValue,
+}
+
+impl ClientInfo {
+    pub fn new(peer: SocketAddr, proto: &'static str) -> ClientInfo {
+        let mut address = Vec::new();
+        text::push_ip(&mut address, peer.ip());
+        // An IP address's text is always a valid header value.
+        let forwarded_for = HeaderValue::from_bytes(&address).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ClientInfo { peer, proto, forwarded_for }
+    }
 }
 
 thread_local! {
@@ -60,7 +73,7 @@ pub fn upstream_request(
     mut request: Request<Body>,
     route: &RouteSpec,
     canonical_path: &str,
-    client: ClientInfo,
+    client: &ClientInfo,
 ) -> Result<Request<Body>, GatewayError> {
     let upstream = &route.upstream;
     let original_host = request
@@ -68,10 +81,34 @@ pub fn upstream_request(
         .get(header::HOST)
         .cloned()
         .or_else(|| request.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    *request.uri_mut() = forwarded_uri(request.uri(), route, canonical_path)?;
+    *request.version_mut() = Version::HTTP_11;
+
+    let headers = request.headers_mut();
+    remove_hop_by_hop(headers);
+    // A buyer's payment is for the gateway; the upstream never sees it.
+    headers.remove(PAYMENT_SIGNATURE);
+    headers.remove(X_PAYMENT);
+    set_forwarded(headers, &client.forwarded_for, client.proto, original_host);
+    headers.insert(header::HOST, upstream.host.clone());
+    for (name, value) in &upstream.headers {
+        headers.insert(name, value.clone());
+    }
+    Ok(request)
+}
+
+/// Where the request goes on the upstream: the canonical path (less `strip_prefix`) under the upstream's base
+/// path, with the client's query and the operator's parameters.
+fn forwarded_uri(client_uri: &Uri, route: &RouteSpec, canonical_path: &str) -> Result<Uri, GatewayError> {
+    let upstream = &route.upstream;
     let path = forwarded_path(canonical_path, route.strip_prefix.as_deref());
-    let query = forwarded_query(request.uri().query(), &upstream.query);
-    // Plain http goes out on our own connections, which take the origin form; hyper-util's client (https)
-    // picks its connection by the absolute form.
+    let unchanged = path == client_uri.path() && upstream.base_path.is_empty() && upstream.query.is_empty();
+    // Plain http goes out on our own connections, which take the origin form: most requests keep theirs.
+    if let Some(path_and_query) = client_uri.path_and_query().filter(|_| unchanged && upstream.scheme == Scheme::HTTP) {
+        return Ok(Uri::from(path_and_query.clone()));
+    }
+    let query = forwarded_query(client_uri.query(), &upstream.query);
+    // hyper-util's client (https) picks its connection by the absolute form.
     let origin = if upstream.scheme == Scheme::HTTP {
         String::new()
     } else {
@@ -81,22 +118,7 @@ pub fn upstream_request(
         Some(q) => format!("{origin}{}{path}?{q}", upstream.base_path),
         None => format!("{origin}{}{path}", upstream.base_path),
     };
-    *request.uri_mut() = uri.parse::<Uri>().map_err(|_| GatewayError::BadPath(crate::routing::PathError::BadEscape))?;
-    *request.version_mut() = Version::HTTP_11;
-
-    let headers = request.headers_mut();
-    remove_hop_by_hop(headers);
-    // A buyer's payment is for the gateway; the upstream never sees it.
-    headers.remove(PAYMENT_SIGNATURE);
-    headers.remove(X_PAYMENT);
-    set_forwarded(headers, client.peer.ip(), client.proto, original_host);
-    if let Ok(host) = HeaderValue::from_str(upstream.authority.as_str()) {
-        headers.insert(header::HOST, host);
-    }
-    for (name, value) in &upstream.headers {
-        headers.insert(name, value.clone());
-    }
-    Ok(request)
+    uri.parse::<Uri>().map_err(|_| GatewayError::BadPath(crate::routing::PathError::BadEscape))
 }
 
 /// The canonical path with `strip_prefix`'s segments removed (the route matched, so they are there).

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# User-space instructions per free-route request, the gateway against nginx as a reverse proxy, both in front of
+# the same nginx upstream, each run under valgrind's callgrind. Instruction counts do not depend on what else the
+# machine is doing, so they compare builds (or the gateway and nginx) where wall-clock figures drown in noise.
+# Kernel work is not counted: the gateway and nginx make the same system calls per request.
+#   bash bench/instructions.sh [gateway binary, default: a release build of this tree] [seconds=10]
+# Prints requests, instructions and instructions per request for each, and the ratio gateway/nginx.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+seconds=${2:-10}
+need nginx wrk python3 valgrind
+if [ -n "${1:-}" ]; then gateway_bin=$1; else build_release; fi
+
+upstream_port=$(free_port)
+start_upstream "$upstream_port"
+
+# Counts what a process serving on `port` executes while wrk drives it: zeroed after a warm-up, dumped after.
+count() { # name port valgrind-pid → "requests instructions"
+  local out="$work/$1.callgrind" requests
+  for _ in $(seq 300); do curl -s -o /dev/null "http://127.0.0.1:$2/weather" && break; sleep 0.2; done
+  wrk -t 1 -c 16 -d 3s "http://127.0.0.1:$2/weather" >/dev/null
+  callgrind_control -z "$3" >/dev/null
+  requests=$(wrk -t 1 -c 16 -d "${seconds}s" "http://127.0.0.1:$2/weather" | awk '/requests in/ { print $1 }')
+  callgrind_control -d "$3" >/dev/null
+  kill "$3"
+  wait "$3" 2>/dev/null || true
+  echo "$requests $(callgrind_annotate "$out.1" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }')"
+}
+
+# nginx in one process (callgrind follows no forks), otherwise as bench/proxy.sh configures it.
+nginx_port=$(free_port)
+write_nginx_proxy "$work/proxy" "$nginx_port" "$upstream_port" 1
+valgrind --tool=callgrind --callgrind-out-file="$work/nginx.callgrind" \
+  nginx -p "$work/proxy" -c "$work/proxy/nginx.conf" -g 'daemon off; master_process off;' 2>/dev/null &
+pids+=($!)
+read -r n_requests n_instructions < <(count nginx "$nginx_port" $!)
+
+gateway_port=$(free_port)
+free_gateway_config "$gateway_port" "$upstream_port" >"$work/gateway.toml"
+valgrind --tool=callgrind --callgrind-out-file="$work/gateway.callgrind" \
+  "$gateway_bin" run --config "$work/gateway.toml" 2>/dev/null &
+pids+=($!)
+read -r g_requests g_instructions < <(count gateway "$gateway_port" $!)
+
+printf '%-8s %10s %15s %12s\n' proxy requests instructions per_request
+printf '%-8s %10s %15s %12s\n' gateway "$g_requests" "$g_instructions" $((g_instructions / g_requests)) \
+  nginx "$n_requests" "$n_instructions" $((n_instructions / n_requests))
+awk -v g=$((g_instructions / g_requests)) -v n=$((n_instructions / n_requests)) \
+  'BEGIN { printf "user-space instructions per request, gateway/nginx: %.2fx\n", g / n }'
