@@ -3,6 +3,7 @@
 
 use super::writer::Writer;
 use super::State;
+use crate::text;
 use rusqlite::{params, Connection};
 use std::path::{Path, PathBuf};
 
@@ -363,16 +364,7 @@ fn rows_where(conn: &Connection, condition: &'static str, params: impl rusqlite:
 
 /// `YYYY-MM-DD` (UTC) of a unix time, by the civil-from-days algorithm.
 fn day_of(unix: u64) -> String {
-    let days = i64::try_from(unix / 86_400).unwrap_or(0);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = text::civil_from_days(unix / 86_400);
     format!("{year:04}-{month:02}-{day:02}")
 }
 

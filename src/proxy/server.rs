@@ -287,6 +287,7 @@ impl AcceptLoop {
             let (gateway, builder, role, tls) =
                 (self.gateway.clone(), self.builder.clone(), listener.role, listener.tls.clone());
             let handshake_timeout = self.handshake_timeout;
+            // The admin listener is plain http.
             let client = ClientInfo::new(peer, if let Role::Public { proto } = role { proto } else { "http" });
             tokio::spawn(async move {
                 let _permit = permit;

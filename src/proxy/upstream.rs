@@ -7,7 +7,6 @@ use super::pool;
 use crate::config::{RouteSpec, Upstream};
 use crate::error::GatewayError;
 use crate::routing::path::segments;
-use crate::text;
 use crate::x402::challenge::{PAYMENT_SIGNATURE, X_PAYMENT};
 use http::uri::Scheme;
 use http::{header, HeaderValue, Request, Response, Uri, Version};
@@ -28,10 +27,9 @@ pub struct ClientInfo {
 
 impl ClientInfo {
     pub fn new(peer: SocketAddr, proto: &'static str) -> ClientInfo {
-        let mut address = Vec::new();
-        text::push_ip(&mut address, peer.ip());
         // An IP address's text is always a valid header value.
-        let forwarded_for = HeaderValue::from_bytes(&address).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        let forwarded_for =
+            HeaderValue::try_from(peer.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         ClientInfo { peer, proto, forwarded_for }
     }
 }
@@ -102,9 +100,12 @@ pub fn upstream_request(
 fn forwarded_uri(client_uri: &Uri, route: &RouteSpec, canonical_path: &str) -> Result<Uri, GatewayError> {
     let upstream = &route.upstream;
     let path = forwarded_path(canonical_path, route.strip_prefix.as_deref());
-    let unchanged = path == client_uri.path() && upstream.base_path.is_empty() && upstream.query.is_empty();
     // Plain http goes out on our own connections, which take the origin form: most requests keep theirs.
-    if let Some(path_and_query) = client_uri.path_and_query().filter(|_| unchanged && upstream.scheme == Scheme::HTTP) {
+    let keeps_uri = upstream.scheme == Scheme::HTTP
+        && upstream.base_path.is_empty()
+        && upstream.query.is_empty()
+        && path == client_uri.path();
+    if let (true, Some(path_and_query)) = (keeps_uri, client_uri.path_and_query()) {
         return Ok(Uri::from(path_and_query.clone()));
     }
     let query = forwarded_query(client_uri.query(), &upstream.query);
