@@ -95,6 +95,12 @@ pub struct Server {
     pub max_body_bytes: Option<u64>,
     pub header_read_timeout_secs: Option<u64>,
     pub max_connections: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
+    pub admin_max_connections: Option<usize>,
+    pub idle_timeout_secs: Option<u64>,
+    pub h2_keepalive_secs: Option<u64>,
+    pub body_read_timeout_secs: Option<u64>,
+    pub max_buffered_body_bytes: Option<u64>,
     pub shutdown_grace_secs: Option<u64>,
     pub workers: Option<usize>,
 }

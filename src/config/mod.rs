@@ -24,6 +24,12 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_H2_KEEPALIVE: Duration = Duration::from_secs(30);
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_BUFFERED_BODY_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Far beyond any core count: a typo, not a machine.
 const MAX_WORKERS: usize = 1024;
@@ -71,8 +77,21 @@ pub struct TlsListener {
 pub struct Limits {
     pub max_header_bytes: usize,
     pub max_body_bytes: u64,
+    /// Also the time a new connection (or a TLS one, once its handshake is done) has to send its first request.
     pub header_read_timeout: Duration,
     pub max_connections: usize,
+    /// Open public connections from one client address (an IPv6 /64 counts as one address).
+    pub max_connections_per_ip: usize,
+    /// The admin listener's own budget, apart from the public one, so health checks answer when it is full.
+    pub admin_max_connections: usize,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// HTTP/2 pings on a connection this quiet; one not acknowledged within `header_read_timeout` closes it.
+    pub h2_keepalive: Duration,
+    /// A request body the gateway reads whole (to price it) must arrive within this.
+    pub body_read_timeout: Duration,
+    /// Request bodies held in memory at once, across requests; beyond it a request gets 503.
+    pub max_buffered_body_bytes: u64,
     pub shutdown_grace: Duration,
     /// Threads serving the public listeners; `None`: one per core.
     pub workers: Option<usize>,
@@ -231,6 +250,28 @@ impl Validator<'_> {
                 DEFAULT_HEADER_READ_TIMEOUT,
             )?,
             max_connections: positive("server.max_connections", raw.max_connections, DEFAULT_MAX_CONNECTIONS)?,
+            max_connections_per_ip: positive(
+                "server.max_connections_per_ip",
+                raw.max_connections_per_ip,
+                DEFAULT_MAX_CONNECTIONS_PER_IP,
+            )?,
+            admin_max_connections: positive(
+                "server.admin_max_connections",
+                raw.admin_max_connections,
+                DEFAULT_ADMIN_MAX_CONNECTIONS,
+            )?,
+            idle_timeout: seconds("server.idle_timeout_secs", raw.idle_timeout_secs, DEFAULT_IDLE_TIMEOUT)?,
+            h2_keepalive: seconds("server.h2_keepalive_secs", raw.h2_keepalive_secs, DEFAULT_H2_KEEPALIVE)?,
+            body_read_timeout: seconds(
+                "server.body_read_timeout_secs",
+                raw.body_read_timeout_secs,
+                DEFAULT_BODY_READ_TIMEOUT,
+            )?,
+            max_buffered_body_bytes: positive(
+                "server.max_buffered_body_bytes",
+                raw.max_buffered_body_bytes,
+                DEFAULT_MAX_BUFFERED_BODY_BYTES,
+            )?,
             shutdown_grace: match raw.shutdown_grace_secs {
                 Some(secs) => Duration::from_secs(secs),
                 None => DEFAULT_SHUTDOWN_GRACE,

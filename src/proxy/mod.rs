@@ -2,6 +2,7 @@
 
 pub mod body;
 pub mod client;
+mod connection;
 pub mod cors;
 pub mod headers;
 mod pool;

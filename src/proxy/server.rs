@@ -1,16 +1,17 @@
-//! Listeners: accept TCP (and TLS), cap concurrent connections, serve HTTP/1.1 and HTTP/2, shut down gracefully.
+//! Listeners: accept TCP (and TLS), cap connections (in all, per client address, apart for admin), serve
+//! HTTP/1.1 and HTTP/2, close connections that send nothing or idle, shut down gracefully.
 
+use super::connection::{Activity, IdleWatch, Look, PerIpCap, Tracked};
 use super::tls::{self, TlsError};
 use super::upstream::ClientInfo;
 use crate::config::{Config, Limits};
-use crate::logging;
+use crate::logging::{self, AccessLine};
 use crate::pipeline::Gateway;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -107,14 +108,26 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(());
         let (finished_tx, finished_rx) = watch::channel(false);
-        let graceful = Arc::new(GracefulShutdown::new());
-        let accept = AcceptLoop {
+        // Every connection holds a sender: once all are dropped, every connection has closed.
+        let (open_tx, mut open_rx) = tokio::sync::mpsc::channel::<()>(1);
+        let limits = &self.limits;
+        let public_loop = AcceptLoop {
             gateway: self.gateway.clone(),
-            builder: Arc::new(http_builder(&self.limits)),
-            graceful: graceful.clone(),
-            permits: Arc::new(Semaphore::new(self.limits.max_connections)),
-            handshake_timeout: self.limits.header_read_timeout,
+            builder: Arc::new(http_builder(limits)),
+            budget: Budget {
+                permits: Arc::new(Semaphore::new(limits.max_connections)),
+                per_ip: Some(PerIpCap::new(limits.max_connections_per_ip)),
+            },
+            first_request: limits.header_read_timeout,
+            idle: limits.idle_timeout,
+            open: open_tx.clone(),
         };
+        // Its own budget: health checks and metrics answer while the public connections are at their cap.
+        let admin_loop = AcceptLoop {
+            budget: Budget { permits: Arc::new(Semaphore::new(limits.admin_max_connections)), per_ip: None },
+            ..public_loop.clone()
+        };
+        drop(open_tx);
         let (admin, public): (Vec<Listener>, Vec<Listener>) =
             self.listeners.into_iter().partition(|l| matches!(l.role, Role::Admin));
         for listener in admin.iter().chain(&public) {
@@ -122,14 +135,14 @@ impl Server {
         }
         let mut loops = tokio::task::JoinSet::new();
         for listener in admin {
-            loops.spawn(accept.clone().run(listener, stop_rx.clone()));
+            loops.spawn(admin_loop.clone().run(listener, stop_rx.clone()));
         }
         // Each worker holds a sender until its accept loops have ended.
         let (workers_tx, mut workers_rx) = tokio::sync::mpsc::channel::<()>(1);
         let mut threads = Vec::new();
         for index in 0..self.limits.workers.unwrap_or_else(cores) {
             let work = Worker {
-                accept: accept.clone(),
+                accept: public_loop.clone(),
                 listeners: public.clone(),
                 stop: stop_rx.clone(),
                 finished: finished_rx.clone(),
@@ -143,11 +156,11 @@ impl Server {
         if threads.is_empty() {
             tracing::error!("no worker thread could start: serving on the main runtime");
             for listener in &public {
-                loops.spawn(accept.clone().run(listener.clone(), stop_rx.clone()));
+                loops.spawn(public_loop.clone().run(listener.clone(), stop_rx.clone()));
             }
         }
         // The accept loops hold the only handles left: a listener closes as soon as they stop.
-        drop((public, workers_tx, accept));
+        drop((public, workers_tx, public_loop, admin_loop));
         tokio::spawn(self.gateway.clone().reconcile_forever());
         let gateway = self.gateway.clone();
         tokio::spawn(async move {
@@ -157,16 +170,12 @@ impl Server {
         });
         shutdown.await;
         tracing::info!("shutting down: no new connections; waiting for open ones");
+        // Ends the accept loops, and asks every open connection to finish what it serves and close.
         drop(stop_tx);
         while loops.join_next().await.is_some() {}
         while workers_rx.recv().await.is_some() {}
-        match Arc::try_unwrap(graceful) {
-            Ok(graceful) => {
-                if tokio::time::timeout(self.limits.shutdown_grace, graceful.shutdown()).await.is_err() {
-                    tracing::warn!("shutdown grace period over; closing the remaining connections");
-                }
-            }
-            Err(_) => tracing::error!("an accept loop outlived the shutdown: open connections are closed now"),
+        if tokio::time::timeout(self.limits.shutdown_grace, open_rx.recv()).await.is_err() {
+            tracing::warn!("shutdown grace period over; closing the remaining connections");
         }
         // The workers' runtimes end now, closing whatever the grace period left open.
         let _ = finished_tx.send(true);
@@ -243,17 +252,28 @@ fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
         .http2()
         .timer(TokioTimer::new())
+        .keep_alive_interval(limits.h2_keepalive)
+        .keep_alive_timeout(limits.header_read_timeout)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     builder
+}
+
+/// Connections one listener kind may hold open.
+#[derive(Clone)]
+struct Budget {
+    permits: Arc<Semaphore>,
+    per_ip: Option<Arc<PerIpCap>>,
 }
 
 #[derive(Clone)]
 struct AcceptLoop {
     gateway: Arc<Gateway>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    graceful: Arc<GracefulShutdown>,
-    permits: Arc<Semaphore>,
-    handshake_timeout: Duration,
+    budget: Budget,
+    /// For the TLS handshake, then again for the first request once the protocol runs.
+    first_request: Duration,
+    idle: Duration,
+    open: tokio::sync::mpsc::Sender<()>,
 }
 
 impl AcceptLoop {
@@ -276,35 +296,51 @@ impl AcceptLoop {
                 },
                 _ = stop.changed() => return,
             };
+            // Over its address's share, a connection is closed at once: one host cannot take the whole budget.
+            let ip_slot = match &self.budget.per_ip {
+                Some(cap) => match cap.admit(peer.ip()) {
+                    Some(slot) => Some(slot),
+                    None => {
+                        tracing::debug!(%peer, "connection refused: too many open from this address");
+                        continue;
+                    }
+                },
+                None => None,
+            };
             // At the connection cap, this connection waits unserved and the loop accepts nothing more: the
             // kernel's backlog holds the rest. (Taking the slot only now keeps idle loops from holding slots.)
             let permit = tokio::select! {
-                permit = self.permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
+                permit = self.budget.permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
                 _ = stop.changed() => return,
             };
             let _ = tcp.set_nodelay(true);
-            let watcher = self.graceful.watcher();
             let (gateway, builder, role, tls) =
                 (self.gateway.clone(), self.builder.clone(), listener.role, listener.tls.clone());
-            let handshake_timeout = self.handshake_timeout;
+            let (first_request, idle, open, stop) = (self.first_request, self.idle, self.open.clone(), stop.clone());
             // The admin listener is plain http.
             let client = ClientInfo::new(peer, if let Role::Public { proto } = role { proto } else { "http" });
             tokio::spawn(async move {
-                let _permit = permit;
+                let _held = (permit, ip_slot, open);
+                let activity = Arc::new(Activity::default());
+                let watch = IdleWatch::new(activity.clone(), first_request, idle);
+                let service_client = client.clone();
                 let service = service_fn(move |request: Request<Incoming>| {
-                    let (gateway, client) = (gateway.clone(), client.clone());
+                    let (gateway, client) = (gateway.clone(), service_client.clone());
+                    let in_flight = activity.start();
                     async move {
-                        Ok::<_, Infallible>(match role {
+                        let response = match role {
                             Role::Public { .. } => gateway.handle(request, client).await,
                             // Boxed: the admin answers' future is large, and every public request would carry its size.
                             Role::Admin => Box::pin(gateway.handle_admin(request)).await,
-                        })
+                        };
+                        Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
                     }
                 });
+                let connection = Connection { builder: &builder, watch, stop, client: &client };
                 match tls {
-                    None => serve(&builder, watcher, tcp, service).await,
-                    Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => serve(&builder, watcher, stream, service).await,
+                    None => connection.serve(tcp, service).await,
+                    Some(acceptor) => match tokio::time::timeout(first_request, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => connection.serve(stream, service).await,
                         Ok(Err(err)) => {
                             tracing::debug!(%peer, error = %err, "TLS handshake failed")
                         }
@@ -316,20 +352,74 @@ impl AcceptLoop {
     }
 }
 
-async fn serve<IO, S>(
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
-    io: IO,
-    service: S,
-) where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = hyper::Response<super::body::Body>, Error = Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let connection = builder.serve_connection(TokioIo::new(io), service);
-    if let Err(err) = watcher.watch(connection).await {
-        tracing::debug!(error = %err, "connection ended with an error");
+/// One accepted connection, served until it ends, idles, or the server stops.
+struct Connection<'a> {
+    builder: &'a auto::Builder<TokioExecutor>,
+    watch: IdleWatch,
+    stop: watch::Receiver<()>,
+    client: &'a ClientInfo,
+}
+
+impl Connection<'_> {
+    async fn serve<IO, S>(mut self, io: IO, service: S)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::Service<Request<Incoming>, Response = hyper::Response<Tracked>, Error = Infallible>
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let connection = self.builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        let (mut stopping, mut closing_since) = (false, None);
+        let ended = loop {
+            tokio::select! {
+                ended = connection.as_mut() => break ended,
+                _ = tokio::time::sleep(self.watch.next_look()), if closing_since.is_none() => match self.watch.look() {
+                    Look::Open => {}
+                    Look::Unused => return tracing::debug!(peer = %self.client.peer, "closed: no request in time"),
+                    Look::Idle => {
+                        connection.as_mut().graceful_shutdown();
+                        closing_since = Some(tokio::time::Instant::now());
+                    }
+                },
+                // A peer that never lets a graceful close finish (an h2 GOAWAY left unacknowledged) is cut off.
+                _ = tokio::time::sleep_until(closing_since.unwrap_or_else(tokio::time::Instant::now) + CLOSING_GRACE),
+                    if closing_since.is_some() => return,
+                _ = self.stop.changed(), if !stopping => {
+                    stopping = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
+        };
+        if let Err(err) = ended {
+            log_connection_error(&*err, self.client);
+        }
     }
+}
+
+/// How long an idle connection asked to close may take to do so.
+const CLOSING_GRACE: Duration = Duration::from_secs(5);
+
+/// hyper answers a request head it cannot parse itself (400, 431) and never calls the service: the access
+/// log gets a line for it here. Other connection errors are the peer's business.
+fn log_connection_error(err: &(dyn std::error::Error + 'static), client: &ClientInfo) {
+    let status = match err.downcast_ref::<hyper::Error>() {
+        Some(e) if e.is_parse_too_large() => 431,
+        Some(e) if e.is_parse() => 400,
+        _ => return tracing::debug!(peer = %client.peer, error = %err, "connection ended with an error"),
+    };
+    logging::access(&AccessLine {
+        method: "-",
+        path: "-",
+        route: "-",
+        status,
+        latency: Duration::ZERO,
+        client: client.peer.ip(),
+        payer: None,
+        amount: None,
+        network: None,
+        ledger_id: None,
+        transaction: None,
+    });
 }

@@ -1,0 +1,225 @@
+//! The edge against hostile clients: connections that send nothing, stall or idle, one address taking every
+//! connection, and the admin listener kept answering through it all. Real sockets on loopback.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::StatusCode;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Generous: turns a hang into a failure, never measures anything.
+const HANG: Duration = Duration::from_secs(15);
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+fn toml_str(value: &str) -> String {
+    format!("{value:?}")
+}
+
+/// Plain, HTTPS (the dev certificate) and admin listeners, `/*` routed free to `upstream`.
+fn edge_config(upstream: &str, server_extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\ntls_cert = {cert}\ntls_key = {key}\n\
+         admin_listen = \"127.0.0.1:0\"\n{server_extra}\n[upstreams.api]\nurl = \"{upstream}\"\n\
+         [[routes]]\npath = \"/*\"\nupstream = \"api\"\n",
+        cert = toml_str(&repo_path("certs/server.crt").display().to_string()),
+        key = toml_str(&repo_path("certs/server.key").display().to_string()),
+    )
+}
+
+/// A TCP connection to `to` from the loopback address `from` (any of 127.0.0.0/8 is this machine).
+async fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.bind(SocketAddr::from((from, 0))).expect("bind a loopback source address");
+    tokio::time::timeout(HANG, socket.connect(to)).await.expect("connect in time").expect("connect")
+}
+
+/// Whether the peer closes `tcp` within `wait` (whatever it sends before).
+async fn closed_within(tcp: &mut TcpStream, wait: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// One HTTP/1.1 request on `tcp`; the status line's code, or `None` if nothing came within `wait`.
+async fn h1_status(tcp: &mut TcpStream, request: &[u8], wait: Duration) -> Option<u16> {
+    tcp.write_all(request).await.ok()?;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(wait, tcp.read(&mut buf)).await.ok()?.ok()?;
+    let head = std::str::from_utf8(&buf[..n]).ok()?;
+    head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+fn tls_connector() -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(repo_path("certs/dev-ca.crt")).expect("dev CA") {
+        roots.add(cert.expect("PEM certificate")).expect("trust anchor");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// An HTTP/2 frame: length, type, flags, stream, payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).expect("small frame").to_be_bytes();
+    let mut frame = vec![len[1], len[2], len[3], kind, flags];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The client preface and an empty SETTINGS frame: an h2 connection, ready, that asks nothing.
+fn h2_hello() -> Vec<u8> {
+    [H2_PREFACE.to_vec(), h2_frame(0x4, 0, 0, &[])].concat()
+}
+
+#[tokio::test]
+async fn silent_connections_of_every_kind_cannot_hold_the_cap_nor_the_admin_listener() {
+    let echo = spawn_echo("api").await;
+    let server = "max_connections = 8\nmax_connections_per_ip = 100\nheader_read_timeout_secs = 1";
+    let gw = start_gateway(&edge_config(&echo.url(), server)).await;
+    let (http, https, admin) = (gw.http.unwrap(), gw.https.unwrap(), gw.admin.unwrap());
+
+    // Eight connections fill the cap: two of each kind of silence.
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(connect_from([127, 0, 0, 1], http).await);
+        let mut half_preface = connect_from([127, 0, 0, 1], http).await;
+        half_preface.write_all(&H2_PREFACE[..16]).await.unwrap();
+        silent.push(half_preface);
+        let mut h2_idle = connect_from([127, 0, 0, 1], http).await;
+        h2_idle.write_all(&h2_hello()).await.unwrap();
+        silent.push(h2_idle);
+    }
+    let mut tls_silent = Vec::new();
+    for _ in 0..2 {
+        let tcp = connect_from([127, 0, 0, 1], https).await;
+        let name = ServerName::try_from("localhost").unwrap();
+        tls_silent.push(tls_connector().connect(name, tcp).await.expect("TLS handshake, then nothing"));
+    }
+    // Let the gateway accept them all before the next one queues behind them.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let sent = Instant::now();
+    let normal = tokio::spawn(async move {
+        let mut tcp = connect_from([127, 0, 0, 1], http).await;
+        h1_status(&mut tcp, b"GET /normal HTTP/1.1\r\nHost: edge\r\n\r\n", HANG).await
+    });
+    let health = tokio::time::timeout(HANG, get(&format!("http://{admin}/healthz"))).await.expect("healthz answers");
+    assert_eq!(health.status, StatusCode::OK, "the admin listener has its own budget");
+    assert_eq!(normal.await.unwrap(), Some(200));
+    let waited = sent.elapsed();
+    assert!(waited < Duration::from_secs(2), "answered within the header timeout plus a second: {waited:?}");
+
+    for tcp in &mut silent {
+        assert!(closed_within(tcp, Duration::from_secs(5)).await, "a silent connection is closed");
+    }
+    for tls in &mut tls_silent {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "a silent TLS connection is closed: {read:?}");
+    }
+    assert_eq!(echo.hits(), 1);
+}
+
+#[tokio::test]
+async fn one_address_cannot_take_more_than_its_share_of_connections() {
+    let echo = spawn_echo("api").await;
+    let gw = start_gateway(&edge_config(&echo.url(), "max_connections_per_ip = 2")).await;
+    let http = gw.http.unwrap();
+    let request = b"GET /x HTTP/1.1\r\nHost: edge\r\n\r\n";
+    let mut first = connect_from([127, 0, 0, 2], http).await;
+    let mut second = connect_from([127, 0, 0, 2], http).await;
+    assert_eq!(h1_status(&mut first, request, HANG).await, Some(200));
+    assert_eq!(h1_status(&mut second, request, HANG).await, Some(200));
+
+    let mut third = connect_from([127, 0, 0, 2], http).await;
+    assert!(closed_within(&mut third, HANG).await, "a third connection from the same address is closed");
+    let mut elsewhere = connect_from([127, 0, 0, 3], http).await;
+    assert_eq!(h1_status(&mut elsewhere, request, HANG).await, Some(200), "another address is served");
+
+    // A slot freed by a close is the address's again.
+    drop(first);
+    let served_again = async {
+        loop {
+            let mut again = connect_from([127, 0, 0, 2], http).await;
+            if h1_status(&mut again, request, Duration::from_secs(1)).await == Some(200) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(HANG, served_again).await.expect("served once one of its connections closed");
+    assert_eq!(echo.hits(), 4);
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_in_both_protocols() {
+    let echo = spawn_echo("api").await;
+    let server = "idle_timeout_secs = 1\nheader_read_timeout_secs = 5";
+    let gw = start_gateway(&edge_config(&echo.url(), server)).await;
+    let http = gw.http.unwrap();
+
+    let mut h1 = connect_from([127, 0, 0, 1], http).await;
+    assert_eq!(h1_status(&mut h1, b"GET /one HTTP/1.1\r\nHost: edge\r\n\r\n", HANG).await, Some(200));
+    // A real h2 client, which answers the pings of a graceful close.
+    let tcp = connect_from([127, 0, 0, 1], http).await;
+    let (mut h2, h2_connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.expect("h2 handshake");
+    let h2_connection = tokio::spawn(h2_connection);
+    let request = http::Request::get(format!("http://{http}/two")).body(Empty::<Bytes>::new()).unwrap();
+    let answer = tokio::time::timeout(HANG, h2.send_request(request)).await.expect("in time").expect("h2 answer");
+    assert_eq!(answer.status(), StatusCode::OK);
+    answer.into_body().collect().await.expect("body");
+
+    let started = Instant::now();
+    assert!(closed_within(&mut h1, HANG).await, "an idle HTTP/1.1 connection is closed");
+    let ended = tokio::time::timeout(HANG, h2_connection).await.expect("the idle h2 connection is closed");
+    assert!(ended.expect("task").is_ok(), "closed gracefully (GOAWAY), not torn down");
+    // Closed for idling, not by the header timeout: both went well before it.
+    assert!(started.elapsed() < Duration::from_secs(4), "closed after {:?}", started.elapsed());
+    assert_eq!(echo.hits(), 2);
+}
+
+#[tokio::test]
+async fn an_h2_peer_that_stops_answering_pings_is_cut_off_while_its_request_waits() {
+    // An upstream that never answers: the request stays in flight, so only the pings can end the connection.
+    let stuck = spawn_upstream(|_req| async {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        http::Response::new(x402_gateway::proxy::body::full("never"))
+    })
+    .await;
+    let server = "h2_keepalive_secs = 1\nheader_read_timeout_secs = 1\nidle_timeout_secs = 3600";
+    let gw = start_gateway(&edge_config(&stuck.url(), server)).await;
+    let mut h2 = connect_from([127, 0, 0, 1], gw.http.unwrap()).await;
+    h2.write_all(&h2_hello()).await.unwrap();
+    let head = [0x82, 0x86, 0x84, 0x41, 0x01, b'x'];
+    h2.write_all(&h2_frame(0x1, 0x4 | 0x1, 1, &head)).await.unwrap();
+    let reached = async {
+        while stuck.hits() == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(HANG, reached).await.expect("the request reaches the upstream");
+    // This client reads frames but never acknowledges a PING.
+    assert!(closed_within(&mut h2, HANG).await, "the connection is closed once a ping goes unanswered");
+}
