@@ -16,6 +16,10 @@ pub enum GatewayError {
     BodyTooLarge,
     #[error("the request body could not be read")]
     BodyUnreadable,
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
+    #[error("too many request bodies are being read right now; retry shortly")]
+    BufferedBodiesFull,
     #[error("{0}")]
     Price(#[from] crate::pricing::PriceError),
     #[error("malformed payment header: {0}")]
@@ -46,6 +50,8 @@ impl GatewayError {
             MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             BodyUnreadable => (StatusCode::BAD_REQUEST, "invalid_body"),
+            BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
+            BufferedBodiesFull => (StatusCode::SERVICE_UNAVAILABLE, "server_busy"),
             Price(crate::pricing::PriceError::NotJson(_)) => (StatusCode::BAD_REQUEST, "invalid_body"),
             Price(crate::pricing::PriceError::Ambiguous(_)) => (StatusCode::BAD_REQUEST, "ambiguous_price_key"),
             Price(crate::pricing::PriceError::Unknown { .. }) => (StatusCode::BAD_REQUEST, "unknown_price_key"),
@@ -64,11 +70,17 @@ impl GatewayError {
         let (status, reason) = self.status_and_reason();
         let body = serde_json::json!({ "error": reason, "message": self.to_string() });
         let mut response = json_response(status, &body);
-        if let GatewayError::MethodNotAllowed(methods) = &self {
-            let allow = methods.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
-            if let Ok(value) = HeaderValue::from_str(&allow) {
-                response.headers_mut().insert(header::ALLOW, value);
+        match &self {
+            GatewayError::MethodNotAllowed(methods) => {
+                let allow = methods.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
+                if let Ok(value) = HeaderValue::from_str(&allow) {
+                    response.headers_mut().insert(header::ALLOW, value);
+                }
             }
+            GatewayError::BufferedBodiesFull => {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
         }
         response
     }

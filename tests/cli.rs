@@ -375,3 +375,112 @@ fn sighup_reloads_a_valid_file_and_refuses_an_invalid_one() {
     assert!(status.success());
     assert_eq!(wait_exit(&mut child, Duration::from_secs(10)).code(), Some(0));
 }
+
+/// A process's memory figure from /proc (`VmRSS`, `VmHWM`), in bytes.
+fn memory_of(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field}"));
+    let kib: u64 = line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("a number of kB");
+    kib * 1024
+}
+
+#[test]
+fn unpaid_bodies_cannot_pin_memory_beyond_the_buffer_budget() {
+    const MAX_BODY: usize = 4 * 1024 * 1024;
+    const BUDGET: u64 = 8 * 1024 * 1024;
+    let path = write_config(&format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+max_body_bytes = {MAX_BODY}
+max_buffered_body_bytes = {BUDGET}
+[upstreams.api]
+url = "http://127.0.0.1:9"
+[payment]
+pay_to = "0x90F79bf6EB2c4f870365E785982E1f101E93b906"
+network = "eip155:84532"
+asset = "USDC"
+facilitator = "http://127.0.0.1:9"
+[[routes]]
+path = "/chat"
+upstream = "api"
+price = {{ by = "body.model", table = {{ cheap = "$0.001" }} }}
+"#
+    ));
+    let Running { mut child, addr, .. } = start_run(&path);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = memory_of(child.id(), "VmRSS:");
+
+    // 30 buyers who never pay, each sending all but the last byte of a body just under the limit: half of
+    // them declare its length, half send it chunked. Each holds its connection open.
+    let attackers: Vec<_> = (0..30)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut tcp = TcpStream::connect(addr).expect("connect");
+                tcp.set_write_timeout(Some(Duration::from_secs(5))).expect("write timeout");
+                let chunked = i % 2 == 1;
+                let head = match chunked {
+                    true => "POST /chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_string(),
+                    false => format!("POST /chat HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", MAX_BODY - 1),
+                };
+                if tcp.write_all(head.as_bytes()).is_err() {
+                    return tcp;
+                }
+                let piece = vec![b' '; 64 * 1024];
+                for _ in 0..(MAX_BODY - 2) / piece.len() {
+                    let sent = match chunked {
+                        true => tcp.write_all(format!("{:x}\r\n", piece.len()).as_bytes()).and_then(|()| {
+                            tcp.write_all(&piece)?;
+                            tcp.write_all(b"\r\n")
+                        }),
+                        false => tcp.write_all(&piece),
+                    };
+                    if sent.is_err() {
+                        break;
+                    }
+                }
+                tcp
+            })
+        })
+        .collect();
+    let held: Vec<TcpStream> = attackers.into_iter().map(|a| a.join().expect("attacker thread")).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let peak = memory_of(child.id(), "VmHWM:");
+    let grown = peak.saturating_sub(before);
+    // The budget plus what 30 connections and their answers cost; without a budget it is about 120 MB.
+    assert!(grown < BUDGET + 24 * 1024 * 1024, "the gateway grew by {} MB", grown / (1024 * 1024));
+    drop(held);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn requests_hyper_refuses_itself_get_an_access_line() {
+    let path = write_config(
+        "[server]\nlisten = \"127.0.0.1:0\"\nmax_header_bytes = 8192\n[upstreams.api]\nurl = \"http://127.0.0.1:9\"\n\
+         [[routes]]\npath = \"/*\"\nupstream = \"api\"\n",
+    );
+    let Running { mut child, addr, lines } = start_run(&path);
+    let send = |request: &[u8]| {
+        let mut tcp = TcpStream::connect(addr).expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+        tcp.write_all(request).expect("send");
+        let mut answer = String::new();
+        let _ = tcp.read_to_string(&mut answer);
+        answer
+    };
+    assert!(send(b"GET /a b c HTTP/1.1\r\nHost: x\r\n\r\n").starts_with("HTTP/1.1 400"));
+    let huge = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(20_000));
+    assert!(send(huge.as_bytes()).starts_with("HTTP/1.1 431"));
+    let mut statuses = Vec::new();
+    while statuses.len() < 2 {
+        let line = lines.recv_timeout(Duration::from_secs(10)).expect("an access-log line");
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        if event["target"] == "access" {
+            assert_eq!(event["client"], "127.0.0.1", "{event}");
+            statuses.push(event["status"].as_u64().expect("a status"));
+        }
+    }
+    assert_eq!(statuses, [400, 431]);
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -223,3 +223,69 @@ async fn an_h2_peer_that_stops_answering_pings_is_cut_off_while_its_request_wait
     // This client reads frames but never acknowledges a PING.
     assert!(closed_within(&mut h2, HANG).await, "the connection is closed once a ping goes unanswered");
 }
+
+/// A route priced by its body's `model` (so its body is read whole before the 402), settled by a facilitator
+/// on a closed port: nothing gets past the 402 here.
+fn body_priced(upstream: &str, server_extra: &str) -> String {
+    paid_config(upstream, server_extra, "facilitator = \"http://127.0.0.1:9\"")
+        + "[[routes]]\npath = \"/chat\"\nupstream = \"api\"\nprice = { by = \"body.model\", table = { cheap = \"$0.001\" } }\n"
+}
+
+#[tokio::test]
+async fn a_body_read_for_pricing_that_stalls_is_cut_at_its_deadline() {
+    let echo = spawn_echo("api").await;
+    let gw = start_gateway(&body_priced(&echo.url(), "body_read_timeout_secs = 1")).await;
+    let mut tcp = connect_from([127, 0, 0, 1], gw.http.unwrap()).await;
+    let started = Instant::now();
+    let head = b"POST /chat HTTP/1.1\r\nHost: edge\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n";
+    let status = h1_status(&mut tcp, &[&head[..], b"{\"model\":"].concat(), HANG).await;
+    assert_eq!(status, Some(408));
+    assert!(started.elapsed() >= Duration::from_millis(900), "cut by the deadline: {:?}", started.elapsed());
+
+    // A chunked body that trickles is cut the same way.
+    let tcp = connect_from([127, 0, 0, 1], gw.http.unwrap()).await;
+    let (mut reader, mut writer) = tcp.into_split();
+    let head = b"POST /chat HTTP/1.1\r\nHost: edge\r\nTransfer-Encoding: chunked\r\n\r\n";
+    writer.write_all(head).await.unwrap();
+    let trickle = async {
+        for _ in 0..40 {
+            if writer.write_all(b"1\r\n \r\n").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let mut buf = vec![0u8; 1024];
+    let (_, read) = tokio::join!(trickle, tokio::time::timeout(HANG, reader.read(&mut buf)));
+    let n = read.expect("an answer").expect("read");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 408"), "{}", String::from_utf8_lossy(&buf[..n]));
+    assert_eq!(echo.hits(), 0);
+}
+
+#[tokio::test]
+async fn bodies_beyond_the_buffer_budget_are_refused_with_503_while_others_are_served() {
+    let echo = spawn_echo("api").await;
+    let server = "max_body_bytes = 1000000\nmax_buffered_body_bytes = 1500000\nbody_read_timeout_secs = 30";
+    let gw = start_gateway(&body_priced(&echo.url(), server)).await;
+    let http = gw.http.unwrap();
+    // One body of 1 MB declared and held half-sent takes most of the budget...
+    let mut holder = connect_from([127, 0, 0, 1], http).await;
+    let head = "POST /chat HTTP/1.1\r\nHost: edge\r\nContent-Length: 1000000\r\n\r\n";
+    holder.write_all(head.as_bytes()).await.unwrap();
+    holder.write_all(&vec![b' '; 500_000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...so a second such body does not fit: 503 with Retry-After, before any of it is read.
+    let mut second = connect_from([127, 0, 0, 1], http).await;
+    second.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(HANG, second.read(&mut buf)).await.expect("answered").expect("read");
+    let answer = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+    assert!(answer.starts_with("http/1.1 503"), "{answer}");
+    assert!(answer.contains("retry-after: 1") && answer.contains("server_busy"), "{answer}");
+    // A small priced body still fits, and gets its 402; free routes are not affected at all.
+    let small = br#"{"model":"cheap"}"#;
+    let request = format!("POST /chat HTTP/1.1\r\nHost: edge\r\nContent-Length: {}\r\n\r\n", small.len());
+    let mut third = connect_from([127, 0, 0, 1], http).await;
+    assert_eq!(h1_status(&mut third, &[request.as_bytes(), small].concat(), HANG).await, Some(402));
+    drop(holder);
+}

@@ -1,6 +1,7 @@
 //! The per-configuration parts of the pipeline: route matching, pricing input, catalogues and URLs.
 
-use super::{read_to_limit, Live, ReadError};
+use super::buffered::{BodyBudget, Held};
+use super::Live;
 use crate::config::{PaidRoute, RouteSpec};
 use crate::error::GatewayError;
 use crate::proxy::body::{full, Body, BoxError};
@@ -51,23 +52,22 @@ impl Live {
         ResourceInfo { url: self.resource_url(request, client), description, mime_type: paid.mime_type.clone() }
     }
 
-    /// A route priced by its body needs the body before the 402: read it (within `max_body_bytes`), and
-    /// forward the very same bytes.
-    pub(super) async fn buffer_body_for_pricing(
+    /// A route priced by its body needs the body before the 402: read it (within `max_body_bytes`, the
+    /// deadline and the budget for buffered bodies), and forward the very same bytes. The returned share of
+    /// the budget is held as long as the caller keeps it.
+    pub(super) async fn buffer_body_for_pricing<'b>(
         &self,
         request: Request<Body>,
         paid: &PaidRoute,
-    ) -> Result<(Request<Body>, Bytes), GatewayError> {
+        budget: &'b BodyBudget,
+    ) -> Result<(Request<Body>, Bytes, Option<Held<'b>>), GatewayError> {
         if !paid.pricing.needs_body() {
-            return Ok((request, Bytes::new()));
+            return Ok((request, Bytes::new(), None));
         }
         let (parts, body) = request.into_parts();
         let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
-        let bytes = read_to_limit(body, limit).await.map_err(|err| match err {
-            ReadError::TooLarge => GatewayError::BodyTooLarge,
-            ReadError::Broken => GatewayError::BodyUnreadable,
-        })?;
-        Ok((Request::from_parts(parts, full(bytes.clone())), bytes))
+        let (bytes, held) = budget.read(body, limit, declared_length(&parts.headers)).await?;
+        Ok((Request::from_parts(parts, full(bytes.clone())), bytes, Some(held)))
     }
 
     pub(super) fn catalogue<B>(&self, request: &Request<B>, canonical_path: &str) -> Option<Response<Body>> {
@@ -103,15 +103,14 @@ impl Live {
     /// Refuses a declared oversized body at once, and caps a streamed one as it passes.
     pub(super) fn limit_body(&self, request: Request<Incoming>) -> Result<Request<Body>, GatewayError> {
         let limit = self.max_body_bytes;
-        let declared = request
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > limit) {
+        if declared_length(request.headers()).is_some_and(|len| len > limit) {
             return Err(GatewayError::BodyTooLarge);
         }
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         Ok(request.map(|body| Limited::new(body, limit).map_err(BoxError::from).boxed_unsync()))
     }
+}
+
+fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
 }

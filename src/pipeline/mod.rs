@@ -2,6 +2,7 @@
 //! accept (proxy::server) → match route → price → payment gate → verify → record → upstream ⇄ settle → respond.
 //! `live` holds what one configuration decides; `paid` the stages of a paid call.
 
+mod buffered;
 mod live;
 mod paid;
 
@@ -34,6 +35,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use buffered::BodyBudget;
 use paid::PaidCall;
 
 /// Rows younger than this are left to the request that is handling them (long streams included).
@@ -49,6 +51,8 @@ pub struct Gateway {
     gate: PaymentGate,
     ledger: Ledger,
     answers: PaidAnswers,
+    /// Request bodies read whole before the 402, across requests.
+    buffered: BodyBudget,
     reconcile_interval: Duration,
     /// A `settling` row this old had time to land: reconciliation may decide it.
     settling_grace: Duration,
@@ -124,7 +128,9 @@ impl Gateway {
             }
         }
         let settings = &config.ledger;
+        let limits = &config.server.limits;
         Ok(Gateway {
+            buffered: BodyBudget::new(limits.max_buffered_body_bytes, limits.body_read_timeout),
             answers: PaidAnswers::new(
                 settings.answers_max_bytes,
                 settings.answers_max_body_bytes,
@@ -278,7 +284,7 @@ impl Gateway {
         let route_name = &*route.pattern_text;
 
         // Price: the offers for exactly this request.
-        let (request, body) = live.buffer_body_for_pricing(request, paid).await?;
+        let (request, body, _buffered) = live.buffer_body_for_pricing(request, paid, &self.buffered).await?;
         let priced =
             paid.pricing.price(request.uri().query(), request.headers(), &body).map_err(GatewayError::Price)?;
         let offers = priced.offers;

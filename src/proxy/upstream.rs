@@ -157,7 +157,7 @@ fn forwarded_query(client_query: Option<&str>, injected: &[(String, String)]) ->
     Some(form_urlencoded::Serializer::for_suffix(kept, 0).extend_pairs(injected).finish())
 }
 
-fn caused_by_body_limit(err: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn caused_by_body_limit(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = Some(err);
     while let Some(e) = source {
         if e.is::<http_body_util::LengthLimitError>() {
