@@ -103,14 +103,14 @@ mod tests {
     #[tokio::test]
     async fn shares_are_taken_as_bodies_grow_and_given_back_when_dropped() {
         let budget = BodyBudget::new(100, Duration::from_secs(5));
-        let (bytes, first) = budget.read(full(vec![1u8; 60]), 80, Some(60)).await.ok().expect("fits");
+        let (bytes, first) = budget.read(full(vec![1u8; 60]), 80, Some(60)).await.expect("fits");
         assert_eq!(bytes.len(), 60);
         assert_eq!(budget.held.load(Ordering::Acquire), 60);
         let refused = budget.read(full(vec![2u8; 50]), 80, Some(50)).await.err();
         assert!(matches!(refused, Some(GatewayError::BufferedBodiesFull)));
         assert_eq!(budget.held.load(Ordering::Acquire), 60, "a refused request holds nothing");
         drop(first);
-        let (_, second) = budget.read(full(vec![2u8; 50]), 80, None).await.ok().expect("fits once freed");
+        let (_, second) = budget.read(full(vec![2u8; 50]), 80, None).await.expect("fits once freed");
         assert!(budget.held.load(Ordering::Acquire) >= 50);
         drop(second);
         assert_eq!(budget.held.load(Ordering::Acquire), 0);
