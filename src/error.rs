@@ -26,6 +26,8 @@ pub enum GatewayError {
     MalformedPayment(String),
     #[error("too many payments in flight; retry shortly")]
     PaymentsBusy,
+    #[error("too many payment attempts from this address; retry in {retry_after} s")]
+    TooManyPaymentAttempts { retry_after: u64 },
     #[error("payments cannot be checked right now: {0}")]
     FacilitatorUnavailable(String),
     #[error("the upstream answer is larger than a paid answer held for settlement may be")]
@@ -57,6 +59,7 @@ impl GatewayError {
             Price(crate::pricing::PriceError::Unknown { .. }) => (StatusCode::BAD_REQUEST, "unknown_price_key"),
             MalformedPayment(_) => (StatusCode::BAD_REQUEST, "invalid_payload"),
             PaymentsBusy => (StatusCode::SERVICE_UNAVAILABLE, "payments_busy"),
+            TooManyPaymentAttempts { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_payment_attempts"),
             FacilitatorUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "facilitator_unavailable"),
             AnswerTooLarge => (StatusCode::BAD_GATEWAY, "upstream_answer_too_large"),
             LedgerUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "ledger_unavailable"),
@@ -79,6 +82,9 @@ impl GatewayError {
             }
             GatewayError::BufferedBodiesFull => {
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            GatewayError::TooManyPaymentAttempts { retry_after } => {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }
             _ => {}
         }

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod answers;
+pub mod attempts;
 pub mod buyer;
 pub mod catalogue;
 pub mod chain;

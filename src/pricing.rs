@@ -152,23 +152,24 @@ impl PriceSource {
     fn read(&self, query: Option<&str>, headers: &http::HeaderMap, body: &[u8]) -> Result<Option<String>, PriceError> {
         Ok(match self {
             PriceSource::Body(path) => {
-                let json: serde_json::Value =
-                    serde_json::from_slice(body).map_err(|_| PriceError::NotJson(self.describe()))?;
-                let found = path.iter().try_fold(&json, |value, field| value.get(field));
+                let found = body_value(body, path).map_err(|_| PriceError::NotJson(self.describe()))?;
                 match found {
-                    Some(serde_json::Value::String(s)) => Some(s.clone()),
-                    Some(serde_json::Value::Null) | None => None,
-                    Some(other) => Some(other.to_string()),
+                    Found::Ambiguous => return Err(PriceError::Ambiguous(self.describe())),
+                    Found::Value(serde_json::Value::String(s)) => Some(s),
+                    Found::Value(serde_json::Value::Null) | Found::Missing => None,
+                    Found::Value(other) => Some(other.to_string()),
                 }
             }
-            // The upstream may read another copy than the first: a repeated key could buy the dear with the cheap.
+            // The upstream may read another copy than the first, or match names regardless of case: a repeated
+            // or re-cased key could buy the dear with the cheap.
             PriceSource::Query(name) => {
-                let mut values = form_urlencoded::parse(query.unwrap_or("").as_bytes()).filter(|(k, _)| k == name);
-                let first = values.next().map(|(_, v)| v.into_owned());
-                if values.next().is_some() {
+                let mut values =
+                    form_urlencoded::parse(query.unwrap_or("").as_bytes()).filter(|(k, _)| same_key(k, name));
+                let first = values.next();
+                if values.next().is_some() || first.as_ref().is_some_and(|(k, _)| k != name) {
                     return Err(PriceError::Ambiguous(self.describe()));
                 }
-                first
+                first.map(|(_, v)| v.into_owned())
             }
             PriceSource::Header(name) => {
                 if headers.get_all(name).iter().count() > 1 {
@@ -177,6 +178,106 @@ impl PriceSource {
                 headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
             }
         })
+    }
+}
+
+/// Whether two keys could be the same one to some upstream: Go's `encoding/json` and ASP.NET match names
+/// regardless of case (Unicode folding: `ſ` is `s`, the Kelvin sign `k`).
+fn same_key(a: &str, b: &str) -> bool {
+    if a.is_ascii() && b.is_ascii() {
+        return a.eq_ignore_ascii_case(b);
+    }
+    let fold = |s: &str| -> String {
+        s.chars().flat_map(char::to_lowercase).map(|c| if c == '\u{17f}' { 's' } else { c }).collect()
+    };
+    fold(a) == fold(b)
+}
+
+/// What a JSON path leads to in a body.
+#[derive(Debug, PartialEq)]
+enum Found {
+    Missing,
+    Value(serde_json::Value),
+    /// A key on the path is there more than once, or in another letter case: parsers disagree on which copy
+    /// counts (serde_json and JavaScript keep the last, others the first or any case-insensitive match).
+    Ambiguous,
+}
+
+/// The value at `path` in the JSON `body`, which must be one valid JSON document.
+fn body_value(body: &[u8], path: &[String]) -> Result<Found, serde_json::Error> {
+    let mut reader = serde_json::Deserializer::from_slice(body);
+    let found = serde::de::DeserializeSeed::deserialize(PathSeed(path), &mut reader)?;
+    reader.end()?;
+    Ok(found)
+}
+
+/// Reads a JSON value, keeping only what lies at the path, and every key on the path that could be confused.
+struct PathSeed<'p>(&'p [String]);
+
+impl<'de> serde::de::DeserializeSeed<'de> for PathSeed<'_> {
+    type Value = Found;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Found, D::Error> {
+        match self.0.split_first() {
+            None => serde::Deserialize::deserialize(deserializer).map(Found::Value),
+            Some((field, rest)) => deserializer.deserialize_any(PathVisitor { field, rest }),
+        }
+    }
+}
+
+struct PathVisitor<'p> {
+    field: &'p str,
+    rest: &'p [String],
+}
+
+impl<'de> serde::de::Visitor<'de> for PathVisitor<'_> {
+    type Value = Found;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Found, A::Error> {
+        let (mut found, mut copies) = (Found::Missing, 0);
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if !same_key(&key, self.field) {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                continue;
+            }
+            copies += 1;
+            let value = map.next_value_seed(PathSeed(self.rest))?;
+            found = if copies == 1 && key == self.field { value } else { Found::Ambiguous };
+        }
+        Ok(found)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Found, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Found::Missing)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Found, E> {
+        Ok(Found::Missing)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Found, E> {
+        Ok(Found::Missing)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Found, E> {
+        Ok(Found::Missing)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Found, E> {
+        Ok(Found::Missing)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Found, E> {
+        Ok(Found::Missing)
+    }
+
+    fn visit_unit<E>(self) -> Result<Found, E> {
+        Ok(Found::Missing)
     }
 }
 
@@ -251,5 +352,29 @@ mod rule_tests {
         assert_eq!(twice, Err(PriceError::Ambiguous("query.tier".into())));
         let not_json = PriceSource::parse("body.model").unwrap().read(None, &headers, b"model=x");
         assert_eq!(not_json, Err(PriceError::NotJson("body.model".into())));
+    }
+
+    #[test]
+    fn a_priced_key_that_parsers_could_read_differently_is_ambiguous() {
+        let headers = http::HeaderMap::new();
+        let body = |json: &str| PriceSource::parse("body.a.model").unwrap().read(None, &headers, json.as_bytes());
+        let ambiguous = Err(PriceError::Ambiguous("body.a.model".into()));
+        assert_eq!(body(r#"{"a":{"model":"cheap","model":"dear"}}"#), ambiguous);
+        assert_eq!(body(r#"{"a":{"model":"cheap","MODEL":"dear"}}"#), ambiguous);
+        assert_eq!(body(r#"{"a":{"Model":"dear"}}"#), ambiguous, "a lone re-cased key");
+        assert_eq!(body(r#"{"a":{"model":"cheap","mode\u017fl":"x","\u017fmodel":1}}"#), Ok(Some("cheap".into())));
+        assert_eq!(body(r#"{"a":{"model":"cheap"},"A":{"model":"dear"}}"#), ambiguous, "on the way there too");
+        assert_eq!(body(r#"{"a":{"model":"cheap","mod\u0065l":"dear"}}"#), ambiguous, "an escaped copy");
+        assert_eq!(
+            body(r#"{"a":{"model":"cheap","other":{"model":"x"}},"b":[{"model":1}]}"#),
+            Ok(Some("cheap".into()))
+        );
+        assert_eq!(body(r#"{"a":[1,2],"x":null}"#), Ok(None));
+        assert_eq!(body(r#"{"a":1,"a":{"model":"dear"}}"#), ambiguous, "a repeated key that led nowhere first");
+        assert_eq!(body(r#"{"a":{"model":"x"}} trailing"#), Err(PriceError::NotJson("body.a.model".into())));
+        let query = |q: &str| PriceSource::parse("query.tier").unwrap().read(Some(q), &headers, b"");
+        assert_eq!(query("tier=cheap&TIER=dear"), Err(PriceError::Ambiguous("query.tier".into())));
+        assert_eq!(query("Tier=dear"), Err(PriceError::Ambiguous("query.tier".into())));
+        assert_eq!(query("tier=cheap&tiers=x"), Ok(Some("cheap".into())));
     }
 }

@@ -289,3 +289,203 @@ async fn bodies_beyond_the_buffer_budget_are_refused_with_503_while_others_are_s
     assert_eq!(h1_status(&mut third, &[request.as_bytes(), small].concat(), HANG).await, Some(402));
     drop(holder);
 }
+
+/// Sends `request` (raw HTTP/1.1 bytes, asking the gateway to close) on a new connection; the whole answer.
+async fn raw_exchange(to: SocketAddr, request: &[u8]) -> String {
+    let mut tcp = connect_from([127, 0, 0, 1], to).await;
+    tcp.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(HANG, tcp.read_to_end(&mut answer)).await.expect("the answer ends in time");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn a_paid_path_is_never_served_free_for_another_method() {
+    let echo = spawn_echo("api").await;
+    let routes = "[[routes]]\npath = \"/premium/*\"\nmethods = [\"GET\"]\nupstream = \"api\"\nprice = \"$0.001\"\n\
+                  [[routes]]\npath = \"/premium/reports\"\nmethods = [\"GET\", \"PUT\"]\nupstream = \"api\"\n\
+                  [[routes]]\npath = \"/premium/reports\"\nmethods = [\"PUT\", \"DELETE\"]\nupstream = \"api\"\n\
+                  [[routes]]\npath = \"/*\"\nupstream = \"api\"\n";
+    let toml = paid_config(&echo.url(), "", "facilitator = \"http://127.0.0.1:9\"") + routes;
+    let gw = start_gateway(&toml).await;
+    let http = gw.http.unwrap();
+
+    let post = raw_exchange(
+        http,
+        b"POST /premium/report HTTP/1.1\r\nHost: edge\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+    assert!(post.to_lowercase().contains("\r\nallow: get\r\n"), "{post}");
+    // The free catch-all still serves what no paid route matches.
+    let other =
+        raw_exchange(http, b"POST /other HTTP/1.1\r\nHost: edge\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+            .await;
+    assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+    // Allow lists each method once, in order.
+    let patch = raw_exchange(
+        http,
+        b"PATCH /premium/reports HTTP/1.1\r\nHost: edge\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert!(patch.starts_with("HTTP/1.1 405"), "{patch}");
+    assert!(patch.to_lowercase().contains("\r\nallow: delete, get, put\r\n"), "{patch}");
+    // TRACE would echo the operator's credentials: refused unless a route lists it, like CONNECT.
+    let trace = raw_exchange(http, b"TRACE /other HTTP/1.1\r\nHost: edge\r\nConnection: close\r\n\r\n").await;
+    assert!(trace.starts_with("HTTP/1.1 405"), "{trace}");
+    assert!(!trace.to_lowercase().contains("trace"), "TRACE is not allowed: {trace}");
+    assert_eq!(echo.hits(), 1);
+}
+
+#[tokio::test]
+async fn method_override_headers_reach_only_routes_that_allow_them() {
+    let echo = spawn_echo("api").await;
+    let routes = "[[routes]]\npath = \"/override/*\"\nupstream = \"api\"\nforward_method_override = true\n\
+                  [[routes]]\npath = \"/*\"\nupstream = \"api\"\n";
+    let gw = start_gateway(&(paid_config(&echo.url(), "", "") + routes)).await;
+    let http = gw.http.unwrap();
+    let request = |path: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: edge\r\nX-HTTP-Method-Override: GET\r\nX-HTTP-Method: GET\r\n\
+             X-Method-Override: GET\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    let dropped = raw_exchange(http, request("/premium/report").as_bytes()).await;
+    assert!(dropped.starts_with("HTTP/1.1 200"), "{dropped}");
+    for name in ["x-http-method-override", "x-http-method", "x-method-override"] {
+        assert!(!dropped.contains(&format!("\"{name}\"")), "{name} forwarded: {dropped}");
+    }
+    let kept = raw_exchange(http, request("/override/x").as_bytes()).await;
+    assert!(kept.contains("\"x-http-method-override\":\"GET\""), "{kept}");
+}
+
+#[tokio::test]
+async fn a_price_key_sent_twice_or_recased_is_refused_and_nothing_is_forwarded() {
+    let echo = spawn_echo("api").await;
+    let routes = "[[routes]]\npath = \"/chat\"\nupstream = \"api\"\n\
+                  price = { by = \"body.model\", table = { cheap = \"$0.001\", dear = \"$1\" }, default = \"$0.001\" }\n";
+    let toml = paid_config(&echo.url(), "", "facilitator = \"http://127.0.0.1:9\"") + routes;
+    let gw = start_gateway(&toml).await;
+    for body in [
+        r#"{"model":"cheap","MODEL":"dear"}"#,
+        r#"{"model":"cheap","model":"dear"}"#,
+        r#"{"Model":"dear"}"#,
+        r#"{"model":"cheap","mod\u0065l":"dear"}"#,
+    ] {
+        let request = format!("POST /chat HTTP/1.1\r\nHost: edge\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        let answer = raw_exchange_keep(gw.http.unwrap(), request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{body}: {answer}");
+        assert!(answer.contains("ambiguous_price_key"), "{body}: {answer}");
+    }
+    let plain = r#"{"model":"cheap"}"#;
+    let request = format!("POST /chat HTTP/1.1\r\nHost: edge\r\nContent-Length: {}\r\n\r\n{plain}", plain.len());
+    assert!(raw_exchange_keep(gw.http.unwrap(), request.as_bytes()).await.starts_with("HTTP/1.1 402"));
+    assert_eq!(echo.hits(), 0);
+}
+
+/// Like `raw_exchange`, for answers on a kept-alive connection: the head and what came with it.
+async fn raw_exchange_keep(to: SocketAddr, request: &[u8]) -> String {
+    let mut tcp = connect_from([127, 0, 0, 1], to).await;
+    tcp.write_all(request).await.unwrap();
+    let mut buf = vec![0u8; 16 * 1024];
+    let n = tokio::time::timeout(HANG, tcp.read(&mut buf)).await.expect("an answer").expect("read");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn a_malformed_body_from_the_client_is_its_own_400_not_an_upstream_failure() {
+    let echo = spawn_echo("api").await;
+    let gw = start_gateway(&edge_config(&echo.url(), "")).await;
+    let request = b"POST /free HTTP/1.1\r\nHost: edge\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n";
+    let answer = raw_exchange_keep(gw.http.unwrap(), request).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("invalid_body"), "{answer}");
+}
+
+/// A paid GET `/paid` settled by the remote facilitator at `facilitator`, with `payment_extra` in `[payment]`.
+async fn remote_paid_gateway(upstream: &Upstream, facilitator: &Upstream, payment_extra: &str) -> Gateway {
+    let payment = format!("facilitator = \"{}\"\n{payment_extra}", facilitator.url());
+    let routes = "[[routes]]\npath = \"/paid\"\nupstream = \"api\"\nprice = \"$0.001\"\n";
+    start_gateway(&(paid_config(&upstream.url(), "", &payment) + routes)).await
+}
+
+/// The v2 offer of an unpaid call: (resource, accepts[0]).
+async fn offer_of(gw: &Gateway, path: &str) -> (serde_json::Value, serde_json::Value) {
+    let answer = get(&gw.url(path)).await;
+    assert_eq!(answer.status, StatusCode::PAYMENT_REQUIRED);
+    let challenge = pay::decode_header(&answer.headers["payment-required"]);
+    (challenge["resource"].clone(), challenge["accepts"][0].clone())
+}
+
+async fn pay_with(gw: &Gateway, path: &str, header: &str) -> Answer {
+    let request = http::Request::get(gw.url(path)).header("payment-signature", header).body(Default::default());
+    send(&client(), request.unwrap()).await
+}
+
+/// A facilitator that records the path of every call and answers nothing useful.
+async fn recording_facilitator() -> (Upstream, Arc<std::sync::Mutex<Vec<String>>>) {
+    let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorded = calls.clone();
+    let facilitator = spawn_upstream(move |request| {
+        recorded.lock().unwrap().push(request.uri().path().to_string());
+        async { http::Response::new(x402_gateway::proxy::body::full("{}")) }
+    })
+    .await;
+    (facilitator, calls)
+}
+
+#[tokio::test]
+async fn in_remote_mode_a_payment_that_fails_offline_checks_never_reaches_the_facilitator() {
+    let echo = spawn_echo("api").await;
+    let (facilitator, calls) = recording_facilitator().await;
+    let gw = remote_paid_gateway(&echo, &facilitator, "").await;
+    let (resource, accepted) = offer_of(&gw, "/paid").await;
+    let buyer = alloy::signers::local::PrivateKeySigner::random();
+    type Tamper = fn(&mut pay::Authorization);
+    let tampered: [(&str, Tamper); 4] = [
+        ("amount", |a| a.message.value += alloy::primitives::U256::from(1)),
+        ("payee", |a| a.message.to = alloy::primitives::Address::repeat_byte(7)),
+        ("time window", |a| a.message.validBefore = alloy::primitives::U256::from(pay::now() - 1)),
+        ("signature domain", |a| a.domain_name = "Not USDC".into()),
+    ];
+    for (what, tamper) in tampered {
+        let mut authorization = pay::Authorization::for_offer(buyer.address(), &accepted);
+        tamper(&mut authorization);
+        let answer = pay_with(&gw, "/paid", &pay::v2_header(&resource, &accepted, authorization.sign(&buyer))).await;
+        assert_eq!(answer.status, StatusCode::PAYMENT_REQUIRED, "{what}: {}", answer.text());
+    }
+    let forged = pay::Authorization::for_offer(buyer.address(), &accepted)
+        .payload_with_signature(&format!("0x{}", "11".repeat(65)));
+    let answer = pay_with(&gw, "/paid", &pay::v2_header(&resource, &accepted, forged)).await;
+    assert!(answer.status.is_client_error(), "a forged signature: {}", answer.status);
+    let calls = calls.lock().unwrap().clone();
+    assert!(calls.iter().all(|path| path == "/supported"), "garbage left the box: {calls:?}");
+    assert_eq!(echo.hits(), 0);
+}
+
+#[tokio::test]
+async fn payment_attempts_beyond_the_per_address_rate_get_429_with_retry_after() {
+    let echo = spawn_echo("api").await;
+    let facilitator = spawn_echo("facilitator").await;
+    let gw = remote_paid_gateway(&echo, &facilitator, "attempt_rate_per_ip = 1\nattempt_burst_per_ip = 3").await;
+    let (resource, accepted) = offer_of(&gw, "/paid").await;
+    let buyer = alloy::signers::local::PrivateKeySigner::random();
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..5 {
+        // Signed for another payee: refused offline, but each one is an attempt.
+        let mut authorization = pay::Authorization::for_offer(buyer.address(), &accepted);
+        authorization.message.to = alloy::primitives::Address::repeat_byte(7);
+        let answer = pay_with(&gw, "/paid", &pay::v2_header(&resource, &accepted, authorization.sign(&buyer))).await;
+        statuses.push(answer.status.as_u16());
+        if answer.status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(answer.json()["error"], "too_many_payment_attempts");
+            retry_after = answer.headers.get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_string);
+        }
+    }
+    assert_eq!(statuses[..3], [402, 402, 402], "the burst");
+    assert_eq!(statuses[3..], [429, 429], "beyond it");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    // Unpaid requests are not attempts: the 402 challenge is always served.
+    assert_eq!(get(&gw.url("/paid")).await.status, StatusCode::PAYMENT_REQUIRED);
+}

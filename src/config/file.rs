@@ -48,6 +48,8 @@ pub struct Payment {
     pub settle_batch_max: Option<usize>,
     pub settle_batch_window_ms: Option<u64>,
     pub nonce_cache_capacity: Option<u64>,
+    pub attempt_rate_per_ip: Option<u32>,
+    pub attempt_burst_per_ip: Option<u32>,
 }
 
 /// Payment terms that `[payment]`, a route and a route's `accepts` entry may each set; the most specific wins.
@@ -123,6 +125,9 @@ pub struct Route {
     pub methods: Option<Vec<String>>,
     pub upstream: String,
     pub strip_prefix: Option<String>,
+    /// Forward `X-HTTP-Method-Override` and its kin, which are dropped otherwise.
+    #[serde(default)]
+    pub forward_method_override: bool,
     pub pay_to: Option<String>,
     pub network: Option<String>,
     pub asset: Option<String>,

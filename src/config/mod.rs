@@ -7,7 +7,9 @@ mod file;
 mod payment;
 
 pub use error::ConfigError;
-pub use payment::{BatchSettings, Bazaar, FacilitatorChoice, PaidRoute, PaymentSettings, RemoteConfig, SettlerConfig};
+pub use payment::{
+    AttemptLimit, BatchSettings, Bazaar, FacilitatorChoice, PaidRoute, PaymentSettings, RemoteConfig, SettlerConfig,
+};
 
 use crate::routing::PathPattern;
 use http::header::{HeaderName, HeaderValue};
@@ -135,6 +137,9 @@ pub struct RouteSpec {
     pub methods: Option<Vec<Method>>,
     pub upstream: Arc<Upstream>,
     pub strip_prefix: Option<String>,
+    /// Whether the method-override headers reach the upstream: an upstream that obeys them would serve a
+    /// method this route was not matched (and priced) for.
+    pub forward_method_override: bool,
     /// `None` for a free route.
     pub payment: Option<PaidRoute>,
     /// Where the gateway lists this route's price table (`/v1/models`).
@@ -410,6 +415,7 @@ impl Validator<'_> {
             methods,
             upstream,
             strip_prefix: raw.strip_prefix,
+            forward_method_override: raw.forward_method_override,
             catalogue,
             payment,
         })

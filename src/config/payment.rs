@@ -88,11 +88,22 @@ impl fmt::Debug for SettlerConfig {
     }
 }
 
+pub const DEFAULT_ATTEMPT_RATE_PER_IP: u32 = 50;
+pub const DEFAULT_ATTEMPT_BURST_PER_IP: u32 = 200;
+
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptLimit {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
 /// Payment settings shared by all routes.
 #[derive(Debug)]
 pub struct PaymentSettings {
     /// How many authorizations may be reserved against replay at once.
     pub nonce_cache_capacity: u64,
+    /// Requests carrying a payment, per client address: a refill rate per second and a burst.
+    pub attempts_per_ip: AttemptLimit,
     /// Every network the configuration knows: the built-in table with `[networks]` applied, by chain id.
     pub networks: BTreeMap<u64, Network>,
     /// Networks where the gateway can settle itself, by chain id.
@@ -176,7 +187,14 @@ impl Validator<'_> {
         let settle_timeout =
             super::nonzero("payment.settle_timeout_secs", payment.and_then(|p| p.settle_timeout_secs))?
                 .map_or(DEFAULT_SETTLE_TIMEOUT, Duration::from_secs);
+        let attempts_per_ip = AttemptLimit {
+            per_second: super::nonzero("payment.attempt_rate_per_ip", payment.and_then(|p| p.attempt_rate_per_ip))?
+                .unwrap_or(DEFAULT_ATTEMPT_RATE_PER_IP),
+            burst: super::nonzero("payment.attempt_burst_per_ip", payment.and_then(|p| p.attempt_burst_per_ip))?
+                .unwrap_or(DEFAULT_ATTEMPT_BURST_PER_IP),
+        };
         Ok(PaymentSettings {
+            attempts_per_ip,
             settle_timeout,
             settle_batch: settle_batch(payment)?,
             nonce_cache_capacity: capacity.unwrap_or(DEFAULT_NONCE_CACHE_CAPACITY),

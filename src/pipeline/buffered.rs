@@ -3,7 +3,7 @@
 
 use crate::error::GatewayError;
 use crate::proxy::body::Body;
-use crate::proxy::upstream::caused_by_body_limit;
+use crate::proxy::upstream::caused_by;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -69,7 +69,7 @@ impl BodyBudget {
                 buffer.reserve(declared);
             }
             while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|err| match caused_by_body_limit(&*err) {
+                let frame = frame.map_err(|err| match caused_by::<http_body_util::LengthLimitError>(&*err) {
                     true => GatewayError::BodyTooLarge,
                     false => GatewayError::BodyUnreadable,
                 })?;

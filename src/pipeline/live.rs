@@ -4,7 +4,7 @@ use super::buffered::{BodyBudget, Held};
 use super::Live;
 use crate::config::{PaidRoute, RouteSpec};
 use crate::error::GatewayError;
-use crate::proxy::body::{full, Body, BoxError};
+use crate::proxy::body::{full, Body, BoxError, ClientBodyError};
 use crate::proxy::cors;
 use crate::proxy::upstream::ClientInfo;
 use crate::routing::Miss;
@@ -107,7 +107,8 @@ impl Live {
             return Err(GatewayError::BodyTooLarge);
         }
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-        Ok(request.map(|body| Limited::new(body, limit).map_err(BoxError::from).boxed_unsync()))
+        Ok(request
+            .map(|body| Limited::new(body, limit).map_err(|err| BoxError::from(ClientBodyError(err))).boxed_unsync()))
     }
 }
 

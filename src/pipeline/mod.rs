@@ -8,6 +8,7 @@ mod paid;
 
 use crate::admin;
 use crate::answers::PaidAnswers;
+use crate::attempts::AttemptLimiter;
 use crate::catalogue;
 use crate::chain;
 use crate::config::{Bazaar, Config, FacilitatorChoice, RouteSpec};
@@ -53,6 +54,8 @@ pub struct Gateway {
     answers: PaidAnswers,
     /// Request bodies read whole before the 402, across requests.
     buffered: BodyBudget,
+    /// Requests carrying a payment, per client address.
+    attempts: AttemptLimiter,
     reconcile_interval: Duration,
     /// A `settling` row this old had time to land: reconciliation may decide it.
     settling_grace: Duration,
@@ -131,6 +134,7 @@ impl Gateway {
         let limits = &config.server.limits;
         Ok(Gateway {
             buffered: BodyBudget::new(limits.max_buffered_body_bytes, limits.body_read_timeout),
+            attempts: AttemptLimiter::new(config.payment.attempts_per_ip),
             answers: PaidAnswers::new(
                 settings.answers_max_bytes,
                 settings.answers_max_body_bytes,
@@ -190,8 +194,7 @@ impl Gateway {
     /// client that goes away cannot cut a payment's steps in half (a reservation held, a row half written);
     /// the answer is simply dropped. Other requests change nothing, and are served in the connection's task.
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>, client: ClientInfo) -> Response<Body> {
-        let headers = request.headers();
-        if !headers.contains_key(PAYMENT_SIGNATURE) && !headers.contains_key(X_PAYMENT) {
+        if !carries_payment(request.headers()) {
             return self.serve(request, client).await;
         }
         match tokio::spawn(async move { self.serve(request, client).await }).await {
@@ -282,6 +285,13 @@ impl Gateway {
     ) -> Result<Response<Body>, GatewayError> {
         let Some(paid) = &route.payment else { return Err(GatewayError::Internal) };
         let route_name = &*route.pattern_text;
+        if carries_payment(request.headers()) {
+            let address = crate::proxy::ClientAddress::of(client.peer.ip());
+            if let Err(retry_after) = self.attempts.take(address, Instant::now()) {
+                self.metrics.rejected(route_name, "too_many_payment_attempts");
+                return Err(GatewayError::TooManyPaymentAttempts { retry_after });
+            }
+        }
 
         // Price: the offers for exactly this request.
         let (request, body, _buffered) = live.buffer_body_for_pricing(request, paid, &self.buffered).await?;
@@ -433,6 +443,10 @@ impl Gateway {
             _ => admin::not_found(),
         }
     }
+}
+
+fn carries_payment(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(PAYMENT_SIGNATURE) || headers.contains_key(X_PAYMENT)
 }
 
 fn new_payment(payment: &Payment, route: &str, settle: SettleMode, facilitator: String) -> NewPayment {

@@ -5,6 +5,12 @@ use http_body_util::{BodyExt, Full};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The body the client sent broke off or was malformed (a bad chunk, say): its own fault, answered with a
+/// 400, never counted as the upstream's failure.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body could not be read: {0}")]
+pub struct ClientBodyError(#[source] pub BoxError);
+
 /// The one body type flowing through the gateway, both ways: streamed from a peer or built here.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 

@@ -17,21 +17,22 @@ use std::time::Duration;
 /// Open connections per client address, across every worker thread.
 pub struct PerIpCap {
     limit: usize,
-    open: Mutex<HashMap<IpKey, usize>>,
+    open: Mutex<HashMap<ClientAddress, usize>>,
 }
 
+/// A client address as per-client limits count it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum IpKey {
+pub enum ClientAddress {
     V4(u32),
-    /// The /64 network: one IPv6 host usually holds all of it, so its addresses one by one would cap nothing.
+    /// The /64 network: one IPv6 host usually holds all of it, so its addresses one by one would limit nothing.
     V6(u64),
 }
 
-impl IpKey {
-    fn of(ip: IpAddr) -> IpKey {
+impl ClientAddress {
+    pub fn of(ip: IpAddr) -> ClientAddress {
         match ip.to_canonical() {
-            IpAddr::V4(v4) => IpKey::V4(u32::from(v4)),
-            IpAddr::V6(v6) => IpKey::V6((u128::from(v6) >> 64) as u64),
+            IpAddr::V4(v4) => ClientAddress::V4(u32::from(v4)),
+            IpAddr::V6(v6) => ClientAddress::V6((u128::from(v6) >> 64) as u64),
         }
     }
 }
@@ -39,7 +40,7 @@ impl IpKey {
 /// A connection counted against its address until dropped.
 pub struct IpSlot {
     cap: Arc<PerIpCap>,
-    key: IpKey,
+    key: ClientAddress,
 }
 
 impl PerIpCap {
@@ -49,7 +50,7 @@ impl PerIpCap {
 
     /// A slot for one more connection from `ip`, or `None` when that address already has `limit` open.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
-        let key = IpKey::of(ip);
+        let key = ClientAddress::of(ip);
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         let count = open.entry(key).or_insert(0);
         if *count >= self.limit {

@@ -13,6 +13,12 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
+/// Headers some frameworks obey in place of the request's method.
+const METHOD_OVERRIDES: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -31,6 +37,13 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
     while let Some(hop) = headers.keys().find(|name| HOP_BY_HOP.contains(name)).cloned() {
         headers.remove(hop);
+    }
+}
+
+/// Removes the method-override headers: the route was matched and priced for the request's own method.
+pub fn remove_method_overrides(headers: &mut HeaderMap) {
+    for name in &METHOD_OVERRIDES {
+        headers.remove(name);
     }
 }
 

@@ -9,3 +9,5 @@ mod pool;
 pub mod server;
 pub mod tls;
 pub mod upstream;
+
+pub use connection::ClientAddress;

@@ -1,8 +1,8 @@
 //! The upstream side: rewrite the client's request for the upstream (path, query, operator credentials,
 //! header hygiene), send it over a pooled connection, and hand back the streamed answer.
 
-use super::body::{Body, BoxError};
-use super::headers::{remove_hop_by_hop, set_forwarded};
+use super::body::{Body, BoxError, ClientBodyError};
+use super::headers::{remove_hop_by_hop, remove_method_overrides, set_forwarded};
 use super::pool;
 use crate::config::{RouteSpec, Upstream};
 use crate::error::GatewayError;
@@ -53,7 +53,11 @@ pub async fn send(request: Request<Body>, upstream: &Upstream) -> Result<Respons
     });
     let mut response = match answer.await {
         Err(_) => return Err(GatewayError::UpstreamTimeout),
-        Ok(Err(err)) if caused_by_body_limit(&*err) => return Err(GatewayError::BodyTooLarge),
+        Ok(Err(err)) if caused_by::<http_body_util::LengthLimitError>(&*err) => return Err(GatewayError::BodyTooLarge),
+        Ok(Err(err)) if caused_by::<ClientBodyError>(&*err) => {
+            tracing::info!(upstream = %upstream.name, "the client's request body broke off or was malformed");
+            return Err(GatewayError::BodyUnreadable);
+        }
         Ok(Err(err)) => {
             // Connection errors carry no URL, so the operator's query credentials cannot leak here.
             tracing::warn!(upstream = %upstream.name, error = %error_chain(&*err), "upstream request failed");
@@ -87,6 +91,9 @@ pub fn upstream_request(
     // A buyer's payment is for the gateway; the upstream never sees it.
     headers.remove(PAYMENT_SIGNATURE);
     headers.remove(X_PAYMENT);
+    if !route.forward_method_override {
+        remove_method_overrides(headers);
+    }
     set_forwarded(headers, &client.forwarded_for, client.proto, original_host);
     headers.insert(header::HOST, upstream.host.clone());
     for (name, value) in &upstream.headers {
@@ -157,10 +164,11 @@ fn forwarded_query(client_query: Option<&str>, injected: &[(String, String)]) ->
     Some(form_urlencoded::Serializer::for_suffix(kept, 0).extend_pairs(injected).finish())
 }
 
-pub(crate) fn caused_by_body_limit(err: &(dyn std::error::Error + 'static)) -> bool {
+/// Whether `err`, or an error it was caused by, is a `T`.
+pub(crate) fn caused_by<T: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = Some(err);
     while let Some(e) = source {
-        if e.is::<http_body_util::LengthLimitError>() {
+        if e.is::<T>() {
             return true;
         }
         source = e.source();

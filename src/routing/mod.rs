@@ -69,22 +69,45 @@ impl RouteTable {
         &self.routes
     }
 
+    /// The most specific route for this method and path. A path that a paid route matches is never served by
+    /// a less specific free route for another method (a paid `GET /premium/*` and a free `/*` must not serve
+    /// `POST /premium/report` free): that is 405.
     pub fn lookup(&self, method: &Method, canonical_path: &str) -> Result<&Arc<RouteSpec>, Miss> {
         let mut allowed = Vec::new();
+        let mut paid_for_other_methods = false;
         let candidates = self.candidates(canonical_path).into_iter().map(|position| &self.routes[position]);
         for route in candidates.filter(|r| r.pattern.matches(canonical_path)) {
+            if allows(route, method) {
+                if paid_for_other_methods && route.payment.is_none() {
+                    continue;
+                }
+                return Ok(route);
+            }
+            paid_for_other_methods |= route.payment.is_some();
             match &route.methods {
-                None => return Ok(route),
-                Some(methods) if methods.contains(method) => return Ok(route),
                 Some(methods) => allowed.extend(methods.iter().cloned()),
+                None => allowed.extend(ANY_METHOD.iter().cloned()),
             }
         }
         if allowed.is_empty() {
             Err(Miss::NotFound)
         } else {
+            allowed.sort_by(|a, b| a.as_str().cmp(b.as_str()));
             allowed.dedup();
             Err(Miss::MethodNotAllowed(allowed))
         }
+    }
+}
+
+/// What a route without `methods` serves: any method but `TRACE` (it echoes the request, the operator's
+/// injected credentials included) and `CONNECT` (a tunnel, not a request), which a route must list.
+const ANY_METHOD: [Method; 7] =
+    [Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::PATCH, Method::DELETE, Method::OPTIONS];
+
+fn allows(route: &RouteSpec, method: &Method) -> bool {
+    match &route.methods {
+        Some(methods) => methods.contains(method),
+        None => method != Method::TRACE && method != Method::CONNECT,
     }
 }
 
@@ -109,10 +132,7 @@ mod tests {
 
     /// What a plain scan of every route, most specific first, finds.
     fn scan<'t>(table: &'t RouteTable, method: &Method, path: &str) -> Option<&'t Arc<RouteSpec>> {
-        table
-            .routes
-            .iter()
-            .find(|r| r.pattern.matches(path) && r.methods.as_ref().is_none_or(|methods| methods.contains(method)))
+        table.routes.iter().find(|r| r.pattern.matches(path) && allows(r, method))
     }
 
     #[test]
