@@ -16,6 +16,7 @@ use http::{HeaderMap, Method, Uri};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +29,8 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Far beyond any core count: a typo, not a machine.
 const MAX_WORKERS: usize = 1024;
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// Within the block range common RPC providers accept in one `eth_getLogs`.
+pub const DEFAULT_RECONCILE_LOG_CHUNK_BLOCKS: NonZeroU64 = NonZeroU64::new(2_000).unwrap();
 
 #[derive(Debug)]
 pub struct Config {
@@ -43,6 +46,8 @@ pub struct LedgerSettings {
     pub path: PathBuf,
     /// How often rows left open (timeouts, crashes) are reconciled against the chain.
     pub reconcile_interval: Duration,
+    /// Most blocks one `eth_getLogs` of reconciliation spans (the node's provider may cap the range).
+    pub reconcile_log_chunk_blocks: NonZeroU64,
     /// Memory for paid answers kept for retries, all bodies together.
     pub answers_max_bytes: u64,
     /// A larger answer is not kept: its retry gets 409 with the transaction hash.
@@ -182,6 +187,9 @@ impl Validator<'_> {
                 raw.reconcile_interval_secs,
                 Duration::from_secs(60),
             )?,
+            reconcile_log_chunk_blocks: nonzero("ledger.reconcile_log_chunk_blocks", raw.reconcile_log_chunk_blocks)?
+                .and_then(NonZeroU64::new)
+                .unwrap_or(DEFAULT_RECONCILE_LOG_CHUNK_BLOCKS),
             answers_max_bytes: positive("ledger.answers_max_bytes", raw.answers_max_bytes, 64 * 1024 * 1024)?,
             answers_max_body_bytes: positive("ledger.answers_max_body_bytes", raw.answers_max_body_bytes, 256 * 1024)?,
             answers_ttl: seconds("ledger.answers_ttl_secs", raw.answers_ttl_secs, Duration::from_secs(3600))?,
