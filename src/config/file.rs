@@ -109,6 +109,7 @@ pub struct Upstream {
     #[serde(default)]
     pub query: BTreeMap<String, String>,
     pub timeout_secs: Option<u64>,
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -9,10 +9,14 @@ mod payment;
 pub use error::ConfigError;
 pub use payment::{BatchSettings, Bazaar, FacilitatorChoice, PaidRoute, PaymentSettings, RemoteConfig, SettlerConfig};
 
+use crate::proxy::body::Body;
+use crate::proxy::client::{https_client_trusting, HttpsClient};
 use crate::routing::PathPattern;
 use http::header::{HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{HeaderMap, Method, Uri};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
@@ -97,6 +101,14 @@ pub struct Upstream {
     /// Appended to every forwarded query string, replacing client-sent parameters of the same name.
     pub query: Vec<(String, String)>,
     pub timeout: Duration,
+    /// `ca_file`: the upstream's own https client. Without it, https goes through the shared client.
+    pub ca: Option<UpstreamCa>,
+}
+
+/// An https upstream's own CA, trusted besides the webpki roots, and the client that trusts it.
+pub struct UpstreamCa {
+    pub file: PathBuf,
+    pub client: HttpsClient<Body>,
 }
 
 impl fmt::Debug for Upstream {
@@ -108,6 +120,7 @@ impl fmt::Debug for Upstream {
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
             .field("query", &self.query.iter().map(|(k, _)| k).collect::<Vec<_>>())
             .field("timeout", &self.timeout)
+            .field("ca_file", &self.ca.as_ref().map(|ca| &ca.file))
             .finish()
     }
 }
@@ -313,7 +326,28 @@ impl Validator<'_> {
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
         let timeout = seconds(&format!("upstreams.{name}.timeout_secs"), raw.timeout_secs, DEFAULT_UPSTREAM_TIMEOUT)?;
-        Ok(Upstream { name: name.to_string(), scheme, authority, host, base_path, headers, query, timeout })
+        let ca = raw.ca_file.map(|file| self.upstream_ca(name, &scheme, file)).transpose()?;
+        Ok(Upstream { name: name.to_string(), scheme, authority, host, base_path, headers, query, timeout, ca })
+    }
+
+    /// Reads `upstreams.NAME.ca_file` (PEM certificates) and builds the client that trusts them.
+    fn upstream_ca(&self, name: &str, scheme: &Scheme, raw: String) -> Result<UpstreamCa, ConfigError> {
+        let key = format!("upstreams.{name}.ca_file");
+        if *scheme != Scheme::HTTPS {
+            return Err(ConfigError::invalid(&key, "only an https upstream has certificates to check"));
+        }
+        let file = self.file_path(&key, raw)?;
+        let shown = file.display();
+        let pem = std::fs::read(&file).map_err(|e| ConfigError::invalid(&key, format!("cannot read {shown}: {e}")))?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigError::invalid(&key, format!("{shown} is not valid PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(ConfigError::invalid(&key, format!("{shown} holds no PEM certificate")));
+        }
+        let client = https_client_trusting(certs)
+            .map_err(|e| ConfigError::invalid(&key, format!("{shown}: not a usable CA certificate: {e}")))?;
+        Ok(UpstreamCa { file, client })
     }
 
     fn route(
