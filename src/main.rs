@@ -291,7 +291,9 @@ async fn ledger_action(config: &Config, action: LedgerAction) -> Result<String, 
             let chains = x402_gateway::chain::providers(config.payment.networks.values());
             let now = x402_gateway::replay::unix_now();
             let cutoff = if all { now + 1 } else { now.saturating_sub(300) };
-            let report = ledger::reconcile(&store, &chains, cutoff, cutoff).await.map_err(|e| e.to_string())?;
+            let report = ledger::reconcile(&store, &chains, config.ledger.reconcile_log_chunk_blocks, cutoff, cutoff)
+                .await
+                .map_err(|e| e.to_string())?;
             line!(out, "{}", serde_json::to_string(&report).unwrap_or_default());
         }
         LedgerAction::Revenue => {

@@ -1,5 +1,6 @@
 //! Prometheus metrics (OpenMetrics text on the admin listener's `/metrics`).
 
+use crate::x402::reason_label;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -9,6 +10,9 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The `outcome` of a settlement that moved the money.
+const SUCCESS: &str = "success";
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -113,11 +117,15 @@ impl Metrics {
         self.verify_latency.observe(took.as_secs_f64());
     }
 
+    /// `reason` may be a remote facilitator's free text: it is labelled `other` unless known.
     pub fn rejected(&self, route: &str, reason: &str) {
+        let reason = reason_label(reason);
         self.rejected.get_or_create(&vec![("route", route.to_string()), ("reason", reason.to_string())]).inc();
     }
 
+    /// `outcome` is `success` or the failure's reason, labelled as in `rejected`.
     pub fn settled(&self, route: &str, outcome: &str, took: Duration) {
+        let outcome = if outcome == SUCCESS { SUCCESS } else { reason_label(outcome) };
         self.settlements.get_or_create(&vec![("route", route.to_string()), ("outcome", outcome.to_string())]).inc();
         self.settle_latency.observe(took.as_secs_f64());
     }
@@ -144,5 +152,33 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Metrics;
+    use std::time::Duration;
+
+    #[test]
+    fn free_text_reasons_are_labelled_other() {
+        let metrics = Metrics::new();
+        metrics.rejected("/paid", "invalid_exact_evm_signature");
+        metrics.rejected("/paid", "upstream node said: nonce 17 too low");
+        metrics.rejected("/paid", "rate limited, retry in 3s");
+        metrics.settled("/paid", "success", Duration::ZERO);
+        metrics.settled("/paid", "settlement_pending", Duration::ZERO);
+        metrics.settled("/paid", "the RPC at https://node.example/KEY timed out", Duration::ZERO);
+        let text = metrics.render(0);
+        for series in [
+            "x402_gateway_payments_rejected_total{route=\"/paid\",reason=\"invalid_exact_evm_signature\"} 1",
+            "x402_gateway_payments_rejected_total{route=\"/paid\",reason=\"other\"} 2",
+            "x402_gateway_settlements_total{route=\"/paid\",outcome=\"success\"} 1",
+            "x402_gateway_settlements_total{route=\"/paid\",outcome=\"settlement_pending\"} 1",
+            "x402_gateway_settlements_total{route=\"/paid\",outcome=\"other\"} 1",
+        ] {
+            assert!(text.lines().any(|line| line == series), "{series} in:\n{text}");
+        }
+        assert!(!text.contains("nonce 17") && !text.contains("node.example"), "{text}");
     }
 }

@@ -159,7 +159,7 @@ async fn a_failing_authorization_does_not_sink_the_rest_of_its_batch() {
     let challenge = pay::decode_header(&get(&gateway.url("/paid")).await.headers["payment-required"]);
     let mut elsewhere = Authorization::for_offer(drained.address(), &challenge["accepts"][0]);
     elsewhere.message.to = common::chain::DEPLOYER.parse().unwrap();
-    land(&chain, &elsewhere.sign(drained)).await;
+    chain.land(&elsewhere.sign(drained)).await;
     gate.send_replace(true);
     let answers = paying.await.unwrap();
 
@@ -192,7 +192,7 @@ async fn a_failing_authorization_does_not_sink_the_rest_of_its_batch() {
     // someone does, reconciliation owes the buyer a refund, since it never got the answer.
     let failed = &rows[0];
     chain.mint(drained.address(), PRICE).await;
-    let landed_by_someone = land(&chain, &pay::decode_header(&headers[0].parse().unwrap())["payload"]).await;
+    let landed_by_someone = chain.land(&pay::decode_header(&headers[0].parse().unwrap())["payload"]).await;
     let report = gateway.pipeline.reconcile(pay::now() + 1).await.unwrap();
     assert_eq!(report.refunds, 1, "{report:?}");
     let row = gateway.pipeline.ledger().get(failed.id).await.unwrap().unwrap();
@@ -282,7 +282,7 @@ async fn one_shared_simulation_judges_each_call_alone() {
     let broke = PrivateKeySigner::random();
     let call = |buyer: &PrivateKeySigner| {
         let payload = Authorization::for_offer(buyer.address(), &challenge).sign(buyer);
-        (chain.token, transfer_call(&payload).abi_encode().into())
+        (chain.token, common::chain::transfer_call(&payload).abi_encode().into())
     };
     // The last is a second authorization from a buyer funded for one: the calls run in order, so the first
     // one spends the balance and the second is refused.
@@ -296,40 +296,6 @@ async fn one_shared_simulation_judges_each_call_alone() {
     let nowhere = PAY_TO.parse().unwrap();
     let verdicts = x402_gateway::chain::would_each_succeed(&chain.provider, settler, nowhere, calls).await;
     assert!(verdicts.is_err(), "{verdicts:?}");
-}
-
-alloy::sol! {
-    function transferWithAuthorization(address from, address to, uint256 value, uint256 validAfter, uint256 validBefore, bytes32 nonce, uint8 v, bytes32 r, bytes32 s) external;
-}
-
-/// The token call that lands an `exact` payload (its `signature` and `authorization`).
-fn transfer_call(payload: &serde_json::Value) -> transferWithAuthorizationCall {
-    let auth = &payload["authorization"];
-    let field = |name: &str| auth[name].as_str().unwrap().to_string();
-    let signature = alloy::hex::decode(payload["signature"].as_str().unwrap()).unwrap();
-    transferWithAuthorizationCall {
-        from: field("from").parse().unwrap(),
-        to: field("to").parse().unwrap(),
-        value: field("value").parse().unwrap(),
-        validAfter: field("validAfter").parse().unwrap(),
-        validBefore: field("validBefore").parse().unwrap(),
-        nonce: field("nonce").parse().unwrap(),
-        v: signature[64],
-        r: B256::from_slice(&signature[..32]),
-        s: B256::from_slice(&signature[32..64]),
-    }
-}
-
-/// Someone else (anvil's first account) submits an `exact` payload's authorization; returns the transaction.
-async fn land(chain: &Chain, payload: &serde_json::Value) -> B256 {
-    use alloy::network::TransactionBuilder;
-    let tx = alloy::rpc::types::TransactionRequest::default()
-        .from(common::chain::DEPLOYER.parse().unwrap())
-        .with_to(chain.token)
-        .with_input(transfer_call(payload).abi_encode());
-    let receipt = chain.provider.send_transaction(tx).await.unwrap().get_receipt().await.unwrap();
-    assert!(receipt.status(), "the authorization landed");
-    receipt.transaction_hash
 }
 
 #[tokio::test]

@@ -13,6 +13,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use std::process::Command;
 use std::time::Duration;
+use x402_gateway::config::Config;
 use x402_gateway::ledger::Row;
 use x402_gateway::proxy::body::full;
 
@@ -224,4 +225,143 @@ async fn a_payment_identifier_is_the_idempotency_key() {
     let malformed = pay_with(&gateway, "/goods", &with_id("short")).await;
     assert_eq!(malformed.status, StatusCode::BAD_REQUEST);
     assert_eq!(chain.balance(PAY_TO.parse().unwrap()).await, U256::from(1000));
+}
+
+/// A JSON-RPC relay to the chain, at `/rpc/SECRET-RPC-KEY` as a provider's URL would carry its key, that
+/// refuses `eth_getLogs` over more than `max_range` blocks as providers do (0: refuses every one).
+async fn log_capped_relay(chain: &Chain, max_range: u64) -> String {
+    let node = chain.rpc_url.clone();
+    let relay = spawn_upstream(move |request: Request<hyper::body::Incoming>| {
+        let node = node.clone();
+        async move {
+            use http_body_util::BodyExt;
+            let body = request.into_body().collect().await.unwrap().to_bytes();
+            let call: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            if call["method"] == "eth_getLogs" {
+                let block = |name: &str| {
+                    let hex = call["params"][0][name].as_str().unwrap_or("0x0").trim_start_matches("0x");
+                    u64::from_str_radix(hex, 16).unwrap_or(0)
+                };
+                let range = block("toBlock").saturating_sub(block("fromBlock")) + 1;
+                if max_range == 0 || range > max_range {
+                    let refusal = serde_json::json!({
+                        "jsonrpc": "2.0", "id": call["id"],
+                        "error": { "code": -32005, "message": format!("query exceeds max block range {max_range}") },
+                    });
+                    return Response::new(full(refusal.to_string()));
+                }
+            }
+            let forward = Request::post(node).header("content-type", "application/json").body(Full::new(body));
+            Response::new(full(send(&client(), forward.unwrap()).await.body))
+        }
+    })
+    .await;
+    format!("{}/rpc/SECRET-RPC-KEY", relay.url())
+}
+
+/// A paid-and-served payment left `settling` without a transaction (a remote facilitator that answered none),
+/// whose authorization someone else landed on chain, `blocks_after` blocks ago. Returns its row id and the
+/// transaction that landed it.
+async fn settled_without_a_hash(gateway: &Gateway, chain: &Chain, blocks_after: u64) -> (i64, String) {
+    let buyer = PrivateKeySigner::random();
+    chain.mint(buyer.address(), 10_000).await;
+    let offer = serde_json::json!({
+        "network": format!("eip155:{}", common::chain::CHAIN_ID), "asset": chain.token.to_string(),
+        "payTo": PAY_TO, "amount": "1000", "maxTimeoutSeconds": 300,
+        "extra": { "name": "USD Coin", "version": "2" },
+    });
+    let authorization = Authorization::for_offer(buyer.address(), &offer);
+    let ledger = gateway.pipeline.ledger();
+    let id = ledger
+        .record_verified(x402_gateway::ledger::NewPayment {
+            route: "/goods".into(),
+            payer: buyer.address().to_string(),
+            payee: PAY_TO.into(),
+            network: offer["network"].as_str().unwrap().into(),
+            chain_id: common::chain::CHAIN_ID,
+            asset: chain.token.to_string(),
+            amount: "1000".into(),
+            nonce: authorization.message.nonce.to_string(),
+            valid_before: authorization.message.validBefore.to::<u64>(),
+            settle_mode: "after",
+            facilitator: "http://127.0.0.1:9".into(),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    ledger.settling(id, Some(200)).await.unwrap();
+    ledger.served(id).await.unwrap();
+    let transaction = chain.land(&authorization.sign(&buyer)).await;
+    chain.mine(blocks_after).await;
+    (id, transaction.to_string())
+}
+
+#[tokio::test]
+async fn reconciliation_pages_its_event_search_and_finds_a_transfer_many_chunks_back() {
+    let chain = Chain::start().await;
+    let relay = log_capped_relay(&chain, 500).await;
+    let toml = toml(&fragile_upstream().await, &chain, "").replace(&chain.rpc_url, &relay)
+        + "[ledger]\nreconcile_log_chunk_blocks = 500\n";
+    let gateway = start_gateway(&toml).await;
+    // The transfer is four chunks deep: only a search that goes back chunk by chunk reaches it.
+    let (id, transaction) = settled_without_a_hash(&gateway, &chain, 2_000).await;
+
+    let report = gateway.pipeline.reconcile(x402_gateway::replay::unix_now() + 1).await.unwrap();
+    assert_eq!((report.settled, report.unreachable), (1, 0), "{report:?}");
+    let row = gateway.pipeline.ledger().get(id).await.unwrap().unwrap();
+    assert_eq!((row.state.as_str(), row.transaction), ("settled", Some(transaction)));
+
+    let zero = toml.replace("reconcile_log_chunk_blocks = 500", "reconcile_log_chunk_blocks = 0");
+    let err = Config::parse(&zero, "g.toml".as_ref(), ".".as_ref(), &|_| None).map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("ledger.reconcile_log_chunk_blocks") && err.contains("greater than zero"), "{err}");
+}
+
+/// Everything logged on this thread while it lives.
+#[derive(Clone, Default)]
+struct CapturedLog(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLog {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn a_node_that_fails_the_event_search_leaves_the_row_for_the_next_pass() {
+    let log = CapturedLog::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+    let _logging = tracing::subscriber::set_default(subscriber);
+    let chain = Chain::start().await;
+    let refusing = log_capped_relay(&chain, 0).await;
+    let direct = toml(&fragile_upstream().await, &chain, "");
+    let gateway = start_gateway(&direct.replace(&chain.rpc_url, &refusing)).await;
+    let (id, transaction) = settled_without_a_hash(&gateway, &chain, 10).await;
+
+    // The chain says the money moved, but not by which transaction: the row waits rather than guess.
+    let report = gateway.pipeline.reconcile(x402_gateway::replay::unix_now() + 1).await.unwrap();
+    assert_eq!((report.settled, report.unreachable), (0, 1), "{report:?}");
+    let row = gateway.pipeline.ledger().get(id).await.unwrap().unwrap();
+    assert_eq!((row.state.as_str(), row.transaction), ("settling", None));
+    let logged = log.text();
+    assert!(logged.contains("eth_getLogs") && logged.contains("max block range"), "the reason is logged: {logged}");
+    assert!(!logged.contains("SECRET-RPC-KEY"), "the RPC URL is not logged: {logged}");
+
+    // With a node that answers, the next pass settles it with its transaction.
+    gateway.pipeline.reload(Config::parse(&direct, "g.toml".as_ref(), ".".as_ref(), &|_| None).unwrap());
+    let report = gateway.pipeline.reconcile(x402_gateway::replay::unix_now() + 1).await.unwrap();
+    assert_eq!((report.settled, report.unreachable), (1, 0), "{report:?}");
+    let row = gateway.pipeline.ledger().get(id).await.unwrap().unwrap();
+    assert_eq!((row.state.as_str(), row.transaction), ("settled", Some(transaction)));
 }

@@ -267,3 +267,55 @@ async fn a_reload_changes_prices_under_load_without_failing_a_request() {
     assert_eq!(replay.body, paid.body);
     assert_eq!(chain.balance(PAY_TO.parse().unwrap()).await, U256::from(1000), "one transfer");
 }
+
+/// A remote facilitator whose verdicts carry free text, as some do: `/verify` refuses with it when `refuse`,
+/// else accepts, and then `/settle` fails with it.
+async fn free_text_facilitator(refuse: bool) -> Upstream {
+    spawn_upstream(move |request: Request<hyper::body::Incoming>| async move {
+        let answer = match request.uri().path() {
+            "/verify" if refuse => json!({ "isValid": false, "invalidReason": "node said: nonce 17 too low, retry" }),
+            "/verify" => json!({ "isValid": true }),
+            "/settle" => {
+                json!({ "success": false, "errorReason": "rate limited by node-7, retry in 3s", "transaction": "" })
+            }
+            _ => json!({ "kinds": [] }),
+        };
+        http::Response::new(x402_gateway::proxy::body::full(answer.to_string()))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_facilitators_free_text_reason_is_labelled_other() {
+    let upstream = spawn_echo("api").await;
+    let refusing = free_text_facilitator(true).await;
+    let failing = free_text_facilitator(false).await;
+    let routes = format!(
+        "[[routes]]\npath = \"/refused\"\nupstream = \"api\"\namount = \"1000\"\n\
+         [[routes]]\npath = \"/unsettled\"\nupstream = \"api\"\namount = \"1000\"\nfacilitator = \"{}\"\n",
+        failing.url()
+    );
+    let payment = format!("facilitator = \"{}\"", refusing.url());
+    let gateway =
+        start_gateway(&(paid_config(&upstream.url(), "admin_listen = \"127.0.0.1:0\"", &payment) + &routes)).await;
+    let buyer = PrivateKeySigner::random();
+    for path in ["/refused", "/unsettled"] {
+        let challenge = pay::decode_header(&get(&gateway.url(path)).await.headers["payment-required"]);
+        let offer = &challenge["accepts"][0];
+        let header = pay::v2_header(
+            &challenge["resource"],
+            offer,
+            Authorization::for_offer(buyer.address(), offer).sign(&buyer),
+        );
+        let request = Request::get(gateway.url(path)).header("payment-signature", header).body(Full::default());
+        assert_eq!(send(&client(), request.unwrap()).await.status, StatusCode::PAYMENT_REQUIRED, "{path}");
+    }
+
+    let scrape = admin_get(&gateway, "/metrics").await.text();
+    let metrics = parse_metrics(&scrape);
+    let rejected = "x402_gateway_payments_rejected_total{route=\"/refused\",reason=\"other\"}";
+    assert_eq!(metrics.get(rejected), Some(&1.0), "{scrape}");
+    let settlement = "x402_gateway_settlements_total{route=\"/unsettled\",outcome=\"other\"}";
+    assert_eq!(metrics.get(settlement), Some(&1.0), "{scrape}");
+    assert!(!scrape.contains("nonce 17") && !scrape.contains("node-7"), "no free text in a label: {scrape}");
+}

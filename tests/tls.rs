@@ -132,3 +132,96 @@ async fn h2c_with_prior_knowledge_on_the_plain_listener() {
     assert_eq!(json["headers"]["x-forwarded-proto"], "http");
     assert_eq!(echo.hits(), 1);
 }
+
+/// An https upstream on loopback serving the committed dev certificate (signed by `certs/dev-ca.crt`), h2 or
+/// http/1.1 by ALPN; it answers every request with the path it got.
+async fn spawn_tls_upstream() -> std::net::SocketAddr {
+    use rustls_pki_types::PrivateKeyDer;
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(repo_path("certs/server.crt")).unwrap().map(|c| c.unwrap()).collect();
+    let key = PrivateKeyDer::from_pem_file(repo_path("certs/server.key")).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let service = hyper::service::service_fn(|request: Request<hyper::body::Incoming>| async move {
+                    let answer = serde_json::json!({ "over": "tls", "path": request.uri().path() });
+                    Ok::<_, std::convert::Infallible>(http::Response::new(x402_gateway::proxy::body::full(
+                        answer.to_string(),
+                    )))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Everything routed to the https upstream `secure` at `addr`; `extra` adds lines to `[upstreams.secure]`.
+fn secure_upstream_config(addr: std::net::SocketAddr, extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.secure]\nurl = \"https://localhost:{}/base\"\n{extra}\n\
+         [[routes]]\npath = \"/*\"\nupstream = \"secure\"\n",
+        addr.port()
+    )
+}
+
+#[tokio::test]
+async fn an_https_upstream_is_trusted_through_its_ca_file_and_refused_without_it() {
+    let upstream = spawn_tls_upstream().await;
+    let ca_file = format!("ca_file = {}", toml_str(&repo_path("certs/dev-ca.crt").display().to_string()));
+    let trusted = start_gateway(&secure_upstream_config(upstream, &ca_file)).await;
+    for path in ["/one", "/two"] {
+        let answer = get(&trusted.url(path)).await;
+        assert_eq!(answer.status, StatusCode::OK, "{path}: {}", answer.text());
+        assert_eq!(answer.json(), serde_json::json!({ "over": "tls", "path": format!("/base{path}") }));
+    }
+
+    // The same upstream without its CA: the webpki roots do not know it, so the handshake fails.
+    let untrusted = start_gateway(&secure_upstream_config(upstream, "")).await;
+    let refused = get(&untrusted.url("/one")).await;
+    assert_eq!(refused.status, StatusCode::BAD_GATEWAY, "{}", refused.text());
+    assert_eq!(refused.json()["error"], "upstream_unavailable");
+}
+
+#[tokio::test]
+async fn a_ca_file_is_checked_at_load_and_named() {
+    let addr: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let parse = |toml: &str| {
+        x402_gateway::config::Config::parse(toml, "g.toml".as_ref(), ".".as_ref(), &|_| None)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let with = |path: &str| secure_upstream_config(addr, &format!("ca_file = {}", toml_str(path)));
+    let missing = parse(&with("/nonexistent/ca.pem"));
+    assert!(missing.contains("upstreams.secure.ca_file") && missing.contains("cannot read"), "{missing}");
+    // A PEM file with a key and no certificate.
+    let key_only = parse(&with(&repo_path("certs/server.key").display().to_string()));
+    assert!(key_only.contains("upstreams.secure.ca_file") && key_only.contains("no PEM certificate"), "{key_only}");
+    // A certificate block that holds no certificate.
+    let garbage = test_dir().join("garbage.pem");
+    std::fs::write(&garbage, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
+    let garbage = parse(&with(&garbage.display().to_string()));
+    assert!(garbage.contains("upstreams.secure.ca_file") && garbage.contains("not a usable CA"), "{garbage}");
+    let plain = secure_upstream_config(
+        addr,
+        &format!("ca_file = {}", toml_str(&repo_path("certs/dev-ca.crt").display().to_string())),
+    )
+    .replace("https://", "http://");
+    let plain = parse(&plain);
+    assert!(plain.contains("upstreams.secure.ca_file") && plain.contains("https"), "{plain}");
+}

@@ -26,6 +26,7 @@ pub struct File {
 pub struct Ledger {
     pub path: Option<String>,
     pub reconcile_interval_secs: Option<u64>,
+    pub reconcile_log_chunk_blocks: Option<u64>,
     pub answers_max_bytes: Option<u64>,
     pub answers_max_body_bytes: Option<usize>,
     pub answers_ttl_secs: Option<u64>,
@@ -116,6 +117,7 @@ pub struct Upstream {
     #[serde(default)]
     pub query: BTreeMap<String, String>,
     pub timeout_secs: Option<u64>,
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

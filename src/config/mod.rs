@@ -11,13 +11,18 @@ pub use payment::{
     AttemptLimit, BatchSettings, Bazaar, FacilitatorChoice, PaidRoute, PaymentSettings, RemoteConfig, SettlerConfig,
 };
 
+use crate::proxy::body::Body;
+use crate::proxy::client::{https_client_trusting, HttpsClient};
 use crate::routing::PathPattern;
 use http::header::{HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{HeaderMap, Method, Uri};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +41,8 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Far beyond any core count: a typo, not a machine.
 const MAX_WORKERS: usize = 1024;
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// Within the block range common RPC providers accept in one `eth_getLogs`.
+pub const DEFAULT_RECONCILE_LOG_CHUNK_BLOCKS: NonZeroU64 = NonZeroU64::new(2_000).unwrap();
 
 #[derive(Debug)]
 pub struct Config {
@@ -51,6 +58,8 @@ pub struct LedgerSettings {
     pub path: PathBuf,
     /// How often rows left open (timeouts, crashes) are reconciled against the chain.
     pub reconcile_interval: Duration,
+    /// Most blocks one `eth_getLogs` of reconciliation spans (the node's provider may cap the range).
+    pub reconcile_log_chunk_blocks: NonZeroU64,
     /// Memory for paid answers kept for retries, all bodies together.
     pub answers_max_bytes: u64,
     /// A larger answer is not kept: its retry gets 409 with the transaction hash.
@@ -113,6 +122,14 @@ pub struct Upstream {
     /// Appended to every forwarded query string, replacing client-sent parameters of the same name.
     pub query: Vec<(String, String)>,
     pub timeout: Duration,
+    /// `ca_file`: the upstream's own https client. Without it, https goes through the shared client.
+    pub ca: Option<UpstreamCa>,
+}
+
+/// An https upstream's own CA, trusted besides the webpki roots, and the client that trusts it.
+pub struct UpstreamCa {
+    pub file: PathBuf,
+    pub client: HttpsClient<Body>,
 }
 
 impl fmt::Debug for Upstream {
@@ -124,6 +141,7 @@ impl fmt::Debug for Upstream {
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
             .field("query", &self.query.iter().map(|(k, _)| k).collect::<Vec<_>>())
             .field("timeout", &self.timeout)
+            .field("ca_file", &self.ca.as_ref().map(|ca| &ca.file))
             .finish()
     }
 }
@@ -206,6 +224,9 @@ impl Validator<'_> {
                 raw.reconcile_interval_secs,
                 Duration::from_secs(60),
             )?,
+            reconcile_log_chunk_blocks: nonzero("ledger.reconcile_log_chunk_blocks", raw.reconcile_log_chunk_blocks)?
+                .and_then(NonZeroU64::new)
+                .unwrap_or(DEFAULT_RECONCILE_LOG_CHUNK_BLOCKS),
             answers_max_bytes: positive("ledger.answers_max_bytes", raw.answers_max_bytes, 64 * 1024 * 1024)?,
             answers_max_body_bytes: positive("ledger.answers_max_body_bytes", raw.answers_max_body_bytes, 256 * 1024)?,
             answers_ttl: seconds("ledger.answers_ttl_secs", raw.answers_ttl_secs, Duration::from_secs(3600))?,
@@ -351,7 +372,28 @@ impl Validator<'_> {
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
         let timeout = seconds(&format!("upstreams.{name}.timeout_secs"), raw.timeout_secs, DEFAULT_UPSTREAM_TIMEOUT)?;
-        Ok(Upstream { name: name.to_string(), scheme, authority, host, base_path, headers, query, timeout })
+        let ca = raw.ca_file.map(|file| self.upstream_ca(name, &scheme, file)).transpose()?;
+        Ok(Upstream { name: name.to_string(), scheme, authority, host, base_path, headers, query, timeout, ca })
+    }
+
+    /// Reads `upstreams.NAME.ca_file` (PEM certificates) and builds the client that trusts them.
+    fn upstream_ca(&self, name: &str, scheme: &Scheme, raw: String) -> Result<UpstreamCa, ConfigError> {
+        let key = format!("upstreams.{name}.ca_file");
+        if *scheme != Scheme::HTTPS {
+            return Err(ConfigError::invalid(&key, "only an https upstream has certificates to check"));
+        }
+        let file = self.file_path(&key, raw)?;
+        let shown = file.display();
+        let pem = std::fs::read(&file).map_err(|e| ConfigError::invalid(&key, format!("cannot read {shown}: {e}")))?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigError::invalid(&key, format!("{shown} is not valid PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(ConfigError::invalid(&key, format!("{shown} holds no PEM certificate")));
+        }
+        let client = https_client_trusting(certs)
+            .map_err(|e| ConfigError::invalid(&key, format!("{shown}: not a usable CA certificate: {e}")))?;
+        Ok(UpstreamCa { file, client })
     }
 
     fn route(

@@ -7,6 +7,7 @@ use alloy::primitives::{keccak256, Address, B256};
 use alloy::providers::{Provider, RootProvider};
 use alloy::rpc::types::Filter;
 use std::collections::HashMap;
+use std::num::NonZeroU64;
 
 pub const NEVER_SERVED: &str = "settled, but the paid answer was never delivered";
 /// How far back to look for the transfer event of an authorization whose transaction hash was not recorded.
@@ -29,10 +30,12 @@ pub struct Reconciled {
 
 /// Resolves `settling` rows last touched before `settling_cutoff` against the chain (their settlement had time
 /// to land), and rows last touched before `cutoff` (unix seconds; the request that held them is over): `verified`
-/// (never broadcast) to `released`, and `settled` but never served to `refund_needed`.
+/// (never broadcast) to `released`, and `settled` but never served to `refund_needed`. Event searches go
+/// `log_chunk_blocks` at a time. A row whose node fails to answer is left as it is, for the next pass.
 pub async fn reconcile(
     ledger: &Ledger,
     chains: &HashMap<u64, RootProvider>,
+    log_chunk_blocks: NonZeroU64,
     settling_cutoff: u64,
     cutoff: u64,
 ) -> Result<Reconciled, LedgerError> {
@@ -43,9 +46,10 @@ pub async fn reconcile(
             report.unreachable += 1;
             continue;
         };
-        match on_chain(provider, &row).await {
+        match on_chain(provider, &row, log_chunk_blocks).await {
             Err(err) => {
-                tracing::warn!(id = row.id, error = %err, "reconciliation could not reach the chain");
+                // The error is the node's or the transport's, which never names the RPC URL (it may hold a key).
+                tracing::warn!(id = row.id, chain_id = row.chain_id, error = %err, "reconciliation could not reach the chain; the row is left for the next pass");
                 report.unreachable += 1;
             }
             Ok(Outcome::Moved(transaction)) => {
@@ -86,14 +90,16 @@ pub async fn reconcile(
     let watched = ledger.failed_valid_since(now.saturating_sub(LATE_LANDING_WATCH_SECS)).await?;
     for row in watched.into_iter().filter(|r| r.updated_at < cutoff) {
         let Some(provider) = chains.get(&row.chain_id) else { continue };
-        match landed(provider, &row).await {
+        match landed(provider, &row, log_chunk_blocks).await {
             Ok(Some(transaction)) => {
                 moved(ledger.landed_late(row.id, transaction.clone()).await)?;
                 report.refunds += 1;
                 tracing::warn!(id = row.id, payer = %row.payer, amount = %row.amount, %transaction, "a payment recorded as failed was settled by someone else: refund needed");
             }
             Ok(None) => {}
-            Err(err) => tracing::warn!(id = row.id, error = %err, "reconciliation could not reach the chain"),
+            Err(err) => {
+                tracing::warn!(id = row.id, chain_id = row.chain_id, error = %err, "reconciliation could not reach the chain; the row is left for the next pass")
+            }
         }
     }
     for row in ledger.in_state(State::Verified).await?.into_iter().filter(|r| r.updated_at < cutoff) {
@@ -126,7 +132,7 @@ enum Outcome {
     NotYet,
 }
 
-async fn on_chain(provider: &RootProvider, row: &Row) -> Result<Outcome, String> {
+async fn on_chain(provider: &RootProvider, row: &Row, log_chunk_blocks: NonZeroU64) -> Result<Outcome, String> {
     let (token, payer, nonce) = authorization_of(row)?;
     let known: Option<B256> = row.transaction.as_deref().and_then(|t| t.parse().ok());
     // The receipt first: a transaction mined before `authorizationState` is read is seen using it there.
@@ -140,7 +146,7 @@ async fn on_chain(provider: &RootProvider, row: &Row) -> Result<Outcome, String>
     if used {
         let transaction = match (known, &receipt) {
             (Some(hash), Some(r)) if chain::used_authorization(r, token, payer, nonce) => hash.to_string(),
-            _ => transfer_event(provider, token, payer, nonce).await.unwrap_or_else(|| "unknown".into()),
+            _ => transaction_of(provider, row, (token, payer, nonce), log_chunk_blocks).await?,
         };
         return Ok(Outcome::Moved(transaction));
     }
@@ -160,15 +166,16 @@ async fn on_chain(provider: &RootProvider, row: &Row) -> Result<Outcome, String>
 }
 
 /// Whether a failed row's authorization has been used since, and by which transaction.
-async fn landed(provider: &RootProvider, row: &Row) -> Result<Option<String>, String> {
-    let (token, payer, nonce) = authorization_of(row)?;
+async fn landed(provider: &RootProvider, row: &Row, log_chunk_blocks: NonZeroU64) -> Result<Option<String>, String> {
+    let authorization = authorization_of(row)?;
+    let (token, payer, nonce) = authorization;
     let used = chain::view(provider, token, Eip3009Token::authorizationStateCall { authorizer: payer, nonce })
         .await
         .map_err(|e| e.to_string())?;
     if !used {
         return Ok(None);
     }
-    Ok(Some(transfer_event(provider, token, payer, nonce).await.unwrap_or_else(|| "unknown".into())))
+    transaction_of(provider, row, authorization, log_chunk_blocks).await.map(Some)
 }
 
 fn authorization_of(row: &Row) -> Result<(Address, Address, B256), String> {
@@ -179,16 +186,54 @@ fn authorization_of(row: &Row) -> Result<(Address, Address, B256), String> {
     Ok((token, payer, nonce))
 }
 
-/// The transaction that used `(payer, nonce)`, from the token's `AuthorizationUsed` event.
-async fn transfer_event(provider: &RootProvider, token: Address, payer: Address, nonce: B256) -> Option<String> {
-    let latest = provider.get_block_number().await.ok()?;
+/// The transaction that used an authorization the chain says is used, from its `AuthorizationUsed` event;
+/// `unknown` (and a warning) when no event is within reach. `Err` when the node did not answer.
+async fn transaction_of(
+    provider: &RootProvider,
+    row: &Row,
+    (token, payer, nonce): (Address, Address, B256),
+    log_chunk_blocks: NonZeroU64,
+) -> Result<String, String> {
+    match transfer_event(provider, token, payer, nonce, log_chunk_blocks).await? {
+        Some(transaction) => Ok(transaction),
+        None => {
+            tracing::warn!(
+                id = row.id,
+                payer = %row.payer,
+                "the authorization was used, but no AuthorizationUsed event is in the last {EVENT_LOOKBACK_BLOCKS} blocks: recorded with transaction `unknown`"
+            );
+            Ok("unknown".into())
+        }
+    }
+}
+
+/// The transaction that used `(payer, nonce)`, from the token's `AuthorizationUsed` event in the last
+/// `EVENT_LOOKBACK_BLOCKS`, newest first and `log_chunk_blocks` per query (providers cap a query's range).
+async fn transfer_event(
+    provider: &RootProvider,
+    token: Address,
+    payer: Address,
+    nonce: B256,
+    log_chunk_blocks: NonZeroU64,
+) -> Result<Option<String>, String> {
+    let latest = provider.get_block_number().await.map_err(|e| format!("eth_blockNumber: {e}"))?;
+    let oldest = latest.saturating_sub(EVENT_LOOKBACK_BLOCKS);
     let filter = Filter::new()
         .address(token)
         .event_signature(keccak256("AuthorizationUsed(address,bytes32)"))
         .topic1(payer.into_word())
-        .topic2(nonce)
-        .from_block(latest.saturating_sub(EVENT_LOOKBACK_BLOCKS))
-        .to_block(latest);
-    let logs = provider.get_logs(&filter).await.ok()?;
-    logs.first().and_then(|log| log.transaction_hash).map(|h| h.to_string())
+        .topic2(nonce);
+    let mut to = latest;
+    loop {
+        let from = to.saturating_sub(log_chunk_blocks.get() - 1).max(oldest);
+        let chunk = filter.clone().from_block(from).to_block(to);
+        let logs = provider.get_logs(&chunk).await.map_err(|e| format!("eth_getLogs of blocks {from} to {to}: {e}"))?;
+        if let Some(hash) = logs.iter().find_map(|log| log.transaction_hash) {
+            return Ok(Some(hash.to_string()));
+        }
+        if from == oldest {
+            return Ok(None);
+        }
+        to = from - 1;
+    }
 }

@@ -57,6 +57,7 @@ pub struct Gateway {
     /// Requests carrying a payment, per client address.
     attempts: AttemptLimiter,
     reconcile_interval: Duration,
+    reconcile_log_chunk_blocks: std::num::NonZeroU64,
     /// A `settling` row this old had time to land: reconciliation may decide it.
     settling_grace: Duration,
     metrics: Metrics,
@@ -141,6 +142,7 @@ impl Gateway {
                 settings.answers_ttl,
             ),
             reconcile_interval: settings.reconcile_interval,
+            reconcile_log_chunk_blocks: settings.reconcile_log_chunk_blocks,
             settling_grace: config.payment.settle_timeout + SETTLING_MARGIN,
             gate,
             ledger,
@@ -169,7 +171,7 @@ impl Gateway {
 
     /// Resolves ledger rows last touched before `cutoff` (unix seconds) against the chain.
     pub async fn reconcile(&self, cutoff: u64) -> Result<Reconciled, LedgerError> {
-        ledger::reconcile(&self.ledger, &self.live().chains, cutoff, cutoff).await
+        ledger::reconcile(&self.ledger, &self.live().chains, self.reconcile_log_chunk_blocks, cutoff, cutoff).await
     }
 
     /// At start, everything a previous run left open; then, periodically, what timeouts left open.
@@ -178,7 +180,9 @@ impl Gateway {
         let (mut settling_cutoff, mut cutoff) = (started, started);
         loop {
             let chains = self.live().chains.clone();
-            match ledger::reconcile(&self.ledger, &chains, settling_cutoff, cutoff).await {
+            match ledger::reconcile(&self.ledger, &chains, self.reconcile_log_chunk_blocks, settling_cutoff, cutoff)
+                .await
+            {
                 Ok(report) if report != Reconciled::default() => tracing::info!(?report, "ledger reconciled"),
                 Ok(_) => {}
                 Err(err) => tracing::error!("ledger reconciliation failed: {err}"),

@@ -47,7 +47,12 @@ pub async fn send(request: Request<Body>, upstream: &Upstream) -> Result<Respons
             let response = pool::send(request, upstream).await?;
             Ok(response.map(|body| body.map_err(BoxError::from).boxed_unsync()))
         } else {
-            let response = TLS_POOL.with(|client| client.request(request)).await?;
+            // An upstream with its own CA (`ca_file`) has its own client; the others share this thread's.
+            let sent = match &upstream.ca {
+                Some(ca) => ca.client.request(request),
+                None => TLS_POOL.with(|client| client.request(request)),
+            };
+            let response = sent.await?;
             Ok::<_, BoxError>(response.map(|body| body.map_err(BoxError::from).boxed_unsync()))
         }
     });

@@ -229,4 +229,17 @@ mod tests {
         let elsewhere = Facilitators::new(&moved.payment, &moved.routes, Some(&after));
         assert!(!after.local[&84532].shares_queue_with(&elsewhere.local[&84532]), "another node, another queue");
     }
+
+    #[test]
+    fn settlement_reasons_are_metric_labels() {
+        let failures = [
+            SettleFailure::pending("0x01".into()),
+            SettleFailure::unknown("no answer"),
+            SettleFailure::nothing_moved("invalid_exact_evm_transaction_failed", String::new(), None),
+            SettleFailure::nothing_moved("invalid_exact_evm_payload_authorization_valid_before", String::new(), None),
+        ];
+        for failure in failures {
+            assert_eq!(crate::x402::reason_label(&failure.reason), failure.reason);
+        }
+    }
 }

@@ -66,3 +66,83 @@ impl Rejection {
         }
     }
 }
+
+/// The reason strings a metric label may take: the gateway's own (`Rejection::reason` and the settlements'),
+/// the x402 spec's list, and the exact-EVM ones of the reference facilitator.
+const KNOWN_REASONS: &[&str] = &[
+    // The gateway's own.
+    "invalid_x402_version",
+    "unsupported_scheme",
+    "invalid_network",
+    "invalid_payment_requirements",
+    "invalid_payload",
+    "invalid_exact_evm_signature",
+    "invalid_exact_evm_recipient_mismatch",
+    "invalid_exact_evm_payload_authorization_valid_before",
+    "invalid_exact_evm_payload_authorization_valid_after",
+    "invalid_exact_evm_authorization_value",
+    "invalid_exact_evm_nonce_already_used",
+    "invalid_exact_evm_insufficient_balance",
+    "invalid_exact_evm_transaction_simulation_failed",
+    "invalid_exact_evm_transaction_failed",
+    "settlement_pending",
+    "unexpected_settle_error",
+    "invalid_payment",
+    // The spec's.
+    "insufficient_funds",
+    "invalid_exact_evm_payload_authorization_value",
+    "invalid_exact_evm_payload_authorization_value_mismatch",
+    "invalid_exact_evm_payload_signature",
+    "invalid_exact_evm_payload_recipient_mismatch",
+    "invalid_scheme",
+    "invalid_transaction_state",
+    "unexpected_verify_error",
+    // The reference facilitator's.
+    "invalid_exact_evm_scheme",
+    "invalid_exact_evm_network_mismatch",
+    "invalid_exact_evm_missing_eip712_domain",
+    "invalid_exact_evm_payload_undeployed_smart_wallet",
+    "invalid_exact_evm_token_name_mismatch",
+    "invalid_exact_evm_token_version_mismatch",
+    "invalid_exact_evm_eip3009_not_supported",
+];
+
+/// `reason` as a metric label: itself when known, else `other`. A remote facilitator's reason is free text,
+/// which would otherwise make a new series of every message.
+pub fn reason_label(reason: &str) -> &'static str {
+    KNOWN_REASONS.iter().find(|known| **known == reason).copied().unwrap_or("other")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{reason_label, Rejection};
+
+    #[test]
+    fn the_gateways_own_reasons_are_labels_and_free_text_is_other() {
+        let own = [
+            Rejection::Version(3),
+            Rejection::Scheme("upto".into()),
+            Rejection::Network("eip155:1".into()),
+            Rejection::NoMatchingOffer,
+            Rejection::MalformedPayload("x".into()),
+            Rejection::Signature,
+            Rejection::RecipientMismatch,
+            Rejection::Expired,
+            Rejection::ValidityTooLong,
+            Rejection::NotYetValid,
+            Rejection::Amount,
+            Rejection::Replayed,
+            Rejection::InsufficientBalance,
+            Rejection::SimulationFailed,
+        ];
+        for rejection in own {
+            assert_eq!(reason_label(rejection.reason()), rejection.reason(), "{rejection:?}");
+        }
+        let known = Rejection::Facilitator { reason: "insufficient_funds".into(), message: String::new() };
+        assert_eq!(reason_label(known.reason()), "insufficient_funds");
+        for free_text in ["nonce too low for 0xabc", "", "Invalid_Payload", "invalid_payload "] {
+            let rejection = Rejection::Facilitator { reason: free_text.into(), message: String::new() };
+            assert_eq!(reason_label(rejection.reason()), "other", "{free_text:?}");
+        }
+    }
+}

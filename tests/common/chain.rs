@@ -2,7 +2,7 @@
 //! kernel picks, with the repository's EIP-3009 TestUSDC deployed. Dropping the `Chain` stops anvil.
 
 use alloy::network::TransactionBuilder;
-use alloy::primitives::{Address, Bytes, U256};
+use alloy::primitives::{Address, Bytes, B256, U256};
 use alloy::providers::{Provider, RootProvider};
 use alloy::rpc::types::TransactionRequest;
 use alloy::sol;
@@ -18,6 +18,25 @@ pub const CHAIN_ID: u64 = 84532;
 
 sol! {
     function mint(address to, uint256 amount);
+    function transferWithAuthorization(address from, address to, uint256 value, uint256 validAfter, uint256 validBefore, bytes32 nonce, uint8 v, bytes32 r, bytes32 s) external;
+}
+
+/// The token call that lands an `exact` payload (its `signature` and `authorization`).
+pub fn transfer_call(payload: &serde_json::Value) -> transferWithAuthorizationCall {
+    let auth = &payload["authorization"];
+    let field = |name: &str| auth[name].as_str().unwrap().to_string();
+    let signature = alloy::hex::decode(payload["signature"].as_str().unwrap()).unwrap();
+    transferWithAuthorizationCall {
+        from: field("from").parse().unwrap(),
+        to: field("to").parse().unwrap(),
+        value: field("value").parse().unwrap(),
+        validAfter: field("validAfter").parse().unwrap(),
+        validBefore: field("validBefore").parse().unwrap(),
+        nonce: field("nonce").parse().unwrap(),
+        v: signature[64],
+        r: B256::from_slice(&signature[..32]),
+        s: B256::from_slice(&signature[32..64]),
+    }
 }
 
 pub struct Chain {
@@ -95,6 +114,23 @@ impl Chain {
             .input(Bytes::from(call).into());
         let receipt = self.provider.send_transaction(tx).await.unwrap().get_receipt().await.unwrap();
         assert!(receipt.status(), "mint");
+    }
+
+    /// Someone else (anvil's first account) submits an `exact` payload's authorization; returns the transaction.
+    pub async fn land(&self, payload: &serde_json::Value) -> B256 {
+        use alloy::sol_types::SolCall;
+        let tx = TransactionRequest::default()
+            .from(DEPLOYER.parse().unwrap())
+            .with_to(self.token)
+            .with_input(transfer_call(payload).abi_encode());
+        let receipt = self.provider.send_transaction(tx).await.unwrap().get_receipt().await.unwrap();
+        assert!(receipt.status(), "the authorization landed");
+        receipt.transaction_hash
+    }
+
+    /// Mines `blocks` empty blocks at once (`anvil_mine`).
+    pub async fn mine(&self, blocks: u64) {
+        let _: serde_json::Value = self.provider.raw_request("anvil_mine".into(), (U256::from(blocks),)).await.unwrap();
     }
 
     pub async fn balance(&self, who: Address) -> U256 {
