@@ -406,7 +406,8 @@ async fn a_malformed_body_from_the_client_is_its_own_400_not_an_upstream_failure
 async fn remote_paid_gateway(upstream: &Upstream, facilitator: &Upstream, payment_extra: &str) -> Gateway {
     let payment = format!("facilitator = \"{}\"\n{payment_extra}", facilitator.url());
     let routes = "[[routes]]\npath = \"/paid\"\nupstream = \"api\"\nprice = \"$0.001\"\n";
-    start_gateway(&(paid_config(&upstream.url(), "", &payment) + routes)).await
+    let server = "admin_listen = \"127.0.0.1:0\"";
+    start_gateway(&(paid_config(&upstream.url(), server, &payment) + routes)).await
 }
 
 /// The v2 offer of an unpaid call: (resource, accepts[0]).
@@ -488,4 +489,8 @@ async fn payment_attempts_beyond_the_per_address_rate_get_429_with_retry_after()
     assert_eq!(retry_after.as_deref(), Some("1"));
     // Unpaid requests are not attempts: the 402 challenge is always served.
     assert_eq!(get(&gw.url("/paid")).await.status, StatusCode::PAYMENT_REQUIRED);
+    let admin = gw.admin.expect("admin listener");
+    let metrics = get(&format!("http://{admin}/metrics")).await.text();
+    let counted = metrics.lines().find(|l| l.contains("payments_rejected") && l.contains("too_many_payment_attempts"));
+    assert!(counted.is_some_and(|line| line.ends_with(" 2")), "{metrics}");
 }

@@ -88,6 +88,7 @@ const KNOWN_REASONS: &[&str] = &[
     "settlement_pending",
     "unexpected_settle_error",
     "invalid_payment",
+    "too_many_payment_attempts",
     // The spec's.
     "insufficient_funds",
     "invalid_exact_evm_payload_authorization_value",
