@@ -306,3 +306,45 @@ async fn a_connection_still_sending_a_body_is_not_handed_to_the_next_request() {
     assert_eq!(accepted.load(Ordering::SeqCst), 2, "the busy connection was not reused");
     drop(upload);
 }
+
+/// Writes `request` as is on a new connection and reads the answer to its end (it must ask to close): hyper's
+/// client would not send every byte a hostile client can.
+async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+        .await
+        .expect("the gateway answers and closes")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn h2_client() -> HttpClient {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build(hyper_util::client::legacy::connect::HttpConnector::new())
+}
+
+#[tokio::test]
+async fn a_backslash_in_the_path_is_refused_before_any_route() {
+    let echo = spawn_echo("echo").await;
+    let toml = paid_config(&echo.url(), "", "facilitator = \"http://127.0.0.1:9\"")
+        + "[[routes]]\npath = \"/public/*\"\nupstream = \"api\"\n\
+           [[routes]]\npath = \"/premium/*\"\nupstream = \"api\"\namount = \"1000\"\n\
+           [[routes]]\npath = \"/*\"\nupstream = \"api\"\n";
+    let gw = start_gateway(&toml).await;
+    let addr = gw.http.unwrap();
+    for path in ["/public/..\\premium\\report", "/public/%2e%2e\\premium\\report", "/premium\\report"] {
+        let head = format!("GET {path} HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n");
+        let answer = raw_exchange(addr, head.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(answer.contains("\"invalid_path\""), "{path}: {answer}");
+        let over_h2 = send(&h2_client(), Request::get(gw.url(path)).body(Full::default()).unwrap()).await;
+        assert_eq!(over_h2.status, StatusCode::BAD_REQUEST, "h2 {path}");
+        assert_eq!(over_h2.json()["error"], "invalid_path", "h2 {path}");
+    }
+    assert_eq!(echo.hits(), 0, "the upstream saw none of them");
+    let fine = get(&gw.url("/public/report")).await;
+    assert_eq!((fine.status, fine.json()["path"].as_str()), (StatusCode::OK, Some("/public/report")));
+}

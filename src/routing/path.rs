@@ -14,6 +14,10 @@ pub enum PathError {
     /// route here and served as another there.
     #[error("the path contains an encoded separator or a `;` parameter")]
     Ambiguous,
+    /// A raw `\`: WHATWG URL parsers (Node, Deno, Bun, Workers, Hono) and IIS read it as `/` and then resolve
+    /// dot segments, so `/free/..\paid` would be routed free here and served as `/paid` there.
+    #[error("the path contains a `\\`")]
+    Backslash,
 }
 
 /// Collapses repeated slashes, decodes percent-escaped unreserved characters, upper-cases the remaining
@@ -41,8 +45,10 @@ fn decode_unreserved(segment: &str, out: &mut String) -> Result<(), PathError> {
     let bytes = segment.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b';' {
-            return Err(PathError::Ambiguous);
+        match bytes[i] {
+            b';' => return Err(PathError::Ambiguous),
+            b'\\' => return Err(PathError::Backslash),
+            _ => {}
         }
         if bytes[i] != b'%' {
             out.push(bytes[i] as char);
@@ -96,5 +102,8 @@ mod tests {
         assert_eq!(canonicalize("/free%2F..%2Fpaid"), Err(PathError::Ambiguous));
         assert_eq!(canonicalize("/a%5Cb"), Err(PathError::Ambiguous));
         assert_eq!(canonicalize("/paid;jsessionid=1"), Err(PathError::Ambiguous));
+        assert_eq!(canonicalize("/public/..\\premium\\report"), Err(PathError::Backslash));
+        assert_eq!(canonicalize("/public/%2e%2e\\premium"), Err(PathError::Backslash));
+        assert_eq!(canonicalize("/premium\\report"), Err(PathError::Backslash));
     }
 }
