@@ -348,3 +348,29 @@ async fn a_backslash_in_the_path_is_refused_before_any_route() {
     let fine = get(&gw.url("/public/report")).await;
     assert_eq!((fine.status, fine.json()["path"].as_str()), (StatusCode::OK, Some("/public/report")));
 }
+
+#[tokio::test]
+async fn a_non_ascii_path_is_one_route_and_reaches_the_upstream_encoded_once() {
+    let (cafe, other) = (spawn_echo("cafe").await, spawn_echo("other").await);
+    let toml = toml_with(
+        &[("cafe", &cafe.url()), ("other", &other.url())],
+        "[[routes]]\npath = \"/free/café\"\nupstream = \"cafe\"\n[[routes]]\npath = \"/*\"\nupstream = \"other\"\n",
+    );
+    let gw = start_gateway(&toml).await;
+    let head = "GET /free/café HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let answer = raw_exchange(gw.http.unwrap(), head.as_bytes()).await;
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_else(|| panic!("no body: {answer}"));
+    let echoed: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {answer}"));
+    assert_eq!((&echoed["upstream"], &echoed["path"]), (&"cafe".into(), &"/free/caf%C3%A9".into()), "raw bytes");
+    for path in ["/free/café", "/free/caf%C3%A9", "/free/caf%c3%a9", "/free/%63af%C3%A9"] {
+        for (version, client) in [("h1", client()), ("h2", h2_client())] {
+            let answer = send(&client, Request::get(gw.url(path)).body(Full::default()).unwrap()).await;
+            assert_eq!(answer.status, StatusCode::OK, "{version} {path}");
+            let echoed = answer.json();
+            assert_eq!(echoed["upstream"], "cafe", "{version} {path}");
+            assert_eq!(echoed["path"], "/free/caf%C3%A9", "{version} {path}");
+        }
+    }
+    let other_path = get(&gw.url("/b%C3%A4r/\"q\"/ü")).await;
+    assert_eq!(other_path.json()["path"], "/b%C3%A4r/%22q%22/%C3%BC");
+}
