@@ -137,8 +137,7 @@ impl Config {
         base_dir: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let file: file::File = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        let file: file::File = toml::from_str(text).map_err(|e| ConfigError::parse(path, text, &e))?;
         Validator { base_dir, env }.config(file)
     }
 }

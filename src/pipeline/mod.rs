@@ -392,7 +392,8 @@ impl Gateway {
             let kinds = match facilitator.supported().await {
                 Ok(supported) => supported.get("kinds").and_then(|k| k.as_array()).cloned().unwrap_or_default(),
                 Err(why) => {
-                    warnings.push(format!("facilitator {url} cannot be asked what it supports: {why}"));
+                    let shown = facilitator.shown_url();
+                    warnings.push(format!("facilitator {shown} cannot be asked what it supports: {why}"));
                     continue;
                 }
             };
@@ -410,7 +411,8 @@ impl Gateway {
                 networks.dedup();
                 for network in networks.into_iter().filter(|n| !serves(n)) {
                     warnings.push(format!(
-                        "facilitator {url} does not list exact payments on {network} (route {})",
+                        "facilitator {} does not list exact payments on {network} (route {})",
+                        facilitator.shown_url(),
                         route.pattern_text
                     ));
                 }
