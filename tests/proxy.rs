@@ -374,3 +374,59 @@ async fn a_non_ascii_path_is_one_route_and_reaches_the_upstream_encoded_once() {
     let other_path = get(&gw.url("/b%C3%A4r/\"q\"/ü")).await;
     assert_eq!(other_path.json()["path"], "/b%C3%A4r/%22q%22/%C3%BC");
 }
+
+#[tokio::test]
+async fn a_request_that_names_no_host_is_refused() {
+    let echo = spawn_echo("echo").await;
+    let toml = toml_with(&[("echo", &echo.url())], "[[routes]]\npath = \"/*\"\nupstream = \"echo\"\n");
+    let gw = start_gateway(&toml).await;
+    let addr = gw.http.unwrap();
+    for head in [
+        "GET /x HTTP/1.1\r\nConnection: close\r\n\r\n",
+        "GET /x HTTP/1.0\r\n\r\n",
+        "GET /x HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
+    ] {
+        let answer = raw_exchange(addr, head.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.") && answer[9..].starts_with("400"), "{head:?}: {answer}");
+        assert!(answer.contains("\"missing_host\""), "{head:?}: {answer}");
+    }
+    // h2 without `:authority` and without `Host`.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = Request::get("/x").body(Full::<Bytes>::default()).unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request)).await.unwrap().unwrap();
+    assert_eq!(answer.status(), StatusCode::BAD_REQUEST);
+    let body = answer.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("\"missing_host\""), "{body:?}");
+    assert_eq!(echo.hits(), 0);
+
+    let named = raw_exchange(addr, b"GET /x HTTP/1.0\r\nHost: shop.example\r\n\r\n").await;
+    assert!(named.starts_with("HTTP/1.0 200") || named.starts_with("HTTP/1.1 200"), "{named}");
+}
+
+#[tokio::test]
+async fn discovery_built_from_the_host_header_is_not_cached() {
+    let echo = spawn_echo("echo").await;
+    let routes = "[[routes]]\npath = \"/paid\"\nupstream = \"api\"\namount = \"1000\"\n";
+    let payment = "facilitator = \"http://127.0.0.1:9\"";
+    let from_host = start_gateway(&(paid_config(&echo.url(), "", payment) + routes)).await;
+    let answer = get(&from_host.url("/.well-known/x402")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.headers["cache-control"], "no-store");
+    assert_eq!(answer.headers["vary"], "Host");
+
+    let fixed =
+        start_gateway(&(paid_config(&echo.url(), "public_url = \"https://api.example.com\"", payment) + routes)).await;
+    let answer = get(&fixed.url("/.well-known/x402")).await;
+    assert_eq!(answer.json()["items"][0]["resource"], "https://api.example.com/paid");
+    assert!(answer.headers.get("cache-control").is_none(), "the same document for every Host may be cached");
+    let challenge = get(&from_host.url("/paid")).await;
+    assert_eq!(
+        (challenge.status, &challenge.headers["cache-control"]),
+        (StatusCode::PAYMENT_REQUIRED, &"no-store".parse::<http::HeaderValue>().unwrap())
+    );
+}

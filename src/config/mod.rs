@@ -60,6 +60,18 @@ pub struct ServerConfig {
     pub limits: Limits,
 }
 
+impl ServerConfig {
+    /// Public listeners on an address other hosts can reach while `public_url` is unset: challenges and
+    /// discovery there build resource URLs from whatever `Host` a client sends.
+    pub fn public_listeners_without_public_url(&self) -> Vec<SocketAddr> {
+        if self.public_url.is_some() {
+            return Vec::new();
+        }
+        let listeners = self.listen.iter().chain(self.tls.as_ref().map(|tls| &tls.listen));
+        listeners.filter(|addr| !addr.ip().is_loopback()).copied().collect()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TlsListener {
     pub listen: SocketAddr,
@@ -387,4 +399,27 @@ pub(super) fn nonzero<T: PartialEq + Default + Copy>(key: &str, value: Option<T>
 
 fn seconds(key: &str, value: Option<u64>, default: Duration) -> Result<Duration, ConfigError> {
     Ok(nonzero(key, value)?.map_or(default, Duration::from_secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(lines: &str) -> ServerConfig {
+        let toml = format!("[server]\n{lines}\n");
+        Config::parse(&toml, Path::new("gateway.toml"), Path::new("."), &|_| None).expect("valid").server
+    }
+
+    #[test]
+    fn a_reachable_listener_without_public_url_is_named() {
+        let reachable: SocketAddr = "0.0.0.0:8402".parse().unwrap();
+        assert_eq!(server("listen = \"0.0.0.0:8402\"").public_listeners_without_public_url(), [reachable]);
+        let tls = "tls_listen = \"[::]:8402\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\nadmin_listen = \"0.0.0.0:9\"";
+        assert_eq!(server(tls).public_listeners_without_public_url(), ["[::]:8402".parse::<SocketAddr>().unwrap()]);
+        assert!(server("listen = \"127.0.0.1:8402\"\ntls_listen = \"[::1]:8443\"\ntls_cert = \"c\"\ntls_key = \"k\"")
+            .public_listeners_without_public_url()
+            .is_empty());
+        let behind = server("listen = \"0.0.0.0:8402\"\npublic_url = \"https://api.example.com\"");
+        assert!(behind.public_listeners_without_public_url().is_empty());
+    }
 }

@@ -17,7 +17,8 @@ use crate::ledger::{self, Ledger, LedgerError, NewPayment, Reconciled};
 use crate::logging::{self, AccessLine};
 use crate::metrics::Metrics;
 use crate::pricing::Offer;
-use crate::proxy::body::{json_response, Body};
+use crate::proxy::body::Body;
+use crate::proxy::headers::names_host;
 use crate::proxy::upstream::{self, upstream_request, ClientInfo};
 use crate::replay::{unix_now, NonceKey};
 use crate::routing::{self, RouteTable};
@@ -27,7 +28,7 @@ use crate::x402::wire::ResourceInfo;
 use crate::x402::Rejection;
 use alloy::providers::RootProvider;
 use bytes::{Bytes, BytesMut};
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use std::collections::{BTreeMap, HashMap};
@@ -116,6 +117,9 @@ impl Gateway {
     /// Opens the ledger and re-reserves every authorization it says is spent and not yet expired, so replay
     /// protection survives a restart.
     pub async fn new(config: Config) -> Result<Gateway, LedgerError> {
+        for addr in config.server.public_listeners_without_public_url() {
+            tracing::warn!(%addr, "no server.public_url: challenges and discovery on this listener take their resource URLs from the client's Host header");
+        }
         let ledger = Ledger::open(&config.ledger.path)?;
         let gate = PaymentGate::new(config.payment.nonce_cache_capacity);
         for row in ledger.unexpired_spent(unix_now()).await? {
@@ -244,6 +248,9 @@ impl Gateway {
         client: &ClientInfo,
         log: &mut AccessLog,
     ) -> Result<Next, GatewayError> {
+        if !names_host(&request) {
+            return Err(GatewayError::MissingHost);
+        }
         let canonical_path = routing::canonicalize(request.uri().path())?;
         if let Some(response) = live.paid_route_preflight(&request, &canonical_path) {
             return Ok(Next::Answer(response));
@@ -253,7 +260,7 @@ impl Gateway {
         }
         if request.method() == http::Method::GET && canonical_path == discovery::PATH {
             let document = discovery::document(live.routes.routes(), &live.base_url(&request, client));
-            return Ok(Next::Answer(json_response(StatusCode::OK, &document)));
+            return Ok(Next::Answer(discovery::response(&document, live.public_url.is_none())));
         }
         let route = live.match_route(&request, &canonical_path)?;
         log.route = Some(route.pattern_text.clone());
