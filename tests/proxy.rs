@@ -430,3 +430,68 @@ async fn discovery_built_from_the_host_header_is_not_cached() {
         (StatusCode::PAYMENT_REQUIRED, &"no-store".parse::<http::HeaderValue>().unwrap())
     );
 }
+
+#[tokio::test]
+async fn injected_credentials_never_come_back_in_answer_urls_and_upstream_redirects_stay_usable() {
+    let (key, token) = ("op-key 7f3&b0e1", "hdr-token-51c2e9");
+    // Answers `/x` as `python -m http.server` answers a folder without its slash (the URL it was asked, query
+    // and all, in `Location`), and under `/base/` with absolute URLs at its own origin.
+    let upstream = spawn_upstream(|req: http::Request<hyper::body::Incoming>| async move {
+        let (path, query) = (req.uri().path().to_string(), req.uri().query().unwrap_or("").to_string());
+        let host = req.headers()["host"].to_str().unwrap().to_string();
+        let token = req.headers()["authorization"].to_str().unwrap().trim_start_matches("Bearer ").to_string();
+        let mut response = Response::new(x402_gateway::proxy::body::full(format!("{path}?{query}")));
+        if path.ends_with('/') || path.ends_with("/landing") {
+            return response;
+        }
+        *response.status_mut() = StatusCode::MOVED_PERMANENTLY;
+        let headers = response.headers_mut();
+        if let Some(rest) = path.strip_prefix("/base/") {
+            headers.insert("location", format!("http://{host}/base/{rest}/landing?x=1&{query}").parse().unwrap());
+            headers.insert("content-location", format!("http://{host}/base/keys/{token}").parse().unwrap());
+        } else {
+            headers.insert("location", format!("{path}/?{query}").parse().unwrap());
+            headers.insert("content-location", format!("{path}?{query}").parse().unwrap());
+            headers.insert("link", format!("<{path}?{query}&page=2>; rel=\"next\"").parse().unwrap());
+            headers.insert("refresh", format!("0; url={path}?token={token}").parse().unwrap());
+        }
+        response
+    })
+    .await;
+    let credentials = "headers = { Authorization = \"Bearer ${T_TOKEN}\" }\nquery = { api_key = \"${T_KEY}\" }\n";
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.files]\nurl = \"{0}\"\n{credentials}\
+         [upstreams.app]\nurl = \"{0}/base\"\n{credentials}\
+         [[routes]]\npath = \"/docs/*\"\nupstream = \"files\"\n\
+         [[routes]]\npath = \"/public/*\"\nupstream = \"app\"\nstrip_prefix = \"/public\"\n",
+        upstream.url()
+    );
+    let gw = start_gateway_with_env(&toml, &[("T_KEY", key), ("T_TOKEN", token)]).await;
+    let shows_a_secret = |answer: &Answer| {
+        answer.headers.iter().any(|(_, value)| {
+            let text = String::from_utf8_lossy(value.as_bytes()).to_string();
+            let decoded: String =
+                form_urlencoded::parse(text.as_bytes()).map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&");
+            [text, decoded].iter().any(|t| t.contains("op-key") || t.contains("7f3") || t.contains(token))
+        })
+    };
+
+    let redirect = get(&gw.url("/docs/sub")).await;
+    assert_eq!(redirect.status, StatusCode::MOVED_PERMANENTLY);
+    assert!(!shows_a_secret(&redirect), "{:?}", redirect.headers);
+    assert_eq!(redirect.headers["location"], "/docs/sub/");
+    assert_eq!(redirect.headers["content-location"], "/docs/sub");
+    assert_eq!(redirect.headers["link"], "</docs/sub?page=2>; rel=\"next\"");
+    assert_eq!(redirect.headers["refresh"], "0; url=/docs/sub");
+    let followed = get(&gw.url(redirect.headers["location"].to_str().unwrap())).await;
+    assert_eq!(followed.status, StatusCode::OK, "the cleaned Location still works");
+
+    let absolute = get(&gw.url("/public/abs")).await;
+    assert_eq!(absolute.status, StatusCode::MOVED_PERMANENTLY);
+    assert!(!shows_a_secret(&absolute), "{:?}", absolute.headers);
+    assert_eq!(absolute.headers["location"], "/public/abs/landing?x=1", "the gateway's path for it");
+    assert!(absolute.headers.get("content-location").is_none(), "a value in the path: no way to clean it");
+    let landed = get(&gw.url(absolute.headers["location"].to_str().unwrap())).await;
+    assert_eq!(landed.status, StatusCode::OK);
+    assert!(landed.text().starts_with("/base/abs/landing?x=1&api_key="), "{}", landed.text());
+}

@@ -9,6 +9,7 @@ mod payment;
 pub use error::ConfigError;
 pub use payment::{BatchSettings, Bazaar, FacilitatorChoice, PaidRoute, PaymentSettings, RemoteConfig, SettlerConfig};
 
+use crate::proxy::answer_urls::AnswerUrls;
 use crate::routing::PathPattern;
 use http::header::{HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
@@ -104,6 +105,8 @@ pub struct Upstream {
     /// Appended to every forwarded query string, replacing client-sent parameters of the same name.
     pub query: Vec<(String, String)>,
     pub timeout: Duration,
+    /// What the answers' URL headers must lose (the values above) and where the upstream's own URLs point.
+    pub answer_urls: AnswerUrls,
 }
 
 impl fmt::Debug for Upstream {
@@ -316,7 +319,18 @@ impl Validator<'_> {
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
         let timeout = seconds(&format!("upstreams.{name}.timeout_secs"), raw.timeout_secs, DEFAULT_UPSTREAM_TIMEOUT)?;
-        Ok(Upstream { name: name.to_string(), scheme, authority, host, base_path, headers, query, timeout })
+        let answer_urls = AnswerUrls::new(&scheme, &authority, &base_path, &headers, &query);
+        Ok(Upstream {
+            name: name.to_string(),
+            scheme,
+            authority,
+            host,
+            base_path,
+            headers,
+            query,
+            timeout,
+            answer_urls,
+        })
     }
 
     fn route(

@@ -368,7 +368,7 @@ impl Gateway {
 
     async fn forward(&self, request: Request<Body>, route: &RouteSpec) -> Result<Response<Body>, GatewayError> {
         let started = Instant::now();
-        let answer = upstream::send(request, &route.upstream).await;
+        let answer = upstream::send(request, route).await;
         self.metrics.upstream(started.elapsed());
         answer
     }
