@@ -2,11 +2,25 @@
 //! can find what is sold here without paying first.
 
 use crate::config::RouteSpec;
+use crate::proxy::body::{json_response, Body};
 use crate::x402::challenge::requirements_v2;
+use http::{header, HeaderValue, Response, StatusCode};
 use serde_json::{json, Value};
 use std::sync::Arc;
 
 pub const PATH: &str = "/.well-known/x402";
+
+/// The document as answered. With `urls_from_host` (no `server.public_url`) its URLs come from the client's
+/// `Host`, so no cache may give one client's copy to another.
+pub fn response(document: &Value, urls_from_host: bool) -> Response<Body> {
+    let mut response = json_response(StatusCode::OK, document);
+    if urls_from_host {
+        let headers = response.headers_mut();
+        headers.insert(header::VARY, HeaderValue::from_static("Host"));
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
+}
 
 /// The discovery document for `routes`, with resource URLs under `base_url` (no trailing slash).
 pub fn document(routes: &[Arc<RouteSpec>], base_url: &str) -> Value {

@@ -8,6 +8,8 @@ use http::{header, HeaderValue, Method, Response, StatusCode};
 pub enum GatewayError {
     #[error("invalid request path: {0}")]
     BadPath(#[from] PathError),
+    #[error("the request names no host: send a `Host` header (`:authority` over HTTP/2)")]
+    MissingHost,
     #[error("no route for this path")]
     NoRoute,
     #[error("method not allowed on this path")]
@@ -48,6 +50,7 @@ impl GatewayError {
         use GatewayError::*;
         match self {
             BadPath(_) => (StatusCode::BAD_REQUEST, "invalid_path"),
+            MissingHost => (StatusCode::BAD_REQUEST, "missing_host"),
             NoRoute => (StatusCode::NOT_FOUND, "no_route"),
             MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),

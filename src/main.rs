@@ -12,6 +12,7 @@ use x402_gateway::pricing::Pricing;
 use x402_gateway::proxy::server::Server;
 use x402_gateway::routing::RouteTable;
 use x402_gateway::settlement::SettleMode;
+use x402_gateway::text::redacted_url;
 
 #[derive(Parser)]
 #[command(name = "x402-gateway", version, about = "Pay-per-call reverse proxy speaking x402")]
@@ -155,8 +156,8 @@ fn check(path: &std::path::Path) -> ExitCode {
                             SettleMode::Before => "before",
                         };
                         let facilitator = match &paid.facilitator {
-                            FacilitatorChoice::Local => "local",
-                            FacilitatorChoice::Remote(remote) => remote.url.as_str(),
+                            FacilitatorChoice::Local => "local".to_string(),
+                            FacilitatorChoice::Remote(remote) => redacted_url(&remote.url),
                         };
                         format!("paid (settle {settle}, facilitator {facilitator})")
                     }

@@ -20,7 +20,7 @@ impl std::fmt::Debug for Network {
         f.debug_struct("Network")
             .field("chain_id", &self.chain_id)
             .field("v1_name", &self.v1_name)
-            .field("rpc_url", &self.rpc_url.as_ref().map(|_| "<redacted>"))
+            .field("rpc_url", &self.rpc_url.as_deref().map(crate::text::redacted_url))
             .field("assets", &self.assets)
             .finish()
     }

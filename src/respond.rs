@@ -19,6 +19,32 @@ pub fn attach_receipt<B>(response: &mut Response<B>, payment: &Payment, settled:
         network: network_name(payment),
     };
     insert_receipt(response.headers_mut(), payment, &receipt);
+    keep_private(response.headers_mut());
+}
+
+/// A paid answer is the buyer's alone (it carries their receipt): shared caches must not keep it. `private`
+/// joins what the upstream said, `public` goes, and a `no-store` or `private` already there is left as it is.
+fn keep_private(headers: &mut HeaderMap) {
+    let directives: Vec<String> = headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|directive| !directive.is_empty())
+        .map(String::from)
+        .collect();
+    if directives.iter().any(|d| d.eq_ignore_ascii_case("no-store") || d.eq_ignore_ascii_case("private")) {
+        return;
+    }
+    let mut value = String::from("private");
+    for directive in directives.iter().filter(|d| !d.eq_ignore_ascii_case("public")) {
+        value.push_str(", ");
+        value.push_str(directive);
+    }
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(header::CACHE_CONTROL, value);
+    }
 }
 
 /// A settlement failed: 402 with the failure in the payment-response header. The paid answer is withheld.
@@ -37,6 +63,8 @@ pub fn settle_failed(payment: &Payment, failure: &SettleFailure) -> Response<Bod
     });
     let mut response = json_response(StatusCode::PAYMENT_REQUIRED, &body);
     insert_receipt(response.headers_mut(), payment, &receipt);
+    // As every 402: the x402 spec asks that none is cached.
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 
@@ -53,5 +81,28 @@ fn network_name(payment: &Payment) -> String {
     match (&payment.offer.network.v1_name, payment.version) {
         (Some(v1), 1) => v1.clone(),
         _ => payment.offer.network.caip2.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn private_form(upstream: &[&str]) -> Vec<String> {
+        let mut headers = HeaderMap::new();
+        for value in upstream {
+            headers.append(header::CACHE_CONTROL, HeaderValue::from_str(value).unwrap());
+        }
+        keep_private(&mut headers);
+        headers.get_all(header::CACHE_CONTROL).iter().map(|v| v.to_str().unwrap().to_string()).collect()
+    }
+
+    #[test]
+    fn private_joins_what_the_upstream_said_and_never_loosens_it() {
+        assert_eq!(private_form(&[]), ["private"]);
+        assert_eq!(private_form(&["public, max-age=60"]), ["private, max-age=60"]);
+        assert_eq!(private_form(&["max-age=60", "must-revalidate"]), ["private, max-age=60, must-revalidate"]);
+        assert_eq!(private_form(&["no-store"]), ["no-store"]);
+        assert_eq!(private_form(&["Private, max-age=5"]), ["Private, max-age=5"]);
     }
 }

@@ -1,7 +1,7 @@
 //! Text written for every request (the access line, `X-Forwarded-For`) without `core::fmt`, whose generic
 //! machinery cost about a sixth of a free request's user-space instructions: numbers, IP addresses, quoted
 //! strings and timestamps, appended to a byte buffer. The calendar date behind a timestamp also dates the
-//! ledger's daily revenue.
+//! ledger's daily revenue. And the one way a configured URL is shown to people (`check`, `/readyz`, logs).
 
 use std::cell::Cell;
 use std::io::Write;
@@ -114,6 +114,19 @@ pub fn civil_from_days(days: u64) -> (u64, u64, u64) {
     (year, month, day)
 }
 
+/// A node's or facilitator's URL as it may be shown: scheme, host and port only. Providers put the key in
+/// the path (`/v2/KEY`), the query (`?apikey=`) or the user info, so everything past the authority is hidden.
+pub fn redacted_url(url: &str) -> String {
+    let Ok(uri) = url.parse::<http::Uri>() else { return "<redacted>".into() };
+    let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else { return "<redacted>".into() };
+    let port = uri.port().map(|p| format!(":{p}")).unwrap_or_default();
+    let hidden = match (uri.path(), uri.query(), uri.authority().is_some_and(|a| a.as_str().contains('@'))) {
+        ("" | "/", None, false) => "",
+        _ => "/<redacted>",
+    };
+    format!("{scheme}://{host}{port}{hidden}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +167,20 @@ mod tests {
             let mut out = Vec::new();
             push_quoted(&mut out, sample);
             assert_eq!(text(&out), format!("{sample:?}"));
+        }
+    }
+
+    #[test]
+    fn a_redacted_url_keeps_only_its_origin() {
+        for (url, shown) in [
+            ("https://base-mainnet.g.alchemy.com/v2/SECRET-KEY", "https://base-mainnet.g.alchemy.com/<redacted>"),
+            ("https://facilitator.example:8443/x402?apikey=SECRET-KEY", "https://facilitator.example:8443/<redacted>"),
+            ("https://user:SECRET-KEY@node.example", "https://node.example/<redacted>"),
+            ("http://127.0.0.1:9", "http://127.0.0.1:9"),
+            ("https://x402.org/", "https://x402.org"),
+            ("not a url SECRET-KEY", "<redacted>"),
+        ] {
+            assert_eq!(redacted_url(url), shown, "{url}");
         }
     }
 

@@ -139,6 +139,51 @@ fn check_reports_the_line_of_a_syntax_error() {
 }
 
 #[test]
+fn check_shows_a_facilitator_url_without_its_key() {
+    let key = "sk-cli-facilitator-7c1d";
+    let path = write_config(&format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+[upstreams.api]
+url = "http://127.0.0.1:9"
+[payment]
+pay_to = "0x90F79bf6EB2c4f870365E785982E1f101E93b906"
+network = "base-sepolia"
+asset = "USDC"
+facilitator = "https://facilitator.example/v2/{key}"
+[[routes]]
+path = "/paid"
+upstream = "api"
+amount = "1000"
+[[routes]]
+path = "/other"
+upstream = "api"
+amount = "1000"
+facilitator = "https://user:{key}@other.example:8443/x402?apikey={key}"
+"#
+    ));
+    let (out, stdout, stderr) = check(&path);
+    assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(!stdout.contains(key) && !stderr.contains(key), "the key is printed: {stdout}{stderr}");
+    assert!(stdout.contains("facilitator https://facilitator.example/<redacted>"), "{stdout}");
+    assert!(stdout.contains("facilitator https://other.example:8443/<redacted>"), "{stdout}");
+}
+
+#[test]
+fn a_syntax_error_on_a_line_with_a_secret_names_the_place_but_not_the_secret() {
+    let secret = "sk-cli-syntax-5e0b";
+    let path = write_config(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.a]\nurl = \"http://127.0.0.1:9\"\n\
+         headers = {{ Authorization = \"Bearer {secret}\" X = 1 }}\n"
+    ));
+    let (out, stdout, stderr) = check(&path);
+    assert_eq!(out.status.code(), Some(1), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(!stderr.contains(secret) && !stdout.contains(secret), "the secret is printed: {stderr}");
+    assert!(stderr.contains("line 5, column"), "no line and column: {stderr}");
+    assert!(stderr.contains("headers = { Authorization = \"***\" X = 1 }"), "the line, masked: {stderr}");
+}
+
+#[test]
 fn check_refuses_an_unknown_key() {
     let path = write_config("[server]\nlistn = \"127.0.0.1:0\"\n");
     let (out, stdout, stderr) = check(&path);
@@ -283,7 +328,7 @@ fn the_shipped_gateway_toml_is_valid_and_needs_no_secrets() {
     let (result, stdout, stderr) = check(&shipped);
     assert!(result.status.success(), "{stderr}");
     assert!(stdout.contains("/v1/forecast") && stdout.contains("free"), "{stdout}");
-    assert!(stdout.contains("/paid/*") && stdout.contains("facilitator https://x402.org/facilitator"), "{stdout}");
+    assert!(stdout.contains("/paid/*") && stdout.contains("facilitator https://x402.org/<redacted>"), "{stdout}");
     assert!(stdout.contains("1000 atomic units of USDC"), "{stdout}");
 }
 

@@ -319,3 +319,26 @@ async fn a_facilitators_free_text_reason_is_labelled_other() {
     assert_eq!(metrics.get(settlement), Some(&1.0), "{scrape}");
     assert!(!scrape.contains("nonce 17") && !scrape.contains("node-7"), "no free text in a label: {scrape}");
 }
+
+#[tokio::test]
+async fn readiness_and_start_up_warnings_show_a_facilitator_url_without_its_key() {
+    let key = "sk-readyz-facilitator-41d9";
+    // A facilitator that supports nothing: the start-up check warns about it.
+    let facilitator =
+        spawn_upstream(|_req| async { http::Response::new(x402_gateway::proxy::body::full("{\"kinds\":[]}")) }).await;
+    let facilitator_url = format!("{}/v2/{key}", facilitator.url());
+    let toml = paid_config(
+        &spawn_echo("api").await.url(),
+        "admin_listen = \"127.0.0.1:0\"",
+        &format!("facilitator = \"{facilitator_url}\""),
+    ) + "[[routes]]\npath = \"/paid\"\nupstream = \"api\"\namount = \"1000\"\n";
+    let gateway = start_gateway(&toml).await;
+    let ready = admin_get(&gateway, "/readyz").await;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
+    assert!(!ready.text().contains(key), "{}", ready.text());
+    assert_eq!(ready.json()["checks"][0]["name"], format!("facilitator {}/<redacted>", facilitator.url()));
+    let warnings = gateway.pipeline.facilitator_warnings().await;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(!warnings[0].contains(key) && warnings[0].contains("/<redacted>"), "{warnings:?}");
+    assert!(facilitator.hits() >= 2, "both asked the facilitator");
+}

@@ -306,3 +306,192 @@ async fn a_connection_still_sending_a_body_is_not_handed_to_the_next_request() {
     assert_eq!(accepted.load(Ordering::SeqCst), 2, "the busy connection was not reused");
     drop(upload);
 }
+
+/// Writes `request` as is on a new connection and reads the answer to its end (it must ask to close): hyper's
+/// client would not send every byte a hostile client can.
+async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+        .await
+        .expect("the gateway answers and closes")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+fn h2_client() -> HttpClient {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build(hyper_util::client::legacy::connect::HttpConnector::new())
+}
+
+#[tokio::test]
+async fn a_backslash_in_the_path_is_refused_before_any_route() {
+    let echo = spawn_echo("echo").await;
+    let toml = paid_config(&echo.url(), "", "facilitator = \"http://127.0.0.1:9\"")
+        + "[[routes]]\npath = \"/public/*\"\nupstream = \"api\"\n\
+           [[routes]]\npath = \"/premium/*\"\nupstream = \"api\"\namount = \"1000\"\n\
+           [[routes]]\npath = \"/*\"\nupstream = \"api\"\n";
+    let gw = start_gateway(&toml).await;
+    let addr = gw.http.unwrap();
+    for path in ["/public/..\\premium\\report", "/public/%2e%2e\\premium\\report", "/premium\\report"] {
+        let head = format!("GET {path} HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n");
+        let answer = raw_exchange(addr, head.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(answer.contains("\"invalid_path\""), "{path}: {answer}");
+        let over_h2 = send(&h2_client(), Request::get(gw.url(path)).body(Full::default()).unwrap()).await;
+        assert_eq!(over_h2.status, StatusCode::BAD_REQUEST, "h2 {path}");
+        assert_eq!(over_h2.json()["error"], "invalid_path", "h2 {path}");
+    }
+    assert_eq!(echo.hits(), 0, "the upstream saw none of them");
+    let fine = get(&gw.url("/public/report")).await;
+    assert_eq!((fine.status, fine.json()["path"].as_str()), (StatusCode::OK, Some("/public/report")));
+}
+
+#[tokio::test]
+async fn a_non_ascii_path_is_one_route_and_reaches_the_upstream_encoded_once() {
+    let (cafe, other) = (spawn_echo("cafe").await, spawn_echo("other").await);
+    let toml = toml_with(
+        &[("cafe", &cafe.url()), ("other", &other.url())],
+        "[[routes]]\npath = \"/free/café\"\nupstream = \"cafe\"\n[[routes]]\npath = \"/*\"\nupstream = \"other\"\n",
+    );
+    let gw = start_gateway(&toml).await;
+    let head = "GET /free/café HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let answer = raw_exchange(gw.http.unwrap(), head.as_bytes()).await;
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_else(|| panic!("no body: {answer}"));
+    let echoed: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {answer}"));
+    assert_eq!((&echoed["upstream"], &echoed["path"]), (&"cafe".into(), &"/free/caf%C3%A9".into()), "raw bytes");
+    for path in ["/free/café", "/free/caf%C3%A9", "/free/caf%c3%a9", "/free/%63af%C3%A9"] {
+        for (version, client) in [("h1", client()), ("h2", h2_client())] {
+            let answer = send(&client, Request::get(gw.url(path)).body(Full::default()).unwrap()).await;
+            assert_eq!(answer.status, StatusCode::OK, "{version} {path}");
+            let echoed = answer.json();
+            assert_eq!(echoed["upstream"], "cafe", "{version} {path}");
+            assert_eq!(echoed["path"], "/free/caf%C3%A9", "{version} {path}");
+        }
+    }
+    let other_path = get(&gw.url("/b%C3%A4r/\"q\"/ü")).await;
+    assert_eq!(other_path.json()["path"], "/b%C3%A4r/%22q%22/%C3%BC");
+}
+
+#[tokio::test]
+async fn a_request_that_names_no_host_is_refused() {
+    let echo = spawn_echo("echo").await;
+    let toml = toml_with(&[("echo", &echo.url())], "[[routes]]\npath = \"/*\"\nupstream = \"echo\"\n");
+    let gw = start_gateway(&toml).await;
+    let addr = gw.http.unwrap();
+    for head in [
+        "GET /x HTTP/1.1\r\nConnection: close\r\n\r\n",
+        "GET /x HTTP/1.0\r\n\r\n",
+        "GET /x HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
+    ] {
+        let answer = raw_exchange(addr, head.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.") && answer[9..].starts_with("400"), "{head:?}: {answer}");
+        assert!(answer.contains("\"missing_host\""), "{head:?}: {answer}");
+    }
+    // h2 without `:authority` and without `Host`.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = Request::get("/x").body(Full::<Bytes>::default()).unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request)).await.unwrap().unwrap();
+    assert_eq!(answer.status(), StatusCode::BAD_REQUEST);
+    let body = answer.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("\"missing_host\""), "{body:?}");
+    assert_eq!(echo.hits(), 0);
+
+    let named = raw_exchange(addr, b"GET /x HTTP/1.0\r\nHost: shop.example\r\n\r\n").await;
+    assert!(named.starts_with("HTTP/1.0 200") || named.starts_with("HTTP/1.1 200"), "{named}");
+}
+
+#[tokio::test]
+async fn discovery_built_from_the_host_header_is_not_cached() {
+    let echo = spawn_echo("echo").await;
+    let routes = "[[routes]]\npath = \"/paid\"\nupstream = \"api\"\namount = \"1000\"\n";
+    let payment = "facilitator = \"http://127.0.0.1:9\"";
+    let from_host = start_gateway(&(paid_config(&echo.url(), "", payment) + routes)).await;
+    let answer = get(&from_host.url("/.well-known/x402")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.headers["cache-control"], "no-store");
+    assert_eq!(answer.headers["vary"], "Host");
+
+    let fixed =
+        start_gateway(&(paid_config(&echo.url(), "public_url = \"https://api.example.com\"", payment) + routes)).await;
+    let answer = get(&fixed.url("/.well-known/x402")).await;
+    assert_eq!(answer.json()["items"][0]["resource"], "https://api.example.com/paid");
+    assert!(answer.headers.get("cache-control").is_none(), "the same document for every Host may be cached");
+    let challenge = get(&from_host.url("/paid")).await;
+    assert_eq!(
+        (challenge.status, &challenge.headers["cache-control"]),
+        (StatusCode::PAYMENT_REQUIRED, &"no-store".parse::<http::HeaderValue>().unwrap())
+    );
+}
+
+#[tokio::test]
+async fn injected_credentials_never_come_back_in_answer_urls_and_upstream_redirects_stay_usable() {
+    let (key, token) = ("op-key 7f3&b0e1", "hdr-token-51c2e9");
+    // Answers `/x` as `python -m http.server` answers a folder without its slash (the URL it was asked, query
+    // and all, in `Location`), and under `/base/` with absolute URLs at its own origin.
+    let upstream = spawn_upstream(|req: http::Request<hyper::body::Incoming>| async move {
+        let (path, query) = (req.uri().path().to_string(), req.uri().query().unwrap_or("").to_string());
+        let host = req.headers()["host"].to_str().unwrap().to_string();
+        let token = req.headers()["authorization"].to_str().unwrap().trim_start_matches("Bearer ").to_string();
+        let mut response = Response::new(x402_gateway::proxy::body::full(format!("{path}?{query}")));
+        if path.ends_with('/') || path.ends_with("/landing") {
+            return response;
+        }
+        *response.status_mut() = StatusCode::MOVED_PERMANENTLY;
+        let headers = response.headers_mut();
+        if let Some(rest) = path.strip_prefix("/base/") {
+            headers.insert("location", format!("http://{host}/base/{rest}/landing?x=1&{query}").parse().unwrap());
+            headers.insert("content-location", format!("http://{host}/base/keys/{token}").parse().unwrap());
+        } else {
+            headers.insert("location", format!("{path}/?{query}").parse().unwrap());
+            headers.insert("content-location", format!("{path}?{query}").parse().unwrap());
+            headers.insert("link", format!("<{path}?{query}&page=2>; rel=\"next\"").parse().unwrap());
+            headers.insert("refresh", format!("0; url={path}?token={token}").parse().unwrap());
+        }
+        response
+    })
+    .await;
+    let credentials = "headers = { Authorization = \"Bearer ${T_TOKEN}\" }\nquery = { api_key = \"${T_KEY}\" }\n";
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.files]\nurl = \"{0}\"\n{credentials}\
+         [upstreams.app]\nurl = \"{0}/base\"\n{credentials}\
+         [[routes]]\npath = \"/docs/*\"\nupstream = \"files\"\n\
+         [[routes]]\npath = \"/public/*\"\nupstream = \"app\"\nstrip_prefix = \"/public\"\n",
+        upstream.url()
+    );
+    let gw = start_gateway_with_env(&toml, &[("T_KEY", key), ("T_TOKEN", token)]).await;
+    let shows_a_secret = |answer: &Answer| {
+        answer.headers.iter().any(|(_, value)| {
+            let text = String::from_utf8_lossy(value.as_bytes()).to_string();
+            let decoded: String =
+                form_urlencoded::parse(text.as_bytes()).map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&");
+            [text, decoded].iter().any(|t| t.contains("op-key") || t.contains("7f3") || t.contains(token))
+        })
+    };
+
+    let redirect = get(&gw.url("/docs/sub")).await;
+    assert_eq!(redirect.status, StatusCode::MOVED_PERMANENTLY);
+    assert!(!shows_a_secret(&redirect), "{:?}", redirect.headers);
+    assert_eq!(redirect.headers["location"], "/docs/sub/");
+    assert_eq!(redirect.headers["content-location"], "/docs/sub");
+    assert_eq!(redirect.headers["link"], "</docs/sub?page=2>; rel=\"next\"");
+    assert_eq!(redirect.headers["refresh"], "0; url=/docs/sub");
+    let followed = get(&gw.url(redirect.headers["location"].to_str().unwrap())).await;
+    assert_eq!(followed.status, StatusCode::OK, "the cleaned Location still works");
+
+    let absolute = get(&gw.url("/public/abs")).await;
+    assert_eq!(absolute.status, StatusCode::MOVED_PERMANENTLY);
+    assert!(!shows_a_secret(&absolute), "{:?}", absolute.headers);
+    assert_eq!(absolute.headers["location"], "/public/abs/landing?x=1", "the gateway's path for it");
+    assert!(absolute.headers.get("content-location").is_none(), "a value in the path: no way to clean it");
+    let landed = get(&gw.url(absolute.headers["location"].to_str().unwrap())).await;
+    assert_eq!(landed.status, StatusCode::OK);
+    assert!(landed.text().starts_with("/base/abs/landing?x=1&api_key="), "{}", landed.text());
+}

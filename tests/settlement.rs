@@ -285,3 +285,32 @@ async fn rpc_down_makes_paid_routes_503_and_free_routes_keep_working() {
     assert_eq!(get(&gateway.url("/free")).await.status, StatusCode::OK);
     assert_eq!(upstream.hits(), 1, "only the free call reached the upstream");
 }
+
+#[tokio::test]
+async fn a_paid_answer_is_private_and_a_failed_settlement_is_not_stored() {
+    // As in the failed-settlement test: two authorizations of one buyer who holds the price once both
+    // verify before either settles, so one answer is paid and the other's settlement fails.
+    let barrier = Arc::new(tokio::sync::Barrier::new(2));
+    let upstream = spawn_upstream(move |_req| {
+        let barrier = barrier.clone();
+        async move {
+            barrier.wait().await;
+            let mut response = Response::new(full("paid answer"));
+            response.headers_mut().insert("cache-control", "public, max-age=60".parse().unwrap());
+            response
+        }
+    })
+    .await;
+    let m = market("after", upstream).await;
+    let buyer = m.buyer(PRICE).await;
+    let (first, second) = (m.payment(&buyer).await, m.payment(&buyer).await);
+    let (a, b) = tokio::join!(m.pay(&first), m.pay(&second));
+    let ((won, won_header), lost) = if a.status == StatusCode::OK { ((a, &first), b) } else { ((b, &second), a) };
+    assert_eq!(won.status, StatusCode::OK, "{}", won.text());
+    assert_eq!(won.headers["cache-control"], "private, max-age=60", "no shared cache keeps a buyer's answer");
+    assert_eq!(lost.status, StatusCode::PAYMENT_REQUIRED, "{}", lost.text());
+    assert_eq!(lost.headers["cache-control"], "no-store");
+    // The retry of the paid one is the kept answer, private too.
+    let again = m.pay(won_header).await;
+    assert_eq!((again.status, &again.headers["cache-control"]), (StatusCode::OK, &won.headers["cache-control"]));
+}

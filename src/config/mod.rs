@@ -11,6 +11,7 @@ pub use payment::{
     AttemptLimit, BatchSettings, Bazaar, FacilitatorChoice, PaidRoute, PaymentSettings, RemoteConfig, SettlerConfig,
 };
 
+use crate::proxy::answer_urls::AnswerUrls;
 use crate::proxy::body::Body;
 use crate::proxy::client::{https_client_trusting, HttpsClient};
 use crate::routing::PathPattern;
@@ -77,6 +78,18 @@ pub struct ServerConfig {
     pub limits: Limits,
 }
 
+impl ServerConfig {
+    /// Public listeners on an address other hosts can reach while `public_url` is unset: challenges and
+    /// discovery there build resource URLs from whatever `Host` a client sends.
+    pub fn public_listeners_without_public_url(&self) -> Vec<SocketAddr> {
+        if self.public_url.is_some() {
+            return Vec::new();
+        }
+        let listeners = self.listen.iter().chain(self.tls.as_ref().map(|tls| &tls.listen));
+        listeners.filter(|addr| !addr.ip().is_loopback()).copied().collect()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TlsListener {
     pub listen: SocketAddr,
@@ -124,6 +137,8 @@ pub struct Upstream {
     pub timeout: Duration,
     /// `ca_file`: the upstream's own https client. Without it, https goes through the shared client.
     pub ca: Option<UpstreamCa>,
+    /// What the answers' URL headers must lose (the values above) and where the upstream's own URLs point.
+    pub answer_urls: AnswerUrls,
 }
 
 /// An https upstream's own CA, trusted besides the webpki roots, and the client that trusts it.
@@ -179,8 +194,7 @@ impl Config {
         base_dir: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let file: file::File = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        let file: file::File = toml::from_str(text).map_err(|e| ConfigError::parse(path, text, &e))?;
         Validator { base_dir, env }.config(file)
     }
 }
@@ -373,7 +387,19 @@ impl Validator<'_> {
             .collect::<Result<Vec<_>, ConfigError>>()?;
         let timeout = seconds(&format!("upstreams.{name}.timeout_secs"), raw.timeout_secs, DEFAULT_UPSTREAM_TIMEOUT)?;
         let ca = raw.ca_file.map(|file| self.upstream_ca(name, &scheme, file)).transpose()?;
-        Ok(Upstream { name: name.to_string(), scheme, authority, host, base_path, headers, query, timeout, ca })
+        let answer_urls = AnswerUrls::new(&scheme, &authority, &base_path, &headers, &query);
+        Ok(Upstream {
+            name: name.to_string(),
+            scheme,
+            authority,
+            host,
+            base_path,
+            headers,
+            query,
+            timeout,
+            ca,
+            answer_urls,
+        })
     }
 
     /// Reads `upstreams.NAME.ca_file` (PEM certificates) and builds the client that trusts them.
@@ -477,4 +503,27 @@ pub(super) fn nonzero<T: PartialEq + Default + Copy>(key: &str, value: Option<T>
 
 fn seconds(key: &str, value: Option<u64>, default: Duration) -> Result<Duration, ConfigError> {
     Ok(nonzero(key, value)?.map_or(default, Duration::from_secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(lines: &str) -> ServerConfig {
+        let toml = format!("[server]\n{lines}\n");
+        Config::parse(&toml, Path::new("gateway.toml"), Path::new("."), &|_| None).expect("valid").server
+    }
+
+    #[test]
+    fn a_reachable_listener_without_public_url_is_named() {
+        let reachable: SocketAddr = "0.0.0.0:8402".parse().unwrap();
+        assert_eq!(server("listen = \"0.0.0.0:8402\"").public_listeners_without_public_url(), [reachable]);
+        let tls = "tls_listen = \"[::]:8402\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\nadmin_listen = \"0.0.0.0:9\"";
+        assert_eq!(server(tls).public_listeners_without_public_url(), ["[::]:8402".parse::<SocketAddr>().unwrap()]);
+        assert!(server("listen = \"127.0.0.1:8402\"\ntls_listen = \"[::1]:8443\"\ntls_cert = \"c\"\ntls_key = \"k\"")
+            .public_listeners_without_public_url()
+            .is_empty());
+        let behind = server("listen = \"0.0.0.0:8402\"\npublic_url = \"https://api.example.com\"");
+        assert!(behind.public_listeners_without_public_url().is_empty());
+    }
 }

@@ -67,7 +67,7 @@ pub struct RemoteConfig {
 impl fmt::Debug for RemoteConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RemoteConfig")
-            .field("url", &self.url)
+            .field("url", &crate::text::redacted_url(&self.url))
             .field("auth", &self.auth.as_ref().map(|_| "<redacted>"))
             .finish()
     }

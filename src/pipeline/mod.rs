@@ -19,7 +19,8 @@ use crate::ledger::{self, Ledger, LedgerError, NewPayment, Reconciled};
 use crate::logging::{self, AccessLine};
 use crate::metrics::Metrics;
 use crate::pricing::Offer;
-use crate::proxy::body::{json_response, Body};
+use crate::proxy::body::Body;
+use crate::proxy::headers::names_host;
 use crate::proxy::upstream::{self, upstream_request, ClientInfo};
 use crate::replay::{unix_now, NonceKey};
 use crate::routing::{self, RouteTable};
@@ -29,7 +30,7 @@ use crate::x402::wire::ResourceInfo;
 use crate::x402::Rejection;
 use alloy::providers::RootProvider;
 use bytes::{Bytes, BytesMut};
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use std::collections::{BTreeMap, HashMap};
@@ -124,6 +125,9 @@ impl Gateway {
     /// Opens the ledger and re-reserves every authorization it says is spent and not yet expired, so replay
     /// protection survives a restart.
     pub async fn new(config: Config) -> Result<Gateway, LedgerError> {
+        for addr in config.server.public_listeners_without_public_url() {
+            tracing::warn!(%addr, "no server.public_url: challenges and discovery on this listener take their resource URLs from the client's Host header");
+        }
         let ledger = Ledger::open(&config.ledger.path)?;
         let gate = PaymentGate::new(config.payment.nonce_cache_capacity);
         for row in ledger.unexpired_spent(unix_now()).await? {
@@ -257,6 +261,9 @@ impl Gateway {
         client: &ClientInfo,
         log: &mut AccessLog,
     ) -> Result<Next, GatewayError> {
+        if !names_host(&request) {
+            return Err(GatewayError::MissingHost);
+        }
         let canonical_path = routing::canonicalize(request.uri().path())?;
         if let Some(response) = live.paid_route_preflight(&request, &canonical_path) {
             return Ok(Next::Answer(response));
@@ -266,7 +273,7 @@ impl Gateway {
         }
         if request.method() == http::Method::GET && canonical_path == discovery::PATH {
             let document = discovery::document(live.routes.routes(), &live.base_url(&request, client));
-            return Ok(Next::Answer(json_response(StatusCode::OK, &document)));
+            return Ok(Next::Answer(discovery::response(&document, live.public_url.is_none())));
         }
         let route = live.match_route(&request, &canonical_path)?;
         log.route = Some(route.pattern_text.clone());
@@ -381,7 +388,7 @@ impl Gateway {
 
     async fn forward(&self, request: Request<Body>, route: &RouteSpec) -> Result<Response<Body>, GatewayError> {
         let started = Instant::now();
-        let answer = upstream::send(request, &route.upstream).await;
+        let answer = upstream::send(request, route).await;
         self.metrics.upstream(started.elapsed());
         answer
     }
@@ -412,7 +419,8 @@ impl Gateway {
             let kinds = match facilitator.supported().await {
                 Ok(supported) => supported.get("kinds").and_then(|k| k.as_array()).cloned().unwrap_or_default(),
                 Err(why) => {
-                    warnings.push(format!("facilitator {url} cannot be asked what it supports: {why}"));
+                    let shown = facilitator.shown_url();
+                    warnings.push(format!("facilitator {shown} cannot be asked what it supports: {why}"));
                     continue;
                 }
             };
@@ -430,7 +438,8 @@ impl Gateway {
                 networks.dedup();
                 for network in networks.into_iter().filter(|n| !serves(n)) {
                     warnings.push(format!(
-                        "facilitator {url} does not list exact payments on {network} (route {})",
+                        "facilitator {} does not list exact payments on {network} (route {})",
+                        facilitator.shown_url(),
                         route.pattern_text
                     ));
                 }

@@ -1,6 +1,7 @@
 //! Header hygiene between client and upstream (RFC 9110 §7.6.1).
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Request;
 
 const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
@@ -45,6 +46,12 @@ pub fn remove_method_overrides(headers: &mut HeaderMap) {
     for name in &METHOD_OVERRIDES {
         headers.remove(name);
     }
+}
+
+/// Whether the request names the host it was sent to: a `Host` header, or the authority of an h2 `:authority`
+/// or an absolute-form target. Without one there is no URL to put in a challenge, and HTTP/1.1 requires it.
+pub fn names_host<B>(request: &Request<B>) -> bool {
+    request.uri().authority().is_some() || request.headers().get(header::HOST).is_some_and(|host| !host.is_empty())
 }
 
 /// Appends the client (its address, as `X-Forwarded-For` names it) to `X-Forwarded-For` and sets

@@ -1,5 +1,6 @@
 //! Transport: listeners, TLS, connection limits, the upstream client and header hygiene.
 
+pub mod answer_urls;
 pub mod body;
 pub mod client;
 mod connection;

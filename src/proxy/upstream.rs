@@ -4,7 +4,7 @@
 use super::body::{Body, BoxError, ClientBodyError};
 use super::headers::{remove_hop_by_hop, remove_method_overrides, set_forwarded};
 use super::pool;
-use crate::config::{RouteSpec, Upstream};
+use crate::config::RouteSpec;
 use crate::error::GatewayError;
 use crate::routing::path::segments;
 use crate::x402::challenge::{PAYMENT_SIGNATURE, X_PAYMENT};
@@ -40,8 +40,10 @@ thread_local! {
     static TLS_POOL: Client<HttpsConnector<HttpConnector>, Body> = super::client::https_client();
 }
 
-/// Sends `request` and waits for the answer's head within the upstream's timeout; the body then streams.
-pub async fn send(request: Request<Body>, upstream: &Upstream) -> Result<Response<Body>, GatewayError> {
+/// Sends `request` on `route` and waits for the answer's head within the upstream's timeout; the body then
+/// streams. The head loses hop-by-hop headers and, in its URLs, the credentials the gateway injected.
+pub async fn send(request: Request<Body>, route: &RouteSpec) -> Result<Response<Body>, GatewayError> {
+    let upstream = &*route.upstream;
     let answer = tokio::time::timeout(upstream.timeout, async {
         if upstream.scheme == Scheme::HTTP {
             let response = pool::send(request, upstream).await?;
@@ -71,6 +73,7 @@ pub async fn send(request: Request<Body>, upstream: &Upstream) -> Result<Respons
         Ok(Ok(response)) => response,
     };
     remove_hop_by_hop(response.headers_mut());
+    upstream.answer_urls.clean(response.headers_mut(), route.strip_prefix.as_deref());
     Ok(response)
 }
 

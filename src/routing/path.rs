@@ -14,10 +14,15 @@ pub enum PathError {
     /// route here and served as another there.
     #[error("the path contains an encoded separator or a `;` parameter")]
     Ambiguous,
+    /// A raw `\`: WHATWG URL parsers (Node, Deno, Bun, Workers, Hono) and IIS read it as `/` and then resolve
+    /// dot segments, so `/free/..\paid` would be routed free here and served as `/paid` there.
+    #[error("the path contains a `\\`")]
+    Backslash,
 }
 
 /// Collapses repeated slashes, decodes percent-escaped unreserved characters, upper-cases the remaining
-/// escapes and refuses dot segments. A trailing slash is kept: upstreams may tell `/a/` from `/a`.
+/// escapes, percent-encodes the bytes a URI path cannot carry raw (non-ASCII UTF-8, `"`, `{`, `|`, ...) and
+/// refuses dot segments. A trailing slash is kept: upstreams may tell `/a/` from `/a`.
 pub fn canonicalize(raw: &str) -> Result<String, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::NotAbsolute);
@@ -25,11 +30,7 @@ pub fn canonicalize(raw: &str) -> Result<String, PathError> {
     let mut out = String::with_capacity(raw.len());
     for segment in raw.split('/').filter(|s| !s.is_empty()) {
         out.push('/');
-        let start = out.len();
-        decode_unreserved(segment, &mut out)?;
-        if matches!(&out[start..], "." | "..") {
-            return Err(PathError::DotSegment);
-        }
+        canonical_segment_into(segment, &mut out)?;
     }
     if out.is_empty() || raw.ends_with('/') {
         out.push('/');
@@ -37,33 +38,69 @@ pub fn canonicalize(raw: &str) -> Result<String, PathError> {
     Ok(out)
 }
 
-fn decode_unreserved(segment: &str, out: &mut String) -> Result<(), PathError> {
+/// One segment (no `/`) in the form [`canonicalize`] gives it: how a route pattern's literal is compared.
+pub fn canonical_segment(segment: &str) -> Result<String, PathError> {
+    let mut out = String::with_capacity(segment.len());
+    canonical_segment_into(segment, &mut out)?;
+    Ok(out)
+}
+
+fn canonical_segment_into(segment: &str, out: &mut String) -> Result<(), PathError> {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let push_escaped = |out: &mut String, byte: u8| {
+        out.push('%');
+        out.push(HEX[usize::from(byte >> 4)] as char);
+        out.push(HEX[usize::from(byte & 0xF)] as char);
+    };
+    let start = out.len();
     let bytes = segment.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b';' {
-            return Err(PathError::Ambiguous);
+        match bytes[i] {
+            b';' => return Err(PathError::Ambiguous),
+            b'\\' => return Err(PathError::Backslash),
+            b'%' => {
+                let escaped = match bytes.get(i + 1..i + 3) {
+                    Some(&[high, low]) => hex_value(high).zip(hex_value(low)).map(|(h, l)| h << 4 | l),
+                    _ => None,
+                };
+                match escaped.ok_or(PathError::BadEscape)? {
+                    b'/' | b'\\' | b';' => return Err(PathError::Ambiguous),
+                    unreserved if is_unreserved(unreserved) => out.push(unreserved as char),
+                    other => push_escaped(out, other),
+                }
+                i += 3;
+            }
+            raw if is_unreserved(raw) || is_path_delimiter(raw) => {
+                out.push(raw as char);
+                i += 1;
+            }
+            // A byte a path cannot carry raw: one of a UTF-8 character's, or ASCII such as `"`, `{`, `|`, `[`.
+            raw => {
+                push_escaped(out, raw);
+                i += 1;
+            }
         }
-        if bytes[i] != b'%' {
-            out.push(bytes[i] as char);
-            i += 1;
-            continue;
-        }
-        let hex = bytes.get(i + 1..i + 3).ok_or(PathError::BadEscape)?;
-        let hex = std::str::from_utf8(hex).map_err(|_| PathError::BadEscape)?;
-        let byte = u8::from_str_radix(hex, 16).map_err(|_| PathError::BadEscape)?;
-        if matches!(byte, b'/' | b'\\' | b';') {
-            return Err(PathError::Ambiguous);
-        }
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(byte as char);
-        } else {
-            out.push('%');
-            out.push_str(&hex.to_ascii_uppercase());
-        }
-        i += 3;
+    }
+    if matches!(&out[start..], "." | "..") {
+        return Err(PathError::DotSegment);
     }
     Ok(())
+}
+
+/// RFC 3986 `unreserved`: the characters whose escaped and raw forms are the same resource.
+fn is_unreserved(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~')
+}
+
+/// The rest of RFC 3986 `pchar` (sub-delims, `:`, `@`): kept raw, and their escapes kept escaped, since an
+/// upstream may read `=` and `%3D` differently.
+fn is_path_delimiter(byte: u8) -> bool {
+    matches!(byte, b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b'=' | b':' | b'@')
+}
+
+fn hex_value(digit: u8) -> Option<u8> {
+    char::from(digit).to_digit(16).and_then(|value| u8::try_from(value).ok())
 }
 
 /// The non-empty segments of a canonical path.
@@ -83,6 +120,11 @@ mod tests {
         assert_eq!(canonicalize("/%70aid").unwrap(), "/paid");
         assert_eq!(canonicalize("/a%20b").unwrap(), "/a%20b");
         assert_eq!(canonicalize("/caf%C3%A9").unwrap(), "/caf%C3%A9");
+        assert_eq!(canonicalize("/caf%c3%a9").unwrap(), "/caf%C3%A9");
+        assert_eq!(canonicalize("/free/café").unwrap(), "/free/caf%C3%A9");
+        assert_eq!(canonicalize("/a\"{b}|c^[d]").unwrap(), "/a%22%7Bb%7D%7Cc%5E%5Bd%5D");
+        assert_eq!(canonicalize("/a=b:c@d!$&'()*+,").unwrap(), "/a=b:c@d!$&'()*+,");
+        assert_eq!(canonicalize("/a%3Db").unwrap(), "/a%3Db");
     }
 
     #[test]
@@ -92,9 +134,13 @@ mod tests {
         assert_eq!(canonicalize("/./a"), Err(PathError::DotSegment));
         assert_eq!(canonicalize("/a%2"), Err(PathError::BadEscape));
         assert_eq!(canonicalize("/a%zz"), Err(PathError::BadEscape));
+        assert_eq!(canonicalize("/a%+1"), Err(PathError::BadEscape));
         assert_eq!(canonicalize("a"), Err(PathError::NotAbsolute));
         assert_eq!(canonicalize("/free%2F..%2Fpaid"), Err(PathError::Ambiguous));
         assert_eq!(canonicalize("/a%5Cb"), Err(PathError::Ambiguous));
         assert_eq!(canonicalize("/paid;jsessionid=1"), Err(PathError::Ambiguous));
+        assert_eq!(canonicalize("/public/..\\premium\\report"), Err(PathError::Backslash));
+        assert_eq!(canonicalize("/public/%2e%2e\\premium"), Err(PathError::Backslash));
+        assert_eq!(canonicalize("/premium\\report"), Err(PathError::Backslash));
     }
 }

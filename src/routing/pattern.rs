@@ -1,6 +1,6 @@
 //! Route path patterns: exact (`/weather`), named segments (`/users/:id`) and prefix (`/public/*`).
 
-use super::path::segments;
+use super::path::{canonical_segment, segments};
 use std::cmp::Reverse;
 
 #[derive(Debug, Clone)]
@@ -67,7 +67,10 @@ impl PathPattern {
     /// Whether `prefix` (a path such as `/public`) is made of this pattern's leading literal segments.
     pub fn has_literal_prefix(&self, prefix: &str) -> bool {
         let mut own = self.segments.iter();
-        segments(prefix).all(|want| matches!(own.next(), Some(Segment::Literal(lit)) if lit.eq_ignore_ascii_case(want)))
+        segments(prefix).all(|want| {
+            let want = canonical_segment(want);
+            matches!((own.next(), want), (Some(Segment::Literal(lit)), Ok(want)) if lit.eq_ignore_ascii_case(&want))
+        })
     }
 }
 
@@ -81,7 +84,8 @@ fn segment(pattern: &str, text: &str) -> Result<Segment, String> {
     match text.strip_prefix(':') {
         Some("") => Err(format!("`{pattern}`: a named segment needs a name (`:id`)")),
         Some(_) => Ok(Segment::Param),
-        None => Ok(Segment::Literal(text.to_string())),
+        // In the form requests are matched in: `/café` and `/caf%C3%A9` are one route.
+        None => canonical_segment(text).map(Segment::Literal).map_err(|err| format!("`{pattern}`: {err}")),
     }
 }
 
@@ -102,11 +106,12 @@ mod tests {
         assert!(!p("/public/*").matches("/publicity"));
         assert!(p("/*").matches("/") && p("/*").matches("/anything"));
         assert!(p("/").matches("/") && !p("/").matches("/a"));
+        assert!(p("/free/café").matches("/free/caf%C3%A9") && p("/free/caf%c3%a9").matches("/free/caf%C3%A9"));
     }
 
     #[test]
     fn invalid_patterns() {
-        for bad in ["weather", "/a*", "/*/b", "/a//b", "/users/:"] {
+        for bad in ["weather", "/a*", "/*/b", "/a//b", "/users/:", "/a/../b", "/a\\b", "/a%zz"] {
             assert!(PathPattern::parse(bad).is_err(), "{bad}");
         }
     }
@@ -117,5 +122,6 @@ mod tests {
         assert!(p("/v1/users/:id").has_literal_prefix("/v1/"));
         assert!(!p("/public/*").has_literal_prefix("/pub"));
         assert!(!p("/:x/*").has_literal_prefix("/a"));
+        assert!(p("/café/*").has_literal_prefix("/café"));
     }
 }

@@ -90,11 +90,11 @@ pub enum Facilitator<'a> {
 }
 
 impl Facilitator<'_> {
-    /// How the ledger names it: `local`, or the remote facilitator's URL.
+    /// How the ledger names it: `local`, or the remote facilitator's URL, redacted.
     pub fn name(&self) -> String {
         match self {
             Facilitator::Local(_) => "local".into(),
-            Facilitator::Remote(remote) => remote.url().to_string(),
+            Facilitator::Remote(remote) => remote.shown_url().to_string(),
         }
     }
 
@@ -186,12 +186,12 @@ impl Facilitators {
         for (chain_id, settler) in &self.local {
             checks.push((format!("rpc eip155:{chain_id}"), settler.probe().await));
         }
-        for (url, remote) in &self.remote {
+        for remote in self.remote.values() {
             let answer = match tokio::time::timeout(local::PROBE_TIMEOUT, remote.supported()).await {
                 Err(_) => Err("did not answer in time".to_string()),
                 Ok(answer) => answer.map(|_| ()),
             };
-            checks.push((format!("facilitator {url}"), answer));
+            checks.push((format!("facilitator {}", remote.shown_url()), answer));
         }
         checks
     }

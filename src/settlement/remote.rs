@@ -16,6 +16,8 @@ const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 pub struct RemoteFacilitator {
     /// Base URL without a trailing slash.
     base: String,
+    /// The base as it may be shown (readiness, warnings, the ledger): it often carries a key.
+    shown: String,
     /// The operator's `facilitator_auth`, marked sensitive.
     auth: Option<HeaderValue>,
     timeout: Duration,
@@ -50,11 +52,13 @@ enum CallError {
 
 impl RemoteFacilitator {
     pub fn new(base: String, auth: Option<HeaderValue>, timeout: Duration) -> RemoteFacilitator {
-        RemoteFacilitator { base, auth, timeout, client: https_client() }
+        let shown = crate::text::redacted_url(&base);
+        RemoteFacilitator { base, shown, auth, timeout, client: https_client() }
     }
 
-    pub fn url(&self) -> &str {
-        &self.base
+    /// The URL without what may be a key: the only form of it that is ever shown.
+    pub fn shown_url(&self) -> &str {
+        &self.shown
     }
 
     /// The `/verify` and `/settle` body: the buyer's payload as sent, and our own requirements for it.
