@@ -34,7 +34,8 @@ use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use arc_swap::ArcSwap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use buffered::BodyBudget;
@@ -48,7 +49,7 @@ const SETTLING_MARGIN: Duration = Duration::from_secs(30);
 pub struct Gateway {
     /// The current configuration's routes and settlers, replaced whole by a reload: a request keeps the
     /// `Live` it started with.
-    live: RwLock<Arc<Live>>,
+    live: ArcSwap<Live>,
     /// Outlives reloads: an authorization reserved under the old configuration stays reserved.
     gate: PaymentGate,
     ledger: Ledger,
@@ -150,14 +151,14 @@ impl Gateway {
             settling_grace: config.payment.settle_timeout + SETTLING_MARGIN,
             gate,
             ledger,
-            live: RwLock::new(Arc::new(Live::new(config, None))),
+            live: ArcSwap::from_pointee(Live::new(config, None)),
             metrics: Metrics::new(),
         })
     }
 
     /// The configuration new requests are served with.
     pub fn live(&self) -> Arc<Live> {
-        self.live.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+        self.live.load_full()
     }
 
     /// Serves new requests with `config`, atomically; requests in flight finish with the one they started
@@ -166,7 +167,7 @@ impl Gateway {
     pub fn reload(&self, config: Config) {
         let previous = self.live();
         let next = Arc::new(Live::new(config, Some(&previous)));
-        *self.live.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = next;
+        self.live.store(next);
     }
 
     pub fn ledger(&self) -> &Ledger {
