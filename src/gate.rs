@@ -11,7 +11,7 @@ use crate::x402::Rejection;
 use alloy::primitives::Address;
 use http::HeaderMap;
 use std::collections::HashSet;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// A verified payment whose authorization is now reserved.
 #[derive(Debug, Clone)]
@@ -36,36 +36,74 @@ pub enum GateError {
     Malformed(String),
     #[error("too many payments in flight; retry shortly")]
     Busy,
-    /// A valid payment whose authorization is already reserved: a retry, or a replay.
+    /// A valid payment whose authorization is already reserved: a retry, or a replay. It is held for this
+    /// request, but stays reserved when the hold goes unless the hold is taken over.
     #[error("this authorization has already been used")]
-    Reserved(Box<Payment>),
+    Reserved(Box<Payment>, Hold),
+    /// Another request of this authorization is being served right now: a concurrent duplicate.
+    #[error("this authorization is being used by another request")]
+    InUse,
 }
 
 pub struct PaymentGate {
+    /// Shared with every hold, which outlives the borrow of a request's stages.
+    state: Arc<GateState>,
+}
+
+struct GateState {
     reservations: Reservations,
     /// Authorizations whose request is being served right now: a retry meanwhile is a concurrent duplicate.
     serving: Mutex<HashSet<NonceKey>>,
 }
 
-/// An authorization's request, marked as being served until this is dropped.
-pub struct Serving<'g> {
-    gate: &'g PaymentGate,
+/// One request's hold on an authorization: it is reserved against replay and marked as being served. When the
+/// hold goes, the mark goes; the reservation goes too unless the payment may have moved (`spend`), so that a
+/// buyer whose payment was certainly not charged may use it again, and nothing else can.
+pub struct Hold {
+    state: Arc<GateState>,
     key: NonceKey,
+    release: bool,
 }
 
-impl Drop for Serving<'_> {
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hold").field("key", &self.key).field("release", &self.release).finish()
+    }
+}
+
+impl Hold {
+    /// The payment may have moved (settlement began, or the ledger says it is spent): it stays reserved until
+    /// the authorization expires.
+    pub fn spend(&mut self) {
+        self.release = false;
+    }
+
+    /// The payment was certainly not charged (a failure before any broadcast; or a reservation found in place
+    /// by a retry, which the ledger says was never charged): the authorization is freed when the hold goes.
+    pub fn not_charged(&mut self) {
+        self.release = true;
+    }
+}
+
+impl Drop for Hold {
     fn drop(&mut self) {
-        self.gate.serving.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
+        // A request that panicked may have been anywhere in settling: the authorization stays reserved.
+        if self.release && !std::thread::panicking() {
+            self.state.reservations.release(&self.key);
+        }
+        self.state.serving.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
     }
 }
 
 impl PaymentGate {
     pub fn new(nonce_cache_capacity: u64) -> PaymentGate {
-        PaymentGate { reservations: Reservations::new(nonce_cache_capacity), serving: Mutex::default() }
+        let reservations = Reservations::new(nonce_cache_capacity);
+        PaymentGate { state: Arc::new(GateState { reservations, serving: Mutex::default() }) }
     }
 
-    /// Checks the request's payment against `offers`, the offers priced for this very request.
-    pub fn check(&self, offers: &[Offer], headers: &HeaderMap, now: u64) -> Result<Payment, GateError> {
+    /// Checks the request's payment against `offers`, the offers priced for this very request, and holds its
+    /// authorization for this request.
+    pub fn check(&self, offers: &[Offer], headers: &HeaderMap, now: u64) -> Result<(Payment, Hold), GateError> {
         let raw =
             headers.get(PAYMENT_SIGNATURE).or_else(|| headers.get(X_PAYMENT)).ok_or(GateError::Challenge(None))?;
         let payload = codec::decode_payment(raw.as_bytes()).map_err(|err| match err {
@@ -88,43 +126,52 @@ impl PaymentGate {
             nonce: authorization.nonce,
         };
         // A retry of an authorization already in play is answered as such, even once it has expired.
-        let in_play = self.reservations.contains(&key);
+        let in_play = self.state.reservations.contains(&key);
         if !in_play {
             exact_evm::check_window(&authorization, offer, now).map_err(reject)?;
         }
         let identifier = payment_identifier(&payload)?;
         let valid_before = authorization.valid_before_secs();
         let payment = Payment { version, offer: offer.clone(), authorization, payload, key, identifier };
-        match self.reservations.reserve(key, valid_before) {
-            Ok(()) => Ok(payment),
-            Err(ReserveError::Replayed) => Err(GateError::Reserved(Box::new(payment))),
+        match self.hold(key, valid_before)? {
+            Held::Fresh(hold) => Ok((payment, hold)),
+            Held::Reserved(hold) => Err(GateError::Reserved(Box::new(payment), hold)),
+        }
+    }
+
+    /// Marks `key` as being served and reserves it: fresh, or found reserved already.
+    fn hold(&self, key: NonceKey, valid_before: u64) -> Result<Held, GateError> {
+        // Marked as served first: the reservation of a request that turns out to be a concurrent duplicate
+        // belongs to the other request, and must not be touched.
+        if !self.state.serving.lock().unwrap_or_else(PoisonError::into_inner).insert(key) {
+            return Err(GateError::InUse);
+        }
+        let mut hold = Hold { state: self.state.clone(), key, release: false };
+        match self.state.reservations.reserve(key, valid_before) {
+            Ok(()) => {
+                hold.release = true;
+                Ok(Held::Fresh(hold))
+            }
+            Err(ReserveError::Replayed) => Ok(Held::Reserved(hold)),
             Err(ReserveError::Full) => Err(GateError::Busy),
         }
     }
 }
 
+enum Held {
+    Fresh(Hold),
+    Reserved(Hold),
+}
+
 impl PaymentGate {
     /// Reserves an authorization the ledger says was spent (at start: replay protection survives a restart).
     pub fn reserve_spent(&self, key: NonceKey, valid_before: u64) {
-        let _ = self.reservations.reserve(key, valid_before);
+        let _ = self.state.reservations.reserve(key, valid_before);
     }
 
     /// How many authorizations are reserved now.
     pub fn reserved(&self) -> u64 {
-        self.reservations.count()
-    }
-
-    /// Marks the request of the authorization `key` as being served, until the returned guard is dropped.
-    /// `None` if another request of it is being served.
-    pub fn start_serving(&self, key: NonceKey) -> Option<Serving<'_>> {
-        let mut serving = self.serving.lock().unwrap_or_else(PoisonError::into_inner);
-        // Built only once inserted: a guard dropped here would free the mark of the request that holds it.
-        serving.insert(key).then(|| Serving { gate: self, key })
-    }
-
-    /// Frees an authorization that was certainly not charged, so the buyer may use it again.
-    pub fn release(&self, payment: &Payment) {
-        self.reservations.release(&payment.key);
+        self.state.reservations.count()
     }
 }
 
@@ -186,19 +233,43 @@ mod tests {
     use super::*;
     use alloy::primitives::B256;
 
+    fn key(nonce: u8) -> NonceKey {
+        NonceKey { chain_id: 8453, asset: Address::ZERO, from: Address::ZERO, nonce: B256::repeat_byte(nonce) }
+    }
+
+    fn fresh(held: Result<Held, GateError>) -> Hold {
+        match held {
+            Ok(Held::Fresh(hold)) => hold,
+            _ => panic!("expected a fresh hold"),
+        }
+    }
+
     #[test]
     fn one_request_at_a_time_serves_an_authorization() {
         let gate = PaymentGate::new(16);
-        let key = |nonce: u8| NonceKey {
-            chain_id: 8453,
-            asset: Address::ZERO,
-            from: Address::ZERO,
-            nonce: B256::repeat_byte(nonce),
-        };
-        let first = gate.start_serving(key(1)).expect("nobody serves it yet");
-        assert!(gate.start_serving(key(1)).is_none(), "a second request meanwhile is a duplicate");
-        assert!(gate.start_serving(key(2)).is_some(), "another authorization is not held up");
+        let first = fresh(gate.hold(key(1), u64::MAX));
+        assert!(matches!(gate.hold(key(1), u64::MAX), Err(GateError::InUse)), "a second request meanwhile");
+        let _other = fresh(gate.hold(key(2), u64::MAX));
         drop(first);
-        assert!(gate.start_serving(key(1)).is_some(), "free again once the first is over");
+        let _again = fresh(gate.hold(key(1), u64::MAX));
+    }
+
+    #[test]
+    fn a_hold_frees_its_reservation_unless_the_payment_may_have_moved() {
+        let gate = PaymentGate::new(16);
+        drop(fresh(gate.hold(key(1), u64::MAX)));
+        assert_eq!(gate.reserved(), 0, "certainly not charged: free to use again");
+
+        let mut spent = fresh(gate.hold(key(2), u64::MAX));
+        spent.spend();
+        drop(spent);
+        let Ok(Held::Reserved(retry)) = gate.hold(key(2), u64::MAX) else { panic!("still reserved") };
+        drop(retry);
+        assert_eq!(gate.reserved(), 1, "a retry's hold leaves the reservation it found");
+
+        let Ok(Held::Reserved(mut taken)) = gate.hold(key(2), u64::MAX) else { panic!("still reserved") };
+        taken.not_charged();
+        drop(taken);
+        assert_eq!(gate.reserved(), 0, "taken over, then not charged: freed");
     }
 }

@@ -29,12 +29,12 @@ use crate::x402::challenge::{Challenge, PAYMENT_SIGNATURE, SCHEME_EXACT, X_PAYME
 use crate::x402::wire::ResourceInfo;
 use crate::x402::Rejection;
 use alloy::providers::RootProvider;
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use std::collections::{BTreeMap, HashMap};
-use arc_swap::ArcSwap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -316,26 +316,19 @@ impl Gateway {
             self.challenge(route_name, paid.bazaar.as_ref(), request_headers, offers, resource.clone(), rejection)
         };
 
-        // Payment gate: decode, match an offer, verify offline, reserve the authorization.
-        // Each authorization is served by one request at a time: another meanwhile is a concurrent duplicate.
-        let (payment, _serving) = match self.gate.check(offers, request.headers(), unix_now()) {
-            Ok(payment) => match self.gate.start_serving(payment.key) {
-                Some(serving) => (payment, serving),
+        // Payment gate: decode, match an offer, verify offline, hold the authorization for this request. Each
+        // authorization is served by one request at a time, and is freed when the hold goes unless it may have
+        // been charged: every return below that charges nothing frees it.
+        let (payment, mut hold) = match self.gate.check(offers, request.headers(), unix_now()) {
+            Ok(held) => held,
+            Err(GateError::Reserved(payment, mut hold)) => match self.already_paid(&payment, challenge).await {
+                Some(answer) => return Ok(answer),
                 None => {
-                    // The previous request of this authorization freed it and is still finishing.
-                    self.gate.release(&payment);
-                    return Ok(challenge(Some(&Rejection::Replayed)));
+                    hold.not_charged();
+                    (*payment, hold)
                 }
             },
-            Err(GateError::Reserved(payment)) => {
-                let Some(serving) = self.gate.start_serving(payment.key) else {
-                    return Ok(challenge(Some(&Rejection::Replayed)));
-                };
-                match self.already_paid(&payment, challenge).await {
-                    Some(answer) => return Ok(answer),
-                    None => (*payment, serving),
-                }
-            }
+            Err(GateError::InUse) => return Ok(challenge(Some(&Rejection::Replayed))),
             Err(GateError::Challenge(rejection)) => return Ok(challenge(rejection.as_ref())),
             Err(GateError::Malformed(message)) => {
                 self.metrics.rejected(route_name, "invalid_payload");
@@ -345,18 +338,15 @@ impl Gateway {
         };
         if self.answers.get(&payment).is_some_and(|answered| answered.paid_by != payment.key) {
             // A `payment-identifier` already answered, now with another authorization: nothing is charged.
-            self.gate.release(&payment);
             return Ok(paid::identifier_reused());
         }
 
         // Verify with the facilitator (on-chain simulation when local), then record: write-ahead of any effect.
         let Some(facilitator) = live.facilitators.get(&paid.facilitator, payment.offer.network.chain_id) else {
-            self.gate.release(&payment);
             return Err(GatewayError::FacilitatorUnavailable("no facilitator for this network".into()));
         };
         let verifying = Instant::now();
         if let Err(failure) = facilitator.verify(&payment, &resource).await {
-            self.gate.release(&payment);
             return match failure {
                 VerifyFailure::Rejected(rejection) => Ok(challenge(Some(&rejection))),
                 VerifyFailure::Unavailable(why) => Err(GatewayError::FacilitatorUnavailable(why)),
@@ -367,9 +357,11 @@ impl Gateway {
             match self.ledger.record_verified(new_payment(&payment, route_name, paid.settle, facilitator.name())).await
             {
                 Ok(Ok(id)) => id,
-                Ok(Err(spent)) => return Ok(paid::spent(&payment, &spent)),
+                Ok(Err(spent)) => {
+                    hold.spend();
+                    return Ok(paid::spent(&payment, &spent));
+                }
                 Err(err) => {
-                    self.gate.release(&payment);
                     tracing::error!("{err}");
                     return Err(GatewayError::LedgerUnavailable);
                 }
@@ -380,7 +372,7 @@ impl Gateway {
 
         // Upstream and settlement, in the route's order.
         let request = upstream_request(request, route, canonical_path, client)?;
-        let call = PaidCall { facilitator, payment, id, resource, log, max_held: live.settle_after_max_bytes };
+        let call = PaidCall { facilitator, payment, hold, id, resource, log, max_held: live.settle_after_max_bytes };
         match paid.settle {
             SettleMode::Before => self.settle_then_stream(request, route, call).await,
             SettleMode::After => self.deliver_then_settle(request, route, call).await,

@@ -5,7 +5,7 @@ use super::{read_to_limit, AccessLog, Gateway, ReadError};
 use crate::answers::StoredAnswer;
 use crate::config::RouteSpec;
 use crate::error::GatewayError;
-use crate::gate::Payment;
+use crate::gate::{Hold, Payment};
 use crate::ledger::{Ledger, Row, State};
 use crate::proxy::body::{full, json_response, Body};
 use crate::respond;
@@ -21,6 +21,7 @@ use std::time::Instant;
 pub(super) struct PaidCall<'g, 'l> {
     pub facilitator: Facilitator<'g>,
     pub payment: Payment,
+    pub hold: Hold,
     /// Its ledger row.
     pub id: i64,
     pub resource: ResourceInfo,
@@ -35,10 +36,10 @@ impl Gateway {
         &self,
         request: Request<Body>,
         route: &RouteSpec,
-        call: PaidCall<'_, '_>,
+        mut call: PaidCall<'_, '_>,
     ) -> Result<Response<Body>, GatewayError> {
-        self.write_ahead(self.ledger.settling(call.id, None).await, &call.payment)?;
-        let settled = match self.settle(route, &call).await {
+        self.write_ahead(self.ledger.settling(call.id, None).await)?;
+        let settled = match self.settle(route, &mut call).await {
             Ok(settled) => settled,
             Err(failure) => return Ok(self.settle_failed(&call, &failure).await),
         };
@@ -64,7 +65,7 @@ impl Gateway {
         &self,
         request: Request<Body>,
         route: &RouteSpec,
-        call: PaidCall<'_, '_>,
+        mut call: PaidCall<'_, '_>,
     ) -> Result<Response<Body>, GatewayError> {
         let response = match self.forward(request, route).await {
             Ok(response) => response,
@@ -91,11 +92,11 @@ impl Gateway {
                 });
             }
         };
-        if let Err(err) = self.write_ahead(self.ledger.settling(call.id, Some(status.as_u16())).await, &call.payment) {
+        if let Err(err) = self.write_ahead(self.ledger.settling(call.id, Some(status.as_u16())).await) {
             self.record(self.ledger.released(call.id, Some(status.as_u16())).await);
             return Err(err);
         }
-        let settled = match self.settle(route, &call).await {
+        let settled = match self.settle(route, &mut call).await {
             Ok(settled) => settled,
             Err(failure) => {
                 if !failure.nothing_moved {
@@ -130,7 +131,10 @@ impl Gateway {
         Ok(record_usage(response, route, call.log, Some((self.ledger.clone(), call.id))))
     }
 
-    async fn settle(&self, route: &RouteSpec, call: &PaidCall<'_, '_>) -> Result<Settled, SettleFailure> {
+    /// Settles the payment. From here on it may move, so its authorization stays reserved unless the
+    /// settlement certainly failed before any broadcast.
+    async fn settle(&self, route: &RouteSpec, call: &mut PaidCall<'_, '_>) -> Result<Settled, SettleFailure> {
+        call.hold.spend();
         let started = Instant::now();
         let (ledger, id) = (self.ledger.clone(), call.id);
         let record_hash: BeforeBroadcast = Box::new(move |hash| {
@@ -138,6 +142,9 @@ impl Gateway {
             Box::pin(async move { ledger.pending(id, hash.to_string()).await.map_err(|e| e.to_string()) })
         });
         let outcome = call.facilitator.settle(&call.payment, &call.resource, Some(record_hash)).await;
+        if outcome.as_ref().is_err_and(|failure| failure.nothing_moved) {
+            call.hold.not_charged();
+        }
         let route = &*route.pattern_text;
         match &outcome {
             Ok(_) => {
@@ -155,9 +162,9 @@ impl Gateway {
     /// authorization; an uncertain one (`settlement_pending`) keeps it, and reconciliation finishes the row.
     async fn settle_failed(&self, call: &PaidCall<'_, '_>, failure: &SettleFailure) -> Response<Body> {
         if failure.nothing_moved {
-            // The row first: a retry arriving in between must find it failed, not spent.
+            // The authorization is freed when the request's hold goes, after this row: a retry must find the
+            // row failed, not spent.
             self.record(self.ledger.failed(call.id, failure.reason.clone(), failure.transaction.clone()).await);
-            self.gate.release(&call.payment);
         } else if let Some(transaction) = &failure.transaction {
             self.record(self.ledger.pending(call.id, transaction.clone()).await);
         }
@@ -171,11 +178,10 @@ impl Gateway {
         respond::settle_failed(&call.payment, failure)
     }
 
-    /// Nothing was charged (the answer failed): the row is released and the buyer may use the
-    /// authorization again.
+    /// Nothing was charged (the answer failed): the row is released, and the buyer may use the authorization
+    /// again once the request's hold goes.
     async fn release(&self, call: &PaidCall<'_, '_>, status: Option<StatusCode>) {
         self.record(self.ledger.released(call.id, status.map(|s| s.as_u16())).await);
-        self.gate.release(&call.payment);
     }
 
     /// A retry of an authorization that is already reserved, once its original request is over (the caller
@@ -230,13 +236,8 @@ impl Gateway {
     }
 
     /// A ledger write that must succeed before the next step may take effect.
-    fn write_ahead(
-        &self,
-        written: Result<(), crate::ledger::LedgerError>,
-        payment: &Payment,
-    ) -> Result<(), GatewayError> {
+    fn write_ahead(&self, written: Result<(), crate::ledger::LedgerError>) -> Result<(), GatewayError> {
         written.map_err(|err| {
-            self.gate.release(payment);
             tracing::error!("{err}");
             GatewayError::LedgerUnavailable
         })
