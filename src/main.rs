@@ -136,6 +136,9 @@ fn main() -> ExitCode {
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
+            for warning in &config.warnings {
+                eprintln!("warning: {warning}");
+            }
             let mut out = String::new();
             let upstreams = config.upstreams.len();
             let table = RouteTable::new(config.routes);
@@ -359,6 +362,9 @@ fn run(path: &std::path::Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        for warning in &config.warnings {
+            tracing::warn!("{warning}");
+        }
         let hangups = match reload_signal() {
             Ok(hangups) => hangups,
             Err(err) => {
@@ -392,6 +398,9 @@ async fn reload_on(mut hangups: tokio::signal::unix::Signal, gateway: Arc<Gatewa
     while hangups.recv().await.is_some() {
         match Config::load(&path) {
             Ok(config) => {
+                for warning in &config.warnings {
+                    tracing::warn!("{warning}");
+                }
                 gateway.reload(config);
                 tracing::info!(path = %path.display(), "configuration reloaded ([server] listener settings apply at the next restart)");
             }

@@ -280,7 +280,7 @@ upstream = "api"
 fn the_shipped_gateway_toml_is_valid_and_needs_no_secrets() {
     // Only `check`: the shipped file fronts a public API and facilitator, and tests stay on loopback.
     let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("gateway.toml");
-    let (result, stdout, stderr) = check(&shipped);
+    let (result, stdout, stderr) = output(gateway().args(["check", "--config"]).arg(&shipped).env("PAY_TO", SELLER));
     assert!(result.status.success(), "{stderr}");
     assert!(stdout.contains("/v1/forecast") && stdout.contains("free"), "{stdout}");
     assert!(stdout.contains("/paid/*") && stdout.contains("facilitator https://x402.org/facilitator"), "{stdout}");
@@ -303,11 +303,68 @@ fn the_resale_examples_are_valid() {
                 .env("OPENAI_API_KEY", "k")
                 .env("ANTHROPIC_API_KEY", "k")
                 .env("FIRECRAWL_API_KEY", "k")
-                .env("ECHO_API_KEY", "k"),
+                .env("ECHO_API_KEY", "k")
+                .env("PAY_TO", SELLER),
         );
         assert!(result.status.success(), "{example}: {stderr}");
         assert!(stdout.contains(needle), "{example}: {stdout}");
+        assert!(stdout.contains(&format!("to {SELLER}")), "{example} pays the address in PAY_TO: {stdout}");
     }
+}
+
+/// An address of the seller's own (no published key).
+const SELLER: &str = "0x1111111111111111111111111111111111111111";
+/// Account 3 of the public anvil/hardhat mnemonic: its private key is on the internet.
+const DEVELOPMENT_ACCOUNT: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
+
+fn check_with_payee(example: &str, pay_to: Option<&str>) -> (Output, String, String) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{example}.toml"));
+    let mut command = gateway();
+    command.args(["check", "--config"]).arg(&path).env("OPENAI_API_KEY", "k").env("ECHO_API_KEY", "k");
+    match pay_to {
+        Some(pay_to) => command.env("PAY_TO", pay_to),
+        None => command.env_remove("PAY_TO"),
+    };
+    output(&mut command)
+}
+
+#[test]
+fn a_published_development_key_is_refused_as_a_mainnet_payee_and_warned_about_on_a_testnet() {
+    // openai.toml sells on Base mainnet, docker.toml on Base Sepolia.
+    let (result, _, stderr) = check_with_payee("openai", Some(DEVELOPMENT_ACCOUNT));
+    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("routes[0].pay_to") && stderr.contains("private key is published"), "{stderr}");
+    assert!(stderr.contains("eip155:8453"), "{stderr}");
+    let (result, _, stderr) = check_with_payee("docker", Some(DEVELOPMENT_ACCOUNT));
+    assert!(result.status.success(), "{stderr}");
+    assert!(stderr.contains("warning: routes[1] (/paid/*)") && stderr.contains("eip155:84532"), "{stderr}");
+    let (result, _, stderr) = check_with_payee("docker", Some(SELLER));
+    assert!(result.status.success() && !stderr.contains("warning"), "{stderr}");
+    // Without PAY_TO, the examples say what is missing rather than pay anyone.
+    let (result, _, stderr) = check_with_payee("openai", None);
+    assert_eq!(result.status.code(), Some(1));
+    assert!(stderr.contains("pay_to: environment variable PAY_TO is not set"), "{stderr}");
+
+    // `run` refuses too, before it listens; on a local development chain the same account is fine.
+    let mainnet = write_config(&paid_config("1000").replace("base-sepolia", "eip155:8453"));
+    let mut run = gateway()
+        .args(["run", "--config"])
+        .arg(&mainnet)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start x402-gateway run");
+    let status = wait_exit(&mut run, Duration::from_secs(10));
+    let mut stderr = String::new();
+    run.stderr.take().expect("piped stderr").read_to_string(&mut stderr).expect("read stderr");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("private key is published"), "{stderr}");
+    let local = paid_config("1000").replace("base-sepolia", "eip155:31337")
+        + "[networks.\"eip155:31337\".assets.USDC]\naddress = \"0x5FbDB2315678afecb367f032d93f642f64180aa3\"\n\
+           decimals = 6\neip712_name = \"USD Coin\"\neip712_version = \"2\"\n";
+    let (result, _, stderr) = check(&write_config(&local));
+    assert!(result.status.success() && !stderr.contains("warning"), "{stderr}");
 }
 
 fn paid_config(amount: &str) -> String {

@@ -36,6 +36,8 @@ pub struct Config {
     pub routes: Vec<RouteSpec>,
     pub payment: PaymentSettings,
     pub ledger: LedgerSettings,
+    /// What the operator should hear about but that does not stop the gateway: `check` prints it, `run` logs it.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -171,7 +173,8 @@ impl Validator<'_> {
             return Err(ConfigError::invalid("server", "set `listen` or `tls_listen` (or both)"));
         }
         let ledger = self.ledger(file.ledger)?;
-        Ok(Config { server, upstreams, routes, payment, ledger })
+        let warnings = payment::check_payees(&routes)?;
+        Ok(Config { server, upstreams, routes, payment, ledger, warnings })
     }
 
     fn ledger(&self, raw: file::Ledger) -> Result<LedgerSettings, ConfigError> {

@@ -2,7 +2,7 @@
 
 use super::file::{self, Terms};
 use super::{ConfigError, Validator};
-use crate::networks::{self, Asset, Network};
+use crate::networks::{self, Asset, ChainKind, Network};
 use crate::pricing::{Offer, Price, PriceSource, PriceTable, Pricing};
 use crate::settlement::SettleMode;
 use crate::x402::exact_evm;
@@ -425,6 +425,41 @@ impl Validator<'_> {
             exact_evm::domain(&asset.eip712_name, &asset.eip712_version, network.chain_id, asset.address).separator();
         Ok(Offer { network: Arc::new(network), asset, pay_to, amount, max_timeout_seconds, domain_separator })
     }
+}
+
+/// A payee whose private key is published (a development account of anvil and hardhat) is refused where
+/// money is real, and a warning where it is a test token; on a local development chain it is what one uses.
+/// `routes` are in file order, as the keys name them.
+pub(super) fn check_payees(routes: &[super::RouteSpec]) -> Result<Vec<String>, ConfigError> {
+    let mut warnings = Vec::new();
+    for (index, route) in routes.iter().enumerate() {
+        let offers = route.payment.iter().flat_map(|paid| paid.pricing.all_offers()).flat_map(|(_, offers)| offers);
+        for offer in offers {
+            let Some(account) = networks::development_account(offer.pay_to) else { continue };
+            let network = &offer.network.caip2;
+            let whose = format!(
+                "{} is account {account} of the public anvil/hardhat development mnemonic, whose private key is published",
+                offer.pay_to
+            );
+            let warning = match networks::chain_kind(offer.network.chain_id) {
+                ChainKind::Mainnet => {
+                    return Err(ConfigError::invalid(
+                        format!("routes[{index}].pay_to"),
+                        format!("{whose}: anyone could take what buyers pay on {network}. Set your own address (pay_to = \"${{PAY_TO}}\")"),
+                    ))
+                }
+                ChainKind::Testnet => format!(
+                    "routes[{index}] ({}): pay_to {whose}: anyone can take what buyers pay on {network}; set your own address before selling on a mainnet",
+                    route.pattern_text
+                ),
+                ChainKind::Local => continue,
+            };
+            if !warnings.contains(&warning) {
+                warnings.push(warning);
+            }
+        }
+    }
+    Ok(warnings)
 }
 
 /// A price error found while building a table entry's offers names the table entry, not the route's `price`.
