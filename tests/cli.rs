@@ -89,6 +89,16 @@ fn check_prints_every_route() {
 }
 
 #[test]
+fn check_warns_about_an_upstream_no_route_uses() {
+    let (result, _, stderr) =
+        check(&write_config(&format!("{VALID}[upstreams.spare]\nurl = \"http://127.0.0.1:9\"\n")));
+    assert!(result.status.success(), "{stderr}");
+    assert!(stderr.contains("warning: upstreams.spare: no route uses it"), "{stderr}");
+    let (_, _, stderr) = check(&write_config(VALID));
+    assert!(!stderr.contains("warning"), "every upstream of VALID is used: {stderr}");
+}
+
+#[test]
 fn check_names_the_key_and_the_missing_variable() {
     let path = write_config(
         r#"[server]

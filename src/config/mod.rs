@@ -173,7 +173,9 @@ impl Validator<'_> {
             return Err(ConfigError::invalid("server", "set `listen` or `tls_listen` (or both)"));
         }
         let ledger = self.ledger(file.ledger)?;
-        let warnings = payment::check_payees(&routes)?;
+        let mut warnings = payment::check_payees(&routes)?;
+        let unused = upstreams.keys().filter(|name| !routes.iter().any(|route| route.upstream.name == **name));
+        warnings.extend(unused.map(|name| format!("upstreams.{name}: no route uses it")));
         Ok(Config { server, upstreams, routes, payment, ledger, warnings })
     }
 
