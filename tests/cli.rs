@@ -377,6 +377,91 @@ fn a_published_development_key_is_refused_as_a_mainnet_payee_and_warned_about_on
     assert!(result.status.success() && !stderr.contains("warning"), "{stderr}");
 }
 
+/// `--help` of a (sub)command, as the binary prints it.
+fn help(args: &[&str]) -> String {
+    let (result, stdout, stderr) = output(gateway().args(args).arg("--help"));
+    assert!(result.status.success(), "{stderr}");
+    stdout
+}
+
+#[test]
+fn global_flags_go_before_or_after_the_subcommand_and_show_only_where_they_apply() {
+    let path = write_config(VALID);
+    let path = path.to_str().unwrap();
+    for args in [
+        vec!["ledger", "list", "--config", path],
+        vec!["--config", path, "ledger", "list"],
+        vec!["ledger", "--config", path, "list", "--limit", "5"],
+        vec!["check", "-c", path],
+        vec!["-c", path, "check"],
+    ] {
+        let (result, _, stderr) = output(gateway().args(&args));
+        assert!(result.status.success(), "{args:?}: {stderr}");
+    }
+    // After the subcommand, --log-format still switches the log to JSON.
+    let mut run = gateway()
+        .args(["run", "--config", path, "--log-format", "json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start x402-gateway run");
+    let first = BufReader::new(run.stderr.take().expect("piped stderr")).lines().next();
+    let _ = run.kill();
+    let _ = run.wait();
+    let first = first.expect("a log line").expect("readable");
+    assert!(serde_json::from_str::<serde_json::Value>(&first).is_ok(), "not JSON: {first}");
+
+    for (args, config, log_format) in [
+        (vec!["run"], true, true),
+        (vec!["check"], true, false),
+        (vec!["pay"], false, false),
+        (vec!["ledger", "list"], true, false),
+        (vec!["ledger", "show"], true, false),
+        (vec!["ledger", "revenue"], true, false),
+        (vec!["ledger", "reconcile"], true, true),
+    ] {
+        let text = help(&args);
+        assert_eq!(text.contains("--config"), config, "{args:?}: {text}");
+        assert_eq!(text.contains("--log-format"), log_format, "{args:?}: {text}");
+    }
+}
+
+#[test]
+fn commands_that_only_read_the_ledger_need_no_secret() {
+    // Every secret, and the payee, comes from a variable that is not set.
+    let path = write_config(
+        r#"[server]
+listen = "127.0.0.1:0"
+[upstreams.api]
+url = "http://127.0.0.1:9"
+headers = { Authorization = "Bearer ${X402_TEST_UNSET_API_KEY}" }
+[payment]
+pay_to = "${X402_TEST_UNSET_PAY_TO}"
+network = "eip155:84532"
+asset = "USDC"
+facilitator = "local"
+[networks."eip155:84532"]
+rpc_url = "http://127.0.0.1:9"
+settler_key = "${X402_TEST_UNSET_SETTLER_KEY}"
+[[routes]]
+path = "/paid"
+upstream = "api"
+price = "$0.001"
+"#,
+    );
+    let (result, _, stderr) = check(&path);
+    assert_eq!(result.status.code(), Some(1), "serving needs them: {stderr}");
+    for action in [vec!["list"], vec!["revenue"], vec!["reconcile"]] {
+        let (result, stdout, stderr) = output(gateway().args(["ledger", "--config"]).arg(&path).args(&action));
+        assert!(result.status.success(), "ledger {action:?}: {stderr}");
+        assert!(!stdout.is_empty(), "ledger {action:?} prints its report");
+    }
+    let (result, _, stderr) = output(gateway().args(["ledger", "--config"]).arg(&path).args(["show", "1"]));
+    assert_eq!(result.status.code(), Some(1));
+    assert!(stderr.contains("no payment 1") && !stderr.contains("X402_TEST_UNSET"), "{stderr}");
+}
+
 fn paid_config(amount: &str) -> String {
     format!(
         r#"[server]

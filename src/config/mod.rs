@@ -9,6 +9,7 @@ mod payment;
 pub use error::ConfigError;
 pub use payment::{BatchSettings, Bazaar, FacilitatorChoice, PaidRoute, PaymentSettings, RemoteConfig, SettlerConfig};
 
+use crate::networks::Network;
 use crate::routing::PathPattern;
 use http::header::{HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
@@ -127,10 +128,7 @@ pub struct RouteSpec {
 impl Config {
     /// Loads `path`, resolving relative file paths in it against the file's own folder.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        let base_dir = path.parent().unwrap_or(Path::new("."));
-        Config::parse(&text, path, base_dir, &|name| std::env::var(name).ok())
+        Config::load_part(path, |validator, file| validator.config(file))
     }
 
     pub fn parse(
@@ -139,10 +137,35 @@ impl Config {
         base_dir: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let file: file::File = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        let file = read_file(text, path)?;
         Validator { base_dir, env }.config(file)
     }
+
+    /// Only `[ledger]` of the file at `path` (the rest is parsed, not validated): what the commands that read
+    /// the ledger need. No other `${VAR}` is expanded, so they run without the secrets that serving needs.
+    pub fn load_ledger(path: &Path) -> Result<LedgerSettings, ConfigError> {
+        Config::load_part(path, |validator, file| validator.ledger(file.ledger))
+    }
+
+    /// The networks (`[networks]` over the built-in table) with their nodes, as reconciliation reads them:
+    /// settler keys are neither expanded nor checked.
+    pub fn load_networks(path: &Path) -> Result<BTreeMap<u64, Network>, ConfigError> {
+        Config::load_part(path, |validator, file| Ok(validator.networks(file.networks)?.by_chain))
+    }
+
+    fn load_part<T>(
+        path: &Path,
+        part: impl FnOnce(&Validator, file::File) -> Result<T, ConfigError>,
+    ) -> Result<T, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let base_dir = path.parent().unwrap_or(Path::new("."));
+        part(&Validator { base_dir, env: &|name| std::env::var(name).ok() }, read_file(&text, path)?)
+    }
+}
+
+fn read_file(text: &str, path: &Path) -> Result<file::File, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })
 }
 
 struct Validator<'a> {

@@ -116,14 +116,25 @@ pub struct BatchSettings {
     pub window: Duration,
 }
 
+/// `[networks]` applied over the built-in table, and the settler keys as written: only what settles expands them.
+pub(super) struct Networks {
+    pub by_chain: BTreeMap<u64, Network>,
+    settler_keys: Vec<SettlerKey>,
+}
+
+/// A network's `settler_key`, not yet expanded.
+struct SettlerKey {
+    chain_id: u64,
+    /// `networks."NAME"`, for the errors.
+    key: String,
+    raw: String,
+    multicall: Address,
+}
+
 impl Validator<'_> {
-    pub(super) fn payment_settings(
-        &self,
-        payment: Option<&file::Payment>,
-        raw_networks: BTreeMap<String, file::Network>,
-    ) -> Result<PaymentSettings, ConfigError> {
-        let mut networks = BTreeMap::new();
-        let mut settlers = BTreeMap::new();
+    pub(super) fn networks(&self, raw_networks: BTreeMap<String, file::Network>) -> Result<Networks, ConfigError> {
+        let mut by_chain = BTreeMap::new();
+        let mut settler_keys = Vec::new();
         for (name, raw) in raw_networks {
             let key = format!("networks.\"{name}\"");
             let chain_id = networks::chain_id_of(&name).ok_or_else(|| {
@@ -143,8 +154,8 @@ impl Validator<'_> {
                     .parse::<Address>()
                     .map_err(|_| ConfigError::invalid(format!("{key}.multicall"), "not a 0x contract address"))?,
             };
-            if let Some(settler) = self.settler(&key, network.rpc_url.as_deref(), raw.settler_key.as_deref())? {
-                settlers.insert(chain_id, SettlerConfig { multicall, ..settler });
+            if let Some(raw) = raw.settler_key {
+                settler_keys.push(SettlerKey { chain_id, key: key.clone(), raw, multicall });
             }
             if raw.v1_name.is_some() {
                 network.v1_name = raw.v1_name;
@@ -164,7 +175,21 @@ impl Validator<'_> {
                     eip712_version: asset.eip712_version,
                 });
             }
-            networks.insert(chain_id, network);
+            by_chain.insert(chain_id, network);
+        }
+        Ok(Networks { by_chain, settler_keys })
+    }
+
+    pub(super) fn payment_settings(
+        &self,
+        payment: Option<&file::Payment>,
+        raw_networks: BTreeMap<String, file::Network>,
+    ) -> Result<PaymentSettings, ConfigError> {
+        let Networks { by_chain: networks, settler_keys } = self.networks(raw_networks)?;
+        let mut settlers = BTreeMap::new();
+        for settler_key in settler_keys {
+            let rpc_url = networks.get(&settler_key.chain_id).and_then(|n| n.rpc_url.as_deref());
+            settlers.insert(settler_key.chain_id, self.settler(&settler_key, rpc_url)?);
         }
         let capacity = super::nonzero("payment.nonce_cache_capacity", payment.and_then(|p| p.nonce_cache_capacity))?;
         let facilitator_timeout =
@@ -187,34 +212,23 @@ impl Validator<'_> {
         })
     }
 
-    fn settler(
-        &self,
-        key: &str,
-        rpc_url: Option<&str>,
-        settler_key: Option<&str>,
-    ) -> Result<Option<SettlerConfig>, ConfigError> {
-        let (Some(rpc_url), Some(settler_key)) = (rpc_url, settler_key) else {
-            if settler_key.is_some() {
-                return Err(ConfigError::invalid(
-                    format!("{key}.rpc_url"),
-                    "a `settler_key` needs an `rpc_url` to send with",
-                ));
-            }
-            return Ok(None);
-        };
+    fn settler(&self, settler_key: &SettlerKey, rpc_url: Option<&str>) -> Result<SettlerConfig, ConfigError> {
+        let key = &settler_key.key;
         let url_key = format!("{key}.rpc_url");
+        let rpc_url =
+            rpc_url.ok_or_else(|| ConfigError::invalid(&url_key, "a `settler_key` needs an `rpc_url` to send with"))?;
         let rpc_url: Uri = rpc_url.parse().map_err(|_| ConfigError::invalid(&url_key, "not a URL"))?;
         if !matches!(rpc_url.scheme_str(), Some("http" | "https")) || rpc_url.authority().is_none() {
             return Err(ConfigError::invalid(&url_key, "expected an http(s) URL"));
         }
         let key_key = format!("{key}.settler_key");
-        let secret = self.expand(&key_key, settler_key)?;
+        let secret = self.expand(&key_key, &settler_key.raw)?;
         // The message never repeats the value: it is a private key.
         let key = secret
             .trim()
             .parse::<PrivateKeySigner>()
             .map_err(|_| ConfigError::invalid(&key_key, "not a 32-byte hex private key"))?;
-        Ok(Some(SettlerConfig { rpc_url, key, multicall: MULTICALL3 }))
+        Ok(SettlerConfig { rpc_url, key, multicall: settler_key.multicall })
     }
 
     /// The route's offers, or `None` for a free route (no price anywhere and no `accepts`).
