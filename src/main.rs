@@ -136,6 +136,14 @@ macro_rules! line {
     }};
 }
 
+/// `1 route`, `2 routes`.
+fn counted(count: usize, thing: &str) -> String {
+    match count {
+        1 => format!("1 {thing}"),
+        _ => format!("{count} {thing}s"),
+    }
+}
+
 /// Writes a command's output; a closed pipe (`| head`) is not an error worth a panic.
 fn print_out(text: &str) {
     use std::io::Write as _;
@@ -172,7 +180,8 @@ fn check(path: &std::path::Path) -> ExitCode {
             let mut out = String::new();
             let upstreams = config.upstreams.len();
             let table = RouteTable::new(config.routes);
-            line!(out, "{}: OK ({} routes, {upstreams} upstreams)", path.display(), table.routes().len());
+            let routes = counted(table.routes().len(), "route");
+            line!(out, "{}: OK ({routes}, {})", path.display(), counted(upstreams, "upstream"));
             line!(out, "routes, in match order:");
             line!(out, "  {:<16} {:<32} {:<16} PRICE", "METHODS", "PATH", "UPSTREAM");
             for route in table.routes() {
@@ -312,7 +321,13 @@ async fn ledger_action(path: &std::path::Path, action: LedgerAction) -> Result<S
                     "--state {state}: expected verified, settling, settled, failed, refund_needed or released"
                 ));
             }
+            let filtered = state.is_some() || route.is_some() || payer.is_some();
             let rows = store.list(state, route, payer, limit).await.map_err(|e| e.to_string())?;
+            if rows.is_empty() {
+                let matching = if filtered { " matching these filters" } else { "" };
+                line!(out, "no payments{matching} in {}", settings.path.display());
+                return Ok(out);
+            }
             line!(
                 out,
                 "{:>6}  {:<13}  {:<24}  {:<42}  {:>12}  {:<14}  {:<6}  TRANSACTION",
@@ -352,8 +367,13 @@ async fn ledger_action(path: &std::path::Path, action: LedgerAction) -> Result<S
             line!(out, "{}", serde_json::to_string(&report).unwrap_or_default());
         }
         LedgerAction::Revenue => {
+            let revenue = store.revenue().await.map_err(|e| e.to_string())?;
+            if revenue.is_empty() {
+                line!(out, "no settled payments in {}", settings.path.display());
+                return Ok(out);
+            }
             line!(out, "{:<24}  {:<10}  {:<14}  {:<42}  {:>8}  AMOUNT", "ROUTE", "DAY", "NETWORK", "ASSET", "PAYMENTS");
-            for r in store.revenue().await.map_err(|e| e.to_string())? {
+            for r in revenue {
                 line!(
                     out,
                     "{:<24}  {:<10}  {:<14}  {:<42}  {:>8}  {}",
@@ -416,6 +436,15 @@ fn run(path: &std::path::Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let paid = config.routes.iter().filter(|route| route.payment.is_some()).count();
+        tracing::info!(
+            config = %path.display(),
+            routes = config.routes.len(),
+            paid_routes = paid,
+            upstreams = config.upstreams.len(),
+            ledger = %config.ledger.path.display(),
+            "configuration loaded"
+        );
         for warning in &config.warnings {
             tracing::warn!("{warning}");
         }
@@ -430,6 +459,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             Ok(server) => {
                 tokio::spawn(reload_on(hangups, server.gateway().clone(), path.to_path_buf()));
                 server.run(shutdown).await;
+                tracing::info!("stopped");
                 ExitCode::SUCCESS
             }
             Err(err) => {

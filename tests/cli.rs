@@ -187,10 +187,12 @@ fn wait_exit(child: &mut std::process::Child, limit: Duration) -> ExitStatus {
     }
 }
 
-/// `x402-gateway run` on `path`, once it listens: the process, its plain HTTP address, and its log lines.
+/// `x402-gateway run` on `path`, once it listens: the process, its plain HTTP address, its log up to then (JSON
+/// events), and its log lines from then on.
 struct Running {
     child: std::process::Child,
     addr: SocketAddr,
+    started: Vec<serde_json::Value>,
     lines: mpsc::Receiver<String>,
 }
 
@@ -216,6 +218,7 @@ fn start_run(path: &PathBuf) -> Running {
     });
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut log = String::new();
+    let mut started = Vec::new();
     let addr: SocketAddr = loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let Ok(line) = lines_rx.recv_timeout(remaining) else {
@@ -228,6 +231,7 @@ fn start_run(path: &PathBuf) -> Running {
         let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
+        started.push(event.clone());
         if event["message"] == "listening" && event["kind"] == "http" {
             break event["addr"]
                 .as_str()
@@ -236,7 +240,7 @@ fn start_run(path: &PathBuf) -> Running {
         }
     };
 
-    Running { child, addr, lines: lines_rx }
+    Running { child, addr, started, lines: lines_rx }
 }
 
 #[test]
@@ -251,7 +255,12 @@ path = "/api/*"
 upstream = "api"
 "#,
     );
-    let Running { mut child, addr, lines } = start_run(&path);
+    let Running { mut child, addr, started, lines } = start_run(&path);
+    // It said what it loaded before listening.
+    let loaded = started.iter().find(|e| e["message"] == "configuration loaded").expect("a configuration line");
+    assert_eq!(loaded["config"], path.display().to_string());
+    assert_eq!((&loaded["routes"], &loaded["paid_routes"], &loaded["upstreams"]), (&1.into(), &0.into(), &1.into()));
+    assert_eq!(loaded["ledger"], path.parent().unwrap().join("data/ledger.db").display().to_string());
 
     // It serves: a path without a route gets the gateway's own 404.
     let mut tcp = TcpStream::connect(addr).expect("connect to the running gateway");
@@ -284,6 +293,31 @@ upstream = "api"
     assert!(kill.success(), "kill -TERM failed");
     let status = wait_exit(&mut child, Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "exit status after SIGTERM: {status:?}");
+    // Its last word says it stopped.
+    let last = lines.iter().last().expect("log lines after the access line");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&last).unwrap()["message"], "stopped", "{last}");
+}
+
+#[test]
+fn check_counts_in_words_and_an_empty_ledger_says_so() {
+    let (_, stdout, _) = check(&write_config(VALID));
+    assert!(stdout.contains(": OK (3 routes, 2 upstreams)"), "{stdout}");
+    let single = write_config("[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.a]\nurl = \"http://127.0.0.1:9\"\n[[routes]]\npath = \"/a\"\nupstream = \"a\"\n");
+    let (_, stdout, _) = check(&single);
+    assert!(stdout.contains(": OK (1 route, 1 upstream)"), "{stdout}");
+    let ledger = single.parent().unwrap().join("data/ledger.db");
+    for (args, said) in [
+        (vec!["ledger", "list"], format!("no payments in {}\n", ledger.display())),
+        (
+            vec!["ledger", "list", "--state", "settled"],
+            format!("no payments matching these filters in {}\n", ledger.display()),
+        ),
+        (vec!["ledger", "revenue"], format!("no settled payments in {}\n", ledger.display())),
+    ] {
+        let (result, stdout, stderr) = output(gateway().args(&args).arg("--config").arg(&single));
+        assert!(result.status.success(), "{args:?}: {stderr}");
+        assert_eq!(stdout, said, "{args:?}");
+    }
 }
 
 #[test]
@@ -501,7 +535,7 @@ fn hang_up(child: &std::process::Child) {
 #[test]
 fn sighup_reloads_a_valid_file_and_refuses_an_invalid_one() {
     let path = write_config(&paid_config("1000"));
-    let Running { mut child, addr, lines } = start_run(&path);
+    let Running { mut child, addr, lines, .. } = start_run(&path);
     assert_eq!(asked_amount(addr), "1000");
 
     std::fs::write(&path, paid_config("2500")).expect("rewrite");
