@@ -286,7 +286,7 @@ impl Validator<'_> {
         }
         let method =
             route.methods.as_ref().and_then(|m| m.first()).map_or("GET".to_string(), |m| m.to_ascii_uppercase());
-        let bazaar = bazaar(&method, route.input.as_ref(), route.output.as_ref());
+        let bazaar = bazaar(&route.path, &method, route.input.as_ref(), route.output.as_ref());
         Ok(Some(PaidRoute {
             bazaar,
             pricing,
@@ -484,8 +484,9 @@ fn rename_price_key(err: ConfigError, entry_key: &str) -> ConfigError {
     }
 }
 
-/// The bazaar extension for a route that declares its input and/or output schema.
-fn bazaar(method: &str, input: Option<&toml::Table>, output: Option<&toml::Table>) -> Option<Bazaar> {
+/// The bazaar extension for a route that declares its input and/or output schema; a dynamic `pattern`'s
+/// extension names its route template, as the reference's does.
+fn bazaar(pattern: &str, method: &str, input: Option<&toml::Table>, output: Option<&toml::Table>) -> Option<Bazaar> {
     if input.is_none() && output.is_none() {
         return None;
     }
@@ -512,7 +513,11 @@ fn bazaar(method: &str, input: Option<&toml::Table>, output: Option<&toml::Table
         "properties": { "input": { "type": "object" }, "output": { "type": "object" } },
         "required": ["input"],
     });
-    Some(Bazaar { extension: serde_json::json!({ "info": info, "schema": schema }), output_schema_v1 })
+    let mut extension = serde_json::json!({ "info": info, "schema": schema });
+    if let Some(template) = crate::discovery::RouteTemplate::of(pattern) {
+        template.annotate(&mut extension);
+    }
+    Some(Bazaar { extension, output_schema_v1 })
 }
 
 /// `settle_batch_max` above 1 turns batching on; the window alone is an error, since it would do nothing.
