@@ -281,6 +281,8 @@ async fn the_image_layout_serves_as_its_unprivileged_user() {
     assert!(kill.success());
     let status = wait_bounded(&mut gateway, Duration::from_secs(20), "the gateway's shutdown");
     assert_eq!(status.code(), Some(0), "{log}");
+    // The image's root holds a copy of the binary: not kept once the test has passed.
+    std::fs::remove_dir_all(&root).expect("remove the image's root");
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> String {
