@@ -1,6 +1,8 @@
 //! A stand-in upstream API for trying the gateway: answers every request on 127.0.0.1:9000 with a JSON
 //! echo of what it received (so you can see the operator's injected credentials arrive, and payment
-//! headers not arrive). Run: `cargo run --example echo_upstream`.
+//! headers not arrive). Run: `cargo run --example echo_upstream`, or with another address to listen on
+//! (`cargo run --example echo_upstream -- 127.0.0.1:0` lets the kernel pick a port; the first line printed
+//! says which).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -12,8 +14,9 @@ use std::convert::Infallible;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:9000").await?;
-    println!("echo upstream on http://127.0.0.1:9000");
+    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:9000".to_string());
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    println!("echo upstream on http://{}", listener.local_addr()?);
     loop {
         let (tcp, _) = listener.accept().await?;
         tokio::spawn(async move {

@@ -43,8 +43,10 @@ pub struct PayOutcome {
     pub body: Bytes,
     /// The decoded `PAYMENT-RESPONSE` / `X-PAYMENT-RESPONSE`, when the answer carried one.
     pub settlement: Option<SettleResponse>,
-    /// Whether a payment was sent (the resource may have been free).
-    pub paid: bool,
+    /// The offer a payment was signed for; `None` when the resource asked for none.
+    pub payment: Option<RequirementsV2>,
+    /// Why the payment was refused, when the answer to it is a fresh 402 (its `error`).
+    pub refusal: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +73,7 @@ pub fn v2_payment(signer: &PrivateKeySigner, challenge: &HeaderMap) -> Result<(U
 pub async fn pay(request: &PayRequest) -> Result<PayOutcome, PayError> {
     let first = send(request, None).await?;
     if first.0 != StatusCode::PAYMENT_REQUIRED {
-        return Ok(outcome(first, false));
+        return Ok(outcome(first, None));
     }
     let (_, headers, body) = &first;
     let (offer, resource) = if request.v1 { v1_offer(body)? } else { v2_offer(headers)? };
@@ -81,9 +83,9 @@ pub async fn pay(request: &PayRequest) -> Result<PayOutcome, PayError> {
             offer.amount, request.max_amount
         )));
     }
-    let (name, value) = signed_header(&request.signer, offer, resource, request.v1)?;
+    let (name, value) = signed_header(&request.signer, offer.clone(), resource, request.v1)?;
     let second = send(request, Some((name, value))).await?;
-    Ok(outcome(second, true))
+    Ok(outcome(second, Some(offer)))
 }
 
 fn amount_of(offer: &RequirementsV2) -> Result<U256, PayError> {
@@ -112,12 +114,20 @@ fn signed_header(
     Ok((name, value))
 }
 
-fn outcome((status, headers, body): (StatusCode, HeaderMap, Bytes), paid: bool) -> PayOutcome {
+fn outcome((status, headers, body): (StatusCode, HeaderMap, Bytes), payment: Option<RequirementsV2>) -> PayOutcome {
     let settlement = headers
         .get(PAYMENT_RESPONSE)
         .or_else(|| headers.get(X_PAYMENT_RESPONSE))
         .and_then(|v| codec::decode::<SettleResponse>(v.as_bytes()).ok());
-    PayOutcome { status, body, settlement, paid }
+    // A fresh challenge after a payment carries the reason, in the v2 header or the v1 body.
+    let refusal = (payment.is_some() && status == StatusCode::PAYMENT_REQUIRED)
+        .then(|| {
+            let v2 = headers.get(PAYMENT_REQUIRED).and_then(|v| codec::decode::<PaymentRequiredV2>(v.as_bytes()).ok());
+            v2.and_then(|required| required.error)
+                .or_else(|| serde_json::from_slice::<PaymentRequiredV1>(&body).ok().map(|required| required.error))
+        })
+        .flatten();
+    PayOutcome { status, body, settlement, payment, refusal }
 }
 
 async fn send(

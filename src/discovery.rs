@@ -1,5 +1,10 @@
 //! `GET /.well-known/x402`: every paid resource with its offers (v2 shape), so buyers' agents and catalogues
 //! can find what is sold here without paying first.
+//!
+//! A route with named segments or a prefix is no single URL: it is listed in the bazaar's route template form,
+//! as the reference's discovery extension catalogues dynamic routes. The resource is the origin followed by the
+//! template (`/users/:id`; a prefix's `*` becomes `:var1`), and the `bazaar` extension carries the same
+//! `routeTemplate` and a schema of its `pathParams`.
 
 use crate::config::RouteSpec;
 use crate::proxy::body::{json_response, Body};
@@ -22,6 +27,57 @@ pub fn response(document: &Value, urls_from_host: bool) -> Response<Body> {
     response
 }
 
+/// A dynamic route's path in the bazaar's form: `/users/:id`, `/paid/:var1` for `/paid/*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteTemplate {
+    pub template: String,
+    /// The names of its `:param` segments, in order.
+    pub params: Vec<String>,
+}
+
+impl RouteTemplate {
+    /// The template of a route pattern as written; `None` for an exact path, and for a bare `/*`, which
+    /// names no resource of its own (the reference does not template wildcard-only routes either).
+    pub fn of(pattern: &str) -> Option<RouteTemplate> {
+        let mut params = Vec::new();
+        let mut wildcards = 0;
+        let segments: Vec<String> = pattern
+            .split('/')
+            .filter(|segment| !segment.is_empty())
+            .map(|segment| {
+                let name = match segment {
+                    "*" => {
+                        wildcards += 1;
+                        format!("var{wildcards}")
+                    }
+                    _ => match segment.strip_prefix(':') {
+                        Some(name) => name.to_string(),
+                        None => return segment.to_string(),
+                    },
+                };
+                let template = format!(":{name}");
+                params.push(name);
+                template
+            })
+            .collect();
+        let wildcard_only = segments.len() == wildcards;
+        if params.is_empty() || wildcard_only {
+            return None;
+        }
+        Some(RouteTemplate { template: format!("/{}", segments.join("/")), params })
+    }
+
+    /// Adds the template to a `bazaar` extension (`{info, schema}`): `routeTemplate` beside them, and the
+    /// schema of `info.input.pathParams`.
+    pub fn annotate(&self, extension: &mut Value) {
+        extension["routeTemplate"] = self.template.clone().into();
+        let properties: serde_json::Map<String, Value> =
+            self.params.iter().map(|name| (name.clone(), json!({ "type": "string" }))).collect();
+        extension["schema"]["properties"]["input"]["properties"]["pathParams"] =
+            json!({ "type": "object", "properties": properties, "required": self.params });
+    }
+}
+
 /// The discovery document for `routes`, with resource URLs under `base_url` (no trailing slash).
 pub fn document(routes: &[Arc<RouteSpec>], base_url: &str) -> Value {
     let items: Vec<Value> = routes
@@ -35,21 +91,129 @@ pub fn document(routes: &[Arc<RouteSpec>], base_url: &str) -> Value {
                 .flat_map(|(_, offers)| offers.iter().map(requirements_v2))
                 .filter_map(|r| serde_json::to_value(r).ok())
                 .collect();
+            let methods = route.methods.as_ref().map(|m| m.iter().map(|m| m.as_str()).collect::<Vec<_>>());
+            let template = RouteTemplate::of(&route.pattern_text);
+            let path = match &template {
+                Some(template) => template.template.as_str(),
+                // A bare `/*`: the origin itself.
+                None if route.pattern_text.ends_with('*') => "/",
+                None => &*route.pattern_text,
+            };
             let mut item = json!({
-                "resource": format!("{base_url}{}", route.pattern_text),
+                "resource": format!("{base_url}{path}"),
                 "type": "http",
                 "x402Version": 2,
                 "description": paid.description,
                 "mimeType": paid.mime_type,
-                "methods": route.methods.as_ref().map(|m| m.iter().map(|m| m.as_str()).collect::<Vec<_>>()),
+                "methods": methods,
                 "accepts": accepts,
             });
-            if let Some(bazaar) = &paid.bazaar {
-                item["extensions"] = json!({ "bazaar": bazaar.extension });
+            // A declared extension already carries the template (added at load); an undeclared one gets the
+            // least that names the route.
+            match (&paid.bazaar, &template) {
+                (Some(bazaar), _) => item["extensions"] = json!({ "bazaar": bazaar.extension }),
+                (None, Some(template)) => {
+                    let method = methods.as_ref().and_then(|m| m.first().copied()).unwrap_or("GET");
+                    let mut extension = json!({
+                        "info": { "input": { "type": "http", "method": method } },
+                        "schema": {
+                            "$schema": "https://json-schema.org/draft/2020-12/schema",
+                            "type": "object",
+                            "properties": { "input": { "type": "object" } },
+                            "required": ["input"],
+                        },
+                    });
+                    template.annotate(&mut extension);
+                    item["extensions"] = json!({ "bazaar": extension });
+                }
+                (None, None) => {}
             }
             Some(item)
         })
         .collect();
     let total = items.len();
     json!({ "x402Version": 2, "items": items, "pagination": { "limit": total, "offset": 0, "total": total } })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    #[test]
+    fn templates_of_route_patterns() {
+        let of = |pattern: &str| RouteTemplate::of(pattern).map(|t| (t.template, t.params));
+        assert_eq!(of("/weather"), None);
+        assert_eq!(of("/*"), None, "a bare wildcard names no resource");
+        assert_eq!(of("/paid/*"), Some(("/paid/:var1".into(), vec!["var1".into()])));
+        assert_eq!(
+            of("/v1/users/:id/posts/:post"),
+            Some(("/v1/users/:id/posts/:post".into(), vec!["id".into(), "post".into()]))
+        );
+        assert_eq!(of("/:tenant/*"), Some(("/:tenant/:var1".into(), vec!["tenant".into(), "var1".into()])));
+    }
+
+    #[test]
+    fn dynamic_routes_are_listed_as_route_templates_not_patterns() {
+        let toml = r#"[server]
+listen = "127.0.0.1:0"
+[upstreams.api]
+url = "http://127.0.0.1:9"
+[payment]
+pay_to = "0x1111111111111111111111111111111111111111"
+network = "eip155:84532"
+asset = "USDC"
+facilitator = "http://127.0.0.1:9"
+[[routes]]
+path = "/report"
+upstream = "api"
+price = "$0.01"
+[[routes]]
+path = "/paid/*"
+upstream = "api"
+price = "$0.001"
+[[routes]]
+path = "/users/:id"
+methods = ["GET"]
+upstream = "api"
+price = "$0.002"
+output = { type = "object" }
+[[routes]]
+path = "/*"
+upstream = "api"
+price = "$0.003"
+"#;
+        let config = Config::parse(toml, Path::new("gateway.toml"), Path::new("."), &|_| None).unwrap();
+        let routes: Vec<Arc<RouteSpec>> = config.routes.into_iter().map(Arc::new).collect();
+        let doc = document(&routes, "https://api.example.com");
+        let items = doc["items"].as_array().unwrap();
+        let resources: Vec<&str> = items.iter().map(|i| i["resource"].as_str().unwrap()).collect();
+        assert_eq!(
+            resources,
+            [
+                "https://api.example.com/report",
+                "https://api.example.com/paid/:var1",
+                "https://api.example.com/users/:id",
+                "https://api.example.com/"
+            ]
+        );
+        assert!(items[0].get("extensions").is_none(), "an exact route declares nothing: {}", items[0]);
+        let prefix = &items[1]["extensions"]["bazaar"];
+        assert_eq!(prefix["routeTemplate"], "/paid/:var1");
+        assert_eq!(prefix["info"]["input"]["method"], "GET");
+        let path_params = &prefix["schema"]["properties"]["input"]["properties"]["pathParams"];
+        assert_eq!(path_params["required"], json!(["var1"]));
+        // A route that declares its schemas keeps them, with the template added (its challenges carry the same).
+        let named = &items[2]["extensions"]["bazaar"];
+        assert_eq!(named["routeTemplate"], "/users/:id");
+        assert_eq!(named["info"]["output"]["schema"]["type"], "object");
+        assert_eq!(
+            named["schema"]["properties"]["input"]["properties"]["pathParams"]["properties"]["id"]["type"],
+            "string"
+        );
+        let paid = routes[2].payment.as_ref().unwrap();
+        assert_eq!(&paid.bazaar.as_ref().unwrap().extension, named);
+        assert!(items[3].get("extensions").is_none(), "a bare wildcard has no template: {}", items[3]);
+    }
 }

@@ -1,5 +1,5 @@
 use alloy::signers::local::PrivateKeySigner;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -17,6 +17,9 @@ use x402_gateway::text::redacted_url;
 #[derive(Parser)]
 #[command(name = "x402-gateway", version, about = "Pay-per-call reverse proxy speaking x402")]
 struct Cli {
+    /// Path of the configuration file.
+    #[arg(long, short, env = "X402_GATEWAY_CONFIG", default_value = "gateway.toml", global = true)]
+    config: PathBuf,
     /// Log format of the access and event logs (on stderr).
     #[arg(long, value_enum, default_value = "text", global = true)]
     log_format: LogFormat,
@@ -24,32 +27,20 @@ struct Cli {
     command: Command,
 }
 
-#[derive(clap::Args)]
-struct ConfigArg {
-    /// Path of the configuration file.
-    #[arg(long, short, env = "X402_GATEWAY_CONFIG", default_value = "gateway.toml")]
-    config: PathBuf,
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway.
-    Run(ConfigArg),
+    Run,
     /// Validate the configuration and print the route table; exit code 1 if it is invalid.
-    Check(ConfigArg),
-    /// Pay for one call to an x402 resource and print the status, the settlement and the body
+    Check,
+    /// Pay for one call to an x402 resource and print the status, what was paid, the settlement and the body
     /// (to test a deployment). Exit code 0 for a 2xx answer.
     Pay(PayArgs),
     /// Read and reconcile the payment ledger (`[ledger] path` of the configuration).
-    Ledger(LedgerArgs),
-}
-
-#[derive(clap::Args)]
-struct LedgerArgs {
-    #[command(flatten)]
-    config: ConfigArg,
-    #[command(subcommand)]
-    action: LedgerAction,
+    Ledger {
+        #[command(subcommand)]
+        action: LedgerAction,
+    },
 }
 
 #[derive(Subcommand)]
@@ -62,13 +53,18 @@ enum LedgerAction {
         /// A route's path pattern, as in the configuration.
         #[arg(long)]
         route: Option<String>,
+        /// The payer's 0x address.
         #[arg(long)]
         payer: Option<String>,
+        /// The most rows to print.
         #[arg(long, default_value = "100")]
         limit: u32,
     },
     /// One payment, in full (JSON).
-    Show { id: i64 },
+    Show {
+        /// The payment's ID, as `ledger list` prints it.
+        id: i64,
+    },
     /// Resolve rows left open (crashes, settlement timeouts) against the chain, and report.
     Reconcile {
         /// Also rows touched in the last 5 minutes: only when no gateway is running on this ledger.
@@ -92,6 +88,7 @@ struct PayArgs {
     /// The most to pay for this call, in the asset's atomic units (100000 is $0.10 of USDC).
     #[arg(long, default_value = "100000")]
     max_amount: String,
+    /// The request's method.
     #[arg(long, short = 'X', default_value = "GET")]
     method: String,
     /// A request header, `Name: value` (repeatable).
@@ -100,6 +97,31 @@ struct PayArgs {
     /// A request body.
     #[arg(long, short = 'd')]
     data: Option<String>,
+}
+
+/// The global flags' argument ids, as the derive names them.
+const CONFIG: &str = "config";
+const LOG_FORMAT: &str = "log_format";
+
+/// The command line. `--config` and `--log-format` are global, so they may come before or after a subcommand;
+/// where one does not apply it is shadowed by a hidden copy of itself (clap propagates a global flag only to
+/// subcommands without an argument of the same id), so that help shows each flag only where it means something.
+fn command() -> clap::Command {
+    let cli = Cli::command();
+    let hidden = |id: &str| -> Vec<clap::Arg> {
+        let found = cli.get_arguments().filter(|arg| arg.get_id() == id);
+        found.map(|arg| arg.clone().global(false).hide(true)).collect()
+    };
+    let (config, log_format) = (hidden(CONFIG), hidden(LOG_FORMAT));
+    let both: Vec<clap::Arg> = config.into_iter().chain(log_format.iter().cloned()).collect();
+    // `run` and `ledger reconcile` log; `pay` reads no configuration.
+    cli.mut_subcommand("check", |check| check.args(log_format.clone()))
+        .mut_subcommand("pay", |pay| pay.args(both))
+        .mut_subcommand("ledger", |ledger| {
+            ["list", "show", "revenue"]
+                .into_iter()
+                .fold(ledger, |ledger, read| ledger.mut_subcommand(read, |sub| sub.args(log_format.clone())))
+        })
 }
 
 /// The tokio runtime a command runs on; `None` (reported) if the system refuses one.
@@ -115,6 +137,14 @@ macro_rules! line {
     }};
 }
 
+/// `1 route`, `2 routes`.
+fn counted(count: usize, thing: &str) -> String {
+    match count {
+        1 => format!("1 {thing}"),
+        _ => format!("{count} {thing}s"),
+    }
+}
+
 /// Writes a command's output; a closed pipe (`| head`) is not an error worth a panic.
 fn print_out(text: &str) {
     use std::io::Write as _;
@@ -122,14 +152,22 @@ fn print_out(text: &str) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::from_arg_matches(&command().get_matches()) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
     match cli.command {
-        Command::Check(args) => check(&args.config),
+        Command::Check => check(&cli.config),
         Command::Pay(args) => pay(args),
-        Command::Ledger(args) => ledger_command(args),
-        Command::Run(args) => {
+        Command::Ledger { action } => {
+            if let LedgerAction::Reconcile { .. } = action {
+                logging::init(cli.log_format);
+            }
+            ledger_command(&cli.config, action)
+        }
+        Command::Run => {
             logging::init(cli.log_format);
-            run(&args.config)
+            run(&cli.config)
         }
     }
 }
@@ -137,10 +175,14 @@ fn main() -> ExitCode {
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
+            for warning in &config.warnings {
+                eprintln!("warning: {warning}");
+            }
             let mut out = String::new();
             let upstreams = config.upstreams.len();
             let table = RouteTable::new(config.routes);
-            line!(out, "{}: OK ({} routes, {upstreams} upstreams)", path.display(), table.routes().len());
+            let routes = counted(table.routes().len(), "route");
+            line!(out, "{}: OK ({routes}, {})", path.display(), counted(upstreams, "upstream"));
             line!(out, "routes, in match order:");
             line!(out, "  {:<16} {:<32} {:<16} PRICE", "METHODS", "PATH", "UPSTREAM");
             for route in table.routes() {
@@ -206,8 +248,8 @@ fn pay(args: PayArgs) -> ExitCode {
     let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else { return ExitCode::FAILURE };
     match runtime.block_on(buyer::pay(&request)) {
         Ok(outcome) => {
-            let paid = if outcome.paid { " (paid)" } else { "" };
-            let mut out = format!("HTTP {}{paid}\n", outcome.status);
+            let mut out = format!("HTTP {}\n", outcome.status);
+            line!(out, "{}", payment_report(&outcome));
             if let Some(settlement) = &outcome.settlement {
                 line!(out, "settlement: {}", serde_json::to_string(settlement).unwrap_or_default());
             }
@@ -226,16 +268,37 @@ fn pay(args: PayArgs) -> ExitCode {
     }
 }
 
-fn ledger_command(args: LedgerArgs) -> ExitCode {
-    let config = match Config::load(&args.config.config) {
-        Ok(config) => config,
-        Err(err) => {
-            eprintln!("error: {err}");
-            return ExitCode::FAILURE;
-        }
+/// What happened to the money: nothing asked, or the payment sent and then settled, refused or not settled.
+fn payment_report(outcome: &buyer::PayOutcome) -> String {
+    let Some(offer) = &outcome.payment else {
+        return "no payment: the resource answered without asking for one".to_string();
     };
+    let sent = format!(
+        "payment sent: {} atomic units of {} on {} to {}",
+        offer.amount, offer.asset, offer.network, offer.pay_to
+    );
+    let result = match (&outcome.settlement, &outcome.refusal) {
+        (Some(settled), _) if settled.success => {
+            format!("settled: transaction {} on {}", settled.transaction, settled.network)
+        }
+        (Some(unsettled), _) => {
+            let reason = unsettled.error_reason.as_deref().unwrap_or("no reason given");
+            match unsettled.transaction.as_str() {
+                "" => format!("not settled: {reason}"),
+                transaction => format!(
+                    "not settled: {reason}; transaction {transaction}: see whether it landed before paying again"
+                ),
+            }
+        }
+        (None, Some(reason)) => format!("refused: {reason}; nothing was charged"),
+        (None, None) => "not settled: the answer carries no settlement, so nothing was charged".to_string(),
+    };
+    format!("{sent}\n{result}")
+}
+
+fn ledger_command(path: &std::path::Path, action: LedgerAction) -> ExitCode {
     let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else { return ExitCode::FAILURE };
-    match runtime.block_on(ledger_action(&config, args.action)) {
+    match runtime.block_on(ledger_action(path, action)) {
         Ok(out) => {
             print_out(&out);
             ExitCode::SUCCESS
@@ -247,8 +310,10 @@ fn ledger_command(args: LedgerArgs) -> ExitCode {
     }
 }
 
-async fn ledger_action(config: &Config, action: LedgerAction) -> Result<String, String> {
-    let store = ledger::Ledger::open(&config.ledger.path).map_err(|e| e.to_string())?;
+/// Reads only what `action` uses from the configuration: the ledger's path, and the networks' nodes to reconcile.
+async fn ledger_action(path: &std::path::Path, action: LedgerAction) -> Result<String, String> {
+    let settings = Config::load_ledger(path).map_err(|e| e.to_string())?;
+    let store = ledger::Ledger::open(&settings.path).map_err(|e| e.to_string())?;
     let mut out = String::new();
     match action {
         LedgerAction::List { state, route, payer, limit } => {
@@ -257,7 +322,13 @@ async fn ledger_action(config: &Config, action: LedgerAction) -> Result<String, 
                     "--state {state}: expected verified, settling, settled, failed, refund_needed or released"
                 ));
             }
+            let filtered = state.is_some() || route.is_some() || payer.is_some();
             let rows = store.list(state, route, payer, limit).await.map_err(|e| e.to_string())?;
+            if rows.is_empty() {
+                let matching = if filtered { " matching these filters" } else { "" };
+                line!(out, "no payments{matching} in {}", settings.path.display());
+                return Ok(out);
+            }
             line!(
                 out,
                 "{:>6}  {:<13}  {:<24}  {:<42}  {:>12}  {:<14}  {:<6}  TRANSACTION",
@@ -289,17 +360,23 @@ async fn ledger_action(config: &Config, action: LedgerAction) -> Result<String, 
             line!(out, "{}", serde_json::to_string_pretty(&row).unwrap_or_default());
         }
         LedgerAction::Reconcile { all } => {
-            let chains = x402_gateway::chain::providers(config.payment.networks.values());
+            let networks = Config::load_networks(path).map_err(|e| e.to_string())?;
+            let chains = x402_gateway::chain::providers(networks.values());
             let now = x402_gateway::replay::unix_now();
             let cutoff = if all { now + 1 } else { now.saturating_sub(300) };
-            let report = ledger::reconcile(&store, &chains, config.ledger.reconcile_log_chunk_blocks, cutoff, cutoff)
+            let report = ledger::reconcile(&store, &chains, settings.reconcile_log_chunk_blocks, cutoff, cutoff)
                 .await
                 .map_err(|e| e.to_string())?;
             line!(out, "{}", serde_json::to_string(&report).unwrap_or_default());
         }
         LedgerAction::Revenue => {
+            let revenue = store.revenue().await.map_err(|e| e.to_string())?;
+            if revenue.is_empty() {
+                line!(out, "no settled payments in {}", settings.path.display());
+                return Ok(out);
+            }
             line!(out, "{:<24}  {:<10}  {:<14}  {:<42}  {:>8}  AMOUNT", "ROUTE", "DAY", "NETWORK", "ASSET", "PAYMENTS");
-            for r in store.revenue().await.map_err(|e| e.to_string())? {
+            for r in revenue {
                 line!(
                     out,
                     "{:<24}  {:<10}  {:<14}  {:<42}  {:>8}  {}",
@@ -362,6 +439,18 @@ fn run(path: &std::path::Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let paid = config.routes.iter().filter(|route| route.payment.is_some()).count();
+        tracing::info!(
+            config = %path.display(),
+            routes = config.routes.len(),
+            paid_routes = paid,
+            upstreams = config.upstreams.len(),
+            ledger = %config.ledger.path.display(),
+            "configuration loaded"
+        );
+        for warning in &config.warnings {
+            tracing::warn!("{warning}");
+        }
         let hangups = match reload_signal() {
             Ok(hangups) => hangups,
             Err(err) => {
@@ -373,6 +462,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             Ok(server) => {
                 tokio::spawn(reload_on(hangups, server.gateway().clone(), path.to_path_buf()));
                 server.run(shutdown).await;
+                tracing::info!("stopped");
                 ExitCode::SUCCESS
             }
             Err(err) => {
@@ -395,6 +485,9 @@ async fn reload_on(mut hangups: tokio::signal::unix::Signal, gateway: Arc<Gatewa
     while hangups.recv().await.is_some() {
         match Config::load(&path) {
             Ok(config) => {
+                for warning in &config.warnings {
+                    tracing::warn!("{warning}");
+                }
                 gateway.reload(config);
                 tracing::info!(path = %path.display(), "configuration reloaded ([server] listener settings apply at the next restart)");
             }
@@ -431,4 +524,32 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     Ok(async {
         let _ = tokio::signal::ctrl_c().await;
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument of every subcommand, with the path of subcommands leading to it.
+    fn arguments(command: &clap::Command, path: String, out: &mut Vec<(String, clap::Arg)>) {
+        out.extend(command.get_arguments().map(|arg| (path.clone(), arg.clone())));
+        for sub in command.get_subcommands() {
+            arguments(sub, format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_flag_and_argument_has_a_description() {
+        let mut command = command();
+        command.build();
+        command.clone().debug_assert();
+        let mut all = Vec::new();
+        arguments(&command, "x402-gateway".into(), &mut all);
+        let undescribed: Vec<String> = all
+            .iter()
+            .filter(|(_, arg)| !arg.is_hide_set() && arg.get_help().is_none())
+            .map(|(path, arg)| format!("{path} {}", arg.get_id()))
+            .collect();
+        assert!(undescribed.is_empty(), "without a description in --help: {undescribed:?}");
+    }
 }

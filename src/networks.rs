@@ -76,6 +76,61 @@ const USDC: &[(u64, Address, &str)] = &[
     (143, address!("754704Bc059F8C67012fEd69BC8A327a5aafb603"), "USDC"),
 ];
 
+/// Chains whose tokens come from faucets (the testnets of the tables above).
+const TESTNETS: &[u64] = &[11155111, 84532, 80002, 421614, 43113, 11124, 1328, 324705682, 2201];
+/// The default chain ids of anvil (31337) and hardhat/ganache (1337): a chain on the operator's own machine.
+const LOCAL_CHAINS: &[u64] = &[31337, 1337];
+
+/// The accounts anvil and hardhat fund by default, from the public mnemonic "test test ... junk": their
+/// private keys are published, so anyone can spend what is paid to them.
+const DEVELOPMENT_ACCOUNTS: [Address; 20] = [
+    address!("f39Fd6e51aad88F6F4ce6aB8827279cffFb92266"),
+    address!("70997970C51812dc3A010C7d01b50e0d17dc79C8"),
+    address!("3C44CdDdB6a900fa2b585dd299e03d12FA4293BC"),
+    address!("90F79bf6EB2c4f870365E785982E1f101E93b906"),
+    address!("15d34AAf54267DB7D7c367839AAf71A00a2C6A65"),
+    address!("9965507D1a55bcC2695C58ba16FB37d819B0A4dc"),
+    address!("976EA74026E726554dB657fA54763abd0C3a0aa9"),
+    address!("14dC79964da2C08b23698B3D3cc7Ca32193d9955"),
+    address!("23618e81E3f5cdF7f54C3d65f7FBc0aBf5B21E8f"),
+    address!("a0Ee7A142d267C1f36714E4a8F75612F20a79720"),
+    address!("Bcd4042DE499D14e55001CcbB24a551F3b954096"),
+    address!("71bE63f3384f5fb98995898A86B02Fb2426c5788"),
+    address!("FABB0ac9d68B0B445fB7357272Ff202C5651694a"),
+    address!("1CBd3b2770909D4e10f157cABC84C7264073C9Ec"),
+    address!("dF3e18d64BC6A983f673Ab319CCaE4f1a57C7097"),
+    address!("cd3B766CCDd6AE721141F452C550Ca635964ce71"),
+    address!("2546BcD3c84621e976D8185a91A922aE77ECEc30"),
+    address!("bDA5747bFD65F08deb54cb465eB87D40e51B197E"),
+    address!("dD2FD4581271e230360230F9337D5c0430Bf44C0"),
+    address!("8626f6940E2eb28930eFb4CeF49B2d1F2C9C1199"),
+];
+
+/// What the money on a chain is worth to whoever holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainKind {
+    /// Real money. Any chain not known to be a test chain counts as one: nothing says its money is not real.
+    Mainnet,
+    Testnet,
+    /// A development chain such as anvil's.
+    Local,
+}
+
+pub fn chain_kind(chain_id: u64) -> ChainKind {
+    if TESTNETS.contains(&chain_id) {
+        ChainKind::Testnet
+    } else if LOCAL_CHAINS.contains(&chain_id) {
+        ChainKind::Local
+    } else {
+        ChainKind::Mainnet
+    }
+}
+
+/// Which development account (0 for the first) `address` is, if it is one of those with a published key.
+pub fn development_account(address: Address) -> Option<usize> {
+    DEVELOPMENT_ACCOUNTS.iter().position(|a| *a == address)
+}
+
 /// Parses `eip155:<id>` or a v1 name into a chain id.
 pub fn chain_id_of(name: &str) -> Option<u64> {
     match name.strip_prefix("eip155:") {
@@ -133,6 +188,16 @@ mod tests {
         assert_eq!(usdc.eip712_name, "USDC");
         assert_eq!(base_sepolia.asset("0x036CbD53842c5426634e7929541eC2318f3dCF7e"), Some(usdc));
         assert!(builtin(31337).assets.is_empty());
+    }
+
+    #[test]
+    fn chain_kinds_and_development_accounts() {
+        assert_eq!(chain_kind(8453), ChainKind::Mainnet);
+        assert_eq!(chain_kind(84532), ChainKind::Testnet);
+        assert_eq!(chain_kind(31337), ChainKind::Local);
+        assert_eq!(chain_kind(10), ChainKind::Mainnet, "an unknown chain may carry real money");
+        assert_eq!(development_account(address!("90F79bf6EB2c4f870365E785982E1f101E93b906")), Some(3));
+        assert_eq!(development_account(Address::repeat_byte(0x11)), None);
     }
 
     #[test]

@@ -89,6 +89,16 @@ fn check_prints_every_route() {
 }
 
 #[test]
+fn check_warns_about_an_upstream_no_route_uses() {
+    let (result, _, stderr) =
+        check(&write_config(&format!("{VALID}[upstreams.spare]\nurl = \"http://127.0.0.1:9\"\n")));
+    assert!(result.status.success(), "{stderr}");
+    assert!(stderr.contains("warning: upstreams.spare: no route uses it"), "{stderr}");
+    let (_, _, stderr) = check(&write_config(VALID));
+    assert!(!stderr.contains("warning"), "every upstream of VALID is used: {stderr}");
+}
+
+#[test]
 fn check_names_the_key_and_the_missing_variable() {
     let path = write_config(
         r#"[server]
@@ -222,10 +232,12 @@ fn wait_exit(child: &mut std::process::Child, limit: Duration) -> ExitStatus {
     }
 }
 
-/// `x402-gateway run` on `path`, once it listens: the process, its plain HTTP address, and its log lines.
+/// `x402-gateway run` on `path`, once it listens: the process, its plain HTTP address, its log up to then (JSON
+/// events), and its log lines from then on.
 struct Running {
     child: std::process::Child,
     addr: SocketAddr,
+    started: Vec<serde_json::Value>,
     lines: mpsc::Receiver<String>,
 }
 
@@ -251,6 +263,7 @@ fn start_run(path: &PathBuf) -> Running {
     });
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut log = String::new();
+    let mut started = Vec::new();
     let addr: SocketAddr = loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let Ok(line) = lines_rx.recv_timeout(remaining) else {
@@ -263,6 +276,7 @@ fn start_run(path: &PathBuf) -> Running {
         let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
+        started.push(event.clone());
         if event["message"] == "listening" && event["kind"] == "http" {
             break event["addr"]
                 .as_str()
@@ -271,7 +285,7 @@ fn start_run(path: &PathBuf) -> Running {
         }
     };
 
-    Running { child, addr, lines: lines_rx }
+    Running { child, addr, started, lines: lines_rx }
 }
 
 #[test]
@@ -286,7 +300,12 @@ path = "/api/*"
 upstream = "api"
 "#,
     );
-    let Running { mut child, addr, lines } = start_run(&path);
+    let Running { mut child, addr, started, lines } = start_run(&path);
+    // It said what it loaded before listening.
+    let loaded = started.iter().find(|e| e["message"] == "configuration loaded").expect("a configuration line");
+    assert_eq!(loaded["config"], path.display().to_string());
+    assert_eq!((&loaded["routes"], &loaded["paid_routes"], &loaded["upstreams"]), (&1.into(), &0.into(), &1.into()));
+    assert_eq!(loaded["ledger"], path.parent().unwrap().join("data/ledger.db").display().to_string());
 
     // It serves: a path without a route gets the gateway's own 404.
     let mut tcp = TcpStream::connect(addr).expect("connect to the running gateway");
@@ -319,13 +338,38 @@ upstream = "api"
     assert!(kill.success(), "kill -TERM failed");
     let status = wait_exit(&mut child, Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "exit status after SIGTERM: {status:?}");
+    // Its last word says it stopped.
+    let last = lines.iter().last().expect("log lines after the access line");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&last).unwrap()["message"], "stopped", "{last}");
+}
+
+#[test]
+fn check_counts_in_words_and_an_empty_ledger_says_so() {
+    let (_, stdout, _) = check(&write_config(VALID));
+    assert!(stdout.contains(": OK (3 routes, 2 upstreams)"), "{stdout}");
+    let single = write_config("[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.a]\nurl = \"http://127.0.0.1:9\"\n[[routes]]\npath = \"/a\"\nupstream = \"a\"\n");
+    let (_, stdout, _) = check(&single);
+    assert!(stdout.contains(": OK (1 route, 1 upstream)"), "{stdout}");
+    let ledger = single.parent().unwrap().join("data/ledger.db");
+    for (args, said) in [
+        (vec!["ledger", "list"], format!("no payments in {}\n", ledger.display())),
+        (
+            vec!["ledger", "list", "--state", "settled"],
+            format!("no payments matching these filters in {}\n", ledger.display()),
+        ),
+        (vec!["ledger", "revenue"], format!("no settled payments in {}\n", ledger.display())),
+    ] {
+        let (result, stdout, stderr) = output(gateway().args(&args).arg("--config").arg(&single));
+        assert!(result.status.success(), "{args:?}: {stderr}");
+        assert_eq!(stdout, said, "{args:?}");
+    }
 }
 
 #[test]
 fn the_shipped_gateway_toml_is_valid_and_needs_no_secrets() {
     // Only `check`: the shipped file fronts a public API and facilitator, and tests stay on loopback.
     let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("gateway.toml");
-    let (result, stdout, stderr) = check(&shipped);
+    let (result, stdout, stderr) = output(gateway().args(["check", "--config"]).arg(&shipped).env("PAY_TO", SELLER));
     assert!(result.status.success(), "{stderr}");
     assert!(stdout.contains("/v1/forecast") && stdout.contains("free"), "{stdout}");
     assert!(stdout.contains("/paid/*") && stdout.contains("facilitator https://x402.org/<redacted>"), "{stdout}");
@@ -348,11 +392,153 @@ fn the_resale_examples_are_valid() {
                 .env("OPENAI_API_KEY", "k")
                 .env("ANTHROPIC_API_KEY", "k")
                 .env("FIRECRAWL_API_KEY", "k")
-                .env("ECHO_API_KEY", "k"),
+                .env("ECHO_API_KEY", "k")
+                .env("PAY_TO", SELLER),
         );
         assert!(result.status.success(), "{example}: {stderr}");
         assert!(stdout.contains(needle), "{example}: {stdout}");
+        assert!(stdout.contains(&format!("to {SELLER}")), "{example} pays the address in PAY_TO: {stdout}");
     }
+}
+
+/// An address of the seller's own (no published key).
+const SELLER: &str = "0x1111111111111111111111111111111111111111";
+/// Account 3 of the public anvil/hardhat mnemonic: its private key is on the internet.
+const DEVELOPMENT_ACCOUNT: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
+
+fn check_with_payee(example: &str, pay_to: Option<&str>) -> (Output, String, String) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{example}.toml"));
+    let mut command = gateway();
+    command.args(["check", "--config"]).arg(&path).env("OPENAI_API_KEY", "k").env("ECHO_API_KEY", "k");
+    match pay_to {
+        Some(pay_to) => command.env("PAY_TO", pay_to),
+        None => command.env_remove("PAY_TO"),
+    };
+    output(&mut command)
+}
+
+#[test]
+fn a_published_development_key_is_refused_as_a_mainnet_payee_and_warned_about_on_a_testnet() {
+    // openai.toml sells on Base mainnet, docker.toml on Base Sepolia.
+    let (result, _, stderr) = check_with_payee("openai", Some(DEVELOPMENT_ACCOUNT));
+    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("routes[0].pay_to") && stderr.contains("private key is published"), "{stderr}");
+    assert!(stderr.contains("eip155:8453"), "{stderr}");
+    let (result, _, stderr) = check_with_payee("docker", Some(DEVELOPMENT_ACCOUNT));
+    assert!(result.status.success(), "{stderr}");
+    assert!(stderr.contains("warning: routes[1] (/paid/*)") && stderr.contains("eip155:84532"), "{stderr}");
+    let (result, _, stderr) = check_with_payee("docker", Some(SELLER));
+    assert!(result.status.success() && !stderr.contains("warning"), "{stderr}");
+    // Without PAY_TO, the examples say what is missing rather than pay anyone.
+    let (result, _, stderr) = check_with_payee("openai", None);
+    assert_eq!(result.status.code(), Some(1));
+    assert!(stderr.contains("pay_to: environment variable PAY_TO is not set"), "{stderr}");
+
+    // `run` refuses too, before it listens; on a local development chain the same account is fine.
+    let mainnet = write_config(&paid_config("1000").replace("base-sepolia", "eip155:8453"));
+    let mut run = gateway()
+        .args(["run", "--config"])
+        .arg(&mainnet)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start x402-gateway run");
+    let status = wait_exit(&mut run, Duration::from_secs(10));
+    let mut stderr = String::new();
+    run.stderr.take().expect("piped stderr").read_to_string(&mut stderr).expect("read stderr");
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("private key is published"), "{stderr}");
+    let local = paid_config("1000").replace("base-sepolia", "eip155:31337")
+        + "[networks.\"eip155:31337\".assets.USDC]\naddress = \"0x5FbDB2315678afecb367f032d93f642f64180aa3\"\n\
+           decimals = 6\neip712_name = \"USD Coin\"\neip712_version = \"2\"\n";
+    let (result, _, stderr) = check(&write_config(&local));
+    assert!(result.status.success() && !stderr.contains("warning"), "{stderr}");
+}
+
+/// `--help` of a (sub)command, as the binary prints it.
+fn help(args: &[&str]) -> String {
+    let (result, stdout, stderr) = output(gateway().args(args).arg("--help"));
+    assert!(result.status.success(), "{stderr}");
+    stdout
+}
+
+#[test]
+fn global_flags_go_before_or_after_the_subcommand_and_show_only_where_they_apply() {
+    let path = write_config(VALID);
+    let path = path.to_str().unwrap();
+    for args in [
+        vec!["ledger", "list", "--config", path],
+        vec!["--config", path, "ledger", "list"],
+        vec!["ledger", "--config", path, "list", "--limit", "5"],
+        vec!["check", "-c", path],
+        vec!["-c", path, "check"],
+    ] {
+        let (result, _, stderr) = output(gateway().args(&args));
+        assert!(result.status.success(), "{args:?}: {stderr}");
+    }
+    // After the subcommand, --log-format still switches the log to JSON.
+    let mut run = gateway()
+        .args(["run", "--config", path, "--log-format", "json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start x402-gateway run");
+    let first = BufReader::new(run.stderr.take().expect("piped stderr")).lines().next();
+    let _ = run.kill();
+    let _ = run.wait();
+    let first = first.expect("a log line").expect("readable");
+    assert!(serde_json::from_str::<serde_json::Value>(&first).is_ok(), "not JSON: {first}");
+
+    for (args, config, log_format) in [
+        (vec!["run"], true, true),
+        (vec!["check"], true, false),
+        (vec!["pay"], false, false),
+        (vec!["ledger", "list"], true, false),
+        (vec!["ledger", "show"], true, false),
+        (vec!["ledger", "revenue"], true, false),
+        (vec!["ledger", "reconcile"], true, true),
+    ] {
+        let text = help(&args);
+        assert_eq!(text.contains("--config"), config, "{args:?}: {text}");
+        assert_eq!(text.contains("--log-format"), log_format, "{args:?}: {text}");
+    }
+}
+
+#[test]
+fn commands_that_only_read_the_ledger_need_no_secret() {
+    // Every secret, and the payee, comes from a variable that is not set.
+    let path = write_config(
+        r#"[server]
+listen = "127.0.0.1:0"
+[upstreams.api]
+url = "http://127.0.0.1:9"
+headers = { Authorization = "Bearer ${X402_TEST_UNSET_API_KEY}" }
+[payment]
+pay_to = "${X402_TEST_UNSET_PAY_TO}"
+network = "eip155:84532"
+asset = "USDC"
+facilitator = "local"
+[networks."eip155:84532"]
+rpc_url = "http://127.0.0.1:9"
+settler_key = "${X402_TEST_UNSET_SETTLER_KEY}"
+[[routes]]
+path = "/paid"
+upstream = "api"
+price = "$0.001"
+"#,
+    );
+    let (result, _, stderr) = check(&path);
+    assert_eq!(result.status.code(), Some(1), "serving needs them: {stderr}");
+    for action in [vec!["list"], vec!["revenue"], vec!["reconcile"]] {
+        let (result, stdout, stderr) = output(gateway().args(["ledger", "--config"]).arg(&path).args(&action));
+        assert!(result.status.success(), "ledger {action:?}: {stderr}");
+        assert!(!stdout.is_empty(), "ledger {action:?} prints its report");
+    }
+    let (result, _, stderr) = output(gateway().args(["ledger", "--config"]).arg(&path).args(["show", "1"]));
+    assert_eq!(result.status.code(), Some(1));
+    assert!(stderr.contains("no payment 1") && !stderr.contains("X402_TEST_UNSET"), "{stderr}");
 }
 
 fn paid_config(amount: &str) -> String {
@@ -394,7 +580,7 @@ fn hang_up(child: &std::process::Child) {
 #[test]
 fn sighup_reloads_a_valid_file_and_refuses_an_invalid_one() {
     let path = write_config(&paid_config("1000"));
-    let Running { mut child, addr, lines } = start_run(&path);
+    let Running { mut child, addr, lines, .. } = start_run(&path);
     assert_eq!(asked_amount(addr), "1000");
 
     std::fs::write(&path, paid_config("2500")).expect("rewrite");
@@ -504,7 +690,7 @@ fn requests_hyper_refuses_itself_get_an_access_line() {
         "[server]\nlisten = \"127.0.0.1:0\"\nmax_header_bytes = 8192\n[upstreams.api]\nurl = \"http://127.0.0.1:9\"\n\
          [[routes]]\npath = \"/*\"\nupstream = \"api\"\n",
     );
-    let Running { mut child, addr, lines } = start_run(&path);
+    let Running { mut child, addr, lines, .. } = start_run(&path);
     let send = |request: &[u8]| {
         let mut tcp = TcpStream::connect(addr).expect("connect");
         tcp.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");

@@ -108,7 +108,9 @@ async fn routes_a_facilitator_cannot_serve_are_reported_at_start() {
     let chain = Chain::start().await;
     let facilitator = start_reference_facilitator(&chain, 0);
     let toml = paid_toml(&spawn_echo("api").await, &chain, &facilitator.url)
+        // A mainnet payee must not be a development account (whose key is published).
         + "[[routes]]\npath = \"/mainnet\"\nupstream = \"api\"\namount = \"1000\"\nnetwork = \"eip155:8453\"\n"
+        + "pay_to = \"0x1111111111111111111111111111111111111111\"\n"
         + "[[routes]]\npath = \"/elsewhere\"\nupstream = \"api\"\namount = \"1000\"\nfacilitator = \"http://127.0.0.1:9\"\n";
     let gateway = start_gateway(&toml).await;
     let warnings = gateway.pipeline.facilitator_warnings().await;

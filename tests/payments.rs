@@ -132,7 +132,7 @@ async fn challenge_carries_v2_header_and_v1_body() {
         answer.json(),
         json!({
             "x402Version": 1,
-            "error": "X-PAYMENT header is required",
+            "error": "PAYMENT-SIGNATURE (x402 v2) or X-PAYMENT (x402 v1) header is required",
             "accepts": [{
                 "scheme": "exact", "network": "base-sepolia", "maxAmountRequired": "1000", "resource": url,
                 "description": "Current weather", "mimeType": "application/json", "payTo": PAY_TO,

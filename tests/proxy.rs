@@ -146,6 +146,54 @@ strip_prefix = "/public"
     assert_eq!(headers["x-forwarded-host"], "shop.example");
 }
 
+/// The shipped gateway.toml with its credential-injection lines uncommented, as the README says to.
+fn shipped_config_with_the_injection_demo() -> String {
+    let shipped = std::fs::read_to_string(repo_path("gateway.toml")).unwrap();
+    let mut uncommenting = false;
+    let mut toml = String::new();
+    for line in shipped.lines() {
+        uncommenting = line == "# [upstreams.myapi]" || (uncommenting && line.starts_with("# "));
+        toml.push_str(if uncommenting { &line[2..] } else { line });
+        toml.push('\n');
+    }
+    toml
+}
+
+#[tokio::test]
+async fn the_shipped_credential_injection_demo_shows_the_operators_key_replacing_the_buyers() {
+    let stand_in = spawn_echo("myapi").await;
+    let mut toml = shipped_config_with_the_injection_demo();
+    assert!(toml.contains("\n[upstreams.myapi]\n") && toml.contains("\nupstream = \"myapi\""), "{toml}");
+    // Loopback only: ports the kernel picks, the test's echo server standing in for examples/echo_upstream.rs
+    // on 127.0.0.1:9000, the repository's dev certificate, and no public facilitator.
+    let certs = format!("\"{}/certs/", repo_path("").display());
+    for (from, to) in [
+        ("127.0.0.1:8402", "127.0.0.1:0"),
+        ("127.0.0.1:8443", "127.0.0.1:0"),
+        ("127.0.0.1:9402", "127.0.0.1:0"),
+        ("http://127.0.0.1:9000", stand_in.url().as_str()),
+        ("\"certs/", certs.as_str()),
+        ("https://x402.org/facilitator", "http://127.0.0.1:9"),
+    ] {
+        assert!(toml.contains(from), "gateway.toml no longer has {from}");
+        toml = toml.replace(from, to);
+    }
+    let env = [("MY_API_KEY", "operator-secret"), ("PAY_TO", "0x1111111111111111111111111111111111111111")];
+    let gw = start_gateway_with_env(&toml, &env).await;
+    // The README's call: the buyer sends a key of its own, in the header and in the query.
+    let request = Request::get(gw.url("/myapi/hello?api_key=buyer-key"))
+        .header("authorization", "Bearer buyer-key")
+        .body(Full::default())
+        .unwrap();
+    let answer = send(&client(), request).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    let echo = answer.json();
+    assert_eq!((&echo["upstream"], &echo["path"]), (&"myapi".into(), &"/hello".into()));
+    assert_eq!(echo["headers"]["authorization"], "Bearer operator-secret");
+    assert_eq!(echo["headers"]["x-team"], "sellers");
+    assert_eq!(echo["query"], "api_key=operator-secret");
+}
+
 #[tokio::test]
 async fn the_upstream_gets_the_canonical_path_and_the_clients_query() {
     let echo = spawn_echo("echo").await;

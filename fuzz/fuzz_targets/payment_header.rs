@@ -25,7 +25,7 @@ facilitator = "http://127.0.0.1:9"
 path = "/paid"
 upstream = "api"
 price = "$0.001"
-accepts = [{ network = "base-sepolia" }, { network = "eip155:8453" }]
+accepts = [{ network = "base-sepolia" }, { network = "eip155:8453", pay_to = "0x1111111111111111111111111111111111111111" }]
 "#;
 
 fn fixture() -> &'static (Vec<Offer>, PaymentGate) {

@@ -11,6 +11,7 @@ pub use payment::{
     AttemptLimit, BatchSettings, Bazaar, FacilitatorChoice, PaidRoute, PaymentSettings, RemoteConfig, SettlerConfig,
 };
 
+use crate::networks::Network;
 use crate::proxy::answer_urls::AnswerUrls;
 use crate::proxy::body::Body;
 use crate::proxy::client::{https_client_trusting, HttpsClient};
@@ -52,6 +53,8 @@ pub struct Config {
     pub routes: Vec<RouteSpec>,
     pub payment: PaymentSettings,
     pub ledger: LedgerSettings,
+    /// What the operator should hear about but that does not stop the gateway: `check` prints it, `run` logs it.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -182,10 +185,7 @@ pub struct RouteSpec {
 impl Config {
     /// Loads `path`, resolving relative file paths in it against the file's own folder.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        let base_dir = path.parent().unwrap_or(Path::new("."));
-        Config::parse(&text, path, base_dir, &|name| std::env::var(name).ok())
+        Config::load_part(path, |validator, file| validator.config(file))
     }
 
     pub fn parse(
@@ -194,9 +194,35 @@ impl Config {
         base_dir: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let file: file::File = toml::from_str(text).map_err(|e| ConfigError::parse(path, text, &e))?;
+        let file = read_file(text, path)?;
         Validator { base_dir, env }.config(file)
     }
+
+    /// Only `[ledger]` of the file at `path` (the rest is parsed, not validated): what the commands that read
+    /// the ledger need. No other `${VAR}` is expanded, so they run without the secrets that serving needs.
+    pub fn load_ledger(path: &Path) -> Result<LedgerSettings, ConfigError> {
+        Config::load_part(path, |validator, file| validator.ledger(file.ledger))
+    }
+
+    /// The networks (`[networks]` over the built-in table) with their nodes, as reconciliation reads them:
+    /// settler keys are neither expanded nor checked.
+    pub fn load_networks(path: &Path) -> Result<BTreeMap<u64, Network>, ConfigError> {
+        Config::load_part(path, |validator, file| Ok(validator.networks(file.networks)?.by_chain))
+    }
+
+    fn load_part<T>(
+        path: &Path,
+        part: impl FnOnce(&Validator, file::File) -> Result<T, ConfigError>,
+    ) -> Result<T, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let base_dir = path.parent().unwrap_or(Path::new("."));
+        part(&Validator { base_dir, env: &|name| std::env::var(name).ok() }, read_file(&text, path)?)
+    }
+}
+
+fn read_file(text: &str, path: &Path) -> Result<file::File, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::parse(path, text, &e))
 }
 
 struct Validator<'a> {
@@ -227,7 +253,10 @@ impl Validator<'_> {
             return Err(ConfigError::invalid("server", "set `listen` or `tls_listen` (or both)"));
         }
         let ledger = self.ledger(file.ledger)?;
-        Ok(Config { server, upstreams, routes, payment, ledger })
+        let mut warnings = payment::check_payees(&routes)?;
+        let unused = upstreams.keys().filter(|name| !routes.iter().any(|route| route.upstream.name == **name));
+        warnings.extend(unused.map(|name| format!("upstreams.{name}: no route uses it")));
+        Ok(Config { server, upstreams, routes, payment, ledger, warnings })
     }
 
     fn ledger(&self, raw: file::Ledger) -> Result<LedgerSettings, ConfigError> {

@@ -2,7 +2,7 @@
 
 use super::file::{self, Terms};
 use super::{ConfigError, Validator};
-use crate::networks::{self, Asset, Network};
+use crate::networks::{self, Asset, ChainKind, Network};
 use crate::pricing::{Offer, Price, PriceSource, PriceTable, Pricing};
 use crate::settlement::SettleMode;
 use crate::x402::exact_evm;
@@ -127,14 +127,25 @@ pub struct BatchSettings {
     pub window: Duration,
 }
 
+/// `[networks]` applied over the built-in table, and the settler keys as written: only what settles expands them.
+pub(super) struct Networks {
+    pub by_chain: BTreeMap<u64, Network>,
+    settler_keys: Vec<SettlerKey>,
+}
+
+/// A network's `settler_key`, not yet expanded.
+struct SettlerKey {
+    chain_id: u64,
+    /// `networks."NAME"`, for the errors.
+    key: String,
+    raw: String,
+    multicall: Address,
+}
+
 impl Validator<'_> {
-    pub(super) fn payment_settings(
-        &self,
-        payment: Option<&file::Payment>,
-        raw_networks: BTreeMap<String, file::Network>,
-    ) -> Result<PaymentSettings, ConfigError> {
-        let mut networks = BTreeMap::new();
-        let mut settlers = BTreeMap::new();
+    pub(super) fn networks(&self, raw_networks: BTreeMap<String, file::Network>) -> Result<Networks, ConfigError> {
+        let mut by_chain = BTreeMap::new();
+        let mut settler_keys = Vec::new();
         for (name, raw) in raw_networks {
             let key = format!("networks.\"{name}\"");
             let chain_id = networks::chain_id_of(&name).ok_or_else(|| {
@@ -154,8 +165,8 @@ impl Validator<'_> {
                     .parse::<Address>()
                     .map_err(|_| ConfigError::invalid(format!("{key}.multicall"), "not a 0x contract address"))?,
             };
-            if let Some(settler) = self.settler(&key, network.rpc_url.as_deref(), raw.settler_key.as_deref())? {
-                settlers.insert(chain_id, SettlerConfig { multicall, ..settler });
+            if let Some(raw) = raw.settler_key {
+                settler_keys.push(SettlerKey { chain_id, key: key.clone(), raw, multicall });
             }
             if raw.v1_name.is_some() {
                 network.v1_name = raw.v1_name;
@@ -175,7 +186,21 @@ impl Validator<'_> {
                     eip712_version: asset.eip712_version,
                 });
             }
-            networks.insert(chain_id, network);
+            by_chain.insert(chain_id, network);
+        }
+        Ok(Networks { by_chain, settler_keys })
+    }
+
+    pub(super) fn payment_settings(
+        &self,
+        payment: Option<&file::Payment>,
+        raw_networks: BTreeMap<String, file::Network>,
+    ) -> Result<PaymentSettings, ConfigError> {
+        let Networks { by_chain: networks, settler_keys } = self.networks(raw_networks)?;
+        let mut settlers = BTreeMap::new();
+        for settler_key in settler_keys {
+            let rpc_url = networks.get(&settler_key.chain_id).and_then(|n| n.rpc_url.as_deref());
+            settlers.insert(settler_key.chain_id, self.settler(&settler_key, rpc_url)?);
         }
         let capacity = super::nonzero("payment.nonce_cache_capacity", payment.and_then(|p| p.nonce_cache_capacity))?;
         let facilitator_timeout =
@@ -205,34 +230,23 @@ impl Validator<'_> {
         })
     }
 
-    fn settler(
-        &self,
-        key: &str,
-        rpc_url: Option<&str>,
-        settler_key: Option<&str>,
-    ) -> Result<Option<SettlerConfig>, ConfigError> {
-        let (Some(rpc_url), Some(settler_key)) = (rpc_url, settler_key) else {
-            if settler_key.is_some() {
-                return Err(ConfigError::invalid(
-                    format!("{key}.rpc_url"),
-                    "a `settler_key` needs an `rpc_url` to send with",
-                ));
-            }
-            return Ok(None);
-        };
+    fn settler(&self, settler_key: &SettlerKey, rpc_url: Option<&str>) -> Result<SettlerConfig, ConfigError> {
+        let key = &settler_key.key;
         let url_key = format!("{key}.rpc_url");
+        let rpc_url =
+            rpc_url.ok_or_else(|| ConfigError::invalid(&url_key, "a `settler_key` needs an `rpc_url` to send with"))?;
         let rpc_url: Uri = rpc_url.parse().map_err(|_| ConfigError::invalid(&url_key, "not a URL"))?;
         if !matches!(rpc_url.scheme_str(), Some("http" | "https")) || rpc_url.authority().is_none() {
             return Err(ConfigError::invalid(&url_key, "expected an http(s) URL"));
         }
         let key_key = format!("{key}.settler_key");
-        let secret = self.expand(&key_key, settler_key)?;
+        let secret = self.expand(&key_key, &settler_key.raw)?;
         // The message never repeats the value: it is a private key.
         let key = secret
             .trim()
             .parse::<PrivateKeySigner>()
             .map_err(|_| ConfigError::invalid(&key_key, "not a 32-byte hex private key"))?;
-        Ok(Some(SettlerConfig { rpc_url, key, multicall: MULTICALL3 }))
+        Ok(SettlerConfig { rpc_url, key, multicall: settler_key.multicall })
     }
 
     /// The route's offers, or `None` for a free route (no price anywhere and no `accepts`).
@@ -290,7 +304,7 @@ impl Validator<'_> {
         }
         let method =
             route.methods.as_ref().and_then(|m| m.first()).map_or("GET".to_string(), |m| m.to_ascii_uppercase());
-        let bazaar = bazaar(&method, route.input.as_ref(), route.output.as_ref());
+        let bazaar = bazaar(&route.path, &method, route.input.as_ref(), route.output.as_ref());
         Ok(Some(PaidRoute {
             bazaar,
             pricing,
@@ -445,6 +459,41 @@ impl Validator<'_> {
     }
 }
 
+/// A payee whose private key is published (a development account of anvil and hardhat) is refused where
+/// money is real, and a warning where it is a test token; on a local development chain it is what one uses.
+/// `routes` are in file order, as the keys name them.
+pub(super) fn check_payees(routes: &[super::RouteSpec]) -> Result<Vec<String>, ConfigError> {
+    let mut warnings = Vec::new();
+    for (index, route) in routes.iter().enumerate() {
+        let offers = route.payment.iter().flat_map(|paid| paid.pricing.all_offers()).flat_map(|(_, offers)| offers);
+        for offer in offers {
+            let Some(account) = networks::development_account(offer.pay_to) else { continue };
+            let network = &offer.network.caip2;
+            let whose = format!(
+                "{} is account {account} of the public anvil/hardhat development mnemonic, whose private key is published",
+                offer.pay_to
+            );
+            let warning = match networks::chain_kind(offer.network.chain_id) {
+                ChainKind::Mainnet => {
+                    return Err(ConfigError::invalid(
+                        format!("routes[{index}].pay_to"),
+                        format!("{whose}: anyone could take what buyers pay on {network}. Set your own address (pay_to = \"${{PAY_TO}}\")"),
+                    ))
+                }
+                ChainKind::Testnet => format!(
+                    "routes[{index}] ({}): pay_to {whose}: anyone can take what buyers pay on {network}; set your own address before selling on a mainnet",
+                    route.pattern_text
+                ),
+                ChainKind::Local => continue,
+            };
+            if !warnings.contains(&warning) {
+                warnings.push(warning);
+            }
+        }
+    }
+    Ok(warnings)
+}
+
 /// A price error found while building a table entry's offers names the table entry, not the route's `price`.
 fn rename_price_key(err: ConfigError, entry_key: &str) -> ConfigError {
     match err {
@@ -453,8 +502,9 @@ fn rename_price_key(err: ConfigError, entry_key: &str) -> ConfigError {
     }
 }
 
-/// The bazaar extension for a route that declares its input and/or output schema.
-fn bazaar(method: &str, input: Option<&toml::Table>, output: Option<&toml::Table>) -> Option<Bazaar> {
+/// The bazaar extension for a route that declares its input and/or output schema; a dynamic `pattern`'s
+/// extension names its route template, as the reference's does.
+fn bazaar(pattern: &str, method: &str, input: Option<&toml::Table>, output: Option<&toml::Table>) -> Option<Bazaar> {
     if input.is_none() && output.is_none() {
         return None;
     }
@@ -481,7 +531,11 @@ fn bazaar(method: &str, input: Option<&toml::Table>, output: Option<&toml::Table
         "properties": { "input": { "type": "object" }, "output": { "type": "object" } },
         "required": ["input"],
     });
-    Some(Bazaar { extension: serde_json::json!({ "info": info, "schema": schema }), output_schema_v1 })
+    let mut extension = serde_json::json!({ "info": info, "schema": schema });
+    if let Some(template) = crate::discovery::RouteTemplate::of(pattern) {
+        template.annotate(&mut extension);
+    }
+    Some(Bazaar { extension, output_schema_v1 })
 }
 
 /// `settle_batch_max` above 1 turns batching on; the window alone is an error, since it would do nothing.

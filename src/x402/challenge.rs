@@ -22,6 +22,10 @@ pub const EXPOSE_HEADERS: &str = "PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-
 
 pub const SCHEME_EXACT: &str = "exact";
 
+/// The v1 body's `error` for an unpaid call. v2 clients read the header but show this body too, so it names
+/// the header of each version.
+const PAYMENT_HEADER_REQUIRED: &str = "PAYMENT-SIGNATURE (x402 v2) or X-PAYMENT (x402 v1) header is required";
+
 pub fn requirements_v2(offer: &Offer) -> RequirementsV2 {
     RequirementsV2 {
         scheme: SCHEME_EXACT.to_string(),
@@ -108,7 +112,7 @@ impl Challenge<'_> {
     pub fn payment_required_v1(&self) -> PaymentRequiredV1 {
         PaymentRequiredV1 {
             x402_version: 1,
-            error: self.rejection.map_or("X-PAYMENT header is required", Rejection::reason).to_string(),
+            error: self.rejection.map_or(PAYMENT_HEADER_REQUIRED, Rejection::reason).to_string(),
             accepts: self
                 .offers
                 .iter()
