@@ -317,11 +317,15 @@ async fn ledger_action(path: &std::path::Path, action: LedgerAction) -> Result<S
     let mut out = String::new();
     match action {
         LedgerAction::List { state, route, payer, limit } => {
-            if let Some(state) = state.as_deref().filter(|s| ledger::State::parse(s).is_none()) {
-                return Err(format!(
-                    "--state {state}: expected verified, settling, settled, failed, refund_needed or released"
-                ));
-            }
+            let state = match state.as_deref().map(|name| (name, ledger::State::parse(name))) {
+                Some((name, None)) => {
+                    return Err(format!(
+                        "--state {name}: expected verified, settling, settled, failed, refund_needed or released"
+                    ))
+                }
+                Some((_, state)) => state,
+                None => None,
+            };
             let filtered = state.is_some() || route.is_some() || payer.is_some();
             let rows = store.list(state, route, payer, limit).await.map_err(|e| e.to_string())?;
             if rows.is_empty() {

@@ -2,7 +2,7 @@
 //! (`writer.rs`), which commits concurrent calls together.
 
 use super::writer::Writer;
-use super::State;
+use super::{State, Step};
 use crate::text;
 use rusqlite::{params, Connection};
 use std::path::{Path, PathBuf};
@@ -46,7 +46,7 @@ pub struct NewPayment {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Row {
     pub id: i64,
-    pub state: String,
+    pub state: State,
     pub route: String,
     pub payer: String,
     pub payee: String,
@@ -109,7 +109,16 @@ const COLUMNS: &str = "id, state, route, payer, payee, network, chain_id, asset,
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok(Row {
         id: r.get(0)?,
-        state: r.get(1)?,
+        state: {
+            let name: String = r.get(1)?;
+            State::parse(&name).ok_or_else(|| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    1,
+                    rusqlite::types::Type::Text,
+                    format!("unknown state `{name}`").into(),
+                )
+            })?
+        },
         route: r.get(2)?,
         payer: r.get(3)?,
         payee: r.get(4)?,
@@ -166,7 +175,7 @@ impl Ledger {
             let existing = by_authorization(conn, p.chain_id, &p.asset, &p.payer, &p.nonce)?;
             let t = now();
             match existing {
-                Some(old) if old.state == "released" || old.state == "failed" => {
+                Some(old) if Step::Reverified.allowed_from().contains(&old.state) => {
                     conn.prepare_cached(
                         "UPDATE payments SET state = 'verified', route = ?2, facilitator = ?3, failure = NULL, tx_hash = NULL, \
                          upstream_status = NULL, updated_at = ?4 WHERE id = ?1",
@@ -190,32 +199,29 @@ impl Ledger {
 
     /// About to settle (before anything is broadcast).
     pub async fn settling(&self, id: i64, upstream_status: Option<u16>) -> Result<(), LedgerError> {
-        let set = "state = 'settling', upstream_status = COALESCE(?2, upstream_status)";
-        self.update(id, set, upstream_status.map(i64::from), "'verified'").await
+        let set = "upstream_status = COALESCE(?2, upstream_status)";
+        self.update(id, Step::Settling, set, upstream_status.map(i64::from)).await
     }
 
     /// A settlement transaction's hash, written before it is broadcast: the row stays `settling`.
     pub async fn pending(&self, id: i64, transaction: String) -> Result<(), LedgerError> {
-        self.update(id, "tx_hash = ?2", Some(transaction), "'settling'").await
+        self.update(id, Step::Pending, "tx_hash = ?2", Some(transaction)).await
     }
 
     pub async fn settled(&self, id: i64, transaction: String) -> Result<(), LedgerError> {
-        let set = "state = 'settled', tx_hash = ?2, failure = NULL";
-        self.update(id, set, Some(transaction), "'settling', 'verified'").await
+        self.update(id, Step::Settled, "tx_hash = ?2, failure = NULL", Some(transaction)).await
     }
 
     /// Certainly no money moved (refused, reverted, never sent, expired).
     pub async fn failed(&self, id: i64, reason: String, transaction: Option<String>) -> Result<(), LedgerError> {
         let t = now();
-        let changed = self
-            .run(move |conn| {
-                conn.prepare_cached(
-                    "UPDATE payments SET state = 'failed', failure = ?2, tx_hash = COALESCE(?3, tx_hash), updated_at = ?4 \
-                     WHERE id = ?1 AND state IN ('settling', 'verified')",
-                )?
-                .execute(params![id, reason, transaction, t])
-            })
-            .await?;
+        let sql = format!(
+            "UPDATE payments SET state = 'failed', failure = ?2, tx_hash = COALESCE(?3, tx_hash), updated_at = ?4 \
+             WHERE id = ?1 AND {}",
+            Step::Failed.guard_sql()
+        );
+        let changed =
+            self.run(move |conn| conn.prepare_cached(&sql)?.execute(params![id, reason, transaction, t])).await?;
         if changed == 0 {
             return Err(LedgerError::Conflict(id));
         }
@@ -224,11 +230,11 @@ impl Ledger {
 
     /// The answer failed before any settlement: nothing charged.
     pub async fn released(&self, id: i64, upstream_status: Option<u16>) -> Result<(), LedgerError> {
-        self.update(id, "state = 'released', upstream_status = ?2", upstream_status.map(i64::from), "'verified'").await
+        self.update(id, Step::Released, "upstream_status = ?2", upstream_status.map(i64::from)).await
     }
 
     pub async fn refund_needed(&self, id: i64, reason: String) -> Result<(), LedgerError> {
-        self.update(id, "state = 'refund_needed', failure = ?2", Some(reason), "'settled', 'settling'").await
+        self.update(id, Step::RefundNeeded, "failure = ?2", Some(reason)).await
     }
 
     /// The paid answer was handed over whole (possibly to a retry, while its settlement is being recorded). A
@@ -237,26 +243,22 @@ impl Ledger {
         let set =
             "served = 1, state = CASE WHEN state = 'refund_needed' AND failure = ?2 THEN 'settled' ELSE state END, \
                    failure = CASE WHEN failure = ?2 THEN NULL ELSE failure END";
-        let from = "'settled', 'refund_needed', 'settling'";
-        self.update(id, set, Some(super::reconcile::NEVER_SERVED.to_string()), from).await
+        self.update(id, Step::Served, set, Some(super::reconcile::NEVER_SERVED.to_string())).await
     }
 
-    /// One state transition, allowed only from the states in `from` (an SQL list): a row that moved
-    /// underneath (reconciled meanwhile, say) is a conflict, never overwritten.
+    /// One step, which also sets the columns in `set`, allowed only from the states the transition table
+    /// gives it: a row that moved underneath (reconciled meanwhile, say) is a conflict, never overwritten.
     async fn update<P: rusqlite::ToSql + Send + 'static>(
         &self,
         id: i64,
+        step: Step,
         set: &'static str,
         value: Option<P>,
-        from: &'static str,
     ) -> Result<(), LedgerError> {
         let t = now();
-        let changed = self
-            .run(move |conn| {
-                let sql = format!("UPDATE payments SET {set}, updated_at = ?3 WHERE id = ?1 AND state IN ({from})");
-                conn.prepare_cached(&sql)?.execute(params![id, value, t])
-            })
-            .await?;
+        let state = step.to().map(|to| format!("state = '{}', ", to.as_str())).unwrap_or_default();
+        let sql = format!("UPDATE payments SET {state}{set}, updated_at = ?3 WHERE id = ?1 AND {}", step.guard_sql());
+        let changed = self.run(move |conn| conn.prepare_cached(&sql)?.execute(params![id, value, t])).await?;
         if changed == 0 {
             return Err(LedgerError::Conflict(id));
         }
@@ -280,7 +282,7 @@ impl Ledger {
     /// Rows filtered by state, route and payer (each optional), newest first.
     pub async fn list(
         &self,
-        state: Option<String>,
+        state: Option<State>,
         route: Option<String>,
         payer: Option<String>,
         limit: u32,
@@ -288,13 +290,13 @@ impl Ledger {
         self.run(move |conn| {
             let condition = "(?1 IS NULL OR state = ?1) AND (?2 IS NULL OR route = ?2) \
                              AND (?3 IS NULL OR lower(payer) = lower(?3)) ORDER BY id DESC LIMIT ?4";
-            rows_where(conn, condition, params![state, route, payer, limit])
+            rows_where(conn, condition, params![state.map(State::as_str), route, payer, limit])
         })
         .await
     }
 
     pub async fn in_state(&self, state: State) -> Result<Vec<Row>, LedgerError> {
-        self.list(Some(state.as_str().to_string()), None, None, u32::MAX).await
+        self.list(Some(state), None, None, u32::MAX).await
     }
 
     /// `failed` rows whose authorization is, or was until `since`, still valid: someone may yet land it.
@@ -305,8 +307,8 @@ impl Ledger {
     /// A payment recorded as failed moved after all (its authorization, public once broadcast, was landed by
     /// someone else): the buyer had no answer, so it is owed a refund.
     pub async fn landed_late(&self, id: i64, transaction: String) -> Result<(), LedgerError> {
-        let set = "state = 'refund_needed', tx_hash = ?2, failure = 'settled after it was reported failed; the answer was withheld'";
-        self.update(id, set, Some(transaction), "'failed'").await
+        let set = "tx_hash = ?2, failure = 'settled after it was reported failed; the answer was withheld'";
+        self.update(id, Step::LandedLate, set, Some(transaction)).await
     }
 
     /// Authorizations that must stay refused after a restart: charged, or possibly being charged, and not expired.

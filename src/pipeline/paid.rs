@@ -214,16 +214,13 @@ impl Gateway {
             _ => {}
         }
         let row = match found {
-            Ok(Some(row)) if row.state == State::Failed.as_str() || row.state == State::Released.as_str() => {
-                return None
-            }
-            Ok(Some(row)) if row.state != State::Verified.as_str() => row,
+            Ok(Some(row)) if row.state.never_charged() => return None,
+            Ok(Some(row)) if row.state != State::Verified => row,
             // Recorded, yet its request ended before any next step (or the ledger cannot say): refused as a
             // duplicate, and reconciliation decides the row.
             _ => return Some(challenge(Some(&Rejection::Replayed))),
         };
-        let paid = row.state == State::Settled.as_str() || row.state == State::RefundNeeded.as_str();
-        Some(match (answer, paid, row.transaction.clone()) {
+        Some(match (answer, row.state.charged(), row.transaction.clone()) {
             // Withheld while pending, settled since: the buyer gets what it paid for, and the row says so.
             (Some(withheld), true, Some(transaction)) => {
                 let mut response = replay(&withheld);
@@ -276,7 +273,7 @@ pub(super) fn identifier_reused() -> Response<Body> {
 
 /// The ledger says this authorization is spent (or settling) and its answer is not kept.
 pub(super) fn spent(payment: &Payment, row: &Row) -> Response<Body> {
-    if row.state == State::Settling.as_str() {
+    if row.state == State::Settling {
         let pending = SettleFailure {
             reason: "settlement_pending".into(),
             message: "this payment's settlement is still being confirmed".into(),
@@ -291,7 +288,7 @@ pub(super) fn spent(payment: &Payment, row: &Row) -> Response<Body> {
             "error": "payment_already_used",
             "message": "this authorization already paid for an answer, which is no longer kept; a new request needs a new payment",
             "transaction": row.transaction,
-            "state": row.state,
+            "state": row.state.as_str(),
         }),
     )
 }
