@@ -3,6 +3,7 @@
 //! `live` holds what one configuration decides; `paid` the stages of a paid call.
 
 mod buffered;
+mod context;
 mod live;
 mod paid;
 
@@ -16,7 +17,6 @@ use crate::discovery;
 use crate::error::GatewayError;
 use crate::gate::{GateError, Payment, PaymentGate};
 use crate::ledger::{self, Ledger, LedgerError, NewPayment, Reconciled};
-use crate::logging::{self, AccessLine};
 use crate::metrics::Metrics;
 use crate::pricing::Offer;
 use crate::proxy::body::Body;
@@ -39,6 +39,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use buffered::BodyBudget;
+use context::RequestContext;
 use paid::PaidCall;
 
 /// Rows younger than this are left to the request that is handling them (long streams included).
@@ -108,18 +109,6 @@ enum Next {
     Forward(Request<Body>, Arc<RouteSpec>),
     /// A paid route, with the request's canonical path.
     Pay(Request<Body>, Arc<RouteSpec>, String),
-}
-
-/// What the access-log line reports besides the request and the status.
-#[derive(Default)]
-struct AccessLog {
-    route: Option<Arc<str>>,
-    /// Boxed: a free request's future carries this record, and a payment is large.
-    payment: Option<Box<Payment>>,
-    ledger_id: Option<i64>,
-    transaction: Option<String>,
-    /// The request value that set the price (the model, for an LLM route).
-    price_key: Option<String>,
 }
 
 impl Gateway {
@@ -215,53 +204,30 @@ impl Gateway {
         }
     }
 
-    /// The request, and its access-log line.
+    /// The request through its phases, with one context, closed by its metrics and access line.
     async fn serve(&self, request: Request<Incoming>, client: ClientInfo) -> Response<Body> {
-        let started = Instant::now();
-        let method = request.method().clone();
-        // A shared copy (no allocation): the request itself moves on.
-        let uri = request.uri().clone();
-        let mut log = AccessLog::default();
+        let mut ctx = RequestContext::new(&request, client);
         let live = self.live();
         let in_flight = self.metrics.in_flight();
-        let response = match self.route(&live, request, &client, &mut log) {
+        let response = match self.route(&live, request, &mut ctx) {
             Ok(Next::Answer(response)) => Ok(response),
             Ok(Next::Forward(request, route)) => self.forward(request, &route).await,
             // Boxed: a paid call's stages hold far more state than a free call, which should not carry its size.
             Ok(Next::Pay(request, route, path)) => {
-                Box::pin(self.process_paid(&live, request, &route, &path, &client, &mut log)).await
+                Box::pin(self.process_paid(&live, request, &route, &path, &mut ctx)).await
             }
             Err(err) => Err(err),
         };
         let response = response.unwrap_or_else(GatewayError::into_response);
         drop(in_flight);
-        self.metrics.request(log.route.as_ref(), response.status().as_u16());
-        let payment = log.payment.as_ref();
-        logging::access(&AccessLine {
-            method: method.as_str(),
-            path: uri.path(),
-            route: log.route.as_deref().unwrap_or("-"),
-            status: response.status().as_u16(),
-            latency: started.elapsed(),
-            client: client.peer.ip(),
-            payer: payment.map(|p| p.authorization.from.to_string()),
-            amount: payment.map(|p| p.authorization.value.to_string()),
-            network: payment.map(|p| p.offer.network.caip2.as_str()),
-            ledger_id: log.ledger_id,
-            transaction: log.transaction.as_deref(),
-        });
+        ctx.close(response.status(), &self.metrics);
         response
     }
 
     /// Match → route: what the gateway answers itself, what it forwards free, and what must be paid for.
     /// Nothing here waits, so the future a free request is served in stays small.
-    fn route(
-        &self,
-        live: &Live,
-        request: Request<Incoming>,
-        client: &ClientInfo,
-        log: &mut AccessLog,
-    ) -> Result<Next, GatewayError> {
+    fn route(&self, live: &Live, request: Request<Incoming>, ctx: &mut RequestContext) -> Result<Next, GatewayError> {
+        let client = &ctx.client;
         if !names_host(&request) {
             return Err(GatewayError::MissingHost);
         }
@@ -277,10 +243,10 @@ impl Gateway {
             return Ok(Next::Answer(discovery::response(&document, live.public_url.is_none())));
         }
         let route = live.match_route(&request, &canonical_path)?;
-        log.route = Some(route.pattern_text.clone());
+        ctx.route = Some(route.pattern_text.clone());
         let request = live.limit_body(request)?;
         if route.payment.is_none() {
-            return Ok(Next::Forward(upstream_request(request, &route, &canonical_path, client)?, route));
+            return Ok(Next::Forward(upstream_request(request, &route, &canonical_path, &ctx.client)?, route));
         }
         Ok(Next::Pay(request, route, canonical_path))
     }
@@ -292,13 +258,12 @@ impl Gateway {
         request: Request<Body>,
         route: &Arc<RouteSpec>,
         canonical_path: &str,
-        client: &ClientInfo,
-        log: &mut AccessLog,
+        ctx: &mut RequestContext,
     ) -> Result<Response<Body>, GatewayError> {
         let Some(paid) = &route.payment else { return Err(GatewayError::Internal) };
         let route_name = &*route.pattern_text;
         if carries_payment(request.headers()) {
-            let address = crate::proxy::ClientAddress::of(client.peer.ip());
+            let address = crate::proxy::ClientAddress::of(ctx.client.peer.ip());
             if let Err(retry_after) = self.attempts.take(address, Instant::now()) {
                 self.metrics.rejected(route_name, "too_many_payment_attempts");
                 return Err(GatewayError::TooManyPaymentAttempts { retry_after });
@@ -310,7 +275,7 @@ impl Gateway {
         let priced =
             paid.pricing.price(request.uri().query(), request.headers(), &body).map_err(GatewayError::Price)?;
         let offers = priced.offers;
-        let resource = live.resource_info(&request, paid, priced.key.as_deref(), client);
+        let resource = live.resource_info(&request, paid, priced.key.as_deref(), &ctx.client);
         let request_headers = request.headers();
         let challenge = |rejection: Option<&Rejection>| {
             self.challenge(route_name, paid.bazaar.as_ref(), request_headers, offers, resource.clone(), rejection)
@@ -366,13 +331,13 @@ impl Gateway {
                     return Err(GatewayError::LedgerUnavailable);
                 }
             };
-        log.payment = Some(Box::new(payment.clone()));
-        log.ledger_id = Some(id);
-        log.price_key = priced.key;
+        ctx.payment = Some(Box::new(payment.clone()));
+        ctx.ledger_id = Some(id);
+        ctx.price_key = priced.key;
 
         // Upstream and settlement, in the route's order.
-        let request = upstream_request(request, route, canonical_path, client)?;
-        let call = PaidCall { facilitator, payment, hold, id, resource, log, max_held: live.settle_after_max_bytes };
+        let request = upstream_request(request, route, canonical_path, &ctx.client)?;
+        let call = PaidCall { facilitator, payment, hold, id, resource, ctx, max_held: live.settle_after_max_bytes };
         match paid.settle {
             SettleMode::Before => self.settle_then_stream(request, route, call).await,
             SettleMode::After => self.deliver_then_settle(request, route, call).await,

@@ -1,7 +1,8 @@
 //! The stages of a paid call after verification: upstream and settlement in the route's order, each step
 //! recorded in the ledger before it takes effect, and the answers to retries of a spent authorization.
 
-use super::{read_to_limit, AccessLog, Gateway, ReadError};
+use super::context::RequestContext;
+use super::{read_to_limit, Gateway, ReadError};
 use crate::answers::StoredAnswer;
 use crate::config::RouteSpec;
 use crate::error::GatewayError;
@@ -25,7 +26,7 @@ pub(super) struct PaidCall<'g, 'l> {
     /// Its ledger row.
     pub id: i64,
     pub resource: ResourceInfo,
-    pub log: &'l mut AccessLog,
+    pub ctx: &'l mut RequestContext,
     /// Largest answer held back under `settle = "after"`.
     pub max_held: usize,
 }
@@ -44,7 +45,7 @@ impl Gateway {
             Err(failure) => return Ok(self.settle_failed(&call, &failure).await),
         };
         self.record(self.ledger.settled(call.id, settled.transaction.clone()).await);
-        call.log.transaction = Some(settled.transaction.clone());
+        call.ctx.transaction = Some(settled.transaction.clone());
         let (mut response, delivered) = match self.forward(request, route).await {
             Ok(response) if !failed(response.status()) => (response, true),
             Ok(response) => (response, false),
@@ -57,7 +58,7 @@ impl Gateway {
         }
         respond::attach_receipt(&mut response, &call.payment, &settled);
         let served = delivered.then(|| (self.ledger.clone(), call.id));
-        Ok(record_usage(response, route, call.log, served))
+        Ok(record_usage(response, route, call.ctx, served))
     }
 
     /// `settle = "after"`: the answer is held until the payment settles; a failed answer is not charged.
@@ -127,8 +128,8 @@ impl Gateway {
         // Kept before the ledger says settled: a concurrent retry that finds the row settled finds the answer too.
         self.answers.keep(&call.payment, kept);
         self.record(self.ledger.settled(call.id, settled.transaction.clone()).await);
-        call.log.transaction = Some(settled.transaction.clone());
-        Ok(record_usage(response, route, call.log, Some((self.ledger.clone(), call.id))))
+        call.ctx.transaction = Some(settled.transaction.clone());
+        Ok(record_usage(response, route, call.ctx, Some((self.ledger.clone(), call.id))))
     }
 
     /// Settles the payment. From here on it may move, so its authorization stays reserved unless the
@@ -298,15 +299,15 @@ pub(super) fn spent(payment: &Payment, row: &Row) -> Response<Body> {
 fn record_usage(
     response: Response<Body>,
     route: &RouteSpec,
-    log: &AccessLog,
+    ctx: &RequestContext,
     served: Option<(Ledger, i64)>,
 ) -> Response<Body> {
     let (parts, body) = response.into_parts();
     let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let route = route.pattern_text.clone();
-    let payer = log.payment.as_ref().map(|p| p.authorization.from.to_string());
-    let amount = log.payment.as_ref().map(|p| p.authorization.value.to_string());
-    let (transaction, model) = (log.transaction.clone(), log.price_key.clone());
+    let payer = ctx.payment.as_ref().map(|p| p.authorization.from.to_string());
+    let amount = ctx.payment.as_ref().map(|p| p.authorization.value.to_string());
+    let (transaction, model) = (ctx.transaction.clone(), ctx.price_key.clone());
     let on_end: OnEnd = Box::new(move |usage, complete| {
         if let (true, Some((ledger, id))) = (complete, served) {
             tokio::spawn(async move {
