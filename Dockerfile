@@ -10,6 +10,8 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# The workspace's other crates (the protocol crate).
+COPY crates ./crates
 # Cargo.toml declares the `gate` bench: without its source cargo refuses the manifest.
 COPY benches ./benches
 RUN cargo build --release --locked --bin x402-gateway

@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 # What the tests need besides cargo: a local chain (anvil) and the official x402 clients (Node).
 bash scripts/install-anvil.sh >/dev/null
 bash scripts/install-interop.sh
-cargo test --locked "$@"
+cargo test --locked --workspace "$@"

@@ -1,31 +1,19 @@
 //! The payment gate: a paid route's request passes only with a payment that decodes, matches one of the
 //! route's offers, verifies, and has not been used before. Everything else gets a 402 challenge or a 400.
 
+pub use x402_proto::Payment;
+
 use crate::pricing::Offer;
 use crate::replay::{NonceKey, Reservations, ReserveError};
 use crate::x402::challenge::{PAYMENT_SIGNATURE, SCHEME_EXACT, X_PAYMENT};
 use crate::x402::codec::{self, DecodeError, PaymentPayload};
-use crate::x402::exact_evm::{self, VerifiedAuthorization};
 use crate::x402::wire::RequirementsV2;
 use crate::x402::Rejection;
 use alloy::primitives::Address;
 use http::HeaderMap;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
-
-/// A verified payment whose authorization is now reserved.
-#[derive(Debug, Clone)]
-pub struct Payment {
-    /// The x402 version the buyer spoke (1: `X-PAYMENT`, 2: `PAYMENT-SIGNATURE`).
-    pub version: u8,
-    pub offer: Offer,
-    pub authorization: VerifiedAuthorization,
-    pub payload: PaymentPayload,
-    /// The reservation that keeps this authorization from being used twice.
-    pub key: NonceKey,
-    /// The buyer's `payment-identifier` (idempotency key), when it sent one.
-    pub identifier: Option<String>,
-}
+use x402_proto::{Exact, Scheme};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GateError {
@@ -118,20 +106,15 @@ impl PaymentGate {
             Rejection::MalformedPayload(msg) => GateError::Malformed(msg),
             other => GateError::Challenge(Some(other)),
         };
-        let authorization = exact_evm::verify_signed(scheme_payload, offer).map_err(reject)?;
-        let key = NonceKey {
-            chain_id: offer.network.chain_id,
-            asset: offer.asset.address,
-            from: authorization.from,
-            nonce: authorization.nonce,
-        };
+        let authorization = Exact::verify_offline(scheme_payload, offer).map_err(reject)?;
+        let key = Exact::replay_key(offer, &authorization);
         // A retry of an authorization already in play is answered as such, even once it has expired.
         let in_play = self.state.reservations.contains(&key);
         if !in_play {
-            exact_evm::check_window(&authorization, offer, now).map_err(reject)?;
+            Exact::check_window(&authorization, offer, now).map_err(reject)?;
         }
         let identifier = payment_identifier(&payload)?;
-        let valid_before = authorization.valid_before_secs();
+        let valid_before = Exact::expires_at(&authorization);
         let payment = Payment { version, offer: offer.clone(), authorization, payload, key, identifier };
         match self.hold(key, valid_before)? {
             Held::Fresh(hold) => Ok((payment, hold)),

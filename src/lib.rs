@@ -14,7 +14,6 @@ pub mod gate;
 pub mod ledger;
 pub mod logging;
 pub mod metrics;
-pub mod networks;
 pub mod pipeline;
 pub mod pricing;
 pub mod proxy;
@@ -25,3 +24,5 @@ pub mod settlement;
 pub mod text;
 pub mod usage;
 pub mod x402;
+
+pub use x402_proto::networks;

@@ -1,22 +1,8 @@
 //! Prices: what a seller writes (`"$0.001"` or atomic units) and the offers a paid route makes.
 
-use crate::networks::{Asset, Network};
-use alloy::primitives::{Address, B256, U256};
-use std::sync::Arc;
+pub use x402_proto::Offer;
 
-/// One way to pay for a route: this amount of this asset on this network, to this address.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Offer {
-    /// Shared: every paid request carries its offer, and a network holds its whole asset table.
-    pub network: Arc<Network>,
-    pub asset: Asset,
-    pub pay_to: Address,
-    /// Atomic units of `asset`.
-    pub amount: U256,
-    pub max_timeout_seconds: u64,
-    /// The asset's EIP-712 domain separator on this network, hashed once: every signature check needs it.
-    pub domain_separator: B256,
-}
+use alloy::primitives::U256;
 
 /// A price as configured, before it meets an asset's decimals.
 #[derive(Debug, Clone, PartialEq, Eq)]

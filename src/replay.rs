@@ -1,18 +1,11 @@
 //! Replay protection: an EIP-3009 authorization `(chain, asset, from, nonce)` is reserved atomically before
 //! its request goes upstream, and stays reserved until the authorization expires.
 
-use alloy::primitives::{Address, B256};
+pub use x402_proto::NonceKey;
+
 use moka::sync::Cache;
 use moka::Expiry;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct NonceKey {
-    pub chain_id: u64,
-    pub asset: Address,
-    pub from: Address,
-    pub nonce: B256,
-}
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ReserveError {
@@ -83,6 +76,7 @@ pub fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloy::primitives::{Address, B256};
 
     fn key(n: u8) -> NonceKey {
         NonceKey { chain_id: 1, asset: Address::ZERO, from: Address::ZERO, nonce: B256::repeat_byte(n) }

@@ -3,7 +3,7 @@
 //! clients echo them back and the gate compares them field by field.
 
 use super::codec;
-use super::wire::{Eip712Extra, PaymentRequiredV1, PaymentRequiredV2, RequirementsV1, RequirementsV2, ResourceInfo};
+use super::wire::{PaymentRequiredV1, PaymentRequiredV2, RequirementsV1, ResourceInfo};
 use super::Rejection;
 use crate::config::Bazaar;
 use crate::pricing::Offer;
@@ -20,48 +20,11 @@ pub const X_PAYMENT_RESPONSE: HeaderName = HeaderName::from_static("x-payment-re
 /// Lets browser clients read the payment headers of cross-origin answers.
 pub const EXPOSE_HEADERS: &str = "PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE";
 
-pub const SCHEME_EXACT: &str = "exact";
+pub use x402_proto::requirements::{requirements_v1, requirements_v2, SCHEME_EXACT};
 
 /// The v1 body's `error` for an unpaid call. v2 clients read the header but show this body too, so it names
 /// the header of each version.
 const PAYMENT_HEADER_REQUIRED: &str = "PAYMENT-SIGNATURE (x402 v2) or X-PAYMENT (x402 v1) header is required";
-
-pub fn requirements_v2(offer: &Offer) -> RequirementsV2 {
-    RequirementsV2 {
-        scheme: SCHEME_EXACT.to_string(),
-        network: offer.network.caip2.clone(),
-        amount: offer.amount.to_string(),
-        asset: offer.asset.address.to_string(),
-        pay_to: offer.pay_to.to_string(),
-        max_timeout_seconds: offer.max_timeout_seconds,
-        extra: extra(offer),
-    }
-}
-
-/// The v1 form of an offer (v1 clients know only chains with a v1 name).
-pub fn requirements_v1(offer: &Offer, resource: &ResourceInfo) -> RequirementsV1 {
-    RequirementsV1 {
-        scheme: SCHEME_EXACT.to_string(),
-        network: offer.network.v1_name.clone().unwrap_or_else(|| offer.network.caip2.clone()),
-        max_amount_required: offer.amount.to_string(),
-        resource: resource.url.clone(),
-        description: resource.description.clone(),
-        mime_type: resource.mime_type.clone(),
-        output_schema: None,
-        pay_to: offer.pay_to.to_string(),
-        max_timeout_seconds: offer.max_timeout_seconds,
-        asset: offer.asset.address.to_string(),
-        extra: extra(offer),
-    }
-}
-
-fn extra(offer: &Offer) -> serde_json::Value {
-    serde_json::to_value(Eip712Extra {
-        name: offer.asset.eip712_name.clone(),
-        version: offer.asset.eip712_version.clone(),
-    })
-    .unwrap_or_default()
-}
 
 /// Everything a 402 needs besides the offers: what is being sold and why the last attempt failed.
 pub struct Challenge<'a> {

@@ -1,7 +1,7 @@
 //! The EVM networks and stablecoins the gateway knows without configuration (values from the x402 reference
 //! tables), extended or overridden by `[networks."eip155:N"]` in `gateway.toml`.
 
-use alloy::primitives::{address, Address};
+use alloy_primitives::{address, Address};
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct Network {
@@ -15,12 +15,12 @@ pub struct Network {
 }
 
 impl std::fmt::Debug for Network {
-    // The RPC URL often carries a node provider's key: never shown.
+    // The RPC URL often carries a node provider's key: only whether there is one is shown.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Network")
             .field("chain_id", &self.chain_id)
             .field("v1_name", &self.v1_name)
-            .field("rpc_url", &self.rpc_url.as_deref().map(crate::text::redacted_url))
+            .field("rpc_url", &self.rpc_url.as_ref().map(|_| "<redacted>"))
             .field("assets", &self.assets)
             .finish()
     }

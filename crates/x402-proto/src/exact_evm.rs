@@ -2,12 +2,11 @@
 //! in the order of the reference facilitator (signature, recipient, validBefore, validAfter, value).
 //! Pure: no chain access. What only the chain knows (balance, nonce state) is checked when settling.
 
-use super::wire::ExactEvmPayload;
-use super::Rejection;
-use crate::pricing::Offer;
-use alloy::primitives::{b256, Address, Keccak256, Signature, B256, U256};
-use alloy::sol;
-use alloy::sol_types::{Eip712Domain, SolStruct};
+use crate::wire::ExactEvmPayload;
+use crate::{Offer, Rejection};
+use alloy_primitives::{b256, Address, Keccak256, Signature, B256, U256};
+use alloy_sol_types::sol;
+use alloy_sol_types::{Eip712Domain, SolStruct};
 use serde::Deserialize;
 
 sol! {
@@ -160,7 +159,7 @@ fn parse_signature(text: &str) -> Result<Signature, Rejection> {
         return Err(Rejection::Signature);
     }
     let mut bytes = [0u8; 65];
-    alloy::hex::decode_to_slice(hex, &mut bytes).map_err(|_| Rejection::Signature)?;
+    alloy_primitives::hex::decode_to_slice(hex, &mut bytes).map_err(|_| Rejection::Signature)?;
     if !matches!(bytes[64], 0 | 1 | 27 | 28) {
         return Err(Rejection::Signature);
     }

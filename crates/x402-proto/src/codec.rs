@@ -1,7 +1,7 @@
 //! The base64 codec of x402 payment headers: emit padded standard base64; accept padded or unpadded
 //! standard base64, refuse the url-safe alphabet (as the TypeScript reference does).
 
-use super::wire::{PaymentPayloadV1, PaymentPayloadV2};
+use crate::wire::{PaymentPayloadV1, PaymentPayloadV2};
 use base64::alphabet::STANDARD;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STANDARD as PADDED};
 use base64::engine::DecodePaddingMode;

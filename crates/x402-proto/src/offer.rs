@@ -1,0 +1,19 @@
+//! An offer: one way to pay for a resource.
+
+use crate::networks::{Asset, Network};
+use alloy_primitives::{Address, B256, U256};
+use std::sync::Arc;
+
+/// One way to pay for a route: this amount of this asset on this network, to this address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    /// Shared: every paid request carries its offer, and a network holds its whole asset table.
+    pub network: Arc<Network>,
+    pub asset: Asset,
+    pub pay_to: Address,
+    /// Atomic units of `asset`.
+    pub amount: U256,
+    pub max_timeout_seconds: u64,
+    /// The asset's EIP-712 domain separator on this network, hashed once: every signature check needs it.
+    pub domain_separator: B256,
+}
