@@ -1,7 +1,8 @@
 //! Text written for every request (the access line, `X-Forwarded-For`) without `core::fmt`, whose generic
-//! machinery cost about a sixth of a free request's user-space instructions: numbers, IP addresses, quoted
-//! strings and timestamps, appended to a byte buffer. The calendar date behind a timestamp also dates the
-//! ledger's daily revenue. And the one way a configured URL is shown to people (`check`, `/readyz`, logs).
+//! machinery was a large share of a free request's user-space instructions (docs/performance.md has the
+//! count): numbers, IP addresses, quoted strings and timestamps, appended to a byte buffer. The calendar date
+//! behind a timestamp also dates the ledger's daily revenue. And the one way a configured URL is shown to
+//! people (`check`, `/readyz`, logs).
 
 use std::cell::Cell;
 use std::io::Write;
