@@ -6,7 +6,6 @@ pub mod answers;
 pub mod attempts;
 pub mod buyer;
 pub mod catalogue;
-pub mod chain;
 pub mod config;
 pub mod discovery;
 pub mod error;
@@ -20,9 +19,9 @@ pub mod proxy;
 pub mod replay;
 pub mod respond;
 pub mod routing;
-pub mod settlement;
 pub mod text;
 pub mod usage;
 pub mod x402;
 
+pub use x402_chain::{chain, settlement};
 pub use x402_proto::networks;

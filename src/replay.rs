@@ -5,7 +5,7 @@ pub use x402_proto::NonceKey;
 
 use moka::sync::Cache;
 use moka::Expiry;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ReserveError {
@@ -69,9 +69,7 @@ impl Reservations {
     }
 }
 
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
+pub use x402_proto::unix_now;
 
 #[cfg(test)]
 mod tests {

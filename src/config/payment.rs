@@ -10,7 +10,6 @@ use alloy::primitives::{Address, U256};
 use alloy::signers::local::PrivateKeySigner;
 use http::{HeaderValue, Uri};
 use std::collections::BTreeMap;
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,44 +49,6 @@ pub struct Bazaar {
     pub output_schema_v1: serde_json::Value,
 }
 
-#[derive(Debug, Clone)]
-pub enum FacilitatorChoice {
-    /// Verify and settle in-process, with the network's `rpc_url` and `settler_key`.
-    Local,
-    Remote(Arc<RemoteConfig>),
-}
-
-pub struct RemoteConfig {
-    /// Without a trailing slash.
-    pub url: String,
-    /// `facilitator_auth`: sent as `Authorization`, marked sensitive.
-    pub auth: Option<HeaderValue>,
-}
-
-impl fmt::Debug for RemoteConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RemoteConfig")
-            .field("url", &crate::text::redacted_url(&self.url))
-            .field("auth", &self.auth.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
-}
-
-/// The chain access and gas-paying key of the in-process facilitator on one network.
-pub struct SettlerConfig {
-    /// May carry a node provider's key: never shown.
-    pub rpc_url: Uri,
-    pub key: PrivateKeySigner,
-    /// The Multicall3 (`aggregate3`) contract that batched settlements go through.
-    pub multicall: Address,
-}
-
-impl fmt::Debug for SettlerConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SettlerConfig").field("address", &self.key.address()).finish_non_exhaustive()
-    }
-}
-
 pub const DEFAULT_ATTEMPT_RATE_PER_IP: u32 = 50;
 pub const DEFAULT_ATTEMPT_BURST_PER_IP: u32 = 200;
 
@@ -96,6 +57,8 @@ pub struct AttemptLimit {
     pub per_second: u32,
     pub burst: u32,
 }
+
+pub use x402_chain::options::{BatchSettings, FacilitatorChoice, RemoteConfig, SettlementOptions, SettlerConfig};
 
 /// Payment settings shared by all routes.
 #[derive(Debug)]
@@ -118,13 +81,15 @@ pub struct PaymentSettings {
     pub settle_batch: Option<BatchSettings>,
 }
 
-/// Local settlements that share one transaction, each allowed to fail alone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BatchSettings {
-    /// Most payments in one transaction.
-    pub max: usize,
-    /// Longest a payment waits for others to share its transaction.
-    pub window: Duration,
+impl PaymentSettings {
+    /// How settlements are made and waited for, as the settlement crate takes it.
+    pub fn settlement(&self) -> SettlementOptions {
+        SettlementOptions {
+            settle_timeout: self.settle_timeout,
+            facilitator_timeout: self.facilitator_timeout,
+            settle_batch: self.settle_batch,
+        }
+    }
 }
 
 /// `[networks]` applied over the built-in table, and the settler keys as written: only what settles expands them.

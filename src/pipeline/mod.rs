@@ -90,7 +90,15 @@ impl Live {
             })
             .collect();
         Live {
-            facilitators: Facilitators::new(&config.payment, &config.routes, previous.map(|p| &p.facilitators)),
+            facilitators: Facilitators::new(
+                &config.payment.settlers,
+                &config.payment.settlement(),
+                config.routes.iter().filter_map(|route| match &route.payment.as_ref()?.facilitator {
+                    FacilitatorChoice::Remote(remote) => Some(&**remote),
+                    FacilitatorChoice::Local => None,
+                }),
+                previous.map(|p| &p.facilitators),
+            ),
             catalogues: catalogue::build(&config.routes),
             chains,
             routes: RouteTable::new(config.routes),

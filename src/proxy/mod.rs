@@ -2,7 +2,6 @@
 
 pub mod answer_urls;
 pub mod body;
-pub mod client;
 mod connection;
 pub mod cors;
 pub mod headers;
@@ -12,3 +11,4 @@ pub mod tls;
 pub mod upstream;
 
 pub use connection::ClientAddress;
+pub use x402_chain::client;

@@ -15,6 +15,11 @@ pub use offer::Offer;
 pub use payment::{NonceKey, Payment};
 pub use scheme::{Exact, Scheme};
 
+/// Now, in unix seconds: the clock authorizations' time windows are read against.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 /// Why a payment was refused, with the x402 reason string a client sees (`invalidReason`/`error`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {

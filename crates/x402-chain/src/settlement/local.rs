@@ -6,14 +6,14 @@ use super::receipts::Receipts;
 use super::simulations::Simulations;
 use super::{SettleFailure, Settled, VerifyFailure};
 use crate::chain::{self, SimulationFailure};
-use crate::config::{PaymentSettings, SettlerConfig};
-use crate::x402::exact_evm::VerifiedAuthorization;
-use crate::x402::Rejection;
+use crate::options::{SettlementOptions, SettlerConfig};
 use alloy::primitives::Address;
 use alloy::providers::{Provider, RootProvider};
 use http::Uri;
 use std::sync::Arc;
 use std::time::Duration;
+use x402_proto::exact_evm::VerifiedAuthorization;
+use x402_proto::Rejection;
 
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -36,14 +36,14 @@ impl LocalSettler {
         provider: RootProvider,
         config: &SettlerConfig,
         chain_id: u64,
-        settings: &PaymentSettings,
+        settings: &SettlementOptions,
     ) -> LocalSettler {
         let queue = TxQueue::spawn(provider.clone(), config.key.clone(), chain_id);
         LocalSettler::with_queue(provider, queue, config, chain_id, settings)
     }
 
     /// The same node, key and transaction queue under new settings (after a reload).
-    pub fn reconfigured(&self, config: &SettlerConfig, settings: &PaymentSettings) -> LocalSettler {
+    pub fn reconfigured(&self, config: &SettlerConfig, settings: &SettlementOptions) -> LocalSettler {
         LocalSettler::with_queue(self.provider.clone(), self.queue.clone(), config, self.chain_id, settings)
     }
 
@@ -52,7 +52,7 @@ impl LocalSettler {
         queue: TxQueue,
         config: &SettlerConfig,
         chain_id: u64,
-        settings: &PaymentSettings,
+        settings: &SettlementOptions,
     ) -> LocalSettler {
         let batching = settings.settle_batch.map(|settings| Batching { multicall: config.multicall, settings });
         LocalSettler {
@@ -129,7 +129,7 @@ impl LocalSettler {
         auth: &VerifiedAuthorization,
         before: Option<BeforeBroadcast>,
     ) -> Result<Settled, SettleFailure> {
-        if receipt_deadline(auth) < Duration::from_secs(crate::x402::exact_evm::SETTLE_MARGIN_SECS) {
+        if receipt_deadline(auth) < Duration::from_secs(x402_proto::exact_evm::SETTLE_MARGIN_SECS) {
             // Too late to land: broadcasting would only burn the settler's gas on a revert.
             let message = "the authorization expired before it could be settled".to_string();
             return Err(SettleFailure::nothing_moved(
@@ -178,5 +178,5 @@ impl LocalSettler {
 
 /// Wait no longer than the authorization is valid: after `validBefore` the transaction cannot succeed.
 fn receipt_deadline(auth: &VerifiedAuthorization) -> Duration {
-    Duration::from_secs(auth.valid_before_secs().saturating_sub(crate::replay::unix_now()))
+    Duration::from_secs(auth.valid_before_secs().saturating_sub(x402_proto::unix_now()))
 }

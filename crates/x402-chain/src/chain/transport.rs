@@ -1,7 +1,7 @@
 //! alloy's JSON-RPC transport over the gateway's own HTTP client, so chain access shares its TLS stack
 //! (rustls with ring) instead of pulling in a second one.
 
-use crate::proxy::client::{https_client, HttpsClient};
+use crate::client::{https_client, HttpsClient};
 use alloy::rpc::json_rpc::{RequestPacket, ResponsePacket};
 use alloy::transports::{TransportError, TransportErrorKind, TransportFut};
 use bytes::Bytes;

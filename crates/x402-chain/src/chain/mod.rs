@@ -3,7 +3,6 @@
 
 mod transport;
 
-use crate::x402::exact_evm::VerifiedAuthorization;
 use alloy::consensus::{SignableTransaction, TxEip1559, TxEnvelope};
 use alloy::eips::Encodable2718;
 use alloy::network::TxSignerSync;
@@ -16,6 +15,7 @@ use alloy::sol;
 use alloy::sol_types::{SolCall, SolEvent};
 use alloy::transports::TransportError;
 use std::time::Duration;
+use x402_proto::exact_evm::VerifiedAuthorization;
 
 pub use transport::HttpTransport;
 
@@ -55,7 +55,7 @@ pub fn connect(rpc_url: &http::Uri, timeout: Duration) -> RootProvider {
 
 /// A provider for every network that has an `rpc_url`, by chain id.
 pub fn providers<'a>(
-    networks: impl IntoIterator<Item = &'a crate::networks::Network>,
+    networks: impl IntoIterator<Item = &'a x402_proto::networks::Network>,
 ) -> std::collections::HashMap<u64, RootProvider> {
     networks
         .into_iter()

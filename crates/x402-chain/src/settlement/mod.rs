@@ -12,15 +12,15 @@ pub use queue::BeforeBroadcast;
 pub use remote::RemoteFacilitator;
 
 use crate::chain;
-use crate::config::{FacilitatorChoice, PaymentSettings, RouteSpec};
-use crate::gate::Payment;
-use crate::x402::challenge::{requirements_v1, requirements_v2};
-use crate::x402::codec::PaymentPayload;
-use crate::x402::wire::ResourceInfo;
-use crate::x402::Rejection;
-use std::collections::HashMap;
+use crate::options::{FacilitatorChoice, RemoteConfig, SettlementOptions, SettlerConfig};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
+use x402_proto::codec::PaymentPayload;
+use x402_proto::requirements::{requirements_v1, requirements_v2};
+use x402_proto::wire::ResourceInfo;
+use x402_proto::Payment;
+use x402_proto::Rejection;
 
 /// Time allowed for one RPC request to a chain node.
 const RPC_TIMEOUT: Duration = Duration::from_secs(15);
@@ -143,9 +143,14 @@ impl Facilitators {
     /// Must run inside the tokio runtime: local settlers start their transaction queues. A settler of
     /// `previous` with the same chain, node and key keeps its queue under the new settings (two queues for
     /// one key would hand out the same account nonces).
-    pub fn new(settings: &PaymentSettings, routes: &[RouteSpec], previous: Option<&Facilitators>) -> Facilitators {
-        let local = settings
-            .settlers
+    /// `remotes` are the remote facilitators the routes name (one facilitator for each URL).
+    pub fn new<'r>(
+        settlers: &BTreeMap<u64, SettlerConfig>,
+        settings: &SettlementOptions,
+        remotes: impl IntoIterator<Item = &'r RemoteConfig>,
+        previous: Option<&Facilitators>,
+    ) -> Facilitators {
+        let local = settlers
             .iter()
             .map(|(chain_id, settler)| {
                 let kept = previous
@@ -161,12 +166,10 @@ impl Facilitators {
             })
             .collect();
         let mut remote = HashMap::new();
-        for choice in routes.iter().filter_map(|r| r.payment.as_ref()).map(|p| &p.facilitator) {
-            if let FacilitatorChoice::Remote(config) = choice {
-                remote.entry(config.url.clone()).or_insert_with(|| {
-                    RemoteFacilitator::new(config.url.clone(), config.auth.clone(), settings.facilitator_timeout)
-                });
-            }
+        for config in remotes {
+            remote.entry(config.url.clone()).or_insert_with(|| {
+                RemoteFacilitator::new(config.url.clone(), config.auth.clone(), settings.facilitator_timeout)
+            });
         }
         Facilitators { local, remote }
     }
@@ -204,29 +207,31 @@ impl Facilitators {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use std::path::Path;
+    use std::time::Duration;
 
-    fn config(rpc_url: &str) -> Config {
-        let toml = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.api]\nurl = \"http://127.0.0.1:9\"\n[payment]\n\
-             pay_to = \"0x90F79bf6EB2c4f870365E785982E1f101E93b906\"\nnetwork = \"eip155:84532\"\nasset = \"USDC\"\n\
-             [networks.\"eip155:84532\"]\nrpc_url = \"{rpc_url}\"\n\
-             settler_key = \"0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a\"\n\
-             [[routes]]\npath = \"/paid\"\nupstream = \"api\"\namount = \"1000\"\n"
-        );
-        Config::parse(&toml, Path::new("gateway.toml"), Path::new("."), &|_| None).expect("valid")
+    /// A settler on Base Sepolia with one fixed key, reaching its node at `rpc_url`.
+    fn settlers(rpc_url: &str) -> BTreeMap<u64, SettlerConfig> {
+        let key = "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a".parse().expect("a key");
+        let settler = SettlerConfig {
+            rpc_url: rpc_url.parse().expect("a URL"),
+            key,
+            multicall: alloy::primitives::address!("cA11bde05977b3631167028862bE2a173976CA11"),
+        };
+        BTreeMap::from([(84532, settler)])
     }
+
+    const OPTIONS: SettlementOptions = SettlementOptions {
+        settle_timeout: Duration::from_secs(60),
+        facilitator_timeout: Duration::from_secs(30),
+        settle_batch: None,
+    };
 
     #[tokio::test]
     async fn a_reload_keeps_the_settler_and_queue_of_an_unchanged_key() {
-        let first = config("http://127.0.0.1:1");
-        let before = Facilitators::new(&first.payment, &first.routes, None);
-        let same = config("http://127.0.0.1:1");
-        let after = Facilitators::new(&same.payment, &same.routes, Some(&before));
+        let before = Facilitators::new(&settlers("http://127.0.0.1:1"), &OPTIONS, [], None);
+        let after = Facilitators::new(&settlers("http://127.0.0.1:1"), &OPTIONS, [], Some(&before));
         assert!(before.local[&84532].shares_queue_with(&after.local[&84532]), "one key, one queue");
-        let moved = config("http://127.0.0.1:2");
-        let elsewhere = Facilitators::new(&moved.payment, &moved.routes, Some(&after));
+        let elsewhere = Facilitators::new(&settlers("http://127.0.0.1:2"), &OPTIONS, [], Some(&after));
         assert!(!after.local[&84532].shares_queue_with(&elsewhere.local[&84532]), "another node, another queue");
     }
 
@@ -239,7 +244,7 @@ mod tests {
             SettleFailure::nothing_moved("invalid_exact_evm_payload_authorization_valid_before", String::new(), None),
         ];
         for failure in failures {
-            assert_eq!(crate::x402::reason_label(&failure.reason), failure.reason);
+            assert_eq!(x402_proto::reason_label(&failure.reason), failure.reason);
         }
     }
 }

@@ -1,15 +1,15 @@
 //! A remote facilitator over its standard HTTP API: `POST /verify`, `POST /settle`, `GET /supported`.
 
 use super::{SettleFailure, Settled, VerifyFailure};
-use crate::x402::Rejection;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde::Deserialize;
 use serde_json::Value;
 use std::time::Duration;
+use x402_proto::Rejection;
 
-use crate::proxy::client::{https_client, HttpsClient};
+use crate::client::{https_client, HttpsClient};
 
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 
@@ -52,7 +52,7 @@ enum CallError {
 
 impl RemoteFacilitator {
     pub fn new(base: String, auth: Option<HeaderValue>, timeout: Duration) -> RemoteFacilitator {
-        let shown = crate::text::redacted_url(&base);
+        let shown = crate::redacted_url(&base);
         RemoteFacilitator { base, shown, auth, timeout, client: https_client() }
     }
 

@@ -4,7 +4,7 @@
 //! Multicall3 `aggregate3` transaction, each call allowed to fail alone.
 
 use crate::chain::{self, TxParams};
-use crate::config::BatchSettings;
+use crate::options::BatchSettings;
 use alloy::primitives::{keccak256, Address, Bytes, B256};
 use alloy::providers::{Provider, RootProvider};
 use alloy::signers::local::PrivateKeySigner;
