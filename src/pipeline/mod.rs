@@ -29,12 +29,12 @@ use crate::x402::challenge::{Challenge, PAYMENT_SIGNATURE, SCHEME_EXACT, X_PAYME
 use crate::x402::wire::ResourceInfo;
 use crate::x402::Rejection;
 use alloy::providers::RootProvider;
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use std::collections::{BTreeMap, HashMap};
-use arc_swap::ArcSwap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
