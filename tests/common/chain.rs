@@ -1,5 +1,5 @@
-//! A real local chain for the tests: `anvil` (installed into `.tools/` by `scripts/test.sh`) on a port the
-//! kernel picks, with the repository's EIP-3009 TestUSDC deployed. Dropping the `Chain` stops anvil.
+//! A real local chain for the tests: `anvil` (see `tools::anvil` for where it is found) on a port the kernel
+//! picks, with the repository's EIP-3009 TestUSDC deployed. Dropping the `Chain` stops anvil.
 
 use alloy::network::TransactionBuilder;
 use alloy::primitives::{Address, Bytes, B256, U256};
@@ -53,26 +53,32 @@ impl Drop for Chain {
     }
 }
 
-fn anvil_path() -> String {
-    std::env::var("ANVIL").unwrap_or_else(|_| {
-        super::repo_path(".tools/anvil/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil").display().to_string()
-    })
-}
-
 impl Chain {
-    /// Starts anvil (chain id 84532, as Base Sepolia, automining) and deploys TestUSDC.
+    /// Starts anvil (chain id 84532, as Base Sepolia, automining) and deploys TestUSDC; `None` when anvil is
+    /// missing, once the test is reported skipped (`tools::require`).
+    pub async fn own() -> Option<Chain> {
+        let anvil = super::tools::require(super::tools::anvil())?;
+        Some(Chain::start_with(&anvil, 0).await)
+    }
+
+    /// Like `own`, but a missing anvil fails the test (a test that cannot skip yet).
     pub async fn start() -> Chain {
         Chain::start_at(0).await
     }
 
     /// Like `start`, on a given port (0: the kernel picks), e.g. to bring a stopped chain back.
     pub async fn start_at(port: u16) -> Chain {
-        let mut anvil = Command::new(anvil_path())
+        let anvil = super::tools::anvil().unwrap_or_else(|missing| panic!("this test needs {missing}"));
+        Chain::start_with(&anvil, port).await
+    }
+
+    async fn start_with(anvil: &std::path::Path, port: u16) -> Chain {
+        let mut anvil = Command::new(anvil)
             .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--chain-id", &CHAIN_ID.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .expect("anvil is not installed: run `bash scripts/test.sh`, which installs it");
+            .expect("anvil starts");
         let stdout = anvil.stdout.take().expect("piped stdout");
         let (port_tx, port_rx) = std::sync::mpsc::channel();
         // Reads the bound port, then keeps draining anvil's log so that it never blocks on a full pipe.

@@ -4,6 +4,7 @@
 pub mod chain;
 pub mod facilitator;
 pub mod pay;
+pub mod tools;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
