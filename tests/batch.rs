@@ -80,7 +80,7 @@ async fn mined(chain: &Chain, hash: B256) -> (usize, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_payments_share_one_transaction_and_cost_less_gas_each() {
     const BATCH: usize = 10;
-    let Some(chain) = Chain::own().await else { return };
+    let Some(chain) = Chain::shared().await else { return };
     let multicall = chain.deploy("Multicall").await;
     let upstream = spawn_echo("api").await;
 
@@ -121,7 +121,7 @@ async fn concurrent_payments_share_one_transaction_and_cost_less_gas_each() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_authorization_does_not_sink_the_rest_of_its_batch() {
-    let Some(chain) = Chain::own().await else { return };
+    let Some(chain) = Chain::shared().await else { return };
     let multicall = chain.deploy("Multicall").await;
     // The upstream answers only once the gate opens: with `settle = "after"`, every payment is verified and
     // recorded, and none settled yet, while it waits.
@@ -158,7 +158,7 @@ async fn a_failing_authorization_does_not_sink_the_rest_of_its_batch() {
     tokio::time::timeout(std::time::Duration::from_secs(30), all_waiting).await.expect("every payment verified");
     let challenge = pay::decode_header(&get(&gateway.url("/paid")).await.headers["payment-required"]);
     let mut elsewhere = Authorization::for_offer(drained.address(), &challenge["accepts"][0]);
-    elsewhere.message.to = common::chain::DEPLOYER.parse().unwrap();
+    elsewhere.message.to = chain.deployer;
     chain.land(&elsewhere.sign(drained)).await;
     gate.send_replace(true);
     let answers = paying.await.unwrap();
@@ -203,7 +203,7 @@ async fn a_failing_authorization_does_not_sink_the_rest_of_its_batch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_simulations_refuse_exactly_the_payments_that_cannot_settle() {
-    let Some(chain) = Chain::own().await else { return };
+    let Some(chain) = Chain::shared().await else { return };
     let multicall = chain.deploy("Multicall").await;
     let upstream = spawn_echo("api").await;
     // The gateway reaches the chain through a relay that counts the simulations made through the multicall.
@@ -271,7 +271,7 @@ async fn counting_relay(chain: &Chain, multicall: Address) -> Relay {
 
 #[tokio::test]
 async fn one_shared_simulation_judges_each_call_alone() {
-    let Some(chain) = Chain::own().await else { return };
+    let Some(chain) = Chain::shared().await else { return };
     let multicall = chain.deploy("Multicall").await;
     let challenge = serde_json::json!({
         "network": format!("eip155:{}", common::chain::CHAIN_ID), "asset": chain.token.to_string(),
@@ -287,7 +287,7 @@ async fn one_shared_simulation_judges_each_call_alone() {
     // The last is a second authorization from a buyer funded for one: the calls run in order, so the first
     // one spends the balance and the second is refused.
     let calls = vec![call(&buyers[0]), call(&broke), call(&buyers[1]), call(&buyers[0])];
-    let settler = common::chain::DEPLOYER.parse().unwrap();
+    let settler = chain.deployer;
     let verdicts = x402_gateway::chain::would_each_succeed(&chain.provider, settler, multicall, calls.clone()).await;
     assert_eq!(verdicts.unwrap(), [true, false, true, false]);
     assert_eq!(chain.balance(buyers[0].address()).await, U256::from(PRICE), "a simulation moves nothing");
@@ -321,7 +321,7 @@ async fn batching_settings_are_checked_at_start() {
 
 #[tokio::test]
 async fn readiness_requires_the_multicall_contract_when_batching() {
-    let Some(chain) = Chain::own().await else { return };
+    let Some(chain) = Chain::shared().await else { return };
     let upstream = spawn_echo("api").await;
     let batched = "settle_batch_max = 5\n";
     let nowhere: Address = PAY_TO.parse().unwrap();
@@ -339,7 +339,7 @@ async fn readiness_requires_the_multicall_contract_when_batching() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payment_alone_in_its_window_goes_straight_to_the_token() {
-    let Some(chain) = Chain::own().await else { return };
+    let Some(chain) = Chain::shared().await else { return };
     let multicall = chain.deploy("Multicall").await;
     let upstream = spawn_echo("api").await;
     let gateway = start_gateway(&toml(&upstream, &chain, "settle_batch_max = 5\n", Some(multicall))).await;

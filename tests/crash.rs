@@ -92,7 +92,7 @@ impl Drop for ReplayOnFailure {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_at_random_the_gateway_loses_no_payment_and_takes_none_twice() {
-    let Some(chain) = Chain::own().await else { return };
+    let Some(chain) = Chain::shared().await else { return };
     let seed = seed();
     // Straight to the stream, so that a passing run shows it too (the harness keeps eprintln! to itself).
     let _ = writeln!(std::io::stderr(), "crash test seed {seed} (X402_CRASH_SEED={seed} replays its kill schedule)");

@@ -52,7 +52,7 @@ async fn assert_paid(report: &Value, header: &str, chain: &Chain, buyer: Address
 #[tokio::test]
 async fn the_official_v2_client_pays_and_decodes_the_receipt() {
     let Some(node) = require_node() else { return };
-    let Some(chain) = Chain::own().await else { return };
+    let Some(chain) = Chain::shared().await else { return };
     let gateway = start_gateway(&paid_toml(&spawn_echo("api").await, &chain, "local")).await;
     let buyer = PrivateKeySigner::random();
     chain.mint(buyer.address(), 5 * PRICE).await;
@@ -64,7 +64,7 @@ async fn the_official_v2_client_pays_and_decodes_the_receipt() {
 #[tokio::test]
 async fn the_official_v1_client_pays_and_decodes_the_receipt() {
     let Some(node) = require_node() else { return };
-    let Some(chain) = Chain::own().await else { return };
+    let Some(chain) = Chain::shared().await else { return };
     let gateway = start_gateway(&paid_toml(&spawn_echo("api").await, &chain, "local")).await;
     let buyer = PrivateKeySigner::random();
     chain.mint(buyer.address(), 5 * PRICE).await;
@@ -76,7 +76,7 @@ async fn the_official_v1_client_pays_and_decodes_the_receipt() {
 #[tokio::test]
 async fn the_gateway_settles_through_the_reference_facilitator() {
     let Some(node) = require_node() else { return };
-    let Some(chain) = Chain::own().await else { return };
+    let Some(chain) = Chain::shared().await else { return };
     let facilitator = start_reference_facilitator(&node, &chain, 0);
     let gateway = start_gateway(&paid_toml(&spawn_echo("api").await, &chain, &facilitator.url)).await;
 
@@ -100,7 +100,7 @@ async fn the_gateway_settles_through_the_reference_facilitator() {
 #[tokio::test]
 async fn routes_a_facilitator_cannot_serve_are_reported_at_start() {
     let Some(node) = require_node() else { return };
-    let Some(chain) = Chain::own().await else { return };
+    let Some(chain) = Chain::shared().await else { return };
     let facilitator = start_reference_facilitator(&node, &chain, 0);
     let toml = paid_toml(&spawn_echo("api").await, &chain, &facilitator.url)
         + "[[routes]]\npath = \"/mainnet\"\nupstream = \"api\"\namount = \"1000\"\nnetwork = \"eip155:8453\"\n"
@@ -116,7 +116,7 @@ async fn routes_a_facilitator_cannot_serve_are_reported_at_start() {
 #[tokio::test]
 async fn facilitator_auth_reaches_the_facilitator_on_every_call() {
     let Some(node) = require_node() else { return };
-    let Some(chain) = Chain::own().await else { return };
+    let Some(chain) = Chain::shared().await else { return };
     let facilitator = start_reference_facilitator(&node, &chain, 0);
     // A recording front for the real facilitator: notes each call's path and Authorization, then forwards it.
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -158,7 +158,7 @@ async fn facilitator_auth_reaches_the_facilitator_on_every_call() {
 #[tokio::test]
 async fn a_facilitator_outage_is_a_503_for_paid_routes_only_and_recovery_is_automatic() {
     let Some(node) = require_node() else { return };
-    let Some(chain) = Chain::own().await else { return };
+    let Some(chain) = Chain::shared().await else { return };
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let toml = paid_toml(&spawn_echo("api").await, &chain, &format!("http://127.0.0.1:{port}"))
         + "[[routes]]\npath = \"/free\"\nupstream = \"api\"\n";

@@ -90,7 +90,7 @@ fn ledger_command(gateway: &Gateway, args: &[&str]) -> String {
 
 #[tokio::test]
 async fn every_payment_has_a_row_in_the_right_state_and_revenue_matches_the_chain() {
-    let Some(chain) = Chain::own().await else { return };
+    let Some(chain) = Chain::shared().await else { return };
     let gateway = start_gateway(&toml(&fragile_upstream().await, &chain, "")).await;
     let buyers: Vec<PrivateKeySigner> = (0..4).map(|_| PrivateKeySigner::random()).collect();
     for buyer in &buyers {
@@ -139,6 +139,7 @@ async fn every_payment_has_a_row_in_the_right_state_and_revenue_matches_the_chai
 
 #[tokio::test]
 async fn a_settlement_timeout_stays_pending_until_reconciliation_and_the_retry_delivers() {
+    // An anvil of its own: it stops mining.
     let Some(chain) = Chain::own().await else { return };
     let gateway = start_gateway(&toml(&fragile_upstream().await, &chain, "settle_timeout_secs = 1")).await;
     let buyer = PrivateKeySigner::random();
@@ -179,7 +180,7 @@ async fn a_settlement_timeout_stays_pending_until_reconciliation_and_the_retry_d
 
 #[tokio::test]
 async fn a_retry_whose_answer_is_too_big_to_keep_gets_a_409_with_the_transaction() {
-    let Some(chain) = Chain::own().await else { return };
+    let Some(chain) = Chain::shared().await else { return };
     let toml = toml(&fragile_upstream().await, &chain, "") + "[ledger]\nanswers_max_body_bytes = 4\n";
     let gateway = start_gateway(&toml).await;
     let buyer = PrivateKeySigner::random();
@@ -197,7 +198,7 @@ async fn a_retry_whose_answer_is_too_big_to_keep_gets_a_409_with_the_transaction
 
 #[tokio::test]
 async fn a_payment_identifier_is_the_idempotency_key() {
-    let Some(chain) = Chain::own().await else { return };
+    let Some(chain) = Chain::shared().await else { return };
     let gateway = start_gateway(&toml(&fragile_upstream().await, &chain, "")).await;
     let buyer = PrivateKeySigner::random();
     chain.mint(buyer.address(), 10_000).await;
@@ -298,6 +299,7 @@ async fn settled_without_a_hash(gateway: &Gateway, chain: &Chain, blocks_after: 
 
 #[tokio::test]
 async fn reconciliation_pages_its_event_search_and_finds_a_transfer_many_chunks_back() {
+    // An anvil of its own: it mines blocks to put the transfer a known depth back.
     let Some(chain) = Chain::own().await else { return };
     let relay = log_capped_relay(&chain, 500).await;
     let toml = toml(&fragile_upstream().await, &chain, "").replace(&chain.rpc_url, &relay)
@@ -343,6 +345,7 @@ async fn a_node_that_fails_the_event_search_leaves_the_row_for_the_next_pass() {
     let writer = log.clone();
     let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
     let _logging = tracing::subscriber::set_default(subscriber);
+    // An anvil of its own: it mines blocks.
     let Some(chain) = Chain::own().await else { return };
     let refusing = log_capped_relay(&chain, 0).await;
     let direct = toml(&fragile_upstream().await, &chain, "");

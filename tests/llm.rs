@@ -104,7 +104,7 @@ async fn llm() -> Option<Llm> {
     let (release, release_rx) = mpsc::channel(8);
     let seen_auth = Arc::new(Mutex::new(Vec::new()));
     let upstream = fake_openai(Arc::new(tokio::sync::Mutex::new(release_rx)), seen_auth.clone()).await;
-    let chain = Chain::own().await?;
+    let chain = Chain::shared().await?;
     let toml = format!(
         r#"[server]
 listen = "127.0.0.1:0"

@@ -48,6 +48,7 @@ async fn admin_get(gateway: &Gateway, path: &str) -> Answer {
 #[tokio::test]
 async fn readiness_follows_the_chain_and_the_facilitator() {
     let Some(node) = require_node() else { return };
+    // An anvil of its own: it stops it and starts it again.
     let Some(chain) = Chain::own().await else { return };
     let facilitator = start_reference_facilitator(&node, &chain, 0);
     let upstream = spawn_echo("api").await;
@@ -106,7 +107,7 @@ fn parse_metrics(text: &str) -> HashMap<String, f64> {
 
 #[tokio::test]
 async fn metrics_move_by_exactly_what_happened() {
-    let Some(chain) = Chain::own().await else { return };
+    let Some(chain) = Chain::shared().await else { return };
     let upstream = spawn_echo("api").await;
     let gateway = start_gateway(&toml(&upstream, &chain, "$0.001")).await;
     let buyer = PrivateKeySigner::random();
@@ -169,7 +170,7 @@ async fn metrics_move_by_exactly_what_happened() {
 
 #[tokio::test]
 async fn discovery_lists_exactly_the_paid_routes_with_their_schemas() {
-    let Some(chain) = Chain::own().await else { return };
+    let Some(chain) = Chain::shared().await else { return };
     let gateway = start_gateway(&toml(&spawn_echo("api").await, &chain, "$0.001")).await;
     let answer = get(&gateway.url("/.well-known/x402")).await;
     assert_eq!(answer.status, StatusCode::OK);
@@ -205,7 +206,7 @@ fn parse(toml: &str) -> Config {
 
 #[tokio::test]
 async fn a_reload_changes_prices_under_load_without_failing_a_request() {
-    let Some(chain) = Chain::own().await else { return };
+    let Some(chain) = Chain::shared().await else { return };
     let upstream = spawn_echo("api").await;
     let gateway = start_gateway(&toml(&upstream, &chain, "$0.001")).await;
     let buyer = PrivateKeySigner::random();

@@ -47,7 +47,7 @@ struct Setup {
 /// A gateway selling routes priced in TestUSDC on a local chain, and a buyer holding 10 of it; `None` when the
 /// test skips for want of anvil.
 async fn setup() -> Option<Setup> {
-    let chain = Chain::own().await?;
+    let chain = Chain::shared().await?;
     let upstream = spawn_echo("api").await;
     let gateway = start_gateway(&paid_toml(&upstream, &chain)).await;
     let buyer = PrivateKeySigner::random();

@@ -34,7 +34,7 @@ struct Market {
 
 /// `None` when the test skips for want of anvil.
 async fn market(settle: &str, upstream: Upstream) -> Option<Market> {
-    let chain = Chain::own().await?;
+    let chain = Chain::shared().await?;
     let gateway = start_gateway(&toml(&upstream, &chain, settle)).await;
     Some(Market { chain, upstream, gateway })
 }
@@ -266,7 +266,7 @@ async fn settle_before_streams_the_answer_with_its_receipt() {
 #[tokio::test]
 async fn rpc_down_makes_paid_routes_503_and_free_routes_keep_working() {
     let upstream = spawn_echo("api").await;
-    let Some(chain) = Chain::own().await else { return };
+    let Some(chain) = Chain::shared().await else { return };
     let dead_rpc = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}", listener.local_addr().unwrap())

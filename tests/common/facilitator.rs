@@ -1,7 +1,7 @@
 //! The reference x402 facilitator (`tests/interop/facilitator.mjs`: `@x402/core` + `@x402/evm`) as a child
 //! process on loopback, settling on a test chain.
 
-use super::chain::{Chain, FACILITATOR_KEY};
+use super::chain::Chain;
 use super::tools::Node;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -25,7 +25,7 @@ pub fn start_reference_facilitator(node: &Node, chain: &Chain, port: u16) -> Fac
     let mut child = node
         .script("facilitator.mjs")
         .args(["--rpc", &chain.rpc_url, "--key-env", "X402_TEST_FACILITATOR_KEY", "--port", &port.to_string()])
-        .env("X402_TEST_FACILITATOR_KEY", FACILITATOR_KEY)
+        .env("X402_TEST_FACILITATOR_KEY", &chain.facilitator_key)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
