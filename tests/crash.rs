@@ -7,6 +7,7 @@ mod common;
 use alloy::primitives::{Address, U256};
 use alloy::signers::local::PrivateKeySigner;
 use common::chain::{Chain, CHAIN_ID};
+use common::config::{GatewayToml, Payment, Route};
 use common::pay::{self, Authorization};
 use common::*;
 use http::{Request, StatusCode};
@@ -106,15 +107,15 @@ async fn killed_at_random_the_gateway_loses_no_payment_and_takes_none_twice() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let dir = test_dir();
     let config = dir.join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_secs = 1\n[upstreams.api]\nurl = \"{}\"\n[payment]\npay_to = \"{PAY_TO}\"\nnetwork = \"eip155:84532\"\nasset = \"USDC\"\nsettle_timeout_secs = 5\n[[routes]]\npath = \"/after\"\nupstream = \"api\"\namount = \"{PRICE}\"\n[[routes]]\npath = \"/before\"\nupstream = \"api\"\namount = \"{PRICE}\"\nsettle = \"before\"\n{}",
-            upstream.url(),
-            chain.network_toml()
-        ),
-    )
-    .unwrap();
+    let toml = GatewayToml::new()
+        .listen_on(&format!("127.0.0.1:{port}"))
+        .server("shutdown_grace_secs", 1)
+        .upstream("api", &upstream.url())
+        .payment(Payment::usdc().set("settle_timeout_secs", 5))
+        .route(Route::paid("/after", "api", &PRICE.to_string()))
+        .route(Route::paid("/before", "api", &PRICE.to_string()).settle("before"))
+        .network(chain.network());
+    std::fs::write(&config, toml.build()).unwrap();
 
     // 200 distinct authorizations from 20 buyers, half on each settle mode.
     let buyers: Vec<PrivateKeySigner> = (0..BUYERS).map(|_| PrivateKeySigner::random()).collect();

@@ -7,6 +7,7 @@ mod common;
 use alloy::primitives::{Address, U256};
 use alloy::signers::local::PrivateKeySigner;
 use common::chain::Chain;
+use common::config::{GatewayToml, Payment, Route};
 use common::facilitator::start_reference_facilitator;
 use common::tools::{require_node, Node};
 use common::*;
@@ -29,12 +30,17 @@ async fn official_client_pays(node: &Node, url: String, client: &'static str, bu
     serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("pay.mjs printed no JSON ({e}); stderr: {stderr}"))
 }
 
-fn paid_toml(upstream: &Upstream, chain: &Chain, facilitator: &str) -> String {
-    let routes = format!(
-        "[[routes]]\npath = \"/report\"\nupstream = \"api\"\namount = \"{PRICE}\"\n\
-         description = \"A paid report\"\nmime_type = \"application/json\"\n"
-    );
-    paid_config(&upstream.url(), "", &format!("facilitator = \"{facilitator}\"")) + &routes + &chain.network_toml()
+/// `/report` at `PRICE`, settled by `facilitator` (`"local"` or a URL) on `chain`.
+fn paid_toml(upstream: &Upstream, chain: &Chain, facilitator: &str) -> GatewayToml {
+    let report = Route::paid("/report", "api", &PRICE.to_string())
+        .set("description", "A paid report")
+        .set("mime_type", "application/json");
+    GatewayToml::new()
+        .listen()
+        .upstream("api", &upstream.url())
+        .payment(Payment::usdc().facilitator(facilitator))
+        .route(report)
+        .network(chain.network())
 }
 
 async fn assert_paid(report: &Value, header: &str, chain: &Chain, buyer: Address, payee_before: U256) {
@@ -53,7 +59,7 @@ async fn assert_paid(report: &Value, header: &str, chain: &Chain, buyer: Address
 async fn the_official_v2_client_pays_and_decodes_the_receipt() {
     let Some(node) = require_node() else { return };
     let Some(chain) = Chain::shared().await else { return };
-    let gateway = start_gateway(&paid_toml(&spawn_echo("api").await, &chain, "local")).await;
+    let gateway = start_gateway(&paid_toml(&spawn_echo("api").await, &chain, "local").build()).await;
     let buyer = PrivateKeySigner::random();
     chain.mint(buyer.address(), 5 * PRICE).await;
     let report = official_client_pays(&node, gateway.url("/report"), "v2", &buyer).await;
@@ -65,7 +71,7 @@ async fn the_official_v2_client_pays_and_decodes_the_receipt() {
 async fn the_official_v1_client_pays_and_decodes_the_receipt() {
     let Some(node) = require_node() else { return };
     let Some(chain) = Chain::shared().await else { return };
-    let gateway = start_gateway(&paid_toml(&spawn_echo("api").await, &chain, "local")).await;
+    let gateway = start_gateway(&paid_toml(&spawn_echo("api").await, &chain, "local").build()).await;
     let buyer = PrivateKeySigner::random();
     chain.mint(buyer.address(), 5 * PRICE).await;
     let report = official_client_pays(&node, gateway.url("/report"), "v1", &buyer).await;
@@ -78,7 +84,7 @@ async fn the_gateway_settles_through_the_reference_facilitator() {
     let Some(node) = require_node() else { return };
     let Some(chain) = Chain::shared().await else { return };
     let facilitator = start_reference_facilitator(&node, &chain, 0);
-    let gateway = start_gateway(&paid_toml(&spawn_echo("api").await, &chain, &facilitator.url)).await;
+    let gateway = start_gateway(&paid_toml(&spawn_echo("api").await, &chain, &facilitator.url).build()).await;
 
     let v2_buyer = PrivateKeySigner::random();
     chain.mint(v2_buyer.address(), 5 * PRICE).await;
@@ -103,9 +109,9 @@ async fn routes_a_facilitator_cannot_serve_are_reported_at_start() {
     let Some(chain) = Chain::shared().await else { return };
     let facilitator = start_reference_facilitator(&node, &chain, 0);
     let toml = paid_toml(&spawn_echo("api").await, &chain, &facilitator.url)
-        + "[[routes]]\npath = \"/mainnet\"\nupstream = \"api\"\namount = \"1000\"\nnetwork = \"eip155:8453\"\n"
-        + "[[routes]]\npath = \"/elsewhere\"\nupstream = \"api\"\namount = \"1000\"\nfacilitator = \"http://127.0.0.1:9\"\n";
-    let gateway = start_gateway(&toml).await;
+        .route(Route::paid("/mainnet", "api", "1000").set("network", "eip155:8453"))
+        .route(Route::paid("/elsewhere", "api", "1000").facilitator("http://127.0.0.1:9"));
+    let gateway = start_gateway(&toml.build()).await;
     let warnings = gateway.pipeline.facilitator_warnings().await;
     assert_eq!(warnings.len(), 2, "{warnings:?}");
     let has = |needle: &str| warnings.iter().any(|w| w.contains(needle));
@@ -142,9 +148,9 @@ async fn facilitator_auth_reaches_the_facilitator_on_every_call() {
         }
     })
     .await;
-    let toml = paid_toml(&spawn_echo("api").await, &chain, &front.url())
-        .replace("[payment]\n", "[payment]\nfacilitator_auth = \"Bearer ${T_FACILITATOR_TOKEN}\"\n");
-    let gateway = start_gateway_with_env(&toml, &[("T_FACILITATOR_TOKEN", "t0ken")]).await;
+    let authorized = Payment::usdc().facilitator(&front.url()).set("facilitator_auth", "Bearer ${T_FACILITATOR_TOKEN}");
+    let toml = paid_toml(&spawn_echo("api").await, &chain, &front.url()).payment(authorized);
+    let gateway = start_gateway_with_env(&toml.build(), &[("T_FACILITATOR_TOKEN", "t0ken")]).await;
     let buyer = PrivateKeySigner::random();
     chain.mint(buyer.address(), 5 * PRICE).await;
     let report = official_client_pays(&node, gateway.url("/report"), "v2", &buyer).await;
@@ -161,8 +167,8 @@ async fn a_facilitator_outage_is_a_503_for_paid_routes_only_and_recovery_is_auto
     let Some(chain) = Chain::shared().await else { return };
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let toml = paid_toml(&spawn_echo("api").await, &chain, &format!("http://127.0.0.1:{port}"))
-        + "[[routes]]\npath = \"/free\"\nupstream = \"api\"\n";
-    let gateway = start_gateway(&toml).await;
+        .route(Route::free("/free", "api"));
+    let gateway = start_gateway(&toml.build()).await;
     let buyer = PrivateKeySigner::random();
     chain.mint(buyer.address(), 5 * PRICE).await;
     let challenge = common::pay::decode_header(&get(&gateway.url("/report")).await.headers["payment-required"]);

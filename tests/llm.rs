@@ -7,6 +7,7 @@ use alloy::primitives::U256;
 use alloy::signers::local::PrivateKeySigner;
 use bytes::Bytes;
 use common::chain::Chain;
+use common::config::{toml_value, GatewayToml, Payment, Route};
 use common::pay::{self, Authorization};
 use common::*;
 use http::{Request, Response, StatusCode};
@@ -105,36 +106,29 @@ async fn llm() -> Option<Llm> {
     let seen_auth = Arc::new(Mutex::new(Vec::new()));
     let upstream = fake_openai(Arc::new(tokio::sync::Mutex::new(release_rx)), seen_auth.clone()).await;
     let chain = Chain::shared().await?;
-    let toml = format!(
-        r#"[server]
-listen = "127.0.0.1:0"
-max_body_bytes = 4096
-[upstreams.openai]
-url = "{}"
-headers = {{ Authorization = "Bearer ${{T_OPENAI_KEY}}" }}
-[payment]
-pay_to = "{PAY_TO}"
-network = "eip155:84532"
-asset = "USDC"
-[[routes]]
-path = "/v1/chat/completions"
-methods = ["POST"]
-upstream = "openai"
-settle = "before"
-description = "Chat completion"
-price = {{ by = "body.model", table = {{ "gpt-4o-mini" = "$0.002", "gpt-4o" = "$0.02" }} }}
-catalogue = "/v1/models"
-[[routes]]
-path = "/v1/embeddings"
-methods = ["POST"]
-upstream = "openai"
-settle = "after"
-price = {{ by = "body.model", table = {{ "text-embedding-3-small" = "$0.0001" }}, default = "$0.001" }}
-catalogue = "/v1/models"
-{}"#,
-        upstream.url(),
-        chain.network_toml()
-    );
+    let chat = Route::free("/v1/chat/completions", "openai")
+        .methods(&["POST"])
+        .settle("before")
+        .set("description", "Chat completion")
+        .set("price", toml_value(r#"{ by = "body.model", table = { "gpt-4o-mini" = "$0.002", "gpt-4o" = "$0.02" } }"#))
+        .set("catalogue", "/v1/models");
+    let embeddings_price =
+        r#"{ by = "body.model", table = { "text-embedding-3-small" = "$0.0001" }, default = "$0.001" }"#;
+    let embeddings = Route::free("/v1/embeddings", "openai")
+        .methods(&["POST"])
+        .settle("after")
+        .set("price", toml_value(embeddings_price))
+        .set("catalogue", "/v1/models");
+    let toml = GatewayToml::new()
+        .listen()
+        .server("max_body_bytes", 4096)
+        .upstream("openai", &upstream.url())
+        .upstream_header("openai", "Authorization", "Bearer ${T_OPENAI_KEY}")
+        .payment(Payment::usdc())
+        .route(chat)
+        .route(embeddings)
+        .network(chain.network())
+        .build();
     let gateway = start_gateway_with_env(&toml, &[("T_OPENAI_KEY", OPERATOR_KEY)]).await;
     Some(Llm { chain, gateway, upstream, release, seen_auth })
 }

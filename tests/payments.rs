@@ -7,6 +7,7 @@ use alloy::primitives::{address, Address, U256};
 use alloy::signers::local::PrivateKeySigner;
 use base64::Engine;
 use common::chain::Chain;
+use common::config::{toml_value, GatewayToml, Payment, Route};
 use common::pay::{self, Authorization};
 use common::*;
 use http::{Request, StatusCode};
@@ -16,25 +17,21 @@ use serde_json::{json, Value};
 const OTHER_PAY_TO: &str = "0x15d34AAf54267DB7D7c367839AAf71A00a2C6A65";
 
 fn paid_toml(upstream: &Upstream, chain: &Chain) -> String {
-    let routes = format!(
-        r#"[[routes]]
-path = "/weather"
-methods = ["GET", "HEAD"]
-upstream = "api"
-price = "$0.001"
-description = "Current weather"
-mime_type = "application/json"
-[[routes]]
-path = "/multi"
-upstream = "api"
-amount = "2500"
-accepts = [{{ pay_to = "{PAY_TO}" }}, {{ pay_to = "{OTHER_PAY_TO}", max_timeout_seconds = 60 }}]
-[[routes]]
-path = "/free"
-upstream = "api"
-"#
-    );
-    paid_config(&upstream.url(), "", "") + &routes + &chain.network_toml()
+    let accepts = format!(r#"[{{ pay_to = "{PAY_TO}" }}, {{ pay_to = "{OTHER_PAY_TO}", max_timeout_seconds = 60 }}]"#);
+    GatewayToml::new()
+        .listen()
+        .upstream("api", &upstream.url())
+        .payment(Payment::usdc())
+        .route(
+            Route::priced("/weather", "api", "$0.001")
+                .methods(&["GET", "HEAD"])
+                .set("description", "Current weather")
+                .set("mime_type", "application/json"),
+        )
+        .route(Route::paid("/multi", "api", "2500").set("accepts", toml_value(&accepts)))
+        .route(Route::free("/free", "api"))
+        .network(chain.network())
+        .build()
 }
 
 struct Setup {

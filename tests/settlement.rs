@@ -8,6 +8,7 @@ use alloy::providers::Provider;
 use alloy::signers::local::PrivateKeySigner;
 use bytes::Bytes;
 use common::chain::Chain;
+use common::config::{GatewayToml, Payment, Route};
 use common::pay::{self, Authorization};
 use common::*;
 use http::{Request, Response, StatusCode};
@@ -21,9 +22,14 @@ use x402_gateway::proxy::body::full;
 
 const PRICE: u64 = 1000;
 
-fn toml(upstream: &Upstream, chain: &Chain, settle: &str) -> String {
-    let routes = format!("[[routes]]\npath = \"/paid\"\nupstream = \"api\"\namount = \"{PRICE}\"\n");
-    paid_config(&upstream.url(), "", &format!("settle = \"{settle}\"")) + &routes + &chain.network_toml()
+/// `/paid` at `PRICE`, settled `settle` the answer on `chain`.
+fn toml(upstream: &Upstream, chain: &Chain, settle: &str) -> GatewayToml {
+    GatewayToml::new()
+        .listen()
+        .upstream("api", &upstream.url())
+        .payment(Payment::usdc().set("settle", settle))
+        .route(Route::paid("/paid", "api", &PRICE.to_string()))
+        .network(chain.network())
 }
 
 struct Market {
@@ -35,7 +41,7 @@ struct Market {
 /// `None` when the test skips for want of anvil.
 async fn market(settle: &str, upstream: Upstream) -> Option<Market> {
     let chain = Chain::shared().await?;
-    let gateway = start_gateway(&toml(&upstream, &chain, settle)).await;
+    let gateway = start_gateway(&toml(&upstream, &chain, settle).build()).await;
     Some(Market { chain, upstream, gateway })
 }
 
@@ -271,9 +277,9 @@ async fn rpc_down_makes_paid_routes_503_and_free_routes_keep_working() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}", listener.local_addr().unwrap())
     };
-    let toml = toml(&upstream, &chain, "after").replace(&chain.rpc_url, &dead_rpc)
-        + "[[routes]]\npath = \"/free\"\nupstream = \"api\"\n";
-    let gateway = start_gateway(&toml).await;
+    let toml =
+        toml(&upstream, &chain, "after").network(chain.network().rpc_url(&dead_rpc)).route(Route::free("/free", "api"));
+    let gateway = start_gateway(&toml.build()).await;
     let buyer = PrivateKeySigner::random();
     let challenge = pay::decode_header(&get(&gateway.url("/paid")).await.headers["payment-required"]);
     let auth = Authorization::for_offer(buyer.address(), &challenge["accepts"][0]);

@@ -2,6 +2,7 @@
 //! picks. A `Chain` is one test's part of it: a TestUSDC (the repository's EIP-3009 token) and accounts of its
 //! own, fresh and funded with ether, so that the tests sharing one anvil (`Chain::shared`) stay independent.
 
+use super::config::Network;
 use super::tools;
 use alloy::network::TransactionBuilder;
 use alloy::primitives::{Address, Bytes, B256, U256};
@@ -91,7 +92,7 @@ pub struct Chain {
     pub deployer: Address,
     /// The reference facilitator's key.
     pub facilitator_key: String,
-    /// The gateway's settler key, in `network_toml`.
+    /// The gateway's settler key, in `network`.
     settler_key: String,
     /// The anvil stopped when this is dropped; `None` on the shared one.
     own: Option<Anvil>,
@@ -200,20 +201,25 @@ impl Chain {
         x402_gateway::chain::balance_of(&self.provider, self.token, who).await.unwrap()
     }
 
-    /// `[networks]` for this chain: TestUSDC as USDC, and the gateway's settler key.
+    /// `[networks."eip155:84532"]` for this chain: TestUSDC as USDC, and this test's settler key.
+    pub fn network(&self) -> Network {
+        let usdc = toml::Table::from_iter([
+            ("address".into(), self.token.to_string().into()),
+            ("decimals".into(), 6.into()),
+            ("eip712_name".into(), "USD Coin".into()),
+            ("eip712_version".into(), "2".into()),
+        ]);
+        let assets = toml::Table::from_iter([("USDC".into(), toml::Value::Table(usdc))]);
+        let network = toml::Table::from_iter([
+            ("rpc_url".into(), self.rpc_url.clone().into()),
+            ("settler_key".into(), self.settler_key.clone().into()),
+            ("assets".into(), toml::Value::Table(assets)),
+        ]);
+        Network::new(&format!("eip155:{CHAIN_ID}"), network)
+    }
+
+    /// `network` as TOML text.
     pub fn network_toml(&self) -> String {
-        format!(
-            r#"
-[networks."eip155:{CHAIN_ID}"]
-rpc_url = "{}"
-settler_key = "{}"
-[networks."eip155:{CHAIN_ID}".assets.USDC]
-address = "{}"
-decimals = 6
-eip712_name = "USD Coin"
-eip712_version = "2"
-"#,
-            self.rpc_url, self.settler_key, self.token
-        )
+        self.network().toml()
     }
 }
