@@ -52,7 +52,7 @@ struct Anvil {
 
 impl Anvil {
     fn start(program: &Path, port: u16) -> Anvil {
-        let mut shell = Command::new("sh")
+        let mut shell = Command::new("/bin/sh")
             .args(["-c", r#""$@" & read -r _; kill $!; wait"#, "sh"])
             .arg(program)
             .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--chain-id", &CHAIN_ID.to_string()])
@@ -60,7 +60,7 @@ impl Anvil {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .expect("sh runs anvil");
+            .expect("/bin/sh runs anvil");
         let stdout = shell.stdout.take().expect("piped stdout");
         let (port_tx, port_rx) = std::sync::mpsc::channel();
         // Reads the bound port, then keeps draining anvil's log so that it never blocks on a full pipe.
