@@ -8,6 +8,7 @@ use alloy::providers::Provider;
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolCall;
 use common::chain::Chain;
+use common::config::{GatewayToml, Network, Payment, Route};
 use common::pay::{self, Authorization};
 use common::*;
 use http::{Request, StatusCode};
@@ -17,17 +18,21 @@ use std::sync::Arc;
 
 const PRICE: u64 = 1000;
 
-/// A paid `/paid` route settled in-process; `batch` adds the batching lines to `[payment]`.
-fn toml(upstream: &Upstream, chain: &Chain, batch: &str, multicall: Option<Address>) -> String {
-    let routes = format!("[[routes]]\npath = \"/paid\"\nupstream = \"api\"\namount = \"{PRICE}\"\n");
-    let network = match multicall {
-        Some(multicall) => {
-            chain.network_toml().replacen("rpc_url", &format!("multicall = \"{multicall}\"\nrpc_url"), 1)
-        }
-        None => chain.network_toml(),
-    };
-    let server = "admin_listen = \"127.0.0.1:0\"";
-    paid_config(&upstream.url(), server, &format!("facilitator = \"local\"\n{batch}")) + &routes + &network
+/// A paid `/paid` route settled in-process on `network`; `batch` holds the batching settings of `[payment]`.
+fn toml(upstream: &Upstream, network: Network, batch: &[(&str, i64)]) -> String {
+    GatewayToml::new()
+        .listen()
+        .admin()
+        .upstream("api", &upstream.url())
+        .payment(batching(Payment::usdc().facilitator("local"), batch))
+        .route(Route::paid("/paid", "api", &PRICE.to_string()))
+        .network(network)
+        .build()
+}
+
+/// `payment` with the batching settings `batch`.
+fn batching(payment: Payment, batch: &[(&str, i64)]) -> Payment {
+    batch.iter().fold(payment, |payment, &(key, value)| payment.set(key, value))
 }
 
 /// A signed `PAYMENT-SIGNATURE` for `/paid` from `buyer`, built from the gateway's own challenge.
@@ -80,12 +85,12 @@ async fn mined(chain: &Chain, hash: B256) -> (usize, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_payments_share_one_transaction_and_cost_less_gas_each() {
     const BATCH: usize = 10;
-    let chain = Chain::start().await;
+    let Some(chain) = Chain::shared().await else { return };
     let multicall = chain.deploy("Multicall").await;
     let upstream = spawn_echo("api").await;
 
     // One payment alone, for the gas it costs.
-    let lone = start_gateway(&toml(&upstream, &chain, "", None)).await;
+    let lone = start_gateway(&toml(&upstream, chain.network(), &[])).await;
     let buyer = funded_buyers(&chain, 1).await.remove(0);
     let answer = pay_all(&lone, vec![payment(&lone, &buyer).await]).await.remove(0);
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
@@ -93,8 +98,8 @@ async fn concurrent_payments_share_one_transaction_and_cost_less_gas_each() {
     assert_eq!(used, 1);
 
     // A full batch closes at once, before its window (the longest allowed) ends.
-    let batched = format!("settle_batch_max = {BATCH}\nsettle_batch_window_ms = 1000\n");
-    let gateway = start_gateway(&toml(&upstream, &chain, &batched, Some(multicall))).await;
+    let batched = [("settle_batch_max", BATCH as i64), ("settle_batch_window_ms", 1000)];
+    let gateway = start_gateway(&toml(&upstream, chain.network().multicall(multicall), &batched)).await;
     let buyers = funded_buyers(&chain, BATCH).await;
     let mut headers = Vec::new();
     for buyer in &buyers {
@@ -121,7 +126,7 @@ async fn concurrent_payments_share_one_transaction_and_cost_less_gas_each() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_authorization_does_not_sink_the_rest_of_its_batch() {
-    let chain = Chain::start().await;
+    let Some(chain) = Chain::shared().await else { return };
     let multicall = chain.deploy("Multicall").await;
     // The upstream answers only once the gate opens: with `settle = "after"`, every payment is verified and
     // recorded, and none settled yet, while it waits.
@@ -134,8 +139,8 @@ async fn a_failing_authorization_does_not_sink_the_rest_of_its_batch() {
         }
     })
     .await;
-    let batched = "settle_batch_max = 5\nsettle_batch_window_ms = 1000\n";
-    let gateway = Arc::new(start_gateway(&toml(&upstream, &chain, batched, Some(multicall))).await);
+    let batched = [("settle_batch_max", 5), ("settle_batch_window_ms", 1000)];
+    let gateway = Arc::new(start_gateway(&toml(&upstream, chain.network().multicall(multicall), &batched)).await);
     let buyers = funded_buyers(&chain, 5).await;
     let drained = &buyers[0];
     let mut headers = Vec::new();
@@ -158,7 +163,7 @@ async fn a_failing_authorization_does_not_sink_the_rest_of_its_batch() {
     tokio::time::timeout(std::time::Duration::from_secs(30), all_waiting).await.expect("every payment verified");
     let challenge = pay::decode_header(&get(&gateway.url("/paid")).await.headers["payment-required"]);
     let mut elsewhere = Authorization::for_offer(drained.address(), &challenge["accepts"][0]);
-    elsewhere.message.to = common::chain::DEPLOYER.parse().unwrap();
+    elsewhere.message.to = chain.deployer;
     chain.land(&elsewhere.sign(drained)).await;
     gate.send_replace(true);
     let answers = paying.await.unwrap();
@@ -203,14 +208,14 @@ async fn a_failing_authorization_does_not_sink_the_rest_of_its_batch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_simulations_refuse_exactly_the_payments_that_cannot_settle() {
-    let chain = Chain::start().await;
+    let Some(chain) = Chain::shared().await else { return };
     let multicall = chain.deploy("Multicall").await;
     let upstream = spawn_echo("api").await;
     // The gateway reaches the chain through a relay that counts the simulations made through the multicall.
     let relay = counting_relay(&chain, multicall).await;
-    let batched = "settle_batch_max = 20\nsettle_batch_window_ms = 50\n";
-    let config = toml(&upstream, &chain, batched, Some(multicall)).replace(&chain.rpc_url, &relay.upstream.url());
-    let gateway = start_gateway(&config).await;
+    let batched = [("settle_batch_max", 20), ("settle_batch_window_ms", 50)];
+    let network = chain.network().multicall(multicall).rpc_url(&relay.upstream.url());
+    let gateway = start_gateway(&toml(&upstream, network, &batched)).await;
     let buyers = funded_buyers(&chain, 12).await;
     let broke = PrivateKeySigner::random();
     let mut headers = vec![payment(&gateway, &broke).await];
@@ -271,7 +276,7 @@ async fn counting_relay(chain: &Chain, multicall: Address) -> Relay {
 
 #[tokio::test]
 async fn one_shared_simulation_judges_each_call_alone() {
-    let chain = Chain::start().await;
+    let Some(chain) = Chain::shared().await else { return };
     let multicall = chain.deploy("Multicall").await;
     let challenge = serde_json::json!({
         "network": format!("eip155:{}", common::chain::CHAIN_ID), "asset": chain.token.to_string(),
@@ -287,7 +292,7 @@ async fn one_shared_simulation_judges_each_call_alone() {
     // The last is a second authorization from a buyer funded for one: the calls run in order, so the first
     // one spends the balance and the second is refused.
     let calls = vec![call(&buyers[0]), call(&broke), call(&buyers[1]), call(&buyers[0])];
-    let settler = common::chain::DEPLOYER.parse().unwrap();
+    let settler = chain.deployer;
     let verdicts = x402_gateway::chain::would_each_succeed(&chain.provider, settler, multicall, calls.clone()).await;
     assert_eq!(verdicts.unwrap(), [true, false, true, false]);
     assert_eq!(chain.balance(buyers[0].address()).await, U256::from(PRICE), "a simulation moves nothing");
@@ -301,48 +306,52 @@ async fn one_shared_simulation_judges_each_call_alone() {
 #[tokio::test]
 async fn batching_settings_are_checked_at_start() {
     let upstream = "http://127.0.0.1:9";
-    let check = |payment: &str| {
-        let toml =
-            paid_config(upstream, "", payment) + "[[routes]]\npath = \"/paid\"\nupstream = \"api\"\namount = \"1\"\n";
-        x402_gateway::config::Config::parse(&toml, "gateway.toml".as_ref(), ".".as_ref(), &|_| None)
+    let check = |batch: &[(&str, i64)]| {
+        let toml = GatewayToml::new()
+            .listen()
+            .upstream("api", upstream)
+            .payment(batching(Payment::usdc().facilitator("http://127.0.0.1:9"), batch))
+            .route(Route::paid("/paid", "api", "1"));
+        x402_gateway::config::Config::parse(&toml.build(), "gateway.toml".as_ref(), ".".as_ref(), &|_| None)
             .map(|_| ())
             .map_err(|e| e.to_string())
     };
-    assert!(check("facilitator = \"http://127.0.0.1:9\"\nsettle_batch_max = 100\n").is_ok());
-    let alone = check("facilitator = \"http://127.0.0.1:9\"\nsettle_batch_window_ms = 50\n").unwrap_err();
+    assert!(check(&[("settle_batch_max", 100)]).is_ok());
+    let alone = check(&[("settle_batch_window_ms", 50)]).unwrap_err();
     assert!(alone.contains("payment.settle_batch_window_ms") && alone.contains("settle_batch_max"), "{alone}");
-    let huge = check("facilitator = \"http://127.0.0.1:9\"\nsettle_batch_max = 100000\n").unwrap_err();
+    let huge = check(&[("settle_batch_max", 100_000)]).unwrap_err();
     assert!(huge.contains("payment.settle_batch_max"), "{huge}");
-    let slow = check("facilitator = \"http://127.0.0.1:9\"\nsettle_batch_max = 10\nsettle_batch_window_ms = 5000\n");
+    let slow = check(&[("settle_batch_max", 10), ("settle_batch_window_ms", 5000)]);
     assert!(slow.unwrap_err().contains("payment.settle_batch_window_ms"));
-    let zero = check("facilitator = \"http://127.0.0.1:9\"\nsettle_batch_max = 0\n").unwrap_err();
+    let zero = check(&[("settle_batch_max", 0)]).unwrap_err();
     assert!(zero.contains("payment.settle_batch_max"), "{zero}");
 }
 
 #[tokio::test]
 async fn readiness_requires_the_multicall_contract_when_batching() {
-    let chain = Chain::start().await;
+    let Some(chain) = Chain::shared().await else { return };
     let upstream = spawn_echo("api").await;
-    let batched = "settle_batch_max = 5\n";
+    let batched = [("settle_batch_max", 5)];
     let nowhere: Address = PAY_TO.parse().unwrap();
-    let gateway = start_gateway(&toml(&upstream, &chain, batched, Some(nowhere))).await;
+    let gateway = start_gateway(&toml(&upstream, chain.network().multicall(nowhere), &batched)).await;
     let readyz = |gateway: &Gateway| format!("http://{}/readyz", gateway.admin.expect("admin listener"));
     let unready = get(&readyz(&gateway)).await;
     assert_eq!(unready.status, StatusCode::SERVICE_UNAVAILABLE, "{}", unready.text());
     assert!(unready.text().contains("no contract at the multicall address"), "{}", unready.text());
 
     let multicall = chain.deploy("Multicall").await;
-    let gateway = start_gateway(&toml(&upstream, &chain, batched, Some(multicall))).await;
+    let gateway = start_gateway(&toml(&upstream, chain.network().multicall(multicall), &batched)).await;
     let ready = get(&readyz(&gateway)).await;
     assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payment_alone_in_its_window_goes_straight_to_the_token() {
-    let chain = Chain::start().await;
+    let Some(chain) = Chain::shared().await else { return };
     let multicall = chain.deploy("Multicall").await;
     let upstream = spawn_echo("api").await;
-    let gateway = start_gateway(&toml(&upstream, &chain, "settle_batch_max = 5\n", Some(multicall))).await;
+    let batched = [("settle_batch_max", 5)];
+    let gateway = start_gateway(&toml(&upstream, chain.network().multicall(multicall), &batched)).await;
     let buyer = funded_buyers(&chain, 1).await.remove(0);
     let answer = pay_all(&gateway, vec![payment(&gateway, &buyer).await]).await.remove(0);
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());

@@ -7,12 +7,14 @@ mod common;
 use alloy::primitives::{Address, U256};
 use alloy::signers::local::PrivateKeySigner;
 use common::chain::{Chain, CHAIN_ID};
+use common::config::{GatewayToml, Payment, Route};
 use common::pay::{self, Authorization};
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
+use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -51,10 +53,15 @@ async fn wait_listening(port: u16, config: &std::path::Path) {
     }
 }
 
-/// A small xorshift generator: kill times are random, and the seed is printed to replay a failure.
+/// A small xorshift generator for the kill schedule.
 struct Rng(u64);
 
 impl Rng {
+    fn new(seed: u64) -> Rng {
+        // xorshift stays at zero from a zero state.
+        Rng(seed | 1)
+    }
+
     fn below(&mut self, n: u64) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
@@ -63,9 +70,34 @@ impl Rng {
     }
 }
 
+/// The kill schedule's seed (when each kill comes, how long the gateway stays down): `X402_CRASH_SEED` to replay
+/// a run, else a fresh one. A replay runs the same schedule; the machine's timing still varies around it.
+fn seed() -> u64 {
+    match std::env::var("X402_CRASH_SEED") {
+        Ok(text) => text.trim().parse().unwrap_or_else(|_| panic!("X402_CRASH_SEED={text:?} is not a u64")),
+        Err(_) => SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64,
+    }
+}
+
+/// Says how to replay the run when the test fails (the seed is also printed when it starts).
+struct ReplayOnFailure(u64);
+
+impl Drop for ReplayOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let seed = self.0;
+            eprintln!("crash test failed with seed {seed}: replay with X402_CRASH_SEED={seed} cargo test --test crash");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_at_random_the_gateway_loses_no_payment_and_takes_none_twice() {
-    let chain = Chain::start().await;
+    let Some(chain) = Chain::shared().await else { return };
+    let seed = seed();
+    // Straight to the stream, so that a passing run shows it too (the harness keeps eprintln! to itself).
+    let _ = writeln!(std::io::stderr(), "crash test seed {seed} (X402_CRASH_SEED={seed} replays its kill schedule)");
+    let _replay = ReplayOnFailure(seed);
     let upstream = spawn_upstream(|_req| async {
         // A little work, so that kills land while answers are in flight.
         tokio::time::sleep(Duration::from_millis(15)).await;
@@ -75,15 +107,15 @@ async fn killed_at_random_the_gateway_loses_no_payment_and_takes_none_twice() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let dir = test_dir();
     let config = dir.join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace_secs = 1\n[upstreams.api]\nurl = \"{}\"\n[payment]\npay_to = \"{PAY_TO}\"\nnetwork = \"eip155:84532\"\nasset = \"USDC\"\nsettle_timeout_secs = 5\n[[routes]]\npath = \"/after\"\nupstream = \"api\"\namount = \"{PRICE}\"\n[[routes]]\npath = \"/before\"\nupstream = \"api\"\namount = \"{PRICE}\"\nsettle = \"before\"\n{}",
-            upstream.url(),
-            chain.network_toml()
-        ),
-    )
-    .unwrap();
+    let toml = GatewayToml::new()
+        .listen_on(&format!("127.0.0.1:{port}"))
+        .server("shutdown_grace_secs", 1)
+        .upstream("api", &upstream.url())
+        .payment(Payment::usdc().set("settle_timeout_secs", 5))
+        .route(Route::paid("/after", "api", &PRICE.to_string()))
+        .route(Route::paid("/before", "api", &PRICE.to_string()).settle("before"))
+        .network(chain.network());
+    std::fs::write(&config, toml.build()).unwrap();
 
     // 200 distinct authorizations from 20 buyers, half on each settle mode.
     let buyers: Vec<PrivateKeySigner> = (0..BUYERS).map(|_| PrivateKeySigner::random()).collect();
@@ -146,12 +178,10 @@ async fn killed_at_random_the_gateway_loses_no_payment_and_takes_none_twice() {
         .collect();
 
     // The killer: SIGKILL at random moments while the buyers run, then a restart on the same port.
-    let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
-    eprintln!("crash test seed {seed}");
     let killer = {
         let (gateway, config, done) = (gateway.clone(), config.clone(), done.clone());
         tokio::spawn(async move {
-            let mut rng = Rng(seed);
+            let mut rng = Rng::new(seed);
             let mut kills = 0;
             while !done.load(std::sync::atomic::Ordering::SeqCst) && kills < 8 {
                 tokio::time::sleep(Duration::from_millis(150 + rng.below(600))).await;

@@ -4,6 +4,7 @@
 mod common;
 
 use bytes::Bytes;
+use common::config::{toml_value, GatewayToml, Payment, Route};
 use common::*;
 use http::StatusCode;
 use http_body_util::{BodyExt, Empty};
@@ -21,20 +22,23 @@ const HANG: Duration = Duration::from_secs(15);
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-fn toml_str(value: &str) -> String {
-    format!("{value:?}")
+/// Plain, HTTPS (the dev certificate) and admin listeners, `/*` routed free to `upstream`.
+fn edge_config(upstream: &str) -> GatewayToml {
+    GatewayToml::new().listen().tls().admin().upstream("api", upstream).route(Route::free("/*", "api"))
 }
 
-/// Plain, HTTPS (the dev certificate) and admin listeners, `/*` routed free to `upstream`.
-fn edge_config(upstream: &str, server_extra: &str) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\ntls_cert = {cert}\ntls_key = {key}\n\
-         admin_listen = \"127.0.0.1:0\"\n{server_extra}\n[upstreams.api]\nurl = \"{upstream}\"\n\
-         [[routes]]\npath = \"/*\"\nupstream = \"api\"\n",
-        cert = toml_str(&repo_path("certs/server.crt").display().to_string()),
-        key = toml_str(&repo_path("certs/server.key").display().to_string()),
-    )
+/// The upstream `api` at `upstream` and `[payment]` in USDC, settled by `facilitator` if given; no route yet.
+fn paid_api(upstream: &str, facilitator: Option<&str>) -> GatewayToml {
+    let payment = Payment::usdc();
+    let payment = match facilitator {
+        Some(url) => payment.facilitator(url),
+        None => payment,
+    };
+    GatewayToml::new().listen().upstream("api", upstream).payment(payment)
 }
+
+/// A facilitator on a closed port: nothing here gets past the 402.
+const CLOSED_PORT: &str = "http://127.0.0.1:9";
 
 /// A TCP connection to `to` from the loopback address `from` (any of 127.0.0.0/8 is this machine).
 async fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
@@ -95,8 +99,11 @@ fn h2_hello() -> Vec<u8> {
 #[tokio::test]
 async fn silent_connections_of_every_kind_cannot_hold_the_cap_nor_the_admin_listener() {
     let echo = spawn_echo("api").await;
-    let server = "max_connections = 8\nmax_connections_per_ip = 100\nheader_read_timeout_secs = 1";
-    let gw = start_gateway(&edge_config(&echo.url(), server)).await;
+    let config = edge_config(&echo.url())
+        .server("max_connections", 8)
+        .server("max_connections_per_ip", 100)
+        .server("header_read_timeout_secs", 1);
+    let gw = start_gateway(&config.build()).await;
     let (http, https, admin) = (gw.http.unwrap(), gw.https.unwrap(), gw.admin.unwrap());
 
     // Eight connections fill the cap: two of each kind of silence.
@@ -144,7 +151,7 @@ async fn silent_connections_of_every_kind_cannot_hold_the_cap_nor_the_admin_list
 #[tokio::test]
 async fn one_address_cannot_take_more_than_its_share_of_connections() {
     let echo = spawn_echo("api").await;
-    let gw = start_gateway(&edge_config(&echo.url(), "max_connections_per_ip = 2")).await;
+    let gw = start_gateway(&edge_config(&echo.url()).server("max_connections_per_ip", 2).build()).await;
     let http = gw.http.unwrap();
     let request = b"GET /x HTTP/1.1\r\nHost: edge\r\n\r\n";
     let mut first = connect_from([127, 0, 0, 2], http).await;
@@ -175,8 +182,8 @@ async fn one_address_cannot_take_more_than_its_share_of_connections() {
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed_in_both_protocols() {
     let echo = spawn_echo("api").await;
-    let server = "idle_timeout_secs = 1\nheader_read_timeout_secs = 5";
-    let gw = start_gateway(&edge_config(&echo.url(), server)).await;
+    let config = edge_config(&echo.url()).server("idle_timeout_secs", 1).server("header_read_timeout_secs", 5);
+    let gw = start_gateway(&config.build()).await;
     let http = gw.http.unwrap();
 
     let mut h1 = connect_from([127, 0, 0, 1], http).await;
@@ -208,8 +215,11 @@ async fn an_h2_peer_that_stops_answering_pings_is_cut_off_while_its_request_wait
         http::Response::new(x402_gateway::proxy::body::full("never"))
     })
     .await;
-    let server = "h2_keepalive_secs = 1\nheader_read_timeout_secs = 1\nidle_timeout_secs = 3600";
-    let gw = start_gateway(&edge_config(&stuck.url(), server)).await;
+    let config = edge_config(&stuck.url())
+        .server("h2_keepalive_secs", 1)
+        .server("header_read_timeout_secs", 1)
+        .server("idle_timeout_secs", 3600);
+    let gw = start_gateway(&config.build()).await;
     let mut h2 = connect_from([127, 0, 0, 1], gw.http.unwrap()).await;
     h2.write_all(&h2_hello()).await.unwrap();
     let head = [0x82, 0x86, 0x84, 0x41, 0x01, b'x'];
@@ -225,16 +235,16 @@ async fn an_h2_peer_that_stops_answering_pings_is_cut_off_while_its_request_wait
 }
 
 /// A route priced by its body's `model` (so its body is read whole before the 402), settled by a facilitator
-/// on a closed port: nothing gets past the 402 here.
-fn body_priced(upstream: &str, server_extra: &str) -> String {
-    paid_config(upstream, server_extra, "facilitator = \"http://127.0.0.1:9\"")
-        + "[[routes]]\npath = \"/chat\"\nupstream = \"api\"\nprice = { by = \"body.model\", table = { cheap = \"$0.001\" } }\n"
+/// on a closed port.
+fn body_priced(upstream: &str) -> GatewayToml {
+    let price = toml_value(r#"{ by = "body.model", table = { cheap = "$0.001" } }"#);
+    paid_api(upstream, Some(CLOSED_PORT)).route(Route::free("/chat", "api").set("price", price))
 }
 
 #[tokio::test]
 async fn a_body_read_for_pricing_that_stalls_is_cut_at_its_deadline() {
     let echo = spawn_echo("api").await;
-    let gw = start_gateway(&body_priced(&echo.url(), "body_read_timeout_secs = 1")).await;
+    let gw = start_gateway(&body_priced(&echo.url()).server("body_read_timeout_secs", 1).build()).await;
     let mut tcp = connect_from([127, 0, 0, 1], gw.http.unwrap()).await;
     let started = Instant::now();
     let head = b"POST /chat HTTP/1.1\r\nHost: edge\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n";
@@ -265,8 +275,11 @@ async fn a_body_read_for_pricing_that_stalls_is_cut_at_its_deadline() {
 #[tokio::test]
 async fn bodies_beyond_the_buffer_budget_are_refused_with_503_while_others_are_served() {
     let echo = spawn_echo("api").await;
-    let server = "max_body_bytes = 1000000\nmax_buffered_body_bytes = 1500000\nbody_read_timeout_secs = 30";
-    let gw = start_gateway(&body_priced(&echo.url(), server)).await;
+    let config = body_priced(&echo.url())
+        .server("max_body_bytes", 1_000_000)
+        .server("max_buffered_body_bytes", 1_500_000)
+        .server("body_read_timeout_secs", 30);
+    let gw = start_gateway(&config.build()).await;
     let http = gw.http.unwrap();
     // One body of 1 MB declared and held half-sent takes most of the budget...
     let mut holder = connect_from([127, 0, 0, 1], http).await;
@@ -302,12 +315,12 @@ async fn raw_exchange(to: SocketAddr, request: &[u8]) -> String {
 #[tokio::test]
 async fn a_paid_path_is_never_served_free_for_another_method() {
     let echo = spawn_echo("api").await;
-    let routes = "[[routes]]\npath = \"/premium/*\"\nmethods = [\"GET\"]\nupstream = \"api\"\nprice = \"$0.001\"\n\
-                  [[routes]]\npath = \"/premium/reports\"\nmethods = [\"GET\", \"PUT\"]\nupstream = \"api\"\n\
-                  [[routes]]\npath = \"/premium/reports\"\nmethods = [\"PUT\", \"DELETE\"]\nupstream = \"api\"\n\
-                  [[routes]]\npath = \"/*\"\nupstream = \"api\"\n";
-    let toml = paid_config(&echo.url(), "", "facilitator = \"http://127.0.0.1:9\"") + routes;
-    let gw = start_gateway(&toml).await;
+    let toml = paid_api(&echo.url(), Some(CLOSED_PORT))
+        .route(Route::priced("/premium/*", "api", "$0.001").methods(&["GET"]))
+        .route(Route::free("/premium/reports", "api").methods(&["GET", "PUT"]))
+        .route(Route::free("/premium/reports", "api").methods(&["PUT", "DELETE"]))
+        .route(Route::free("/*", "api"));
+    let gw = start_gateway(&toml.build()).await;
     let http = gw.http.unwrap();
 
     let post = raw_exchange(
@@ -340,9 +353,10 @@ async fn a_paid_path_is_never_served_free_for_another_method() {
 #[tokio::test]
 async fn method_override_headers_reach_only_routes_that_allow_them() {
     let echo = spawn_echo("api").await;
-    let routes = "[[routes]]\npath = \"/override/*\"\nupstream = \"api\"\nforward_method_override = true\n\
-                  [[routes]]\npath = \"/*\"\nupstream = \"api\"\n";
-    let gw = start_gateway(&(paid_config(&echo.url(), "", "") + routes)).await;
+    let toml = paid_api(&echo.url(), None)
+        .route(Route::free("/override/*", "api").set("forward_method_override", true))
+        .route(Route::free("/*", "api"));
+    let gw = start_gateway(&toml.build()).await;
     let http = gw.http.unwrap();
     let request = |path: &str| {
         format!(
@@ -362,10 +376,9 @@ async fn method_override_headers_reach_only_routes_that_allow_them() {
 #[tokio::test]
 async fn a_price_key_sent_twice_or_recased_is_refused_and_nothing_is_forwarded() {
     let echo = spawn_echo("api").await;
-    let routes = "[[routes]]\npath = \"/chat\"\nupstream = \"api\"\n\
-                  price = { by = \"body.model\", table = { cheap = \"$0.001\", dear = \"$1\" }, default = \"$0.001\" }\n";
-    let toml = paid_config(&echo.url(), "", "facilitator = \"http://127.0.0.1:9\"") + routes;
-    let gw = start_gateway(&toml).await;
+    let price = toml_value(r#"{ by = "body.model", table = { cheap = "$0.001", dear = "$1" }, default = "$0.001" }"#);
+    let toml = paid_api(&echo.url(), Some(CLOSED_PORT)).route(Route::free("/chat", "api").set("price", price));
+    let gw = start_gateway(&toml.build()).await;
     for body in [
         r#"{"model":"cheap","MODEL":"dear"}"#,
         r#"{"model":"cheap","model":"dear"}"#,
@@ -395,19 +408,32 @@ async fn raw_exchange_keep(to: SocketAddr, request: &[u8]) -> String {
 #[tokio::test]
 async fn a_malformed_body_from_the_client_is_its_own_400_not_an_upstream_failure() {
     let echo = spawn_echo("api").await;
-    let gw = start_gateway(&edge_config(&echo.url(), "")).await;
+    let gw = start_gateway(&edge_config(&echo.url()).build()).await;
     let request = b"POST /free HTTP/1.1\r\nHost: edge\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n";
     let answer = raw_exchange_keep(gw.http.unwrap(), request).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("invalid_body"), "{answer}");
 }
 
-/// A paid GET `/paid` settled by the remote facilitator at `facilitator`, with `payment_extra` in `[payment]`.
-async fn remote_paid_gateway(upstream: &Upstream, facilitator: &Upstream, payment_extra: &str) -> Gateway {
-    let payment = format!("facilitator = \"{}\"\n{payment_extra}", facilitator.url());
-    let routes = "[[routes]]\npath = \"/paid\"\nupstream = \"api\"\nprice = \"$0.001\"\n";
-    let server = "admin_listen = \"127.0.0.1:0\"";
-    start_gateway(&(paid_config(&upstream.url(), server, &payment) + routes)).await
+/// A paid GET `/paid` settled by the remote facilitator at `facilitator`, with `attempt_limits` (per-address
+/// rate and burst) in `[payment]` if given.
+async fn remote_paid_gateway(
+    upstream: &Upstream,
+    facilitator: &Upstream,
+    attempt_limits: Option<(i64, i64)>,
+) -> Gateway {
+    let payment = Payment::usdc().facilitator(&facilitator.url());
+    let payment = match attempt_limits {
+        Some((rate, burst)) => payment.set("attempt_rate_per_ip", rate).set("attempt_burst_per_ip", burst),
+        None => payment,
+    };
+    let toml = GatewayToml::new()
+        .listen()
+        .admin()
+        .upstream("api", &upstream.url())
+        .payment(payment)
+        .route(Route::priced("/paid", "api", "$0.001"));
+    start_gateway(&toml.build()).await
 }
 
 /// The v2 offer of an unpaid call: (resource, accepts[0]).
@@ -439,7 +465,7 @@ async fn recording_facilitator() -> (Upstream, Arc<std::sync::Mutex<Vec<String>>
 async fn in_remote_mode_a_payment_that_fails_offline_checks_never_reaches_the_facilitator() {
     let echo = spawn_echo("api").await;
     let (facilitator, calls) = recording_facilitator().await;
-    let gw = remote_paid_gateway(&echo, &facilitator, "").await;
+    let gw = remote_paid_gateway(&echo, &facilitator, None).await;
     let (resource, accepted) = offer_of(&gw, "/paid").await;
     let buyer = alloy::signers::local::PrivateKeySigner::random();
     type Tamper = fn(&mut pay::Authorization);
@@ -468,7 +494,7 @@ async fn in_remote_mode_a_payment_that_fails_offline_checks_never_reaches_the_fa
 async fn payment_attempts_beyond_the_per_address_rate_get_429_with_retry_after() {
     let echo = spawn_echo("api").await;
     let facilitator = spawn_echo("facilitator").await;
-    let gw = remote_paid_gateway(&echo, &facilitator, "attempt_rate_per_ip = 1\nattempt_burst_per_ip = 3").await;
+    let gw = remote_paid_gateway(&echo, &facilitator, Some((1, 3))).await;
     let (resource, accepted) = offer_of(&gw, "/paid").await;
     let buyer = alloy::signers::local::PrivateKeySigner::random();
     let mut statuses = Vec::new();

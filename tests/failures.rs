@@ -4,6 +4,7 @@
 mod common;
 
 use bytes::Bytes;
+use common::config::{GatewayToml, Route};
 use common::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::channel::Channel;
@@ -23,19 +24,9 @@ async fn within<F: Future>(what: &str, future: F) -> F::Output {
     tokio::time::timeout(HANG, future).await.unwrap_or_else(|_| panic!("{what}: no result within {HANG:?}"))
 }
 
-fn one_upstream(server_extra: &str, upstream_url: &str, upstream_extra: &str) -> String {
-    format!(
-        r#"[server]
-listen = "127.0.0.1:0"
-{server_extra}
-[upstreams.api]
-url = "{upstream_url}"
-{upstream_extra}
-[[routes]]
-path = "/api/*"
-upstream = "api"
-"#
-    )
+/// `/api/*` routed free to the upstream `api` at `url`.
+fn api_at(url: &str) -> GatewayToml {
+    GatewayToml::new().listen().upstream("api", url).route(Route::free("/api/*", "api"))
 }
 
 #[tokio::test]
@@ -46,7 +37,7 @@ async fn unreachable_upstream_is_502_without_internal_details() {
     };
     let secret = "op-secret-5e81c2d7";
     let toml =
-        one_upstream("", &format!("http://127.0.0.1:{port}"), r#"headers = { Authorization = "Bearer ${T_KEY}" }"#);
+        api_at(&format!("http://127.0.0.1:{port}")).upstream_header("api", "Authorization", "Bearer ${T_KEY}").build();
     let gw = start_gateway_with_env(&toml, &[("T_KEY", secret)]).await;
     let answer = within("request", get(&gw.url("/api/thing"))).await;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
@@ -64,7 +55,7 @@ async fn slow_upstream_is_504() {
         Response::new(full("too late"))
     })
     .await;
-    let toml = one_upstream("", &slow.url(), "timeout_secs = 1");
+    let toml = api_at(&slow.url()).upstream_setting("api", "timeout_secs", 1).build();
     let gw = start_gateway(&toml).await;
     let answer = within("request", get(&gw.url("/api/slow"))).await;
     assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
@@ -75,7 +66,7 @@ async fn slow_upstream_is_504() {
 #[tokio::test]
 async fn declared_oversized_body_is_413_before_the_upstream() {
     let echo = spawn_echo("echo").await;
-    let toml = one_upstream("max_body_bytes = 1024", &echo.url(), "");
+    let toml = api_at(&echo.url()).server("max_body_bytes", 1024).build();
     let gw = start_gateway(&toml).await;
     let request =
         Request::post(gw.url("/api/upload")).body(Full::new(Bytes::from(vec![b'x'; 2048]))).expect("valid request");
@@ -88,7 +79,7 @@ async fn declared_oversized_body_is_413_before_the_upstream() {
 #[tokio::test]
 async fn streamed_oversized_body_is_413() {
     let echo = spawn_echo("echo").await;
-    let toml = one_upstream("max_body_bytes = 1024", &echo.url(), "");
+    let toml = api_at(&echo.url()).server("max_body_bytes", 1024).build();
     let gw = start_gateway(&toml).await;
     let (mut tx, body) = Channel::<Bytes, Infallible>::new(8);
     tokio::spawn(async move {
@@ -112,7 +103,7 @@ async fn streamed_oversized_body_is_413() {
 #[tokio::test]
 async fn body_under_the_limit_passes_whole() {
     let echo = spawn_echo("echo").await;
-    let toml = one_upstream("max_body_bytes = 1024", &echo.url(), "");
+    let toml = api_at(&echo.url()).server("max_body_bytes", 1024).build();
     let gw = start_gateway(&toml).await;
     let request =
         Request::post(gw.url("/api/upload")).body(Full::new(Bytes::from(vec![b'z'; 1000]))).expect("valid request");
@@ -125,7 +116,7 @@ async fn body_under_the_limit_passes_whole() {
 #[tokio::test]
 async fn oversized_request_head_is_431_before_the_upstream() {
     let echo = spawn_echo("echo").await;
-    let toml = one_upstream("max_header_bytes = 8192", &echo.url(), "");
+    let toml = api_at(&echo.url()).server("max_header_bytes", 8192).build();
     let gw = start_gateway(&toml).await;
     let request = Request::get(gw.url("/api/big-head"))
         .header("x-big", "h".repeat(20 * 1024))
@@ -148,7 +139,7 @@ async fn shutdown_closes_the_listener_at_once_and_lets_the_in_flight_request_fin
         }
     })
     .await;
-    let toml = one_upstream("", &slow.url(), "");
+    let toml = api_at(&slow.url()).build();
     let mut gw = start_gateway(&toml).await;
     let addr = gw.http.expect("plain listener");
     let url = gw.url("/api/slow");
@@ -176,7 +167,7 @@ async fn shutdown_closes_the_listener_at_once_and_lets_the_in_flight_request_fin
 #[tokio::test]
 async fn health_is_served_on_the_admin_listener_only() {
     let echo = spawn_echo("echo").await;
-    let toml = one_upstream(r#"admin_listen = "127.0.0.1:0""#, &echo.url(), "");
+    let toml = api_at(&echo.url()).admin().build();
     let gw = start_gateway(&toml).await;
     let admin = gw.admin.expect("admin listener bound");
     assert_ne!(Some(admin), gw.http, "admin and public listeners differ");
@@ -194,17 +185,16 @@ async fn health_is_served_on_the_admin_listener_only() {
     assert_eq!(echo.hits(), 0);
 }
 
-fn catch_all(upstream: &str, server_extra: &str) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n[upstreams.api]\nurl = \"{upstream}\"\n[[routes]]\npath = \"/*\"\nupstream = \"api\"\n"
-    )
+/// Everything routed free to the upstream `api` at `url`.
+fn catch_all(url: &str) -> GatewayToml {
+    GatewayToml::new().listen().upstream("api", url).route(Route::free("/*", "api"))
 }
 
 #[tokio::test]
 async fn a_request_head_that_never_ends_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let echo = spawn_echo("api").await;
-    let gw = start_gateway(&catch_all(&echo.url(), "header_read_timeout_secs = 1")).await;
+    let gw = start_gateway(&catch_all(&echo.url()).server("header_read_timeout_secs", 1).build()).await;
     let mut tcp = tokio::net::TcpStream::connect(gw.http.expect("listener")).await.expect("connect");
     tcp.write_all(b"GET / HTTP/1.1\r\nHost: slow\r\n").await.expect("half a head");
     let mut rest = Vec::new();
@@ -217,7 +207,7 @@ async fn a_request_head_that_never_ends_is_cut_off() {
 async fn connections_beyond_the_cap_wait_for_a_free_slot() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let echo = spawn_echo("api").await;
-    let gw = start_gateway(&catch_all(&echo.url(), "max_connections = 2")).await;
+    let gw = start_gateway(&catch_all(&echo.url()).server("max_connections", 2).build()).await;
     let addr = gw.http.expect("listener");
     let request = b"GET /x HTTP/1.1\r\nHost: cap\r\n\r\n";
     async fn answered(tcp: &mut tokio::net::TcpStream, wait: Duration) -> bool {
@@ -243,12 +233,12 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() {
 #[tokio::test]
 async fn the_worker_count_is_checked_at_start_and_one_worker_serves() {
     let echo = spawn_echo("api").await;
-    let gw = start_gateway(&catch_all(&echo.url(), "workers = 1")).await;
+    let gw = start_gateway(&catch_all(&echo.url()).server("workers", 1).build()).await;
     let answer = within("a request on one worker", get(&gw.url("/x"))).await;
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(echo.hits(), 1);
-    for (workers, why) in [("0", "greater than zero"), ("5000", "at most 1024")] {
-        let toml = catch_all(&echo.url(), &format!("workers = {workers}"));
+    for (workers, why) in [(0, "greater than zero"), (5000, "at most 1024")] {
+        let toml = catch_all(&echo.url()).server("workers", workers).build();
         let parsed = x402_gateway::config::Config::parse(&toml, "g.toml".as_ref(), ".".as_ref(), &|_| None);
         let err = parsed.map(|_| ()).unwrap_err().to_string();
         assert!(err.contains("server.workers") && err.contains(why), "{err}");

@@ -7,29 +7,21 @@ mod common;
 use alloy::primitives::{Address, U256};
 use alloy::signers::local::PrivateKeySigner;
 use common::chain::Chain;
+use common::config::{GatewayToml, Payment, Route};
 use common::facilitator::start_reference_facilitator;
+use common::tools::{require_node, Node};
 use common::*;
 use serde_json::Value;
-use std::process::Command;
 
 const PRICE: u64 = 1000;
 
-fn node_script(name: &str) -> String {
-    repo_path(&format!("tests/interop/{name}")).display().to_string()
-}
-
 /// Runs `pay.mjs` (an official client) against `url` with `buyer`'s key; returns its JSON report.
-async fn official_client_pays(url: String, client: &'static str, buyer: &PrivateKeySigner) -> Value {
-    let key = alloy::hex::encode_prefixed(buyer.to_bytes());
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .args([&node_script("pay.mjs"), "--url", &url, "--client", client, "--key-env", "X402_TEST_BUYER_KEY"])
-            .env("X402_TEST_BUYER_KEY", key)
-            .output()
-            .expect("node is installed")
-    })
-    .await
-    .unwrap();
+async fn official_client_pays(node: &Node, url: String, client: &'static str, buyer: &PrivateKeySigner) -> Value {
+    let mut command = node.script("pay.mjs");
+    command
+        .args(["--url", &url, "--client", client, "--key-env", "X402_TEST_BUYER_KEY"])
+        .env("X402_TEST_BUYER_KEY", alloy::hex::encode_prefixed(buyer.to_bytes()));
+    let output = tokio::task::spawn_blocking(move || command.output().expect("node runs")).await.unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
@@ -38,12 +30,17 @@ async fn official_client_pays(url: String, client: &'static str, buyer: &Private
     serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("pay.mjs printed no JSON ({e}); stderr: {stderr}"))
 }
 
-fn paid_toml(upstream: &Upstream, chain: &Chain, facilitator: &str) -> String {
-    let routes = format!(
-        "[[routes]]\npath = \"/report\"\nupstream = \"api\"\namount = \"{PRICE}\"\n\
-         description = \"A paid report\"\nmime_type = \"application/json\"\n"
-    );
-    paid_config(&upstream.url(), "", &format!("facilitator = \"{facilitator}\"")) + &routes + &chain.network_toml()
+/// `/report` at `PRICE`, settled by `facilitator` (`"local"` or a URL) on `chain`.
+fn paid_toml(upstream: &Upstream, chain: &Chain, facilitator: &str) -> GatewayToml {
+    let report = Route::paid("/report", "api", &PRICE.to_string())
+        .set("description", "A paid report")
+        .set("mime_type", "application/json");
+    GatewayToml::new()
+        .listen()
+        .upstream("api", &upstream.url())
+        .payment(Payment::usdc().facilitator(facilitator))
+        .route(report)
+        .network(chain.network())
 }
 
 async fn assert_paid(report: &Value, header: &str, chain: &Chain, buyer: Address, payee_before: U256) {
@@ -60,59 +57,66 @@ async fn assert_paid(report: &Value, header: &str, chain: &Chain, buyer: Address
 
 #[tokio::test]
 async fn the_official_v2_client_pays_and_decodes_the_receipt() {
-    let chain = Chain::start().await;
-    let gateway = start_gateway(&paid_toml(&spawn_echo("api").await, &chain, "local")).await;
+    let Some(node) = require_node() else { return };
+    let Some(chain) = Chain::shared().await else { return };
+    let gateway = start_gateway(&paid_toml(&spawn_echo("api").await, &chain, "local").build()).await;
     let buyer = PrivateKeySigner::random();
     chain.mint(buyer.address(), 5 * PRICE).await;
-    let report = official_client_pays(gateway.url("/report"), "v2", &buyer).await;
+    let report = official_client_pays(&node, gateway.url("/report"), "v2", &buyer).await;
     assert_paid(&report, "payment-response", &chain, buyer.address(), U256::ZERO).await;
     assert_eq!(report["settlement"]["network"], "eip155:84532");
 }
 
 #[tokio::test]
 async fn the_official_v1_client_pays_and_decodes_the_receipt() {
-    let chain = Chain::start().await;
-    let gateway = start_gateway(&paid_toml(&spawn_echo("api").await, &chain, "local")).await;
+    let Some(node) = require_node() else { return };
+    let Some(chain) = Chain::shared().await else { return };
+    let gateway = start_gateway(&paid_toml(&spawn_echo("api").await, &chain, "local").build()).await;
     let buyer = PrivateKeySigner::random();
     chain.mint(buyer.address(), 5 * PRICE).await;
-    let report = official_client_pays(gateway.url("/report"), "v1", &buyer).await;
+    let report = official_client_pays(&node, gateway.url("/report"), "v1", &buyer).await;
     assert_paid(&report, "x-payment-response", &chain, buyer.address(), U256::ZERO).await;
     assert_eq!(report["settlement"]["network"], "base-sepolia");
 }
 
 #[tokio::test]
 async fn the_gateway_settles_through_the_reference_facilitator() {
-    let chain = Chain::start().await;
-    let facilitator = start_reference_facilitator(&chain, 0);
-    let gateway = start_gateway(&paid_toml(&spawn_echo("api").await, &chain, &facilitator.url)).await;
+    let Some(node) = require_node() else { return };
+    let Some(chain) = Chain::shared().await else { return };
+    let facilitator = start_reference_facilitator(&node, &chain, 0);
+    let gateway = start_gateway(&paid_toml(&spawn_echo("api").await, &chain, &facilitator.url).build()).await;
 
     let v2_buyer = PrivateKeySigner::random();
     chain.mint(v2_buyer.address(), 5 * PRICE).await;
-    let report = official_client_pays(gateway.url("/report"), "v2", &v2_buyer).await;
+    let report = official_client_pays(&node, gateway.url("/report"), "v2", &v2_buyer).await;
     assert_paid(&report, "payment-response", &chain, v2_buyer.address(), U256::ZERO).await;
 
     let v1_buyer = PrivateKeySigner::random();
     chain.mint(v1_buyer.address(), 5 * PRICE).await;
-    let report = official_client_pays(gateway.url("/report"), "v1", &v1_buyer).await;
+    let report = official_client_pays(&node, gateway.url("/report"), "v1", &v1_buyer).await;
     assert_paid(&report, "x-payment-response", &chain, v1_buyer.address(), U256::from(PRICE)).await;
 
     // A payer the facilitator refuses: its reason reaches the buyer in a fresh challenge.
     let broke = PrivateKeySigner::random();
-    let report = official_client_pays(gateway.url("/report"), "v2", &broke).await;
+    let report = official_client_pays(&node, gateway.url("/report"), "v2", &broke).await;
     assert_eq!(report["status"], 402, "{report}");
     assert_eq!(report["paymentRequired"]["error"], "invalid_exact_evm_insufficient_balance", "{report}");
 }
 
 #[tokio::test]
 async fn routes_a_facilitator_cannot_serve_are_reported_at_start() {
-    let chain = Chain::start().await;
-    let facilitator = start_reference_facilitator(&chain, 0);
+    let Some(node) = require_node() else { return };
+    let Some(chain) = Chain::shared().await else { return };
+    let facilitator = start_reference_facilitator(&node, &chain, 0);
     let toml = paid_toml(&spawn_echo("api").await, &chain, &facilitator.url)
         // A mainnet payee must not be a development account (whose key is published).
-        + "[[routes]]\npath = \"/mainnet\"\nupstream = \"api\"\namount = \"1000\"\nnetwork = \"eip155:8453\"\n"
-        + "pay_to = \"0x1111111111111111111111111111111111111111\"\n"
-        + "[[routes]]\npath = \"/elsewhere\"\nupstream = \"api\"\namount = \"1000\"\nfacilitator = \"http://127.0.0.1:9\"\n";
-    let gateway = start_gateway(&toml).await;
+        .route(
+            Route::paid("/mainnet", "api", "1000")
+                .set("network", "eip155:8453")
+                .set("pay_to", "0x1111111111111111111111111111111111111111"),
+        )
+        .route(Route::paid("/elsewhere", "api", "1000").facilitator("http://127.0.0.1:9"));
+    let gateway = start_gateway(&toml.build()).await;
     let warnings = gateway.pipeline.facilitator_warnings().await;
     assert_eq!(warnings.len(), 2, "{warnings:?}");
     let has = |needle: &str| warnings.iter().any(|w| w.contains(needle));
@@ -122,8 +126,9 @@ async fn routes_a_facilitator_cannot_serve_are_reported_at_start() {
 
 #[tokio::test]
 async fn facilitator_auth_reaches_the_facilitator_on_every_call() {
-    let chain = Chain::start().await;
-    let facilitator = start_reference_facilitator(&chain, 0);
+    let Some(node) = require_node() else { return };
+    let Some(chain) = Chain::shared().await else { return };
+    let facilitator = start_reference_facilitator(&node, &chain, 0);
     // A recording front for the real facilitator: notes each call's path and Authorization, then forwards it.
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let (record, target) = (seen.clone(), facilitator.url.clone());
@@ -148,12 +153,12 @@ async fn facilitator_auth_reaches_the_facilitator_on_every_call() {
         }
     })
     .await;
-    let toml = paid_toml(&spawn_echo("api").await, &chain, &front.url())
-        .replace("[payment]\n", "[payment]\nfacilitator_auth = \"Bearer ${T_FACILITATOR_TOKEN}\"\n");
-    let gateway = start_gateway_with_env(&toml, &[("T_FACILITATOR_TOKEN", "t0ken")]).await;
+    let authorized = Payment::usdc().facilitator(&front.url()).set("facilitator_auth", "Bearer ${T_FACILITATOR_TOKEN}");
+    let toml = paid_toml(&spawn_echo("api").await, &chain, &front.url()).payment(authorized);
+    let gateway = start_gateway_with_env(&toml.build(), &[("T_FACILITATOR_TOKEN", "t0ken")]).await;
     let buyer = PrivateKeySigner::random();
     chain.mint(buyer.address(), 5 * PRICE).await;
-    let report = official_client_pays(gateway.url("/report"), "v2", &buyer).await;
+    let report = official_client_pays(&node, gateway.url("/report"), "v2", &buyer).await;
     assert_paid(&report, "payment-response", &chain, buyer.address(), U256::ZERO).await;
     let calls = seen.lock().unwrap().clone();
     let paths: Vec<&str> = calls.iter().map(|(p, _)| p.as_str()).collect();
@@ -163,11 +168,12 @@ async fn facilitator_auth_reaches_the_facilitator_on_every_call() {
 
 #[tokio::test]
 async fn a_facilitator_outage_is_a_503_for_paid_routes_only_and_recovery_is_automatic() {
-    let chain = Chain::start().await;
+    let Some(node) = require_node() else { return };
+    let Some(chain) = Chain::shared().await else { return };
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let toml = paid_toml(&spawn_echo("api").await, &chain, &format!("http://127.0.0.1:{port}"))
-        + "[[routes]]\npath = \"/free\"\nupstream = \"api\"\n";
-    let gateway = start_gateway(&toml).await;
+        .route(Route::free("/free", "api"));
+    let gateway = start_gateway(&toml.build()).await;
     let buyer = PrivateKeySigner::random();
     chain.mint(buyer.address(), 5 * PRICE).await;
     let challenge = common::pay::decode_header(&get(&gateway.url("/report")).await.headers["payment-required"]);
@@ -188,7 +194,7 @@ async fn a_facilitator_outage_is_a_503_for_paid_routes_only_and_recovery_is_auto
     assert_eq!(get(&gateway.url("/free")).await.status, http::StatusCode::OK, "free routes keep working");
 
     // The facilitator comes back on its address: the same authorization now pays, nothing restarted.
-    let _facilitator = start_reference_facilitator(&chain, port);
+    let _facilitator = start_reference_facilitator(&node, &chain, port);
     let up = pay().await;
     assert_eq!(up.status, http::StatusCode::OK, "{}", up.text());
     assert_eq!(chain.balance(PAY_TO.parse().unwrap()).await, U256::from(PRICE));

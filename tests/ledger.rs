@@ -7,6 +7,7 @@ use alloy::primitives::U256;
 use alloy::providers::Provider;
 use alloy::signers::local::PrivateKeySigner;
 use common::chain::Chain;
+use common::config::{GatewayToml, Payment, Route};
 use common::pay::{self, Authorization};
 use common::*;
 use http::{Request, Response, StatusCode};
@@ -30,22 +31,16 @@ async fn fragile_upstream() -> Upstream {
     .await
 }
 
-fn toml(upstream: &Upstream, chain: &Chain, extra_payment: &str) -> String {
-    let routes = r#"[[routes]]
-path = "/goods"
-upstream = "api"
-amount = "1000"
-[[routes]]
-path = "/fail-after"
-upstream = "api"
-amount = "1000"
-[[routes]]
-path = "/fail-before"
-upstream = "api"
-amount = "1000"
-settle = "before"
-"#;
-    paid_config(&upstream.url(), "", extra_payment) + routes + &chain.network_toml()
+/// `/goods`, `/fail-after` and `/fail-before` (settled before the answer), each at 1000, on `chain`.
+fn toml(upstream: &Upstream, chain: &Chain) -> GatewayToml {
+    GatewayToml::new()
+        .listen()
+        .upstream("api", &upstream.url())
+        .payment(Payment::usdc())
+        .route(Route::paid("/goods", "api", "1000"))
+        .route(Route::paid("/fail-after", "api", "1000"))
+        .route(Route::paid("/fail-before", "api", "1000").settle("before"))
+        .network(chain.network())
 }
 
 async fn payment(gateway: &Gateway, path: &str, buyer: &PrivateKeySigner) -> String {
@@ -90,8 +85,8 @@ fn ledger_command(gateway: &Gateway, args: &[&str]) -> String {
 
 #[tokio::test]
 async fn every_payment_has_a_row_in_the_right_state_and_revenue_matches_the_chain() {
-    let chain = Chain::start().await;
-    let gateway = start_gateway(&toml(&fragile_upstream().await, &chain, "")).await;
+    let Some(chain) = Chain::shared().await else { return };
+    let gateway = start_gateway(&toml(&fragile_upstream().await, &chain).build()).await;
     let buyers: Vec<PrivateKeySigner> = (0..4).map(|_| PrivateKeySigner::random()).collect();
     for buyer in &buyers {
         chain.mint(buyer.address(), 10_000).await;
@@ -139,8 +134,10 @@ async fn every_payment_has_a_row_in_the_right_state_and_revenue_matches_the_chai
 
 #[tokio::test]
 async fn a_settlement_timeout_stays_pending_until_reconciliation_and_the_retry_delivers() {
-    let chain = Chain::start().await;
-    let gateway = start_gateway(&toml(&fragile_upstream().await, &chain, "settle_timeout_secs = 1")).await;
+    // An anvil of its own: it stops mining.
+    let Some(chain) = Chain::own().await else { return };
+    let toml = toml(&fragile_upstream().await, &chain).payment(Payment::usdc().set("settle_timeout_secs", 1));
+    let gateway = start_gateway(&toml.build()).await;
     let buyer = PrivateKeySigner::random();
     chain.mint(buyer.address(), 10_000).await;
     let header = payment(&gateway, "/goods", &buyer).await;
@@ -179,9 +176,9 @@ async fn a_settlement_timeout_stays_pending_until_reconciliation_and_the_retry_d
 
 #[tokio::test]
 async fn a_retry_whose_answer_is_too_big_to_keep_gets_a_409_with_the_transaction() {
-    let chain = Chain::start().await;
-    let toml = toml(&fragile_upstream().await, &chain, "") + "[ledger]\nanswers_max_body_bytes = 4\n";
-    let gateway = start_gateway(&toml).await;
+    let Some(chain) = Chain::shared().await else { return };
+    let toml = toml(&fragile_upstream().await, &chain).ledger("answers_max_body_bytes", 4);
+    let gateway = start_gateway(&toml.build()).await;
     let buyer = PrivateKeySigner::random();
     chain.mint(buyer.address(), 10_000).await;
     let header = payment(&gateway, "/goods", &buyer).await;
@@ -197,8 +194,8 @@ async fn a_retry_whose_answer_is_too_big_to_keep_gets_a_409_with_the_transaction
 
 #[tokio::test]
 async fn a_payment_identifier_is_the_idempotency_key() {
-    let chain = Chain::start().await;
-    let gateway = start_gateway(&toml(&fragile_upstream().await, &chain, "")).await;
+    let Some(chain) = Chain::shared().await else { return };
+    let gateway = start_gateway(&toml(&fragile_upstream().await, &chain).build()).await;
     let buyer = PrivateKeySigner::random();
     chain.mint(buyer.address(), 10_000).await;
     let challenge = pay::decode_header(&get(&gateway.url("/goods")).await.headers["payment-required"]);
@@ -298,11 +295,11 @@ async fn settled_without_a_hash(gateway: &Gateway, chain: &Chain, blocks_after: 
 
 #[tokio::test]
 async fn reconciliation_pages_its_event_search_and_finds_a_transfer_many_chunks_back() {
-    let chain = Chain::start().await;
+    // An anvil of its own: it mines blocks to put the transfer a known depth back.
+    let Some(chain) = Chain::own().await else { return };
     let relay = log_capped_relay(&chain, 500).await;
-    let toml = toml(&fragile_upstream().await, &chain, "").replace(&chain.rpc_url, &relay)
-        + "[ledger]\nreconcile_log_chunk_blocks = 500\n";
-    let gateway = start_gateway(&toml).await;
+    let through_relay = toml(&fragile_upstream().await, &chain).network(chain.network().rpc_url(&relay));
+    let gateway = start_gateway(&through_relay.clone().ledger("reconcile_log_chunk_blocks", 500).build()).await;
     // The transfer is four chunks deep: only a search that goes back chunk by chunk reaches it.
     let (id, transaction) = settled_without_a_hash(&gateway, &chain, 2_000).await;
 
@@ -311,7 +308,7 @@ async fn reconciliation_pages_its_event_search_and_finds_a_transfer_many_chunks_
     let row = gateway.pipeline.ledger().get(id).await.unwrap().unwrap();
     assert_eq!((row.state.as_str(), row.transaction), ("settled", Some(transaction)));
 
-    let zero = toml.replace("reconcile_log_chunk_blocks = 500", "reconcile_log_chunk_blocks = 0");
+    let zero = through_relay.ledger("reconcile_log_chunk_blocks", 0).build();
     let err = Config::parse(&zero, "g.toml".as_ref(), ".".as_ref(), &|_| None).map(|_| ()).unwrap_err().to_string();
     assert!(err.contains("ledger.reconcile_log_chunk_blocks") && err.contains("greater than zero"), "{err}");
 }
@@ -343,10 +340,11 @@ async fn a_node_that_fails_the_event_search_leaves_the_row_for_the_next_pass() {
     let writer = log.clone();
     let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
     let _logging = tracing::subscriber::set_default(subscriber);
-    let chain = Chain::start().await;
+    // An anvil of its own: it mines blocks.
+    let Some(chain) = Chain::own().await else { return };
     let refusing = log_capped_relay(&chain, 0).await;
-    let direct = toml(&fragile_upstream().await, &chain, "");
-    let gateway = start_gateway(&direct.replace(&chain.rpc_url, &refusing)).await;
+    let direct = toml(&fragile_upstream().await, &chain);
+    let gateway = start_gateway(&direct.clone().network(chain.network().rpc_url(&refusing)).build()).await;
     let (id, transaction) = settled_without_a_hash(&gateway, &chain, 10).await;
 
     // The chain says the money moved, but not by which transaction: the row waits rather than guess.
@@ -359,7 +357,7 @@ async fn a_node_that_fails_the_event_search_leaves_the_row_for_the_next_pass() {
     assert!(!logged.contains("SECRET-RPC-KEY"), "the RPC URL is not logged: {logged}");
 
     // With a node that answers, the next pass settles it with its transaction.
-    gateway.pipeline.reload(Config::parse(&direct, "g.toml".as_ref(), ".".as_ref(), &|_| None).unwrap());
+    gateway.pipeline.reload(Config::parse(&direct.build(), "g.toml".as_ref(), ".".as_ref(), &|_| None).unwrap());
     let report = gateway.pipeline.reconcile(x402_gateway::replay::unix_now() + 1).await.unwrap();
     assert_eq!((report.settled, report.unreachable), (1, 0), "{report:?}");
     let row = gateway.pipeline.ledger().get(id).await.unwrap().unwrap();

@@ -7,6 +7,7 @@ use alloy::primitives::U256;
 use alloy::signers::local::PrivateKeySigner;
 use bytes::Bytes;
 use common::chain::Chain;
+use common::config::{toml_value, GatewayToml, Payment, Route};
 use common::pay::{self, Authorization};
 use common::*;
 use http::{Request, Response, StatusCode};
@@ -99,43 +100,37 @@ struct Llm {
     seen_auth: Arc<Mutex<Vec<String>>>,
 }
 
-async fn llm() -> Llm {
+/// `None` when the test skips for want of anvil.
+async fn llm() -> Option<Llm> {
     let (release, release_rx) = mpsc::channel(8);
     let seen_auth = Arc::new(Mutex::new(Vec::new()));
     let upstream = fake_openai(Arc::new(tokio::sync::Mutex::new(release_rx)), seen_auth.clone()).await;
-    let chain = Chain::start().await;
-    let toml = format!(
-        r#"[server]
-listen = "127.0.0.1:0"
-max_body_bytes = 4096
-[upstreams.openai]
-url = "{}"
-headers = {{ Authorization = "Bearer ${{T_OPENAI_KEY}}" }}
-[payment]
-pay_to = "{PAY_TO}"
-network = "eip155:84532"
-asset = "USDC"
-[[routes]]
-path = "/v1/chat/completions"
-methods = ["POST"]
-upstream = "openai"
-settle = "before"
-description = "Chat completion"
-price = {{ by = "body.model", table = {{ "gpt-4o-mini" = "$0.002", "gpt-4o" = "$0.02" }} }}
-catalogue = "/v1/models"
-[[routes]]
-path = "/v1/embeddings"
-methods = ["POST"]
-upstream = "openai"
-settle = "after"
-price = {{ by = "body.model", table = {{ "text-embedding-3-small" = "$0.0001" }}, default = "$0.001" }}
-catalogue = "/v1/models"
-{}"#,
-        upstream.url(),
-        chain.network_toml()
-    );
+    let chain = Chain::shared().await?;
+    let chat = Route::free("/v1/chat/completions", "openai")
+        .methods(&["POST"])
+        .settle("before")
+        .set("description", "Chat completion")
+        .set("price", toml_value(r#"{ by = "body.model", table = { "gpt-4o-mini" = "$0.002", "gpt-4o" = "$0.02" } }"#))
+        .set("catalogue", "/v1/models");
+    let embeddings_price =
+        r#"{ by = "body.model", table = { "text-embedding-3-small" = "$0.0001" }, default = "$0.001" }"#;
+    let embeddings = Route::free("/v1/embeddings", "openai")
+        .methods(&["POST"])
+        .settle("after")
+        .set("price", toml_value(embeddings_price))
+        .set("catalogue", "/v1/models");
+    let toml = GatewayToml::new()
+        .listen()
+        .server("max_body_bytes", 4096)
+        .upstream("openai", &upstream.url())
+        .upstream_header("openai", "Authorization", "Bearer ${T_OPENAI_KEY}")
+        .payment(Payment::usdc())
+        .route(chat)
+        .route(embeddings)
+        .network(chain.network())
+        .build();
     let gateway = start_gateway_with_env(&toml, &[("T_OPENAI_KEY", OPERATOR_KEY)]).await;
-    Llm { chain, gateway, upstream, release, seen_auth }
+    Some(Llm { chain, gateway, upstream, release, seen_auth })
 }
 
 fn post(url: &str, body: &Value, extra: &[(&str, &str)]) -> Request<Full<Bytes>> {
@@ -161,7 +156,7 @@ impl Llm {
 
 #[tokio::test]
 async fn the_price_follows_the_model_and_the_challenge_is_deterministic() {
-    let m = llm().await;
+    let Some(m) = llm().await else { return };
     let mini = m.challenge("/v1/chat/completions", &json!({"model": "gpt-4o-mini", "messages": []})).await;
     let big = m.challenge("/v1/chat/completions", &json!({"model": "gpt-4o", "messages": []})).await;
     let (mini_offer, big_offer) =
@@ -176,7 +171,7 @@ async fn the_price_follows_the_model_and_the_challenge_is_deterministic() {
 
 #[tokio::test]
 async fn unknown_models_bad_bodies_and_big_bodies_are_refused_clearly() {
-    let m = llm().await;
+    let Some(m) = llm().await else { return };
     let unknown = m.challenge("/v1/chat/completions", &json!({"model": "o9-ultra"})).await;
     assert_eq!(unknown.status, StatusCode::BAD_REQUEST);
     assert_eq!(unknown.json()["error"], "unknown_price_key");
@@ -205,7 +200,7 @@ async fn unknown_models_bad_bodies_and_big_bodies_are_refused_clearly() {
 #[tokio::test]
 async fn a_paid_stream_flows_event_by_event_with_the_operators_key_and_settles_once() {
     let logs = logs();
-    let m = llm().await;
+    let Some(m) = llm().await else { return };
     let buyer = PrivateKeySigner::random();
     m.chain.mint(buyer.address(), 1_000_000).await;
     let body = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
@@ -261,7 +256,7 @@ async fn a_paid_stream_flows_event_by_event_with_the_operators_key_and_settles_o
 #[tokio::test]
 async fn a_json_answer_is_settled_after_delivery_with_its_usage_logged() {
     let logs = logs();
-    let m = llm().await;
+    let Some(m) = llm().await else { return };
     let buyer = PrivateKeySigner::random();
     m.chain.mint(buyer.address(), 1_000_000).await;
     let body = json!({"model": "text-embedding-3-small", "input": "hello"});
@@ -281,7 +276,7 @@ async fn a_json_answer_is_settled_after_delivery_with_its_usage_logged() {
 
 #[tokio::test]
 async fn the_model_catalogue_is_free_and_lists_every_price() {
-    let m = llm().await;
+    let Some(m) = llm().await else { return };
     let answer = get(&m.gateway.url("/v1/models")).await;
     assert_eq!(answer.status, StatusCode::OK);
     let list = answer.json();

@@ -6,8 +6,10 @@ mod common;
 use alloy::primitives::U256;
 use alloy::signers::local::PrivateKeySigner;
 use common::chain::Chain;
+use common::config::{toml_value, GatewayToml, Payment, Route};
 use common::facilitator::start_reference_facilitator;
 use common::pay::{self, Authorization};
+use common::tools::require_node;
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::Full;
@@ -17,27 +19,23 @@ use std::path::Path;
 use std::time::Duration;
 use x402_gateway::config::Config;
 
-fn toml(upstream: &Upstream, chain: &Chain, price: &str) -> String {
-    let routes = format!(
-        r#"[[routes]]
-path = "/free"
-upstream = "api"
-[[routes]]
-path = "/paid"
-methods = ["GET"]
-upstream = "api"
-price = "{price}"
-description = "Paid data"
-input = {{ type = "object", properties = {{ city = {{ type = "string" }} }} }}
-output = {{ type = "object", properties = {{ temperature = {{ type = "number" }} }} }}
-[[routes]]
-path = "/ask"
-methods = ["POST"]
-upstream = "api"
-price = {{ by = "body.model", table = {{ small = "$0.001", large = "$0.01" }} }}
-"#
-    );
-    paid_config(&upstream.url(), "admin_listen = \"127.0.0.1:0\"", "") + &routes + &chain.network_toml()
+/// `/free`, `/paid` at `price` (GET, with its schemas) and `/ask` priced by model (POST), with an admin listener.
+fn toml(upstream: &Upstream, chain: &Chain, price: &str) -> GatewayToml {
+    let paid = Route::priced("/paid", "api", price)
+        .methods(&["GET"])
+        .set("description", "Paid data")
+        .set("input", toml_value(r#"{ type = "object", properties = { city = { type = "string" } } }"#))
+        .set("output", toml_value(r#"{ type = "object", properties = { temperature = { type = "number" } } }"#));
+    let by_model = toml_value(r#"{ by = "body.model", table = { small = "$0.001", large = "$0.01" } }"#);
+    GatewayToml::new()
+        .listen()
+        .admin()
+        .upstream("api", &upstream.url())
+        .payment(Payment::usdc())
+        .route(Route::free("/free", "api"))
+        .route(paid)
+        .route(Route::free("/ask", "api").methods(&["POST"]).set("price", by_model))
+        .network(chain.network())
 }
 
 async fn admin_get(gateway: &Gateway, path: &str) -> Answer {
@@ -46,21 +44,20 @@ async fn admin_get(gateway: &Gateway, path: &str) -> Answer {
 
 #[tokio::test]
 async fn readiness_follows_the_chain_and_the_facilitator() {
-    let chain = Chain::start().await;
-    let facilitator = start_reference_facilitator(&chain, 0);
+    let Some(node) = require_node() else { return };
+    // An anvil of its own: it stops it and starts it again.
+    let Some(chain) = Chain::own().await else { return };
+    let facilitator = start_reference_facilitator(&node, &chain, 0);
     let upstream = spawn_echo("api").await;
     let toml = toml(&upstream, &chain, "$0.001")
-        + &format!(
-            "[[routes]]\npath = \"/remote\"\nupstream = \"api\"\nprice = \"$0.001\"\nfacilitator = \"{}\"\n",
-            facilitator.url
-        );
-    let gateway = start_gateway(&toml).await;
+        .route(Route::priced("/remote", "api", "$0.001").facilitator(&facilitator.url));
+    let gateway = start_gateway(&toml.build()).await;
     let ready = admin_get(&gateway, "/readyz").await;
     assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
     assert_eq!(ready.json()["checks"].as_array().unwrap().len(), 2);
 
     // The chain goes away: unready, naming it (and not its URL).
-    let port = chain.port();
+    let (port, facilitator_port) = (chain.port(), facilitator.port);
     drop(facilitator);
     drop(chain);
     let down = admin_get(&gateway, "/readyz").await;
@@ -86,9 +83,7 @@ async fn readiness_follows_the_chain_and_the_facilitator() {
 
     // Both come back: ready again, with nothing restarted in the gateway.
     let chain = Chain::start_at(port).await;
-    let facilitator_port =
-        toml.split("facilitator = \"http://127.0.0.1:").nth(1).and_then(|r| r.split('"').next()).unwrap();
-    let _facilitator = start_reference_facilitator(&chain, facilitator_port.parse().unwrap());
+    let _facilitator = start_reference_facilitator(&node, &chain, facilitator_port);
     let back = admin_get(&gateway, "/readyz").await;
     assert_eq!(back.status, StatusCode::OK, "{}", back.text());
 }
@@ -104,9 +99,9 @@ fn parse_metrics(text: &str) -> HashMap<String, f64> {
 
 #[tokio::test]
 async fn metrics_move_by_exactly_what_happened() {
-    let chain = Chain::start().await;
+    let Some(chain) = Chain::shared().await else { return };
     let upstream = spawn_echo("api").await;
-    let gateway = start_gateway(&toml(&upstream, &chain, "$0.001")).await;
+    let gateway = start_gateway(&toml(&upstream, &chain, "$0.001").build()).await;
     let buyer = PrivateKeySigner::random();
     chain.mint(buyer.address(), 1_000_000).await;
 
@@ -167,8 +162,8 @@ async fn metrics_move_by_exactly_what_happened() {
 
 #[tokio::test]
 async fn discovery_lists_exactly_the_paid_routes_with_their_schemas() {
-    let chain = Chain::start().await;
-    let gateway = start_gateway(&toml(&spawn_echo("api").await, &chain, "$0.001")).await;
+    let Some(chain) = Chain::shared().await else { return };
+    let gateway = start_gateway(&toml(&spawn_echo("api").await, &chain, "$0.001").build()).await;
     let answer = get(&gateway.url("/.well-known/x402")).await;
     assert_eq!(answer.status, StatusCode::OK);
     let doc = answer.json();
@@ -203,9 +198,9 @@ fn parse(toml: &str) -> Config {
 
 #[tokio::test]
 async fn a_reload_changes_prices_under_load_without_failing_a_request() {
-    let chain = Chain::start().await;
+    let Some(chain) = Chain::shared().await else { return };
     let upstream = spawn_echo("api").await;
-    let gateway = start_gateway(&toml(&upstream, &chain, "$0.001")).await;
+    let gateway = start_gateway(&toml(&upstream, &chain, "$0.001").build()).await;
     let buyer = PrivateKeySigner::random();
     chain.mint(buyer.address(), 1_000_000).await;
     // An authorization spent before the reload stays spent after it.
@@ -243,7 +238,7 @@ async fn a_reload_changes_prices_under_load_without_failing_a_request() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(30)).await;
-    gateway.pipeline.reload(parse(&toml(&upstream, &chain, "$0.005")));
+    gateway.pipeline.reload(parse(&toml(&upstream, &chain, "$0.005").build()));
     let mut seen = Vec::new();
     for handle in loops {
         seen.extend(handle.await.expect("no request failed"));
@@ -253,7 +248,7 @@ async fn a_reload_changes_prices_under_load_without_failing_a_request() {
     assert_eq!(after["accepts"][0]["amount"], "5000", "new requests see the new price");
 
     // Back to the first price: the authorization spent before both reloads is still refused.
-    gateway.pipeline.reload(parse(&toml(&upstream, &chain, "$0.001")));
+    gateway.pipeline.reload(parse(&toml(&upstream, &chain, "$0.001").build()));
     let metrics = parse_metrics(&admin_get(&gateway, "/metrics").await.text());
     assert_eq!(metrics.get("x402_gateway_nonce_reservations"), Some(&1.0), "reservations survive reloads");
     let replay = send(
@@ -290,14 +285,14 @@ async fn a_facilitators_free_text_reason_is_labelled_other() {
     let upstream = spawn_echo("api").await;
     let refusing = free_text_facilitator(true).await;
     let failing = free_text_facilitator(false).await;
-    let routes = format!(
-        "[[routes]]\npath = \"/refused\"\nupstream = \"api\"\namount = \"1000\"\n\
-         [[routes]]\npath = \"/unsettled\"\nupstream = \"api\"\namount = \"1000\"\nfacilitator = \"{}\"\n",
-        failing.url()
-    );
-    let payment = format!("facilitator = \"{}\"", refusing.url());
-    let gateway =
-        start_gateway(&(paid_config(&upstream.url(), "admin_listen = \"127.0.0.1:0\"", &payment) + &routes)).await;
+    let toml = GatewayToml::new()
+        .listen()
+        .admin()
+        .upstream("api", &upstream.url())
+        .payment(Payment::usdc().facilitator(&refusing.url()))
+        .route(Route::paid("/refused", "api", "1000"))
+        .route(Route::paid("/unsettled", "api", "1000").facilitator(&failing.url()));
+    let gateway = start_gateway(&toml.build()).await;
     let buyer = PrivateKeySigner::random();
     for path in ["/refused", "/unsettled"] {
         let challenge = pay::decode_header(&get(&gateway.url(path)).await.headers["payment-required"]);
@@ -327,12 +322,13 @@ async fn readiness_and_start_up_warnings_show_a_facilitator_url_without_its_key(
     let facilitator =
         spawn_upstream(|_req| async { http::Response::new(x402_gateway::proxy::body::full("{\"kinds\":[]}")) }).await;
     let facilitator_url = format!("{}/v2/{key}", facilitator.url());
-    let toml = paid_config(
-        &spawn_echo("api").await.url(),
-        "admin_listen = \"127.0.0.1:0\"",
-        &format!("facilitator = \"{facilitator_url}\""),
-    ) + "[[routes]]\npath = \"/paid\"\nupstream = \"api\"\namount = \"1000\"\n";
-    let gateway = start_gateway(&toml).await;
+    let toml = GatewayToml::new()
+        .listen()
+        .admin()
+        .upstream("api", &spawn_echo("api").await.url())
+        .payment(Payment::usdc().facilitator(&facilitator_url))
+        .route(Route::paid("/paid", "api", "1000"));
+    let gateway = start_gateway(&toml.build()).await;
     let ready = admin_get(&gateway, "/readyz").await;
     assert_eq!(ready.status, StatusCode::OK, "{}", ready.text());
     assert!(!ready.text().contains(key), "{}", ready.text());

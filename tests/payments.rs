@@ -7,6 +7,7 @@ use alloy::primitives::{address, Address, U256};
 use alloy::signers::local::PrivateKeySigner;
 use base64::Engine;
 use common::chain::Chain;
+use common::config::{toml_value, GatewayToml, Payment, Route};
 use common::pay::{self, Authorization};
 use common::*;
 use http::{Request, StatusCode};
@@ -16,25 +17,21 @@ use serde_json::{json, Value};
 const OTHER_PAY_TO: &str = "0x15d34AAf54267DB7D7c367839AAf71A00a2C6A65";
 
 fn paid_toml(upstream: &Upstream, chain: &Chain) -> String {
-    let routes = format!(
-        r#"[[routes]]
-path = "/weather"
-methods = ["GET", "HEAD"]
-upstream = "api"
-price = "$0.001"
-description = "Current weather"
-mime_type = "application/json"
-[[routes]]
-path = "/multi"
-upstream = "api"
-amount = "2500"
-accepts = [{{ pay_to = "{PAY_TO}" }}, {{ pay_to = "{OTHER_PAY_TO}", max_timeout_seconds = 60 }}]
-[[routes]]
-path = "/free"
-upstream = "api"
-"#
-    );
-    paid_config(&upstream.url(), "", "") + &routes + &chain.network_toml()
+    let accepts = format!(r#"[{{ pay_to = "{PAY_TO}" }}, {{ pay_to = "{OTHER_PAY_TO}", max_timeout_seconds = 60 }}]"#);
+    GatewayToml::new()
+        .listen()
+        .upstream("api", &upstream.url())
+        .payment(Payment::usdc())
+        .route(
+            Route::priced("/weather", "api", "$0.001")
+                .methods(&["GET", "HEAD"])
+                .set("description", "Current weather")
+                .set("mime_type", "application/json"),
+        )
+        .route(Route::paid("/multi", "api", "2500").set("accepts", toml_value(&accepts)))
+        .route(Route::free("/free", "api"))
+        .network(chain.network())
+        .build()
 }
 
 struct Setup {
@@ -44,14 +41,15 @@ struct Setup {
     chain: Chain,
 }
 
-/// A gateway selling routes priced in TestUSDC on a local chain, and a buyer holding 10 of it.
-async fn setup() -> Setup {
-    let chain = Chain::start().await;
+/// A gateway selling routes priced in TestUSDC on a local chain, and a buyer holding 10 of it; `None` when the
+/// test skips for want of anvil.
+async fn setup() -> Option<Setup> {
+    let chain = Chain::shared().await?;
     let upstream = spawn_echo("api").await;
     let gateway = start_gateway(&paid_toml(&upstream, &chain)).await;
     let buyer = PrivateKeySigner::random();
     chain.mint(buyer.address(), 10_000_000).await;
-    Setup { upstream, gateway, buyer, chain }
+    Some(Setup { upstream, gateway, buyer, chain })
 }
 
 impl Setup {
@@ -91,7 +89,7 @@ fn assert_refused(answer: &Answer, reason: &str, setup: &Setup) {
 
 #[tokio::test]
 async fn challenge_carries_v2_header_and_v1_body() {
-    let s = setup().await;
+    let Some(s) = setup().await else { return };
     let answer = get(&s.gateway.url("/weather?city=Paris")).await;
     assert_eq!(answer.status, StatusCode::PAYMENT_REQUIRED);
     assert_eq!(answer.headers["content-type"], "application/json");
@@ -147,7 +145,7 @@ async fn challenge_carries_v2_header_and_v1_body() {
 
 #[tokio::test]
 async fn several_offers_in_configured_order() {
-    let s = setup().await;
+    let Some(s) = setup().await else { return };
     let challenge = s.challenge("/multi").await;
     let accepts = challenge["accepts"].as_array().unwrap();
     assert_eq!(accepts.len(), 2);
@@ -172,7 +170,7 @@ async fn several_offers_in_configured_order() {
 
 #[tokio::test]
 async fn browser_gets_an_html_page_and_preflight_and_head_are_free() {
-    let s = setup().await;
+    let Some(s) = setup().await else { return };
     let browser = Request::get(s.gateway.url("/weather"))
         .header("accept", "text/html,application/xhtml+xml")
         .header("user-agent", "Mozilla/5.0 (X11; Linux x86_64)")
@@ -204,7 +202,7 @@ async fn browser_gets_an_html_page_and_preflight_and_head_are_free() {
 
 #[tokio::test]
 async fn valid_v2_payment_reaches_the_upstream_without_payment_headers() {
-    let s = setup().await;
+    let Some(s) = setup().await else { return };
     let answer = s.pay_v2("/weather", |_, _| {}).await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
     let echo = answer.json();
@@ -215,7 +213,7 @@ async fn valid_v2_payment_reaches_the_upstream_without_payment_headers() {
 
 #[tokio::test]
 async fn valid_v1_payment_reaches_the_upstream_without_payment_headers() {
-    let s = setup().await;
+    let Some(s) = setup().await else { return };
     let body = get(&s.gateway.url("/weather")).await.json();
     let v1_offer = &body["accepts"][0];
     // A v1 client signs from the v1 offer: same terms, v1 network name.
@@ -231,7 +229,7 @@ async fn valid_v1_payment_reaches_the_upstream_without_payment_headers() {
 
 #[tokio::test]
 async fn tampered_value_is_refused() {
-    let s = setup().await;
+    let Some(s) = setup().await else { return };
     let (resource, accepted) = s.offer("/weather").await;
     let auth = Authorization::for_offer(s.buyer.address(), &accepted);
     let mut payload = auth.sign(&s.buyer);
@@ -242,7 +240,7 @@ async fn tampered_value_is_refused() {
 
 #[tokio::test]
 async fn wrong_amounts_are_refused() {
-    let s = setup().await;
+    let Some(s) = setup().await else { return };
     let under = s.pay_v2("/weather", |a, _| a.message.value = U256::from(999)).await;
     assert_refused(&under, "invalid_exact_evm_authorization_value", &s);
     let over = s.pay_v2("/weather", |a, _| a.message.value = U256::from(1001)).await;
@@ -257,7 +255,7 @@ async fn wrong_amounts_are_refused() {
 
 #[tokio::test]
 async fn wrong_payee_asset_or_chain_are_refused() {
-    let s = setup().await;
+    let Some(s) = setup().await else { return };
     let thief = address!("00000000000000000000000000000000000000aa");
     let payee = s.pay_v2("/weather", |a, _| a.message.to = thief).await;
     assert_refused(&payee, "invalid_exact_evm_recipient_mismatch", &s);
@@ -272,7 +270,7 @@ async fn wrong_payee_asset_or_chain_are_refused() {
 
 #[tokio::test]
 async fn time_window_is_enforced() {
-    let s = setup().await;
+    let Some(s) = setup().await else { return };
     let now = pay::now();
     let expired = s.pay_v2("/weather", |a, _| a.message.validBefore = U256::from(now - 10)).await;
     assert_refused(&expired, "invalid_exact_evm_payload_authorization_valid_before", &s);
@@ -286,7 +284,7 @@ async fn time_window_is_enforced() {
 
 #[tokio::test]
 async fn bad_signatures_are_refused() {
-    let s = setup().await;
+    let Some(s) = setup().await else { return };
     let (resource, accepted) = s.offer("/weather").await;
     let auth = Authorization::for_offer(s.buyer.address(), &accepted);
     let by_other_key = auth.sign(&PrivateKeySigner::random());
@@ -301,7 +299,7 @@ async fn bad_signatures_are_refused() {
 
 #[tokio::test]
 async fn unknown_scheme_network_and_version_are_refused() {
-    let s = setup().await;
+    let Some(s) = setup().await else { return };
     let scheme = s.pay_v2("/weather", |_, accepted| accepted["scheme"] = json!("upto")).await;
     assert_refused(&scheme, "unsupported_scheme", &s);
     let network = s.pay_v2("/weather", |a, accepted| {
@@ -319,7 +317,7 @@ async fn unknown_scheme_network_and_version_are_refused() {
 
 #[tokio::test]
 async fn malformed_headers_are_400() {
-    let s = setup().await;
+    let Some(s) = setup().await else { return };
     let (resource, accepted) = s.offer("/weather").await;
     let auth = Authorization::for_offer(s.buyer.address(), &accepted);
     let mut bad_nonce = auth.sign(&s.buyer);
@@ -346,7 +344,7 @@ async fn malformed_headers_are_400() {
 
 #[tokio::test]
 async fn one_authorization_pays_for_one_call_even_concurrently() {
-    let s = setup().await;
+    let Some(s) = setup().await else { return };
     let (resource, accepted) = s.offer("/weather").await;
     let auth = Authorization::for_offer(s.buyer.address(), &accepted);
     let header = pay::v2_header(&resource, &accepted, auth.sign(&s.buyer));
@@ -384,7 +382,7 @@ async fn one_authorization_pays_for_one_call_even_concurrently() {
 
 #[tokio::test]
 async fn free_routes_ignore_payments_and_never_forward_them() {
-    let s = setup().await;
+    let Some(s) = setup().await else { return };
     let request = Request::get(s.gateway.url("/free"))
         .header("payment-signature", "anything")
         .header("x-payment", "anything")

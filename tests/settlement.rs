@@ -8,6 +8,7 @@ use alloy::providers::Provider;
 use alloy::signers::local::PrivateKeySigner;
 use bytes::Bytes;
 use common::chain::Chain;
+use common::config::{GatewayToml, Payment, Route};
 use common::pay::{self, Authorization};
 use common::*;
 use http::{Request, Response, StatusCode};
@@ -21,9 +22,14 @@ use x402_gateway::proxy::body::full;
 
 const PRICE: u64 = 1000;
 
-fn toml(upstream: &Upstream, chain: &Chain, settle: &str) -> String {
-    let routes = format!("[[routes]]\npath = \"/paid\"\nupstream = \"api\"\namount = \"{PRICE}\"\n");
-    paid_config(&upstream.url(), "", &format!("settle = \"{settle}\"")) + &routes + &chain.network_toml()
+/// `/paid` at `PRICE`, settled `settle` the answer on `chain`.
+fn toml(upstream: &Upstream, chain: &Chain, settle: &str) -> GatewayToml {
+    GatewayToml::new()
+        .listen()
+        .upstream("api", &upstream.url())
+        .payment(Payment::usdc().set("settle", settle))
+        .route(Route::paid("/paid", "api", &PRICE.to_string()))
+        .network(chain.network())
 }
 
 struct Market {
@@ -32,10 +38,11 @@ struct Market {
     gateway: Gateway,
 }
 
-async fn market(settle: &str, upstream: Upstream) -> Market {
-    let chain = Chain::start().await;
-    let gateway = start_gateway(&toml(&upstream, &chain, settle)).await;
-    Market { chain, upstream, gateway }
+/// `None` when the test skips for want of anvil.
+async fn market(settle: &str, upstream: Upstream) -> Option<Market> {
+    let chain = Chain::shared().await?;
+    let gateway = start_gateway(&toml(&upstream, &chain, settle).build()).await;
+    Some(Market { chain, upstream, gateway })
 }
 
 impl Market {
@@ -81,7 +88,7 @@ impl Market {
 
 #[tokio::test]
 async fn a_paid_call_moves_exactly_the_price_on_chain() {
-    let m = market("after", spawn_echo("api").await).await;
+    let Some(m) = market("after", spawn_echo("api").await).await else { return };
     let buyer = m.buyer(5_000).await;
     let answer = m.pay(&m.payment(&buyer).await).await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
@@ -94,7 +101,7 @@ async fn a_paid_call_moves_exactly_the_price_on_chain() {
 
 #[tokio::test]
 async fn a_hundred_concurrent_payments_all_settle() {
-    let m = market("after", spawn_echo("api").await).await;
+    let Some(m) = market("after", spawn_echo("api").await).await else { return };
     let mut headers = Vec::new();
     for _ in 0..100 {
         let buyer = m.buyer(PRICE).await;
@@ -122,7 +129,7 @@ async fn a_hundred_concurrent_payments_all_settle() {
 
 #[tokio::test]
 async fn a_retry_after_success_gets_the_same_answer_and_transfers_once() {
-    let m = market("after", spawn_echo("api").await).await;
+    let Some(m) = market("after", spawn_echo("api").await).await else { return };
     let buyer = m.buyer(5_000).await;
     let header = m.payment(&buyer).await;
     let first = m.pay(&header).await;
@@ -151,7 +158,7 @@ async fn a_failed_answer_is_not_charged_and_the_authorization_can_be_retried() {
         }
     })
     .await;
-    let m = market("after", upstream).await;
+    let Some(m) = market("after", upstream).await else { return };
     let buyer = m.buyer(5_000).await;
     let header = m.payment(&buyer).await;
     let failed = m.pay(&header).await;
@@ -169,7 +176,7 @@ async fn a_failed_answer_is_not_charged_and_the_authorization_can_be_retried() {
 
 #[tokio::test]
 async fn a_payer_without_balance_is_refused_before_the_upstream() {
-    let m = market("after", spawn_echo("api").await).await;
+    let Some(m) = market("after", spawn_echo("api").await).await else { return };
     let broke = m.buyer(PRICE - 1).await;
     let answer = m.pay(&m.payment(&broke).await).await;
     assert_eq!(answer.status, StatusCode::PAYMENT_REQUIRED);
@@ -191,7 +198,7 @@ async fn a_failed_settlement_withholds_the_answer_and_the_queue_goes_on() {
         }
     })
     .await;
-    let m = market("after", upstream).await;
+    let Some(m) = market("after", upstream).await else { return };
     let buyer = m.buyer(PRICE).await;
     let (first, second) = (m.payment(&buyer).await, m.payment(&buyer).await);
     let (a, b) = tokio::join!(m.pay(&first), m.pay(&second));
@@ -240,7 +247,7 @@ async fn settle_before_streams_the_answer_with_its_receipt() {
         }
     })
     .await;
-    let m = market("before", upstream).await;
+    let Some(m) = market("before", upstream).await else { return };
     let buyer = m.buyer(5_000).await;
     let request = Request::get(m.gateway.url("/paid"))
         .header("payment-signature", m.payment(&buyer).await)
@@ -265,14 +272,14 @@ async fn settle_before_streams_the_answer_with_its_receipt() {
 #[tokio::test]
 async fn rpc_down_makes_paid_routes_503_and_free_routes_keep_working() {
     let upstream = spawn_echo("api").await;
-    let chain = Chain::start().await;
+    let Some(chain) = Chain::shared().await else { return };
     let dead_rpc = {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}", listener.local_addr().unwrap())
     };
-    let toml = toml(&upstream, &chain, "after").replace(&chain.rpc_url, &dead_rpc)
-        + "[[routes]]\npath = \"/free\"\nupstream = \"api\"\n";
-    let gateway = start_gateway(&toml).await;
+    let toml =
+        toml(&upstream, &chain, "after").network(chain.network().rpc_url(&dead_rpc)).route(Route::free("/free", "api"));
+    let gateway = start_gateway(&toml.build()).await;
     let buyer = PrivateKeySigner::random();
     let challenge = pay::decode_header(&get(&gateway.url("/paid")).await.headers["payment-required"]);
     let auth = Authorization::for_offer(buyer.address(), &challenge["accepts"][0]);
@@ -301,7 +308,7 @@ async fn a_paid_answer_is_private_and_a_failed_settlement_is_not_stored() {
         }
     })
     .await;
-    let m = market("after", upstream).await;
+    let Some(m) = market("after", upstream).await else { return };
     let buyer = m.buyer(PRICE).await;
     let (first, second) = (m.payment(&buyer).await, m.payment(&buyer).await);
     let (a, b) = tokio::join!(m.pay(&first), m.pay(&second));

@@ -4,6 +4,7 @@
 mod common;
 
 use bytes::Bytes;
+use common::config::{GatewayToml, Route};
 use common::*;
 use http::{Request, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
@@ -17,30 +18,10 @@ use std::time::Duration;
 
 type TlsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// A TOML string literal holding `value` (paths here have no characters TOML and Rust escape differently).
-fn toml_str(value: &str) -> String {
-    format!("{value:?}")
-}
-
 /// A gateway with a plain and an HTTPS listener (the committed dev certificate), everything routed to `echo`.
 async fn start_tls_gateway(echo: &Upstream) -> Gateway {
-    let toml = format!(
-        r#"[server]
-listen = "127.0.0.1:0"
-tls_listen = "127.0.0.1:0"
-tls_cert = {cert}
-tls_key = {key}
-[upstreams.echo]
-url = "{url}"
-[[routes]]
-path = "/*"
-upstream = "echo"
-"#,
-        cert = toml_str(&repo_path("certs/server.crt").display().to_string()),
-        key = toml_str(&repo_path("certs/server.key").display().to_string()),
-        url = echo.url(),
-    );
-    start_gateway(&toml).await
+    let toml = GatewayToml::new().listen().tls().upstream("echo", &echo.url()).route(Route::free("/*", "echo"));
+    start_gateway(&toml.build()).await
 }
 
 /// A client trusting only the development CA; it offers only HTTP/1.1 or only h2 by ALPN.
@@ -170,20 +151,24 @@ async fn spawn_tls_upstream() -> std::net::SocketAddr {
     addr
 }
 
-/// Everything routed to the https upstream `secure` at `addr`; `extra` adds lines to `[upstreams.secure]`.
-fn secure_upstream_config(addr: std::net::SocketAddr, extra: &str) -> String {
-    format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.secure]\nurl = \"https://localhost:{}/base\"\n{extra}\n\
-         [[routes]]\npath = \"/*\"\nupstream = \"secure\"\n",
-        addr.port()
-    )
+/// Everything routed to the upstream `secure` at `{scheme}://localhost:{port}/base`, trusting `ca_file` if given.
+fn secure_upstream_config(scheme: &str, addr: std::net::SocketAddr, ca_file: Option<&str>) -> String {
+    let url = format!("{scheme}://localhost:{}/base", addr.port());
+    let toml = GatewayToml::new().listen().upstream("secure", &url).route(Route::free("/*", "secure"));
+    match ca_file {
+        Some(path) => toml.upstream_setting("secure", "ca_file", path).build(),
+        None => toml.build(),
+    }
+}
+
+fn dev_ca() -> String {
+    repo_path("certs/dev-ca.crt").display().to_string()
 }
 
 #[tokio::test]
 async fn an_https_upstream_is_trusted_through_its_ca_file_and_refused_without_it() {
     let upstream = spawn_tls_upstream().await;
-    let ca_file = format!("ca_file = {}", toml_str(&repo_path("certs/dev-ca.crt").display().to_string()));
-    let trusted = start_gateway(&secure_upstream_config(upstream, &ca_file)).await;
+    let trusted = start_gateway(&secure_upstream_config("https", upstream, Some(&dev_ca()))).await;
     for path in ["/one", "/two"] {
         let answer = get(&trusted.url(path)).await;
         assert_eq!(answer.status, StatusCode::OK, "{path}: {}", answer.text());
@@ -191,7 +176,7 @@ async fn an_https_upstream_is_trusted_through_its_ca_file_and_refused_without_it
     }
 
     // The same upstream without its CA: the webpki roots do not know it, so the handshake fails.
-    let untrusted = start_gateway(&secure_upstream_config(upstream, "")).await;
+    let untrusted = start_gateway(&secure_upstream_config("https", upstream, None)).await;
     let refused = get(&untrusted.url("/one")).await;
     assert_eq!(refused.status, StatusCode::BAD_GATEWAY, "{}", refused.text());
     assert_eq!(refused.json()["error"], "upstream_unavailable");
@@ -206,7 +191,7 @@ async fn a_ca_file_is_checked_at_load_and_named() {
             .unwrap_err()
             .to_string()
     };
-    let with = |path: &str| secure_upstream_config(addr, &format!("ca_file = {}", toml_str(path)));
+    let with = |path: &str| secure_upstream_config("https", addr, Some(path));
     let missing = parse(&with("/nonexistent/ca.pem"));
     assert!(missing.contains("upstreams.secure.ca_file") && missing.contains("cannot read"), "{missing}");
     // A PEM file with a key and no certificate.
@@ -217,11 +202,6 @@ async fn a_ca_file_is_checked_at_load_and_named() {
     std::fs::write(&garbage, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
     let garbage = parse(&with(&garbage.display().to_string()));
     assert!(garbage.contains("upstreams.secure.ca_file") && garbage.contains("not a usable CA"), "{garbage}");
-    let plain = secure_upstream_config(
-        addr,
-        &format!("ca_file = {}", toml_str(&repo_path("certs/dev-ca.crt").display().to_string())),
-    )
-    .replace("https://", "http://");
-    let plain = parse(&plain);
+    let plain = parse(&secure_upstream_config("http", addr, Some(&dev_ca())));
     assert!(plain.contains("upstreams.secure.ca_file") && plain.contains("https"), "{plain}");
 }

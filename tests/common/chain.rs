@@ -1,19 +1,21 @@
-//! A real local chain for the tests: `anvil` (installed into `.tools/` by `scripts/test.sh`) on a port the
-//! kernel picks, with the repository's EIP-3009 TestUSDC deployed. Dropping the `Chain` stops anvil.
+//! A real local chain for the tests: `anvil` (see `tools::anvil` for where it is found) on a port the kernel
+//! picks. A `Chain` is one test's part of it: a TestUSDC (the repository's EIP-3009 token) and accounts of its
+//! own, fresh and funded with ether, so that the tests sharing one anvil (`Chain::shared`) stay independent.
 
+use super::config::Network;
+use super::tools;
 use alloy::network::TransactionBuilder;
 use alloy::primitives::{Address, Bytes, B256, U256};
 use alloy::providers::{Provider, RootProvider};
 use alloy::rpc::types::TransactionRequest;
+use alloy::signers::local::PrivateKeySigner;
 use alloy::sol;
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-/// Anvil's deterministic dev accounts ("test test ... junk"): #0 deploys, #2 pays gas for settlements.
-pub const DEPLOYER: &str = "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266";
-pub const SETTLER_KEY: &str = "0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a";
-pub const FACILITATOR_KEY: &str = "0x7c852118294e51e653712a81e05800f419141751be58f605c371e15141b007a6";
 pub const CHAIN_ID: u64 = 84532;
 
 sol! {
@@ -39,41 +41,27 @@ pub fn transfer_call(payload: &serde_json::Value) -> transferWithAuthorizationCa
     }
 }
 
-pub struct Chain {
-    pub rpc_url: String,
-    pub token: Address,
-    pub provider: RootProvider,
-    anvil: Child,
+/// An anvil process (chain id 84532, as Base Sepolia, automining) under `sh`, which stops it when its stdin
+/// closes: when this is dropped, and also when the test binary ends, however it ends (the shared anvil is never
+/// dropped, and nothing runs at a process's exit to stop it otherwise).
+struct Anvil {
+    rpc_url: String,
+    shell: Child,
+    stdin: Option<ChildStdin>,
 }
 
-impl Drop for Chain {
-    fn drop(&mut self) {
-        let _ = self.anvil.kill();
-        let _ = self.anvil.wait();
-    }
-}
-
-fn anvil_path() -> String {
-    std::env::var("ANVIL").unwrap_or_else(|_| {
-        super::repo_path(".tools/anvil/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil").display().to_string()
-    })
-}
-
-impl Chain {
-    /// Starts anvil (chain id 84532, as Base Sepolia, automining) and deploys TestUSDC.
-    pub async fn start() -> Chain {
-        Chain::start_at(0).await
-    }
-
-    /// Like `start`, on a given port (0: the kernel picks), e.g. to bring a stopped chain back.
-    pub async fn start_at(port: u16) -> Chain {
-        let mut anvil = Command::new(anvil_path())
+impl Anvil {
+    fn start(program: &Path, port: u16) -> Anvil {
+        let mut shell = Command::new("/bin/sh")
+            .args(["-c", r#""$@" & read -r _; kill $!; wait"#, "sh"])
+            .arg(program)
             .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--chain-id", &CHAIN_ID.to_string()])
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .expect("anvil is not installed: run `bash scripts/test.sh`, which installs it");
-        let stdout = anvil.stdout.take().expect("piped stdout");
+            .expect("/bin/sh runs anvil");
+        let stdout = shell.stdout.take().expect("piped stdout");
         let (port_tx, port_rx) = std::sync::mpsc::channel();
         // Reads the bound port, then keeps draining anvil's log so that it never blocks on a full pipe.
         std::thread::spawn(move || {
@@ -84,9 +72,88 @@ impl Chain {
             }
         });
         let addr = port_rx.recv_timeout(Duration::from_secs(30)).expect("anvil started");
-        let rpc_url = format!("http://{addr}");
+        Anvil { rpc_url: format!("http://{addr}"), stdin: shell.stdin.take(), shell }
+    }
+}
+
+impl Drop for Anvil {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        // Returns once anvil has exited and its port is free again.
+        let _ = self.shell.wait();
+    }
+}
+
+pub struct Chain {
+    pub rpc_url: String,
+    pub token: Address,
+    pub provider: RootProvider,
+    /// Deploys contracts and lands authorizations (anvil signs for it).
+    pub deployer: Address,
+    /// The reference facilitator's key.
+    pub facilitator_key: String,
+    /// The gateway's settler key, in `network`.
+    settler_key: String,
+    /// The anvil stopped when this is dropped; `None` on the shared one.
+    own: Option<Anvil>,
+}
+
+impl Chain {
+    /// This test binary's anvil, started by the first test that asks and stopped when the binary ends, with a
+    /// token and accounts of this test's own; `None` when anvil is missing, once the test is reported skipped
+    /// (`tools::require`).
+    pub async fn shared() -> Option<Chain> {
+        static SHARED: OnceLock<Anvil> = OnceLock::new();
+        let program = tools::require(tools::anvil())?;
+        let rpc_url = SHARED.get_or_init(|| Anvil::start(&program, 0)).rpc_url.clone();
+        Some(Chain::on(rpc_url, None).await)
+    }
+
+    /// An anvil of this test's own, for a test that stops mining, stops the chain or mines blocks; `None` as
+    /// for `shared`.
+    pub async fn own() -> Option<Chain> {
+        let program = tools::require(tools::anvil())?;
+        Some(Chain::start_with(&program, 0).await)
+    }
+
+    /// Like `own`, but a missing anvil fails the test (a test that cannot skip yet).
+    pub async fn start() -> Chain {
+        Chain::start_at(0).await
+    }
+
+    /// Like `start`, on a given port (0: the kernel picks), e.g. to bring a stopped chain back.
+    pub async fn start_at(port: u16) -> Chain {
+        let program = tools::anvil().unwrap_or_else(|missing| panic!("this test needs {missing}"));
+        Chain::start_with(&program, port).await
+    }
+
+    async fn start_with(program: &Path, port: u16) -> Chain {
+        let anvil = Anvil::start(program, port);
+        Chain::on(anvil.rpc_url.clone(), Some(anvil)).await
+    }
+
+    /// Fresh accounts with ether, and a TestUSDC deployed by the new deployer.
+    async fn on(rpc_url: String, own: Option<Anvil>) -> Chain {
         let provider = x402_gateway::chain::connect(&rpc_url.parse().unwrap(), Duration::from_secs(10));
-        let mut chain = Chain { rpc_url, token: Address::ZERO, provider, anvil };
+        let (deployer, settler, facilitator) =
+            (PrivateKeySigner::random(), PrivateKeySigner::random(), PrivateKeySigner::random());
+        for account in [&deployer, &settler, &facilitator] {
+            let ether = U256::from(1_000u64) * U256::from(10u64).pow(U256::from(18u64));
+            let _: serde_json::Value =
+                provider.raw_request("anvil_setBalance".into(), (account.address(), ether)).await.unwrap();
+        }
+        let _: serde_json::Value =
+            provider.raw_request("anvil_impersonateAccount".into(), (deployer.address(),)).await.unwrap();
+        let key = |signer: &PrivateKeySigner| alloy::hex::encode_prefixed(signer.to_bytes());
+        let mut chain = Chain {
+            rpc_url,
+            token: Address::ZERO,
+            provider,
+            deployer: deployer.address(),
+            facilitator_key: key(&facilitator),
+            settler_key: key(&settler),
+            own,
+        };
         chain.token = chain.deploy("TestUSDC").await;
         chain
     }
@@ -96,7 +163,7 @@ impl Chain {
         let path = format!("contracts/{name}.bin");
         let hex = std::fs::read_to_string(super::repo_path(&path)).expect(&path);
         let code: Bytes = alloy::hex::decode(hex.trim()).expect("bytecode hex").into();
-        let deploy = TransactionRequest::default().from(DEPLOYER.parse().unwrap()).with_deploy_code(code);
+        let deploy = TransactionRequest::default().from(self.deployer).with_deploy_code(code);
         let receipt = self.provider.send_transaction(deploy).await.unwrap().get_receipt().await.unwrap();
         receipt.contract_address.expect("deployed")
     }
@@ -108,19 +175,16 @@ impl Chain {
     pub async fn mint(&self, to: Address, amount: u64) {
         use alloy::sol_types::SolCall;
         let call = mintCall { to, amount: U256::from(amount) }.abi_encode();
-        let tx = TransactionRequest::default()
-            .from(DEPLOYER.parse().unwrap())
-            .to(self.token)
-            .input(Bytes::from(call).into());
+        let tx = TransactionRequest::default().from(self.deployer).to(self.token).input(Bytes::from(call).into());
         let receipt = self.provider.send_transaction(tx).await.unwrap().get_receipt().await.unwrap();
         assert!(receipt.status(), "mint");
     }
 
-    /// Someone else (anvil's first account) submits an `exact` payload's authorization; returns the transaction.
+    /// Someone else (the deployer) submits an `exact` payload's authorization; returns the transaction.
     pub async fn land(&self, payload: &serde_json::Value) -> B256 {
         use alloy::sol_types::SolCall;
         let tx = TransactionRequest::default()
-            .from(DEPLOYER.parse().unwrap())
+            .from(self.deployer)
             .with_to(self.token)
             .with_input(transfer_call(payload).abi_encode());
         let receipt = self.provider.send_transaction(tx).await.unwrap().get_receipt().await.unwrap();
@@ -137,20 +201,25 @@ impl Chain {
         x402_gateway::chain::balance_of(&self.provider, self.token, who).await.unwrap()
     }
 
-    /// `[networks]` for this chain: TestUSDC as USDC, and the gateway's settler key.
+    /// `[networks."eip155:84532"]` for this chain: TestUSDC as USDC, and this test's settler key.
+    pub fn network(&self) -> Network {
+        let usdc = toml::Table::from_iter([
+            ("address".into(), self.token.to_string().into()),
+            ("decimals".into(), 6.into()),
+            ("eip712_name".into(), "USD Coin".into()),
+            ("eip712_version".into(), "2".into()),
+        ]);
+        let assets = toml::Table::from_iter([("USDC".into(), toml::Value::Table(usdc))]);
+        let network = toml::Table::from_iter([
+            ("rpc_url".into(), self.rpc_url.clone().into()),
+            ("settler_key".into(), self.settler_key.clone().into()),
+            ("assets".into(), toml::Value::Table(assets)),
+        ]);
+        Network::new(&format!("eip155:{CHAIN_ID}"), network)
+    }
+
+    /// `network` as TOML text.
     pub fn network_toml(&self) -> String {
-        format!(
-            r#"
-[networks."eip155:{CHAIN_ID}"]
-rpc_url = "{}"
-settler_key = "{SETTLER_KEY}"
-[networks."eip155:{CHAIN_ID}".assets.USDC]
-address = "{}"
-decimals = 6
-eip712_name = "USD Coin"
-eip712_version = "2"
-"#,
-            self.rpc_url, self.token
-        )
+        self.network().toml()
     }
 }

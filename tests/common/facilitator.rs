@@ -1,10 +1,11 @@
 //! The reference x402 facilitator (`tests/interop/facilitator.mjs`: `@x402/core` + `@x402/evm`) as a child
 //! process on loopback, settling on a test chain.
 
-use super::chain::{Chain, FACILITATOR_KEY};
+use super::chain::Chain;
+use super::tools::Node;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 
 pub struct Facilitator {
     pub url: String,
@@ -20,16 +21,15 @@ impl Drop for Facilitator {
 }
 
 /// Starts it on `port` (0: the kernel picks) and waits until it listens.
-pub fn start_reference_facilitator(chain: &Chain, port: u16) -> Facilitator {
-    let script = super::repo_path("tests/interop/facilitator.mjs");
-    let mut child = Command::new("node")
-        .arg(script)
+pub fn start_reference_facilitator(node: &Node, chain: &Chain, port: u16) -> Facilitator {
+    let mut child = node
+        .script("facilitator.mjs")
         .args(["--rpc", &chain.rpc_url, "--key-env", "X402_TEST_FACILITATOR_KEY", "--port", &port.to_string()])
-        .env("X402_TEST_FACILITATOR_KEY", FACILITATOR_KEY)
+        .env("X402_TEST_FACILITATOR_KEY", &chain.facilitator_key)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("node is installed");
+        .expect("node runs");
     let mut line = String::new();
     BufReader::new(child.stdout.take().expect("piped stdout")).read_line(&mut line).expect("facilitator output");
     let ready: Value =

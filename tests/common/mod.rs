@@ -2,8 +2,10 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod chain;
+pub mod config;
 pub mod facilitator;
 pub mod pay;
+pub mod tools;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -134,9 +136,10 @@ impl Drop for Gateway {
 /// The payee of the tests' paid routes (anvil's account #3).
 pub const PAY_TO: &str = "0x90F79bf6EB2c4f870365E785982E1f101E93b906";
 
-/// The start of a paid gateway's configuration: a plain listener on a free port, the upstream `api`, and
-/// `[payment]` in USDC on eip155:84532 to `PAY_TO`. `server` and `payment` add lines to those sections;
-/// routes and `[networks]` follow.
+/// The start of a paid gateway's configuration as text: a plain listener on a free port, the upstream `api`,
+/// and `[payment]` in USDC on eip155:84532 to `PAY_TO`. `server` and `payment` add lines to those sections;
+/// routes and `[networks]` follow. `config::GatewayToml` writes the same; tests/proxy.rs and
+/// tests/pay_command.rs still use this.
 pub fn paid_config(upstream: &str, server: &str, payment: &str) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n[upstreams.api]\nurl = \"{upstream}\"\n\
