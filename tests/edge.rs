@@ -9,8 +9,7 @@ use common::*;
 use http::StatusCode;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -70,16 +69,7 @@ async fn h1_status(tcp: &mut TcpStream, request: &[u8], wait: Duration) -> Optio
 }
 
 fn tls_connector() -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(repo_path("certs/dev-ca.crt")).expect("dev CA") {
-        roots.add(cert.expect("PEM certificate")).expect("trust anchor");
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(dev_ca_client_config()))
 }
 
 /// An HTTP/2 frame: length, type, flags, stream, payload.

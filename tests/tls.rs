@@ -26,17 +26,7 @@ async fn start_tls_gateway(echo: &Upstream) -> Gateway {
 
 /// A client trusting only the development CA; it offers only HTTP/1.1 or only h2 by ALPN.
 fn tls_client(http2: bool) -> TlsClient {
-    let mut roots = rustls::RootCertStore::empty();
-    let ca_path = repo_path("certs/dev-ca.crt");
-    for cert in CertificateDer::pem_file_iter(&ca_path).unwrap_or_else(|e| panic!("read {}: {e}", ca_path.display())) {
-        roots.add(cert.expect("PEM certificate in dev-ca.crt")).expect("dev CA accepted as a trust anchor");
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("TLS protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config).https_only();
+    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(dev_ca_client_config()).https_only();
     if http2 {
         Client::builder(TokioExecutor::new()).http2_only(true).build(builder.enable_http2().build())
     } else {

@@ -219,3 +219,20 @@ pub async fn send(client: &HttpClient, request: Request<Full<Bytes>>) -> Answer 
 pub async fn get(url: &str) -> Answer {
     send(&client(), Request::get(url).body(Full::default()).unwrap()).await
 }
+
+/// A TLS client configuration that trusts only the development CA (`certs/dev-ca.crt`).
+pub fn dev_ca_client_config() -> rustls::ClientConfig {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let ca_path = repo_path("certs/dev-ca.crt");
+    let certs = rustls_pki_types::CertificateDer::pem_file_iter(&ca_path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", ca_path.display()));
+    for cert in certs {
+        roots.add(cert.expect("PEM certificate in dev-ca.crt")).expect("dev CA accepted as a trust anchor");
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("TLS protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
