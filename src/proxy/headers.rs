@@ -14,8 +14,9 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
-/// Headers some frameworks obey in place of the request's method.
-const METHOD_OVERRIDES: [HeaderName; 3] = [
+/// Headers some frameworks obey in place of the request's method: a route was matched and priced for the
+/// request's own method, so they are not forwarded unless the route allows them.
+pub static METHOD_OVERRIDES: [HeaderName; 3] = [
     HeaderName::from_static("x-http-method-override"),
     HeaderName::from_static("x-http-method"),
     HeaderName::from_static("x-method-override"),
@@ -24,8 +25,9 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Removes the hop-by-hop headers, including every header that `Connection` names.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+/// Removes the hop-by-hop headers, including every header that `Connection` names, and the headers in `also`
+/// (in the same pass over the map).
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, also: &[HeaderName]) {
     // Without allocating on the usual path (one `Connection` value): names are looked up as the `&str`s they are.
     let mut connection = headers.get_all(header::CONNECTION).iter();
     let first = connection.next().cloned();
@@ -36,15 +38,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name.trim());
         }
     }
-    while let Some(hop) = headers.keys().find(|name| HOP_BY_HOP.contains(name)).cloned() {
+    while let Some(hop) = headers.keys().find(|name| HOP_BY_HOP.contains(name) || also.contains(name)).cloned() {
         headers.remove(hop);
-    }
-}
-
-/// Removes the method-override headers: the route was matched and priced for the request's own method.
-pub fn remove_method_overrides(headers: &mut HeaderMap) {
-    for name in &METHOD_OVERRIDES {
-        headers.remove(name);
     }
 }
 
@@ -82,7 +77,7 @@ mod tests {
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
-        remove_hop_by_hop(&mut h);
+        remove_hop_by_hop(&mut h, &[]);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::ACCEPT));
     }
@@ -112,7 +107,7 @@ mod tests {
         h.insert("x-two", HeaderValue::from_static("2"));
         h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
-        remove_hop_by_hop(&mut h);
+        remove_hop_by_hop(&mut h, &[]);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["accept"]);
     }

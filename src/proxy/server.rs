@@ -374,6 +374,8 @@ impl Connection<'_> {
         let (mut stopping, mut closing_since) = (false, None);
         let ended = loop {
             tokio::select! {
+                // The connection first, and no random start: it is what every wake-up is almost always for.
+                biased;
                 ended = connection.as_mut() => break ended,
                 _ = tokio::time::sleep(self.watch.next_look()), if closing_since.is_none() => match self.watch.look() {
                     Look::Open => {}

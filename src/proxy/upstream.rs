@@ -2,7 +2,7 @@
 //! header hygiene), send it over a pooled connection, and hand back the streamed answer.
 
 use super::body::{Body, BoxError, ClientBodyError};
-use super::headers::{remove_hop_by_hop, remove_method_overrides, set_forwarded};
+use super::headers::{remove_hop_by_hop, set_forwarded, METHOD_OVERRIDES};
 use super::pool;
 use crate::config::RouteSpec;
 use crate::error::GatewayError;
@@ -72,7 +72,7 @@ pub async fn send(request: Request<Body>, route: &RouteSpec) -> Result<Response<
         }
         Ok(Ok(response)) => response,
     };
-    remove_hop_by_hop(response.headers_mut());
+    remove_hop_by_hop(response.headers_mut(), &[]);
     upstream.answer_urls.clean(response.headers_mut(), route.strip_prefix.as_deref());
     Ok(response)
 }
@@ -95,13 +95,10 @@ pub fn upstream_request(
     *request.version_mut() = Version::HTTP_11;
 
     let headers = request.headers_mut();
-    remove_hop_by_hop(headers);
+    remove_hop_by_hop(headers, if route.forward_method_override { &[] } else { &METHOD_OVERRIDES });
     // A buyer's payment is for the gateway; the upstream never sees it.
     headers.remove(PAYMENT_SIGNATURE);
     headers.remove(X_PAYMENT);
-    if !route.forward_method_override {
-        remove_method_overrides(headers);
-    }
     set_forwarded(headers, &client.forwarded_for, client.proto, original_host);
     headers.insert(header::HOST, upstream.host.clone());
     for (name, value) in &upstream.headers {
