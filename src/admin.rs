@@ -1,6 +1,6 @@
 //! The admin listener's answers: liveness, readiness and metrics. It never shares a port with paid traffic.
 
-use crate::proxy::body::{full, json_response, Body};
+use crate::body::{full, json_response, Body};
 use http::{header, HeaderValue, Response, StatusCode};
 
 pub fn healthz() -> Response<Body> {

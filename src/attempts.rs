@@ -2,7 +2,7 @@
 //! one that passes it a facilitator's `/verify` or a simulation on the chain: a token bucket per address
 //! keeps one client from spending them faster than `attempt_rate_per_ip`.
 
-use crate::config::AttemptLimit;
+use crate::options::AttemptLimit;
 use crate::proxy::ClientAddress;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! `GET /v1/models`-style catalogues: the gateway lists what a price table sells, in OpenAI's list shape
 //! with each model's x402 price, so agents can discover what is for sale. Built once per configuration.
 
-use crate::config::RouteSpec;
+use crate::options::RouteSpec;
 use crate::pricing::{Offer, Pricing};
 use crate::x402::challenge::human_amount;
 use bytes::Bytes;

@@ -6,8 +6,8 @@
 //! template (`/users/:id`; a prefix's `*` becomes `:var1`), and the `bazaar` extension carries the same
 //! `routeTemplate` and a schema of its `pathParams`.
 
-use crate::config::RouteSpec;
-use crate::proxy::body::{json_response, Body};
+use crate::body::{json_response, Body};
+use crate::options::RouteSpec;
 use crate::x402::challenge::requirements_v2;
 use http::{header, HeaderValue, Response, StatusCode};
 use serde_json::{json, Value};

@@ -1,7 +1,7 @@
 //! Every way a request can fail, and in one table what the client sees for it: HTTP status and reason string.
 
-use crate::proxy::body::{json_response, Body};
-use crate::routing::PathError;
+use crate::body::{json_response, Body};
+use crate::paths::PathError;
 use http::{header, HeaderValue, Method, Response, StatusCode};
 
 #[derive(Debug, thiserror::Error)]

@@ -2,8 +2,10 @@
 //! The binary (`main.rs`) is a thin command line over this library.
 
 pub mod admin;
+pub mod answer_urls;
 pub mod answers;
 pub mod attempts;
+pub mod body;
 pub mod buyer;
 pub mod catalogue;
 pub mod config;
@@ -13,6 +15,8 @@ pub mod gate;
 pub mod ledger;
 pub mod logging;
 pub mod metrics;
+pub mod options;
+pub mod paths;
 pub mod pipeline;
 pub mod pricing;
 pub mod proxy;

@@ -1,8 +1,8 @@
 //! The respond stage of a paid call: the settlement receipt (`PAYMENT-RESPONSE` for v2 buyers,
 //! `X-PAYMENT-RESPONSE` for v1) on a delivered answer, or a 402 that carries the failed settlement.
 
+use crate::body::{json_response, Body};
 use crate::gate::Payment;
-use crate::proxy::body::{json_response, Body};
 use crate::settlement::{SettleFailure, Settled};
 use crate::x402::challenge::{EXPOSE_HEADERS, PAYMENT_RESPONSE, X_PAYMENT_RESPONSE};
 use crate::x402::codec;

@@ -2,7 +2,7 @@
 //! OpenAI-style JSON answer, or of the last SSE event that carries one (OpenAI's final chunk, Anthropic's
 //! `message_start`/`message_delta`). Logged with the payment when the answer ends; the base for per-token billing.
 
-use crate::proxy::body::{Body, BoxError};
+use crate::body::{Body, BoxError};
 use bytes::{Bytes, BytesMut};
 use http_body::{Frame, SizeHint};
 use serde_json::Value;
@@ -151,7 +151,7 @@ impl Drop for UsageTap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::body::full;
+    use crate::body::full;
     use http_body_util::BodyExt;
     use std::sync::{Arc, Mutex};
 

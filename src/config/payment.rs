@@ -3,6 +3,7 @@
 use super::file::{self, Terms};
 use super::{ConfigError, Validator};
 use crate::networks::{self, Asset, ChainKind, Network};
+use crate::options::{AttemptLimit, Bazaar, PaidRoute};
 use crate::pricing::{Offer, Price, PriceSource, PriceTable, Pricing};
 use crate::settlement::SettleMode;
 use crate::x402::exact_evm;
@@ -27,36 +28,8 @@ pub const DEFAULT_SETTLE_BATCH_WINDOW: Duration = Duration::from_millis(20);
 pub const MULTICALL3: Address = alloy::primitives::address!("0xcA11bde05977b3631167028862bE2a173976CA11");
 const LOCAL_FACILITATOR: &str = "local";
 
-/// What a paid route sells and for how much.
-#[derive(Debug)]
-pub struct PaidRoute {
-    /// Each set of offers is in a deterministic order: the route's `accepts` order (or its single offer).
-    pub pricing: Pricing,
-    pub description: String,
-    pub mime_type: String,
-    pub facilitator: FacilitatorChoice,
-    pub settle: SettleMode,
-    /// The bazaar discovery extension of this route's challenges, when it declares `input`/`output`.
-    pub bazaar: Option<Bazaar>,
-}
-
-/// Discovery metadata (x402 `bazaar` extension), rendered once at load.
-#[derive(Debug, Clone)]
-pub struct Bazaar {
-    /// `extensions.bazaar` of v2 challenges: `{info, schema}`.
-    pub extension: serde_json::Value,
-    /// `accepts[].outputSchema` of v1 challenges.
-    pub output_schema_v1: serde_json::Value,
-}
-
 pub const DEFAULT_ATTEMPT_RATE_PER_IP: u32 = 50;
 pub const DEFAULT_ATTEMPT_BURST_PER_IP: u32 = 200;
-
-#[derive(Debug, Clone, Copy)]
-pub struct AttemptLimit {
-    pub per_second: u32,
-    pub burst: u32,
-}
 
 pub use x402_chain::options::{BatchSettings, FacilitatorChoice, RemoteConfig, SettlementOptions, SettlerConfig};
 

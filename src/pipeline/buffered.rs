@@ -1,8 +1,8 @@
 //! Request bodies read whole before the 402, to price them: each must arrive within a deadline, and all of
 //! them together within one memory budget, so unpaid requests cannot pin the gateway's memory.
 
+use crate::body::Body;
 use crate::error::GatewayError;
-use crate::proxy::body::Body;
 use crate::proxy::upstream::caused_by;
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -98,7 +98,7 @@ impl BodyBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::body::full;
+    use crate::body::full;
 
     #[tokio::test]
     async fn shares_are_taken_as_bodies_grow_and_given_back_when_dropped() {

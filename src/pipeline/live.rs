@@ -2,9 +2,9 @@
 
 use super::buffered::{BodyBudget, Held};
 use super::Live;
+use crate::body::{full, Body, BoxError, ClientBodyError};
 use crate::config::{PaidRoute, RouteSpec};
 use crate::error::GatewayError;
-use crate::proxy::body::{full, Body, BoxError, ClientBodyError};
 use crate::proxy::cors;
 use crate::proxy::upstream::ClientInfo;
 use crate::routing::Miss;

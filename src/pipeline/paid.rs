@@ -4,11 +4,11 @@
 use super::context::RequestContext;
 use super::{read_to_limit, Gateway, ReadError};
 use crate::answers::StoredAnswer;
+use crate::body::{full, json_response, Body};
 use crate::config::RouteSpec;
 use crate::error::GatewayError;
 use crate::gate::{Hold, Payment};
 use crate::ledger::{Ledger, Row, State};
-use crate::proxy::body::{full, json_response, Body};
 use crate::respond;
 use crate::settlement::{BeforeBroadcast, Facilitator, SettleFailure, Settled};
 use crate::usage::{OnEnd, UsageTap};

@@ -1,7 +1,5 @@
 //! Transport: listeners, TLS, connection limits, the upstream client and header hygiene.
 
-pub mod answer_urls;
-pub mod body;
 mod connection;
 pub mod cors;
 pub mod headers;
@@ -10,5 +8,6 @@ pub mod server;
 pub mod tls;
 pub mod upstream;
 
+pub use crate::body;
 pub use connection::ClientAddress;
 pub use x402_chain::client;

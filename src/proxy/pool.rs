@@ -6,7 +6,7 @@
 //! client, for TLS and HTTP/2.)
 
 use super::body::{Body, BoxError};
-use crate::config::Upstream;
+use crate::options::Upstream;
 use bytes::Bytes;
 use http::uri::Authority;
 use http::{Request, Response, Uri};

@@ -4,9 +4,9 @@
 use super::body::{Body, BoxError, ClientBodyError};
 use super::headers::{remove_hop_by_hop, set_forwarded, METHOD_OVERRIDES};
 use super::pool;
-use crate::config::RouteSpec;
 use crate::error::GatewayError;
-use crate::routing::path::segments;
+use crate::options::RouteSpec;
+use crate::paths::segments;
 use crate::x402::challenge::{PAYMENT_SIGNATURE, X_PAYMENT};
 use http::uri::Scheme;
 use http::{header, HeaderValue, Request, Response, Uri, Version};
@@ -131,7 +131,7 @@ fn forwarded_uri(client_uri: &Uri, route: &RouteSpec, canonical_path: &str) -> R
         Some(q) => format!("{origin}{}{path}?{q}", upstream.base_path),
         None => format!("{origin}{}{path}", upstream.base_path),
     };
-    uri.parse::<Uri>().map_err(|_| GatewayError::BadPath(crate::routing::PathError::BadEscape))
+    uri.parse::<Uri>().map_err(|_| GatewayError::BadPath(crate::paths::PathError::BadEscape))
 }
 
 /// The canonical path with `strip_prefix`'s segments removed (the route matched, so they are there).

@@ -1,12 +1,8 @@
 //! The route table: method + canonical path → the most specific route. Built once per configuration.
 
-pub mod path;
-mod pattern;
+pub use crate::paths::{self as path, canonicalize, PathError, PathPattern};
 
-pub use path::{canonicalize, PathError};
-pub use pattern::PathPattern;
-
-use crate::config::RouteSpec;
+use crate::options::RouteSpec;
 use http::Method;
 use std::borrow::Cow;
 use std::collections::HashMap;

@@ -5,9 +5,9 @@
 use super::codec;
 use super::wire::{PaymentRequiredV1, PaymentRequiredV2, RequirementsV1, ResourceInfo};
 use super::Rejection;
-use crate::config::Bazaar;
+use crate::body::{full, Body};
+use crate::options::Bazaar;
 use crate::pricing::Offer;
-use crate::proxy::body::{full, Body};
 use alloy::primitives::U256;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 

@@ -19,7 +19,7 @@ pub struct AnswerUrls {
     host: String,
     /// The port, the scheme's default filled in.
     port: u16,
-    /// As [`crate::config::Upstream::base_path`]: no trailing slash, empty for the root.
+    /// As [`crate::options::Upstream::base_path`]: no trailing slash, empty for the root.
     base_path: String,
     /// Names of the injected query parameters: a URL's parameter of that name goes, whatever its value.
     params: Vec<String>,

@@ -2,6 +2,10 @@
 //! the route the gateway charges for is the resource the upstream serves (`//paid`, `/%70aid` and `/./paid`
 //! cannot reach a free route while the upstream still answers `/paid`).
 
+mod pattern;
+
+pub use pattern::PathPattern;
+
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
     #[error("the path contains an invalid percent-escape")]

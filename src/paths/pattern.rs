@@ -1,6 +1,6 @@
 //! Route path patterns: exact (`/weather`), named segments (`/users/:id`) and prefix (`/public/*`).
 
-use super::path::{canonical_segment, segments};
+use super::{canonical_segment, segments};
 use std::cmp::Reverse;
 
 #[derive(Debug, Clone)]
