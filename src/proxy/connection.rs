@@ -93,6 +93,11 @@ impl Activity {
         InFlight(self.clone())
     }
 
+    /// Whether any request has started on the connection.
+    pub fn served_any(&self) -> bool {
+        self.now().0 != 0
+    }
+
     /// (requests started, requests in flight)
     fn now(&self) -> (u32, u32) {
         let word = self.0.load(Ordering::Relaxed);

@@ -323,6 +323,7 @@ impl AcceptLoop {
                 let _held = (permit, ip_slot, open);
                 let activity = Arc::new(Activity::default());
                 let watch = IdleWatch::new(activity.clone(), first_request, idle);
+                let served = activity.clone();
                 let service_client = client.clone();
                 let service = service_fn(move |request: Request<Incoming>| {
                     let (gateway, client) = (gateway.clone(), service_client.clone());
@@ -336,7 +337,7 @@ impl AcceptLoop {
                         Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
                     }
                 });
-                let connection = Connection { builder: &builder, watch, stop, client: &client };
+                let connection = Connection { builder: &builder, activity: served, watch, stop, client: &client };
                 match tls {
                     None => connection.serve(tcp, service).await,
                     Some(acceptor) => match tokio::time::timeout(first_request, acceptor.accept(tcp)).await {
@@ -355,13 +356,21 @@ impl AcceptLoop {
 /// One accepted connection, served until it ends, idles, or the server stops.
 struct Connection<'a> {
     builder: &'a auto::Builder<TokioExecutor>,
+    activity: Arc<Activity>,
     watch: IdleWatch,
     stop: watch::Receiver<()>,
     client: &'a ClientInfo,
 }
 
+/// Why a connection's watcher says it must close.
+enum Close {
+    Unused,
+    Idle,
+    Stop,
+}
+
 impl Connection<'_> {
-    async fn serve<IO, S>(mut self, io: IO, service: S)
+    async fn serve<IO, S>(self, io: IO, service: S)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: hyper::service::Service<Request<Incoming>, Response = hyper::Response<Tracked>, Error = Infallible>
@@ -371,33 +380,56 @@ impl Connection<'_> {
     {
         let connection = self.builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(connection);
-        let (mut stopping, mut closing_since) = (false, None);
-        let ended = loop {
-            tokio::select! {
-                // The connection first, and no random start: it is what every wake-up is almost always for.
-                biased;
-                ended = connection.as_mut() => break ended,
-                _ = tokio::time::sleep(self.watch.next_look()), if closing_since.is_none() => match self.watch.look() {
-                    Look::Open => {}
-                    Look::Unused => return tracing::debug!(peer = %self.client.peer, "closed: no request in time"),
-                    Look::Idle => {
-                        connection.as_mut().graceful_shutdown();
-                        closing_since = Some(tokio::time::Instant::now());
-                    }
-                },
-                // A peer that never lets a graceful close finish (an h2 GOAWAY left unacknowledged) is cut off.
-                _ = tokio::time::sleep_until(closing_since.unwrap_or_else(tokio::time::Instant::now) + CLOSING_GRACE),
-                    if closing_since.is_some() => return,
-                _ = self.stop.changed(), if !stopping => {
-                    stopping = true;
+        // The clocks run in a task of their own, so that the connection's own wake-ups (a request, an
+        // answer) poll nothing else but this one-shot signal.
+        let (close_tx, close_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(watch_connection(self.watch, self.stop, close_tx));
+        let ended = tokio::select! {
+            biased;
+            ended = connection.as_mut() => ended,
+            close = close_rx => match close {
+                Ok(Close::Unused) => return tracing::debug!(peer = %self.client.peer, "closed: no request in time"),
+                // Nothing to finish: a connection that never sent a request is closed at once.
+                Ok(Close::Stop) if !self.activity.served_any() => return,
+                Ok(Close::Idle) => {
                     connection.as_mut().graceful_shutdown();
+                    // A peer that never lets a graceful close finish (an h2 GOAWAY left unacknowledged) is cut off.
+                    match tokio::time::timeout(CLOSING_GRACE, connection.as_mut()).await {
+                        Ok(ended) => ended,
+                        Err(_) => return,
+                    }
                 }
-            }
+                Ok(Close::Stop) | Err(_) => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.as_mut().await
+                }
+            },
         };
         if let Err(err) = ended {
             log_connection_error(&*err, self.client);
         }
     }
+}
+
+/// Looks at a connection on its idle clock, and listens for the server's stop, until the connection ends
+/// (`close` is dropped) or must close (said once, on `close`).
+async fn watch_connection(
+    mut watch: IdleWatch,
+    mut stop: watch::Receiver<()>,
+    mut close: tokio::sync::oneshot::Sender<Close>,
+) {
+    let reason = loop {
+        tokio::select! {
+            _ = close.closed() => return,
+            _ = tokio::time::sleep(watch.next_look()) => match watch.look() {
+                Look::Open => {}
+                Look::Unused => break Close::Unused,
+                Look::Idle => break Close::Idle,
+            },
+            _ = stop.changed() => break Close::Stop,
+        }
+    };
+    let _ = close.send(reason);
 }
 
 /// How long an idle connection asked to close may take to do so.
