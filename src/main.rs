@@ -9,7 +9,6 @@ use x402_gateway::ledger;
 use x402_gateway::logging::{self, LogFormat};
 use x402_gateway::pipeline::Gateway;
 use x402_gateway::pricing::Pricing;
-use x402_gateway::proxy::server::Server;
 use x402_gateway::routing::RouteTable;
 use x402_gateway::settlement::SettleMode;
 use x402_gateway::text::redacted_url;
@@ -462,9 +461,9 @@ fn run(path: &std::path::Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match Server::bind(config).await {
+        match x402_gateway::pipeline::bind(config).await {
             Ok(server) => {
-                tokio::spawn(reload_on(hangups, server.gateway().clone(), path.to_path_buf()));
+                tokio::spawn(reload_on(hangups, server.handler().clone(), path.to_path_buf()));
                 server.run(shutdown).await;
                 tracing::info!("stopped");
                 ExitCode::SUCCESS

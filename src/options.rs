@@ -32,7 +32,7 @@ pub struct LedgerSettings {
     pub answers_ttl: Duration,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: Option<SocketAddr>,
     pub tls: Option<TlsListener>,

@@ -21,6 +21,7 @@ use crate::ledger::{self, Ledger, LedgerError, NewPayment, Reconciled};
 use crate::metrics::Metrics;
 use crate::pricing::Offer;
 use crate::proxy::headers::names_host;
+use crate::proxy::server::{Handler, Server};
 use crate::proxy::upstream::{self, upstream_request, ClientInfo};
 use crate::replay::{unix_now, NonceKey};
 use crate::routing::{self, RouteTable};
@@ -199,7 +200,7 @@ impl Gateway {
     /// Serves one request on a public listener. A request that carries a payment runs in a task of its own: a
     /// client that goes away cannot cut a payment's steps in half (a reservation held, a row half written);
     /// the answer is simply dropped. Other requests change nothing, and are served in the connection's task.
-    pub async fn handle(self: Arc<Self>, request: Request<Incoming>, client: ClientInfo) -> Response<Body> {
+    async fn handle_public(self: Arc<Self>, request: Request<Incoming>, client: ClientInfo) -> Response<Body> {
         if !carries_payment(request.headers()) {
             return self.serve(request, client).await;
         }
@@ -414,7 +415,7 @@ impl Gateway {
         warnings
     }
 
-    pub async fn handle_admin(&self, request: Request<Incoming>) -> Response<Body> {
+    async fn answer_admin(&self, request: Request<Incoming>) -> Response<Body> {
         match (request.method(), request.uri().path()) {
             (&http::Method::GET, "/healthz") => admin::healthz(),
             (&http::Method::GET, "/readyz") => admin::readyz(self.live().facilitators.readiness().await),
@@ -422,6 +423,46 @@ impl Gateway {
             _ => admin::not_found(),
         }
     }
+}
+
+/// The listeners serve the gateway: public requests through the pipeline, admin requests, and the
+/// background work (reconciliation, the facilitators' start-up check) once they accept.
+impl Handler for Gateway {
+    fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        client: ClientInfo,
+    ) -> impl std::future::Future<Output = Response<Body>> + Send {
+        self.handle_public(request, client)
+    }
+
+    async fn handle_admin(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        self.answer_admin(request).await
+    }
+
+    fn started(self: Arc<Self>) {
+        tokio::spawn(self.clone().reconcile_forever());
+        tokio::spawn(async move {
+            for warning in self.facilitator_warnings().await {
+                tracing::warn!("{warning}");
+            }
+        });
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Listen(#[from] crate::proxy::server::StartError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+/// The gateway on `config` (its ledger opened) and its bound listeners, ready to run.
+pub async fn bind(config: Config) -> Result<Server<Gateway>, StartError> {
+    let server = config.server.clone();
+    let gateway = Arc::new(Gateway::new(config).await?);
+    Ok(Server::bind(&server, gateway).await?)
 }
 
 fn carries_payment(headers: &http::HeaderMap) -> bool {

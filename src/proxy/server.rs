@@ -4,12 +4,12 @@
 use super::connection::{Activity, IdleWatch, Look, PerIpCap, Tracked};
 use super::tls::{self, TlsError};
 use super::upstream::ClientInfo;
-use crate::config::{Config, Limits};
+use crate::body::Body;
 use crate::logging::{self, AccessLine};
-use crate::pipeline::Gateway;
+use crate::options::{Limits, ServerConfig};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper::Request;
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
@@ -28,8 +28,24 @@ pub enum StartError {
     Bind { key: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error(transparent)]
-    Ledger(#[from] crate::ledger::LedgerError),
+}
+
+/// What a server serves: the gateway's pipeline, say. The server knows listeners and connections, not what
+/// the requests are for.
+pub trait Handler: Send + Sync + 'static {
+    /// A request on a public listener, from `client`.
+    fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        client: ClientInfo,
+    ) -> impl Future<Output = Response<Body>> + Send;
+
+    /// A request on the admin listener.
+    fn handle_admin(self: Arc<Self>, request: Request<Incoming>) -> impl Future<Output = Response<Body>> + Send;
+
+    /// Called once, on the runtime that runs the server, when its listeners accept: background work starts
+    /// here.
+    fn started(self: Arc<Self>) {}
 }
 
 /// Which handler a listener serves.
@@ -47,38 +63,37 @@ struct Listener {
     tls: Option<TlsAcceptor>,
 }
 
-/// The bound listeners of one gateway, ready to [`Server::run`].
-pub struct Server {
-    gateway: Arc<Gateway>,
+/// Bound listeners and what they serve, ready to [`Server::run`].
+pub struct Server<H> {
+    handler: Arc<H>,
     listeners: Vec<Listener>,
     limits: Limits,
 }
 
-impl Server {
-    pub async fn bind(config: Config) -> Result<Server, StartError> {
+impl<H: Handler> Server<H> {
+    /// Binds the listeners `server` names, to serve `handler`.
+    pub async fn bind(server: &ServerConfig, handler: Arc<H>) -> Result<Server<H>, StartError> {
         let mut listeners = Vec::new();
-        if let Some(addr) = config.server.listen {
+        if let Some(addr) = server.listen {
             listeners.push(Listener {
                 socket: bind("server.listen", addr).await?,
                 role: Role::Public { proto: "http" },
                 tls: None,
             });
         }
-        if let Some(tls) = &config.server.tls {
+        if let Some(tls) = &server.tls {
             let acceptor = tls::acceptor(&tls.cert, &tls.key)?;
             let socket = bind("server.tls_listen", tls.listen).await?;
             listeners.push(Listener { socket, role: Role::Public { proto: "https" }, tls: Some(acceptor) });
         }
-        if let Some(addr) = config.server.admin_listen {
+        if let Some(addr) = server.admin_listen {
             listeners.push(Listener { socket: bind("server.admin_listen", addr).await?, role: Role::Admin, tls: None });
         }
-        let limits = config.server.limits.clone();
-        let gateway = Arc::new(Gateway::new(config).await?);
-        Ok(Server { gateway, listeners, limits })
+        Ok(Server { handler, listeners, limits: server.limits.clone() })
     }
 
-    pub fn gateway(&self) -> &Arc<Gateway> {
-        &self.gateway
+    pub fn handler(&self) -> &Arc<H> {
+        &self.handler
     }
 
     /// Bound address of the plain HTTP listener.
@@ -112,7 +127,7 @@ impl Server {
         let (open_tx, mut open_rx) = tokio::sync::mpsc::channel::<()>(1);
         let limits = &self.limits;
         let public_loop = AcceptLoop {
-            gateway: self.gateway.clone(),
+            handler: self.handler.clone(),
             builder: Arc::new(http_builder(limits)),
             budget: Budget {
                 permits: Arc::new(Semaphore::new(limits.max_connections)),
@@ -161,13 +176,7 @@ impl Server {
         }
         // The accept loops hold the only handles left: a listener closes as soon as they stop.
         drop((public, workers_tx, public_loop, admin_loop));
-        tokio::spawn(self.gateway.clone().reconcile_forever());
-        let gateway = self.gateway.clone();
-        tokio::spawn(async move {
-            for warning in gateway.facilitator_warnings().await {
-                tracing::warn!("{warning}");
-            }
-        });
+        self.handler.clone().started();
         shutdown.await;
         tracing::info!("shutting down: no new connections; waiting for open ones");
         // Ends the accept loops, and asks every open connection to finish what it serves and close.
@@ -200,8 +209,8 @@ fn cores() -> usize {
 }
 
 /// What a worker thread runs: its own runtime, accepting from every public listener until told to stop.
-struct Worker {
-    accept: AcceptLoop,
+struct Worker<H> {
+    accept: AcceptLoop<H>,
     listeners: Vec<Listener>,
     stop: watch::Receiver<()>,
     /// Set once the graceful shutdown is over: until then the worker's connections are still served.
@@ -209,7 +218,7 @@ struct Worker {
     running: tokio::sync::mpsc::Sender<()>,
 }
 
-impl Worker {
+impl<H: Handler> Worker<H> {
     fn run(self) {
         // Access lines are written when the worker runs out of work: one write(2) for a burst of requests.
         let built = tokio::runtime::Builder::new_current_thread()
@@ -265,9 +274,8 @@ struct Budget {
     per_ip: Option<Arc<PerIpCap>>,
 }
 
-#[derive(Clone)]
-struct AcceptLoop {
-    gateway: Arc<Gateway>,
+struct AcceptLoop<H> {
+    handler: Arc<H>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     budget: Budget,
     /// For the TLS handshake, then again for the first request once the protocol runs.
@@ -276,7 +284,21 @@ struct AcceptLoop {
     open: tokio::sync::mpsc::Sender<()>,
 }
 
-impl AcceptLoop {
+// By hand: a derived Clone would ask `H: Clone`, and only the `Arc` is cloned.
+impl<H> Clone for AcceptLoop<H> {
+    fn clone(&self) -> Self {
+        AcceptLoop {
+            handler: self.handler.clone(),
+            builder: self.builder.clone(),
+            budget: self.budget.clone(),
+            first_request: self.first_request,
+            idle: self.idle,
+            open: self.open.clone(),
+        }
+    }
+}
+
+impl<H: Handler> AcceptLoop<H> {
     /// Accepts on `listener` (shared with other threads, registered with this thread's runtime) until `stop`.
     async fn run(self, listener: Listener, mut stop: watch::Receiver<()>) {
         let socket = match listener.socket.try_clone().and_then(TcpListener::from_std) {
@@ -314,8 +336,8 @@ impl AcceptLoop {
                 _ = stop.changed() => return,
             };
             let _ = tcp.set_nodelay(true);
-            let (gateway, builder, role, tls) =
-                (self.gateway.clone(), self.builder.clone(), listener.role, listener.tls.clone());
+            let (handler, builder, role, tls) =
+                (self.handler.clone(), self.builder.clone(), listener.role, listener.tls.clone());
             let (first_request, idle, open, stop) = (self.first_request, self.idle, self.open.clone(), stop.clone());
             // The admin listener is plain http.
             let client = ClientInfo::new(peer, if let Role::Public { proto } = role { proto } else { "http" });
@@ -326,13 +348,13 @@ impl AcceptLoop {
                 let served = activity.clone();
                 let service_client = client.clone();
                 let service = service_fn(move |request: Request<Incoming>| {
-                    let (gateway, client) = (gateway.clone(), service_client.clone());
+                    let (handler, client) = (handler.clone(), service_client.clone());
                     let in_flight = activity.start();
                     async move {
                         let response = match role {
-                            Role::Public { .. } => gateway.handle(request, client).await,
+                            Role::Public { .. } => handler.handle(request, client).await,
                             // Boxed: the admin answers' future is large, and every public request would carry its size.
-                            Role::Admin => Box::pin(gateway.handle_admin(request)).await,
+                            Role::Admin => Box::pin(handler.handle_admin(request)).await,
                         };
                         Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
                     }

@@ -24,7 +24,6 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use x402_gateway::config::Config;
 use x402_gateway::proxy::body::{full, Body};
-use x402_gateway::proxy::server::Server;
 
 pub type Handler =
     Arc<dyn Fn(Request<Incoming>) -> std::pin::Pin<Box<dyn Future<Output = Response<Body>> + Send>> + Send + Sync>;
@@ -172,9 +171,9 @@ pub async fn start_gateway_with_env(toml: &str, env: &[(&str, &str)]) -> Gateway
     let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let lookup = move |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     let config = Config::parse(toml, &path, &dir, &lookup).expect("valid config");
-    let server = Server::bind(config).await.expect("bind");
+    let server = x402_gateway::pipeline::bind(config).await.expect("bind");
     let (http, https, admin) = (server.http_addr(), server.https_addr(), server.admin_addr());
-    let pipeline = server.gateway().clone();
+    let pipeline = server.handler().clone();
     let (stop, stopped) = oneshot::channel::<()>();
     let done = tokio::spawn(server.run(async {
         let _ = stopped.await;
