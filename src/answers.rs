@@ -24,6 +24,16 @@ pub struct StoredAnswer {
     pub settled: bool,
 }
 
+/// Where paid answers are kept for retries: in memory ([`PaidAnswers`]) today, a store shared by replicas next.
+pub trait AnswerCache: Send + Sync {
+    /// Keeps `answer` for retries of `payment`; false when it is not kept (too large, say).
+    fn keep(&self, payment: &Payment, answer: StoredAnswer) -> bool;
+
+    /// The answer already paid for by this authorization, or by this `payment-identifier`.
+    fn get(&self, payment: &Payment) -> Option<Arc<StoredAnswer>>;
+}
+
+/// Paid answers in this process's memory (`moka`), bounded in bytes and in time.
 pub struct PaidAnswers {
     cache: Cache<String, Arc<StoredAnswer>>,
     max_body_bytes: usize,
@@ -41,9 +51,11 @@ impl PaidAnswers {
             .build();
         PaidAnswers { cache, max_body_bytes }
     }
+}
 
-    /// Keeps `answer` for retries of `payment`; returns false (nothing kept) when the body is over the limit.
-    pub fn keep(&self, payment: &Payment, answer: StoredAnswer) -> bool {
+impl AnswerCache for PaidAnswers {
+    /// Nothing is kept when the body is over the per-answer limit.
+    fn keep(&self, payment: &Payment, answer: StoredAnswer) -> bool {
         if answer.body.len() > self.max_body_bytes {
             return false;
         }
@@ -55,8 +67,7 @@ impl PaidAnswers {
         true
     }
 
-    /// The answer already paid for by this authorization, or by this `payment-identifier`.
-    pub fn get(&self, payment: &Payment) -> Option<Arc<StoredAnswer>> {
+    fn get(&self, payment: &Payment) -> Option<Arc<StoredAnswer>> {
         payment
             .identifier
             .as_ref()

@@ -4,15 +4,14 @@
 pub use x402_proto::Payment;
 
 use crate::pricing::Offer;
-use crate::replay::{NonceKey, Reservations, ReserveError};
+use crate::replay::{MemoryGuard, NonceKey, ReplayGuard, ReserveError};
 use crate::x402::challenge::{PAYMENT_SIGNATURE, SCHEME_EXACT, X_PAYMENT};
 use crate::x402::codec::{self, DecodeError, PaymentPayload};
 use crate::x402::wire::RequirementsV2;
 use crate::x402::Rejection;
 use alloy::primitives::Address;
 use http::HeaderMap;
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use x402_proto::{Exact, Scheme};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,20 +34,14 @@ pub enum GateError {
 
 pub struct PaymentGate {
     /// Shared with every hold, which outlives the borrow of a request's stages.
-    state: Arc<GateState>,
-}
-
-struct GateState {
-    reservations: Reservations,
-    /// Authorizations whose request is being served right now: a retry meanwhile is a concurrent duplicate.
-    serving: Mutex<HashSet<NonceKey>>,
+    guard: Arc<dyn ReplayGuard>,
 }
 
 /// One request's hold on an authorization: it is reserved against replay and marked as being served. When the
 /// hold goes, the mark goes; the reservation goes too unless the payment may have moved (`spend`), so that a
 /// buyer whose payment was certainly not charged may use it again, and nothing else can.
 pub struct Hold {
-    state: Arc<GateState>,
+    guard: Arc<dyn ReplayGuard>,
     key: NonceKey,
     release: bool,
 }
@@ -77,16 +70,20 @@ impl Drop for Hold {
     fn drop(&mut self) {
         // A request that panicked may have been anywhere in settling: the authorization stays reserved.
         if self.release && !std::thread::panicking() {
-            self.state.reservations.release(&self.key);
+            self.guard.release(&self.key);
         }
-        self.state.serving.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
+        self.guard.end_serving(&self.key);
     }
 }
 
 impl PaymentGate {
+    /// A gate whose replay protection is this process's memory, for `nonce_cache_capacity` authorizations.
     pub fn new(nonce_cache_capacity: u64) -> PaymentGate {
-        let reservations = Reservations::new(nonce_cache_capacity);
-        PaymentGate { state: Arc::new(GateState { reservations, serving: Mutex::default() }) }
+        PaymentGate::with_guard(Arc::new(MemoryGuard::new(nonce_cache_capacity)))
+    }
+
+    pub fn with_guard(guard: Arc<dyn ReplayGuard>) -> PaymentGate {
+        PaymentGate { guard }
     }
 
     /// Checks the request's payment against `offers`, the offers priced for this very request, and holds its
@@ -109,7 +106,7 @@ impl PaymentGate {
         let authorization = Exact::verify_offline(scheme_payload, offer).map_err(reject)?;
         let key = Exact::replay_key(offer, &authorization);
         // A retry of an authorization already in play is answered as such, even once it has expired.
-        let in_play = self.state.reservations.contains(&key);
+        let in_play = self.guard.contains(&key);
         if !in_play {
             Exact::check_window(&authorization, offer, now).map_err(reject)?;
         }
@@ -126,11 +123,11 @@ impl PaymentGate {
     fn hold(&self, key: NonceKey, valid_before: u64) -> Result<Held, GateError> {
         // Marked as served first: the reservation of a request that turns out to be a concurrent duplicate
         // belongs to the other request, and must not be touched.
-        if !self.state.serving.lock().unwrap_or_else(PoisonError::into_inner).insert(key) {
+        if !self.guard.start_serving(key) {
             return Err(GateError::InUse);
         }
-        let mut hold = Hold { state: self.state.clone(), key, release: false };
-        match self.state.reservations.reserve(key, valid_before) {
+        let mut hold = Hold { guard: self.guard.clone(), key, release: false };
+        match self.guard.reserve(key, valid_before) {
             Ok(()) => {
                 hold.release = true;
                 Ok(Held::Fresh(hold))
@@ -149,12 +146,12 @@ enum Held {
 impl PaymentGate {
     /// Reserves an authorization the ledger says was spent (at start: replay protection survives a restart).
     pub fn reserve_spent(&self, key: NonceKey, valid_before: u64) {
-        let _ = self.state.reservations.reserve(key, valid_before);
+        let _ = self.guard.reserve(key, valid_before);
     }
 
     /// How many authorizations are reserved now.
     pub fn reserved(&self) -> u64 {
-        self.state.reservations.count()
+        self.guard.reserved()
     }
 }
 

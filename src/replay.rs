@@ -5,6 +5,8 @@ pub use x402_proto::NonceKey;
 
 use moka::sync::Cache;
 use moka::Expiry;
+use std::collections::HashSet;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -13,6 +15,60 @@ pub enum ReserveError {
     Replayed,
     #[error("too many payments in flight; retry shortly")]
     Full,
+}
+
+/// Replay protection's state: the authorizations reserved (spent, or being spent, until they expire) and
+/// those whose request is being served right now. One process's memory today ([`MemoryGuard`]); a store
+/// that replicas share next.
+pub trait ReplayGuard: Send + Sync {
+    /// Reserves `key` until `valid_before` (unix seconds) if nobody holds it; of concurrent callers with one
+    /// key exactly one succeeds.
+    fn reserve(&self, key: NonceKey, valid_before: u64) -> Result<(), ReserveError>;
+    fn contains(&self, key: &NonceKey) -> bool;
+    fn release(&self, key: &NonceKey);
+    /// Reservations live now.
+    fn reserved(&self) -> u64;
+    /// Marks `key` as being served; false when another request already serves it.
+    fn start_serving(&self, key: NonceKey) -> bool;
+    fn end_serving(&self, key: &NonceKey);
+}
+
+/// Replay protection in this process's memory: a bounded `moka` cache of reservations and the set being served.
+pub struct MemoryGuard {
+    reservations: Reservations,
+    serving: Mutex<HashSet<NonceKey>>,
+}
+
+impl MemoryGuard {
+    pub fn new(capacity: u64) -> MemoryGuard {
+        MemoryGuard { reservations: Reservations::new(capacity), serving: Mutex::default() }
+    }
+}
+
+impl ReplayGuard for MemoryGuard {
+    fn reserve(&self, key: NonceKey, valid_before: u64) -> Result<(), ReserveError> {
+        self.reservations.reserve(key, valid_before)
+    }
+
+    fn contains(&self, key: &NonceKey) -> bool {
+        self.reservations.contains(key)
+    }
+
+    fn release(&self, key: &NonceKey) {
+        self.reservations.release(key);
+    }
+
+    fn reserved(&self) -> u64 {
+        self.reservations.count()
+    }
+
+    fn start_serving(&self, key: NonceKey) -> bool {
+        self.serving.lock().unwrap_or_else(PoisonError::into_inner).insert(key)
+    }
+
+    fn end_serving(&self, key: &NonceKey) {
+        self.serving.lock().unwrap_or_else(PoisonError::into_inner).remove(key);
+    }
 }
 
 pub struct Reservations {

@@ -8,7 +8,7 @@ mod live;
 mod paid;
 
 use crate::admin;
-use crate::answers::PaidAnswers;
+use crate::answers::{AnswerCache, PaidAnswers};
 use crate::attempts::AttemptLimiter;
 use crate::body::Body;
 use crate::catalogue;
@@ -55,7 +55,8 @@ pub struct Gateway {
     /// Outlives reloads: an authorization reserved under the old configuration stays reserved.
     gate: PaymentGate,
     ledger: Ledger,
-    answers: PaidAnswers,
+    /// Paid answers kept for retries.
+    answers: Box<dyn AnswerCache>,
     /// Request bodies read whole before the 402, across requests.
     buffered: BodyBudget,
     /// Requests carrying a payment, per client address.
@@ -139,11 +140,11 @@ impl Gateway {
         Ok(Gateway {
             buffered: BodyBudget::new(limits.max_buffered_body_bytes, limits.body_read_timeout),
             attempts: AttemptLimiter::new(config.payment.attempts_per_ip),
-            answers: PaidAnswers::new(
+            answers: Box::new(PaidAnswers::new(
                 settings.answers_max_bytes,
                 settings.answers_max_body_bytes,
                 settings.answers_ttl,
-            ),
+            )),
             reconcile_interval: settings.reconcile_interval,
             reconcile_log_chunk_blocks: settings.reconcile_log_chunk_blocks,
             settling_grace: config.payment.settle_timeout + SETTLING_MARGIN,
