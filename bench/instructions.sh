@@ -50,14 +50,27 @@ printf '%-8s %10s %15s %12s\n' gateway "$g_requests" "$g_instructions" $((g_inst
 # Where the gateway's go, inclusive of what each part calls: hyper's client connection (the upstream side),
 # hyper-util's server connection less the gateway's service in it, the service (routing, headers, log, metrics,
 # the hand-off to the upstream connection), and the rest (the runtime, accepting).
-part() { # function name → its inclusive instructions per request
-  callgrind_annotate --inclusive=yes --threshold=100 "$work/gateway.callgrind.1" 2>/dev/null |
-    awk -v name="$1 [" -v n="$g_requests" 'index($0, name) { gsub(",", "", $1); print int($1 / n); exit }' ||
-    true # awk leaving early stops callgrind_annotate with SIGPIPE
+part() { # function names, the first found → its inclusive instructions per request
+  local name
+  for name in "$@"; do
+    callgrind_annotate --inclusive=yes --threshold=100 "$work/gateway.callgrind.1" 2>/dev/null |
+      awk -v name="$name [" -v n="$g_requests" 'index($0, name) { gsub(",", "", $1); print int($1 / n); found = 1; exit }
+        END { exit !found }' && return
+  done
+  true
 }
-client=$(part '<hyper::client::conn::http1::Connection<T,B> as core::future::future::Future>::poll')
-server=$(part '<hyper_util::server::conn::auto::Connection<I,S,E> as core::future::future::Future>::poll')
-service=$(part 'x402_gateway::proxy::server::AcceptLoop::run::{{closure}}::{{closure}}::{{closure}}::{{closure}}')
-echo "gateway per request: hyper client connection ${client:-?}, server connection less service $((${server:-0} - ${service:-0})), service ${service:-?}, rest $((g_instructions / g_requests - ${client:-0} - ${server:-0}))"
+# Where inlining leaves them: each part under its own name, or the task it was inlined into.
+client=$(part '<hyper::client::conn::http1::Connection<T,B> as core::future::future::Future>::poll' \
+  'x402_gateway::proxy::pool::connect::{{closure}}::{{closure}}')
+server=$(part '<hyper_util::server::conn::auto::Connection<I,S,E> as core::future::future::Future>::poll' \
+  'x402_gateway::proxy::server::AcceptLoop<H>::run::{{closure}}::{{closure}}')
+service=$(part 'x402_gateway::proxy::server::AcceptLoop::run::{{closure}}::{{closure}}::{{closure}}::{{closure}}' \
+  'x402_gateway::proxy::server::AcceptLoop<H>::run::{{closure}}::{{closure}}::{{closure}}::{{closure}}')
+if [ -n "$service" ]; then
+  served="server connection less service $((${server:-0} - service)), service $service"
+else
+  served="server connection with the service ${server:-?} (the service is inlined into it)"
+fi
+echo "gateway per request: hyper client connection ${client:-?}, $served, rest $((g_instructions / g_requests - ${client:-0} - ${server:-0}))"
 awk -v g=$((g_instructions / g_requests)) -v n=$((n_instructions / n_requests)) \
   'BEGIN { printf "user-space instructions per request, gateway/nginx: %.2fx\n", g / n }'

@@ -37,6 +37,9 @@ pay_to = "0x90F79bf6EB2c4f870365E785982E1f101E93b906"
 network = "eip155:84532"
 asset = "USDC"
 facilitator = "local"
+# Every buyer of the benchmark pays from 127.0.0.1: the per-address attempt limit would cap the run.
+attempt_rate_per_ip = 1000000
+attempt_burst_per_ip = 1000000
 $4
 [ledger]
 path = "$work/$1.db"
