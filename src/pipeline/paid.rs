@@ -20,7 +20,7 @@ use std::time::Instant;
 
 /// A verified, reserved and recorded payment on its way through the upstream and settlement stages.
 pub(super) struct PaidCall<'g, 'l> {
-    pub facilitator: Facilitator<'g>,
+    pub facilitator: &'g dyn Facilitator,
     pub payment: Payment,
     pub hold: Hold,
     /// Its ledger row.

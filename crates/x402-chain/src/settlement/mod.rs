@@ -14,6 +14,8 @@ pub use remote::RemoteFacilitator;
 use crate::chain;
 use crate::options::{FacilitatorChoice, RemoteConfig, SettlementOptions, SettlerConfig};
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use x402_proto::codec::PaymentPayload;
@@ -83,41 +85,67 @@ impl SettleFailure {
     }
 }
 
-/// The facilitator that handles one payment.
-pub enum Facilitator<'a> {
-    Local(&'a LocalSettler),
-    Remote(&'a RemoteFacilitator),
-}
-
-impl Facilitator<'_> {
+/// What verifies and settles a payment: the in-process settler ([`LocalSettler`]) or a remote facilitator
+/// ([`RemoteFacilitator`]).
+pub trait Facilitator: Send + Sync {
     /// How the ledger names it: `local`, or the remote facilitator's URL, redacted.
-    pub fn name(&self) -> String {
-        match self {
-            Facilitator::Local(_) => "local".into(),
-            Facilitator::Remote(remote) => remote.shown_url().to_string(),
-        }
-    }
+    fn name(&self) -> String;
 
-    pub async fn verify(&self, payment: &Payment, resource: &ResourceInfo) -> Result<(), VerifyFailure> {
-        match self {
-            Facilitator::Local(settler) => settler.verify(payment.offer.asset.address, &payment.authorization).await,
-            Facilitator::Remote(remote) => remote.verify(&remote_body(payment, resource)).await,
-        }
-    }
+    fn verify<'a>(&'a self, payment: &'a Payment, resource: &'a ResourceInfo)
+        -> Pending<'a, Result<(), VerifyFailure>>;
 
     /// Settles; a local settler calls `before` with the transaction's hash before broadcasting it.
-    pub async fn settle(
-        &self,
-        payment: &Payment,
-        resource: &ResourceInfo,
+    fn settle<'a>(
+        &'a self,
+        payment: &'a Payment,
+        resource: &'a ResourceInfo,
         before: Option<BeforeBroadcast>,
-    ) -> Result<Settled, SettleFailure> {
-        match self {
-            Facilitator::Local(settler) => {
-                settler.settle(payment.offer.asset.address, &payment.authorization, before).await
-            }
-            Facilitator::Remote(remote) => remote.settle(&remote_body(payment, resource)).await,
-        }
+    ) -> Pending<'a, Result<Settled, SettleFailure>>;
+}
+
+/// A facilitator's answer on its way.
+pub type Pending<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+impl Facilitator for LocalSettler {
+    fn name(&self) -> String {
+        "local".into()
+    }
+
+    fn verify<'a>(&'a self, payment: &'a Payment, _: &'a ResourceInfo) -> Pending<'a, Result<(), VerifyFailure>> {
+        Box::pin(LocalSettler::verify(self, payment.offer.asset.address, &payment.authorization))
+    }
+
+    fn settle<'a>(
+        &'a self,
+        payment: &'a Payment,
+        _: &'a ResourceInfo,
+        before: Option<BeforeBroadcast>,
+    ) -> Pending<'a, Result<Settled, SettleFailure>> {
+        Box::pin(LocalSettler::settle(self, payment.offer.asset.address, &payment.authorization, before))
+    }
+}
+
+impl Facilitator for RemoteFacilitator {
+    fn name(&self) -> String {
+        self.shown_url().to_string()
+    }
+
+    fn verify<'a>(
+        &'a self,
+        payment: &'a Payment,
+        resource: &'a ResourceInfo,
+    ) -> Pending<'a, Result<(), VerifyFailure>> {
+        Box::pin(async move { RemoteFacilitator::verify(self, &remote_body(payment, resource)).await })
+    }
+
+    /// A remote facilitator broadcasts itself: there is no hash to record before.
+    fn settle<'a>(
+        &'a self,
+        payment: &'a Payment,
+        resource: &'a ResourceInfo,
+        _: Option<BeforeBroadcast>,
+    ) -> Pending<'a, Result<Settled, SettleFailure>> {
+        Box::pin(async move { RemoteFacilitator::settle(self, &remote_body(payment, resource)).await })
     }
 }
 
@@ -175,10 +203,10 @@ impl Facilitators {
     }
 
     /// The facilitator for an offer; configuration validation guarantees there is one.
-    pub fn get(&self, choice: &FacilitatorChoice, chain_id: u64) -> Option<Facilitator<'_>> {
+    pub fn get(&self, choice: &FacilitatorChoice, chain_id: u64) -> Option<&dyn Facilitator> {
         match choice {
-            FacilitatorChoice::Local => self.local.get(&chain_id).map(|s| Facilitator::Local(s)),
-            FacilitatorChoice::Remote(config) => self.remote.get(&config.url).map(Facilitator::Remote),
+            FacilitatorChoice::Local => self.local.get(&chain_id).map(|s| &**s as &dyn Facilitator),
+            FacilitatorChoice::Remote(config) => self.remote.get(&config.url).map(|r| r as &dyn Facilitator),
         }
     }
 
