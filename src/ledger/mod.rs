@@ -9,6 +9,9 @@ mod writer;
 pub use reconcile::{reconcile, Reconciled};
 pub use store::{Ledger, LedgerError, NewPayment, Revenue, Row};
 
+use std::future::Future;
+use std::pin::Pin;
+
 /// Where a payment is. `verified → settling → settled | failed | refund_needed`; `released` when the answer
 /// failed and nothing was charged (the authorization may be used again). Stored as its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -119,6 +122,136 @@ impl Step {
     fn guard_sql(self) -> String {
         let names: Vec<String> = self.allowed_from().iter().map(|s| format!("'{}'", s.as_str())).collect();
         format!("state IN ({})", names.join(", "))
+    }
+}
+
+/// Where payments are recorded, each state before the step it records: SQLite ([`Ledger`]) today, a
+/// database that replicas share next. Every step is allowed only from the states [`Step`] lists for it; a
+/// row in another state is a [`LedgerError::Conflict`].
+pub trait PaymentStore: Send + Sync {
+    /// Records a verified payment: its row id, or the row of an authorization already spent or settling.
+    fn record_verified(&self, p: NewPayment) -> Stored<'_, Result<i64, Row>>;
+
+    /// About to settle, before anything is broadcast.
+    fn settling(&self, id: i64, upstream_status: Option<u16>) -> Stored<'_, ()>;
+
+    /// A settlement transaction's hash, before it is broadcast.
+    fn pending(&self, id: i64, transaction: String) -> Stored<'_, ()>;
+
+    fn settled(&self, id: i64, transaction: String) -> Stored<'_, ()>;
+
+    /// Certainly no money moved.
+    fn failed(&self, id: i64, reason: String, transaction: Option<String>) -> Stored<'_, ()>;
+
+    /// The answer failed before any settlement: nothing charged.
+    fn released(&self, id: i64, upstream_status: Option<u16>) -> Stored<'_, ()>;
+
+    fn refund_needed(&self, id: i64, reason: String) -> Stored<'_, ()>;
+
+    /// The paid answer was handed over whole.
+    fn served(&self, id: i64) -> Stored<'_, ()>;
+
+    /// A row recorded failed whose authorization was landed by someone else.
+    fn landed_late(&self, id: i64, transaction: String) -> Stored<'_, ()>;
+
+    /// The row of one authorization.
+    fn find(&self, chain_id: u64, asset: String, payer: String, nonce: String) -> Stored<'_, Option<Row>>;
+
+    fn get(&self, id: i64) -> Stored<'_, Option<Row>>;
+
+    /// Rows filtered by state, route and payer (each optional), newest first.
+    fn list(
+        &self,
+        state: Option<State>,
+        route: Option<String>,
+        payer: Option<String>,
+        limit: u32,
+    ) -> Stored<'_, Vec<Row>>;
+
+    fn in_state(&self, state: State) -> Stored<'_, Vec<Row>>;
+
+    /// `failed` rows whose authorization is, or was until `since`, still valid.
+    fn failed_valid_since(&self, since: u64) -> Stored<'_, Vec<Row>>;
+
+    /// Authorizations that must stay refused after a restart.
+    fn unexpired_spent(&self, now: u64) -> Stored<'_, Vec<Row>>;
+
+    /// Settled revenue by route, UTC day, network and asset.
+    fn revenue(&self) -> Stored<'_, Vec<Revenue>>;
+}
+
+/// A store's answer on its way.
+pub type Stored<'a, T> = Pin<Box<dyn Future<Output = Result<T, LedgerError>> + Send + 'a>>;
+
+impl PaymentStore for Ledger {
+    fn record_verified(&self, p: NewPayment) -> Stored<'_, Result<i64, Row>> {
+        Box::pin(Ledger::record_verified(self, p))
+    }
+
+    fn settling(&self, id: i64, upstream_status: Option<u16>) -> Stored<'_, ()> {
+        Box::pin(Ledger::settling(self, id, upstream_status))
+    }
+
+    fn pending(&self, id: i64, transaction: String) -> Stored<'_, ()> {
+        Box::pin(Ledger::pending(self, id, transaction))
+    }
+
+    fn settled(&self, id: i64, transaction: String) -> Stored<'_, ()> {
+        Box::pin(Ledger::settled(self, id, transaction))
+    }
+
+    fn failed(&self, id: i64, reason: String, transaction: Option<String>) -> Stored<'_, ()> {
+        Box::pin(Ledger::failed(self, id, reason, transaction))
+    }
+
+    fn released(&self, id: i64, upstream_status: Option<u16>) -> Stored<'_, ()> {
+        Box::pin(Ledger::released(self, id, upstream_status))
+    }
+
+    fn refund_needed(&self, id: i64, reason: String) -> Stored<'_, ()> {
+        Box::pin(Ledger::refund_needed(self, id, reason))
+    }
+
+    fn served(&self, id: i64) -> Stored<'_, ()> {
+        Box::pin(Ledger::served(self, id))
+    }
+
+    fn landed_late(&self, id: i64, transaction: String) -> Stored<'_, ()> {
+        Box::pin(Ledger::landed_late(self, id, transaction))
+    }
+
+    fn find(&self, chain_id: u64, asset: String, payer: String, nonce: String) -> Stored<'_, Option<Row>> {
+        Box::pin(Ledger::find(self, chain_id, asset, payer, nonce))
+    }
+
+    fn get(&self, id: i64) -> Stored<'_, Option<Row>> {
+        Box::pin(Ledger::get(self, id))
+    }
+
+    fn list(
+        &self,
+        state: Option<State>,
+        route: Option<String>,
+        payer: Option<String>,
+        limit: u32,
+    ) -> Stored<'_, Vec<Row>> {
+        Box::pin(Ledger::list(self, state, route, payer, limit))
+    }
+
+    fn in_state(&self, state: State) -> Stored<'_, Vec<Row>> {
+        Box::pin(Ledger::in_state(self, state))
+    }
+
+    fn failed_valid_since(&self, since: u64) -> Stored<'_, Vec<Row>> {
+        Box::pin(Ledger::failed_valid_since(self, since))
+    }
+
+    fn unexpired_spent(&self, now: u64) -> Stored<'_, Vec<Row>> {
+        Box::pin(Ledger::unexpired_spent(self, now))
+    }
+
+    fn revenue(&self) -> Stored<'_, Vec<Revenue>> {
+        Box::pin(Ledger::revenue(self))
     }
 }
 

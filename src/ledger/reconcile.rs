@@ -1,7 +1,7 @@
 //! Reconciliation: rows left open by a crash or a settlement timeout are resolved against the chain.
 //! The chain's word is final: `authorizationState(payer, nonce)` says whether the money moved.
 
-use super::{Ledger, LedgerError, Row, State};
+use super::{LedgerError, PaymentStore, Row, State};
 use crate::chain::{self, Eip3009Token};
 use alloy::primitives::{keccak256, Address, B256};
 use alloy::providers::{Provider, RootProvider};
@@ -33,7 +33,7 @@ pub struct Reconciled {
 /// (never broadcast) to `released`, and `settled` but never served to `refund_needed`. Event searches go
 /// `log_chunk_blocks` at a time. A row whose node fails to answer is left as it is, for the next pass.
 pub async fn reconcile(
-    ledger: &Ledger,
+    ledger: &dyn PaymentStore,
     chains: &HashMap<u64, RootProvider>,
     log_chunk_blocks: NonZeroU64,
     settling_cutoff: u64,

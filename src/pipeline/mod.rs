@@ -17,7 +17,7 @@ use crate::config::{Bazaar, Config, FacilitatorChoice, RouteSpec};
 use crate::discovery;
 use crate::error::GatewayError;
 use crate::gate::{GateError, Payment, PaymentGate};
-use crate::ledger::{self, Ledger, LedgerError, NewPayment, Reconciled};
+use crate::ledger::{self, Ledger, LedgerError, NewPayment, PaymentStore, Reconciled};
 use crate::metrics::Metrics;
 use crate::pricing::Offer;
 use crate::proxy::headers::names_host;
@@ -54,7 +54,8 @@ pub struct Gateway {
     live: ArcSwap<Live>,
     /// Outlives reloads: an authorization reserved under the old configuration stays reserved.
     gate: PaymentGate,
-    ledger: Ledger,
+    /// The payment ledger (SQLite).
+    ledger: Arc<dyn PaymentStore>,
     /// Paid answers kept for retries.
     answers: Box<dyn AnswerCache>,
     /// Request bodies read whole before the 402, across requests.
@@ -149,7 +150,7 @@ impl Gateway {
             reconcile_log_chunk_blocks: settings.reconcile_log_chunk_blocks,
             settling_grace: config.payment.settle_timeout + SETTLING_MARGIN,
             gate,
-            ledger,
+            ledger: Arc::new(ledger),
             live: ArcSwap::from_pointee(Live::new(config, None)),
             metrics: Metrics::new(),
         })
@@ -169,13 +170,13 @@ impl Gateway {
         self.live.store(next);
     }
 
-    pub fn ledger(&self) -> &Ledger {
-        &self.ledger
+    pub fn ledger(&self) -> &dyn PaymentStore {
+        &*self.ledger
     }
 
     /// Resolves ledger rows last touched before `cutoff` (unix seconds) against the chain.
     pub async fn reconcile(&self, cutoff: u64) -> Result<Reconciled, LedgerError> {
-        ledger::reconcile(&self.ledger, &self.live().chains, self.reconcile_log_chunk_blocks, cutoff, cutoff).await
+        ledger::reconcile(&*self.ledger, &self.live().chains, self.reconcile_log_chunk_blocks, cutoff, cutoff).await
     }
 
     /// At start, everything a previous run left open; then, periodically, what timeouts left open.
@@ -184,7 +185,7 @@ impl Gateway {
         let (mut settling_cutoff, mut cutoff) = (started, started);
         loop {
             let chains = self.live().chains.clone();
-            match ledger::reconcile(&self.ledger, &chains, self.reconcile_log_chunk_blocks, settling_cutoff, cutoff)
+            match ledger::reconcile(&*self.ledger, &chains, self.reconcile_log_chunk_blocks, settling_cutoff, cutoff)
                 .await
             {
                 Ok(report) if report != Reconciled::default() => tracing::info!(?report, "ledger reconciled"),

@@ -8,7 +8,7 @@ use crate::body::{full, json_response, Body};
 use crate::config::RouteSpec;
 use crate::error::GatewayError;
 use crate::gate::{Hold, Payment};
-use crate::ledger::{Ledger, Row, State};
+use crate::ledger::{PaymentStore, Row, State};
 use crate::respond;
 use crate::settlement::{BeforeBroadcast, Facilitator, SettleFailure, Settled};
 use crate::usage::{OnEnd, UsageTap};
@@ -16,6 +16,7 @@ use crate::x402::wire::ResourceInfo;
 use crate::x402::Rejection;
 use http::{header, Request, Response, StatusCode};
 use http_body_util::BodyExt;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// A verified, reserved and recorded payment on its way through the upstream and settlement stages.
@@ -300,7 +301,7 @@ fn record_usage(
     response: Response<Body>,
     route: &RouteSpec,
     ctx: &RequestContext,
-    served: Option<(Ledger, i64)>,
+    served: Option<(Arc<dyn PaymentStore>, i64)>,
 ) -> Response<Body> {
     let (parts, body) = response.into_parts();
     let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());

@@ -23,6 +23,8 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use x402_gateway::config::Config;
+/// The ledger's methods, for the tests that read a running gateway's ledger.
+pub use x402_gateway::ledger::PaymentStore;
 use x402_gateway::proxy::body::{full, Body};
 
 pub type Handler =
