@@ -5,12 +5,11 @@ pub use x402_proto::Payment;
 
 use crate::pricing::Offer;
 use crate::replay::{MemoryGuard, NonceKey, ReplayGuard, ReserveError};
-use crate::x402::challenge::{PAYMENT_SIGNATURE, SCHEME_EXACT, X_PAYMENT};
+use crate::x402::challenge::SCHEME_EXACT;
 use crate::x402::codec::{self, DecodeError, PaymentPayload};
 use crate::x402::wire::RequirementsV2;
 use crate::x402::Rejection;
 use alloy::primitives::Address;
-use http::HeaderMap;
 use std::sync::Arc;
 use x402_proto::{Exact, Scheme};
 
@@ -86,12 +85,11 @@ impl PaymentGate {
         PaymentGate { guard }
     }
 
-    /// Checks the request's payment against `offers`, the offers priced for this very request, and holds its
-    /// authorization for this request.
-    pub fn check(&self, offers: &[Offer], headers: &HeaderMap, now: u64) -> Result<(Payment, Hold), GateError> {
-        let raw =
-            headers.get(PAYMENT_SIGNATURE).or_else(|| headers.get(X_PAYMENT)).ok_or(GateError::Challenge(None))?;
-        let payload = codec::decode_payment(raw.as_bytes()).map_err(|err| match err {
+    /// Checks the request's encoded payment (as its carrier found it; `None`: it carries none) against
+    /// `offers`, the offers priced for this very request, and holds its authorization for this request.
+    pub fn check(&self, offers: &[Offer], encoded: Option<&[u8]>, now: u64) -> Result<(Payment, Hold), GateError> {
+        let raw = encoded.ok_or(GateError::Challenge(None))?;
+        let payload = codec::decode_payment(raw).map_err(|err| match err {
             DecodeError::Version(v) => GateError::Challenge(Some(Rejection::Version(v))),
             other => GateError::Malformed(other.to_string()),
         })?;

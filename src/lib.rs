@@ -7,6 +7,7 @@ pub mod answers;
 pub mod attempts;
 pub mod body;
 pub mod buyer;
+pub mod carrier;
 pub mod catalogue;
 pub mod config;
 pub mod discovery;

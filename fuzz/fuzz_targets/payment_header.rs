@@ -45,10 +45,10 @@ fuzz_target!(|data: &[u8]| {
     } else {
         base64::engine::general_purpose::STANDARD.encode(rest).into_bytes()
     };
-    let Ok(value) = http::HeaderValue::from_bytes(&header) else { return };
-    let name = if mode & 2 == 0 { "payment-signature" } else { "x-payment" };
-    let mut headers = http::HeaderMap::new();
-    headers.insert(name, value);
+    // Whatever header a carrier finds the payment in, the gate gets its bytes.
+    if http::HeaderValue::from_bytes(&header).is_err() {
+        return;
+    }
     let (offers, gate) = fixture();
-    let _ = gate.check(offers, &headers, 1_750_000_000);
+    let _ = gate.check(offers, Some(&header), 1_750_000_000);
 });

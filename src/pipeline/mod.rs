@@ -11,6 +11,7 @@ use crate::admin;
 use crate::answers::{AnswerCache, PaidAnswers};
 use crate::attempts::AttemptLimiter;
 use crate::body::Body;
+use crate::carrier::{Carrier, HttpHeaders};
 use crate::catalogue;
 use crate::chain;
 use crate::config::{Bazaar, Config, FacilitatorChoice, RouteSpec};
@@ -26,7 +27,7 @@ use crate::proxy::upstream::{self, upstream_request, ClientInfo};
 use crate::replay::{unix_now, NonceKey};
 use crate::routing::{self, RouteTable};
 use crate::settlement::{Facilitators, SettleMode, VerifyFailure};
-use crate::x402::challenge::{Challenge, PAYMENT_SIGNATURE, SCHEME_EXACT, X_PAYMENT};
+use crate::x402::challenge::{Challenge, SCHEME_EXACT};
 use crate::x402::wire::ResourceInfo;
 use crate::x402::Rejection;
 use alloy::providers::RootProvider;
@@ -62,6 +63,8 @@ pub struct Gateway {
     buffered: BodyBudget,
     /// Requests carrying a payment, per client address.
     attempts: AttemptLimiter,
+    /// How payments arrive and how the 402 and the receipt leave.
+    carrier: HttpHeaders,
     reconcile_interval: Duration,
     reconcile_log_chunk_blocks: std::num::NonZeroU64,
     /// A `settling` row this old had time to land: reconciliation may decide it.
@@ -141,6 +144,7 @@ impl Gateway {
         Ok(Gateway {
             buffered: BodyBudget::new(limits.max_buffered_body_bytes, limits.body_read_timeout),
             attempts: AttemptLimiter::new(config.payment.attempts_per_ip),
+            carrier: HttpHeaders,
             answers: Box::new(PaidAnswers::new(
                 settings.answers_max_bytes,
                 settings.answers_max_body_bytes,
@@ -203,7 +207,7 @@ impl Gateway {
     /// client that goes away cannot cut a payment's steps in half (a reservation held, a row half written);
     /// the answer is simply dropped. Other requests change nothing, and are served in the connection's task.
     async fn handle_public(self: Arc<Self>, request: Request<Incoming>, client: ClientInfo) -> Response<Body> {
-        if !carries_payment(request.headers()) {
+        if self.carrier.payment(request.headers()).is_none() {
             return self.serve(request, client).await;
         }
         match tokio::spawn(async move { self.serve(request, client).await }).await {
@@ -257,6 +261,8 @@ impl Gateway {
         ctx.route = Some(route.pattern_text.clone());
         let request = live.limit_body(request)?;
         if route.payment.is_none() {
+            let mut request = request;
+            self.carrier.strip(request.headers_mut());
             return Ok(Next::Forward(upstream_request(request, &route, &canonical_path, &ctx.client)?, route));
         }
         Ok(Next::Pay(request, route, canonical_path))
@@ -273,7 +279,7 @@ impl Gateway {
     ) -> Result<Response<Body>, GatewayError> {
         let Some(paid) = &route.payment else { return Err(GatewayError::Internal) };
         let route_name = &*route.pattern_text;
-        if carries_payment(request.headers()) {
+        if self.carrier.payment(request.headers()).is_some() {
             let address = crate::proxy::ClientAddress::of(ctx.client.peer.ip());
             if let Err(retry_after) = self.attempts.take(address, Instant::now()) {
                 self.metrics.rejected(route_name, "too_many_payment_attempts");
@@ -295,7 +301,7 @@ impl Gateway {
         // Payment gate: decode, match an offer, verify offline, hold the authorization for this request. Each
         // authorization is served by one request at a time, and is freed when the hold goes unless it may have
         // been charged: every return below that charges nothing frees it.
-        let (payment, mut hold) = match self.gate.check(offers, request.headers(), unix_now()) {
+        let (payment, mut hold) = match self.gate.check(offers, self.carrier.payment(request.headers()), unix_now()) {
             Ok(held) => held,
             Err(GateError::Reserved(payment, mut hold)) => match self.already_paid(&payment, challenge).await {
                 Some(answer) => return Ok(answer),
@@ -335,7 +341,7 @@ impl Gateway {
                 Ok(Ok(id)) => id,
                 Ok(Err(spent)) => {
                     hold.spend();
-                    return Ok(paid::spent(&payment, &spent));
+                    return Ok(paid::spent(&self.carrier, &payment, &spent));
                 }
                 Err(err) => {
                     tracing::error!("{err}");
@@ -347,6 +353,8 @@ impl Gateway {
         ctx.price_key = priced.key;
 
         // Upstream and settlement, in the route's order.
+        let mut request = request;
+        self.carrier.strip(request.headers_mut());
         let request = upstream_request(request, route, canonical_path, &ctx.client)?;
         let call = PaidCall { facilitator, payment, hold, id, resource, ctx, max_held: live.settle_after_max_bytes };
         match paid.settle {
@@ -376,7 +384,7 @@ impl Gateway {
         if let Some(rejection) = rejection {
             self.metrics.rejected(route, rejection.reason());
         }
-        Challenge { offers, resource, rejection, bazaar }.response(request_headers)
+        self.carrier.challenge(&Challenge { offers, resource, rejection, bazaar }, request_headers)
     }
 
     /// Asks each remote facilitator what it supports (`GET /supported`, as the reference servers do at start)
@@ -465,10 +473,6 @@ pub async fn bind(config: Config) -> Result<Server<Gateway>, StartError> {
     let server = config.server.clone();
     let gateway = Arc::new(Gateway::new(config).await?);
     Ok(Server::bind(&server, gateway).await?)
-}
-
-fn carries_payment(headers: &http::HeaderMap) -> bool {
-    headers.contains_key(PAYMENT_SIGNATURE) || headers.contains_key(X_PAYMENT)
 }
 
 fn new_payment(payment: &Payment, route: &str, settle: SettleMode, facilitator: String) -> NewPayment {

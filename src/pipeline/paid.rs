@@ -5,11 +5,11 @@ use super::context::RequestContext;
 use super::{read_to_limit, Gateway, ReadError};
 use crate::answers::StoredAnswer;
 use crate::body::{full, json_response, Body};
+use crate::carrier::Carrier;
 use crate::config::RouteSpec;
 use crate::error::GatewayError;
 use crate::gate::{Hold, Payment};
 use crate::ledger::{PaymentStore, Row, State};
-use crate::respond;
 use crate::settlement::{BeforeBroadcast, Facilitator, SettleFailure, Settled};
 use crate::usage::{OnEnd, UsageTap};
 use crate::x402::wire::ResourceInfo;
@@ -57,7 +57,7 @@ impl Gateway {
             tracing::error!(transaction = %settled.transaction, payer = %call.payment.authorization.from, "{reason}: refund needed");
             self.record(self.ledger.refund_needed(call.id, reason).await);
         }
-        respond::attach_receipt(&mut response, &call.payment, &settled);
+        self.carrier.attach_receipt(&mut response, &call.payment, &settled);
         let served = delivered.then(|| (self.ledger.clone(), call.id));
         Ok(record_usage(response, route, call.ctx, served))
     }
@@ -117,7 +117,7 @@ impl Gateway {
             }
         };
         let mut response = Response::from_parts(parts, full(body.clone()));
-        respond::attach_receipt(&mut response, &call.payment, &settled);
+        self.carrier.attach_receipt(&mut response, &call.payment, &settled);
         let kept = StoredAnswer {
             status: response.status(),
             headers: response.headers().clone(),
@@ -177,7 +177,7 @@ impl Gateway {
             payer = %call.payment.authorization.from,
             "settlement failed; the answer is withheld",
         );
-        respond::settle_failed(&call.payment, failure)
+        self.carrier.settle_failed(&call.payment, failure)
     }
 
     /// Nothing was charged (the answer failed): the row is released, and the buyer may use the authorization
@@ -226,11 +226,11 @@ impl Gateway {
             // Withheld while pending, settled since: the buyer gets what it paid for, and the row says so.
             (Some(withheld), true, Some(transaction)) => {
                 let mut response = replay(&withheld);
-                respond::attach_receipt(&mut response, payment, &Settled { transaction });
+                self.carrier.attach_receipt(&mut response, payment, &Settled { transaction });
                 self.record(self.ledger.served(row.id).await);
                 response
             }
-            _ => spent(payment, &row),
+            _ => spent(&self.carrier, payment, &row),
         })
     }
 
@@ -274,7 +274,7 @@ pub(super) fn identifier_reused() -> Response<Body> {
 }
 
 /// The ledger says this authorization is spent (or settling) and its answer is not kept.
-pub(super) fn spent(payment: &Payment, row: &Row) -> Response<Body> {
+pub(super) fn spent(carrier: &dyn Carrier, payment: &Payment, row: &Row) -> Response<Body> {
     if row.state == State::Settling {
         let pending = SettleFailure {
             reason: "settlement_pending".into(),
@@ -282,7 +282,7 @@ pub(super) fn spent(payment: &Payment, row: &Row) -> Response<Body> {
             transaction: row.transaction.clone(),
             nothing_moved: false,
         };
-        return respond::settle_failed(payment, &pending);
+        return carrier.settle_failed(payment, &pending);
     }
     json_response(
         StatusCode::CONFLICT,

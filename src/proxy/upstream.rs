@@ -7,7 +7,6 @@ use super::pool;
 use crate::error::GatewayError;
 use crate::options::RouteSpec;
 use crate::paths::segments;
-use crate::x402::challenge::{PAYMENT_SIGNATURE, X_PAYMENT};
 use http::uri::Scheme;
 use http::{header, HeaderValue, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
@@ -96,9 +95,6 @@ pub fn upstream_request(
 
     let headers = request.headers_mut();
     remove_hop_by_hop(headers, if route.forward_method_override { &[] } else { &METHOD_OVERRIDES });
-    // A buyer's payment is for the gateway; the upstream never sees it.
-    headers.remove(PAYMENT_SIGNATURE);
-    headers.remove(X_PAYMENT);
     set_forwarded(headers, &client.forwarded_for, client.proto, original_host);
     headers.insert(header::HOST, upstream.host.clone());
     for (name, value) in &upstream.headers {

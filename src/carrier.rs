@@ -1,0 +1,53 @@
+//! How a payment travels with a request: where it arrives, and how the 402 and the receipt leave. HTTP
+//! headers today ([`HttpHeaders`]); MCP's `_meta` next.
+
+use crate::body::Body;
+use crate::gate::Payment;
+use crate::respond;
+use crate::settlement::{SettleFailure, Settled};
+use crate::x402::challenge::{Challenge, PAYMENT_SIGNATURE, X_PAYMENT};
+use http::{HeaderMap, Response};
+
+pub trait Carrier: Send + Sync {
+    /// The encoded payment the request carries, if any.
+    fn payment<'r>(&self, headers: &'r HeaderMap) -> Option<&'r [u8]>;
+
+    /// Takes the payment out of a request before it goes upstream: it is for the gateway alone.
+    fn strip(&self, headers: &mut HeaderMap);
+
+    /// The 402 that asks for a payment, rendered for the client that sent `request_headers`.
+    fn challenge(&self, challenge: &Challenge<'_>, request_headers: &HeaderMap) -> Response<Body>;
+
+    /// The settlement's receipt, on the answer being delivered.
+    fn attach_receipt(&self, response: &mut Response<Body>, payment: &Payment, settled: &Settled);
+
+    /// The 402 of a settlement that failed: the answer is withheld.
+    fn settle_failed(&self, payment: &Payment, failure: &SettleFailure) -> Response<Body>;
+}
+
+/// x402 over HTTP: `PAYMENT-SIGNATURE` (v2) or `X-PAYMENT` (v1) in; `PAYMENT-REQUIRED` and the v1 JSON body
+/// on a 402; `PAYMENT-RESPONSE` or `X-PAYMENT-RESPONSE` on the answer.
+pub struct HttpHeaders;
+
+impl Carrier for HttpHeaders {
+    fn payment<'r>(&self, headers: &'r HeaderMap) -> Option<&'r [u8]> {
+        headers.get(PAYMENT_SIGNATURE).or_else(|| headers.get(X_PAYMENT)).map(|value| value.as_bytes())
+    }
+
+    fn strip(&self, headers: &mut HeaderMap) {
+        headers.remove(PAYMENT_SIGNATURE);
+        headers.remove(X_PAYMENT);
+    }
+
+    fn challenge(&self, challenge: &Challenge<'_>, request_headers: &HeaderMap) -> Response<Body> {
+        challenge.response(request_headers)
+    }
+
+    fn attach_receipt(&self, response: &mut Response<Body>, payment: &Payment, settled: &Settled) {
+        respond::attach_receipt(response, payment, settled);
+    }
+
+    fn settle_failed(&self, payment: &Payment, failure: &SettleFailure) -> Response<Body> {
+        respond::settle_failed(payment, failure)
+    }
+}
