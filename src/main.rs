@@ -350,8 +350,8 @@ async fn ledger_action(path: &std::path::Path, action: LedgerAction) -> Result<S
                     r.id,
                     r.state,
                     r.route,
-                    r.payer,
-                    r.amount,
+                    r.payer.to_string(),
+                    r.amount.to_string(),
                     r.network,
                     r.served,
                     r.transaction.as_deref().unwrap_or("-")

@@ -225,7 +225,7 @@ async fn killed_at_random_the_gateway_loses_no_payment_and_takes_none_twice() {
     assert!(stuck.is_empty(), "rows left open: {stuck:?}");
 
     let by_key: HashMap<(String, String), &x402_gateway::ledger::Row> =
-        rows.iter().map(|r| ((r.payer.to_lowercase(), r.nonce.to_lowercase()), r)).collect();
+        rows.iter().map(|r| ((r.payer.to_string().to_lowercase(), r.nonce.to_string().to_lowercase()), r)).collect();
     assert_eq!(by_key.len(), rows.len(), "one row per authorization");
     let delivered = delivered.lock().unwrap().clone();
     let mut used = 0u64;

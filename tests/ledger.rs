@@ -97,7 +97,10 @@ async fn every_payment_has_a_row_in_the_right_state_and_revenue_matches_the_chai
     let receipt = pay::decode_header(&delivered.headers["payment-response"]);
     let row = row_when(&gateway, buyers[0].address(), "settled", true).await;
     assert_eq!(row.transaction.as_deref(), receipt["transaction"].as_str());
-    assert_eq!((row.amount.as_str(), row.route.as_str(), row.settle_mode.as_str()), ("1000", "/goods", "after"));
+    assert_eq!(
+        (row.amount.to_string().as_str(), row.route.as_str(), row.settle_mode.as_str()),
+        ("1000", "/goods", "after")
+    );
     assert_eq!(row.upstream_status, Some(200));
 
     let second = pay_with(&gateway, "/goods", &payment(&gateway, "/goods", &buyers[1]).await).await;
@@ -272,13 +275,13 @@ async fn settled_without_a_hash(gateway: &Gateway, chain: &Chain, blocks_after: 
     let id = ledger
         .record_verified(x402_gateway::ledger::NewPayment {
             route: "/goods".into(),
-            payer: buyer.address().to_string(),
-            payee: PAY_TO.into(),
+            payer: buyer.address(),
+            payee: PAY_TO.parse().unwrap(),
             network: offer["network"].as_str().unwrap().into(),
             chain_id: common::chain::CHAIN_ID,
-            asset: chain.token.to_string(),
-            amount: "1000".into(),
-            nonce: authorization.message.nonce.to_string(),
+            asset: chain.token,
+            amount: U256::from(1000),
+            nonce: authorization.message.nonce,
             valid_before: authorization.message.validBefore.to::<u64>(),
             settle_mode: "after",
             facilitator: "http://127.0.0.1:9".into(),

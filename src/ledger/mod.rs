@@ -9,6 +9,7 @@ mod writer;
 pub use reconcile::{reconcile, Reconciled};
 pub use store::{Ledger, LedgerError, NewPayment, Revenue, Row};
 
+use alloy::primitives::{Address, B256};
 use std::future::Future;
 use std::pin::Pin;
 
@@ -155,7 +156,7 @@ pub trait PaymentStore: Send + Sync {
     fn landed_late(&self, id: i64, transaction: String) -> Stored<'_, ()>;
 
     /// The row of one authorization.
-    fn find(&self, chain_id: u64, asset: String, payer: String, nonce: String) -> Stored<'_, Option<Row>>;
+    fn find(&self, chain_id: u64, asset: Address, payer: Address, nonce: B256) -> Stored<'_, Option<Row>>;
 
     fn get(&self, id: i64) -> Stored<'_, Option<Row>>;
 
@@ -220,7 +221,7 @@ impl PaymentStore for Ledger {
         Box::pin(Ledger::landed_late(self, id, transaction))
     }
 
-    fn find(&self, chain_id: u64, asset: String, payer: String, nonce: String) -> Stored<'_, Option<Row>> {
+    fn find(&self, chain_id: u64, asset: Address, payer: Address, nonce: B256) -> Stored<'_, Option<Row>> {
         Box::pin(Ledger::find(self, chain_id, asset, payer, nonce))
     }
 

@@ -133,7 +133,7 @@ enum Outcome {
 }
 
 async fn on_chain(provider: &RootProvider, row: &Row, log_chunk_blocks: NonZeroU64) -> Result<Outcome, String> {
-    let (token, payer, nonce) = authorization_of(row)?;
+    let (token, payer, nonce) = (row.asset, row.payer, row.nonce);
     let known: Option<B256> = row.transaction.as_deref().and_then(|t| t.parse().ok());
     // The receipt first: a transaction mined before `authorizationState` is read is seen using it there.
     let receipt = match known {
@@ -167,7 +167,7 @@ async fn on_chain(provider: &RootProvider, row: &Row, log_chunk_blocks: NonZeroU
 
 /// Whether a failed row's authorization has been used since, and by which transaction.
 async fn landed(provider: &RootProvider, row: &Row, log_chunk_blocks: NonZeroU64) -> Result<Option<String>, String> {
-    let authorization = authorization_of(row)?;
+    let authorization = (row.asset, row.payer, row.nonce);
     let (token, payer, nonce) = authorization;
     let used = chain::view(provider, token, Eip3009Token::authorizationStateCall { authorizer: payer, nonce })
         .await
@@ -176,14 +176,6 @@ async fn landed(provider: &RootProvider, row: &Row, log_chunk_blocks: NonZeroU64
         return Ok(None);
     }
     transaction_of(provider, row, authorization, log_chunk_blocks).await.map(Some)
-}
-
-fn authorization_of(row: &Row) -> Result<(Address, Address, B256), String> {
-    let bad = |what: &str| format!("row {}: bad {what}", row.id);
-    let token = row.asset.parse().map_err(|_| bad("asset"))?;
-    let payer = row.payer.parse().map_err(|_| bad("payer"))?;
-    let nonce = row.nonce.parse().map_err(|_| bad("nonce"))?;
-    Ok((token, payer, nonce))
 }
 
 /// The transaction that used an authorization the chain says is used, from its `AuthorizationUsed` event;

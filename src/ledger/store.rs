@@ -4,6 +4,7 @@
 use super::writer::Writer;
 use super::{State, Step};
 use crate::text;
+use alloy::primitives::{Address, B256, U256};
 use rusqlite::{params, Connection};
 use std::path::{Path, PathBuf};
 
@@ -30,13 +31,14 @@ pub struct Ledger {
 #[derive(Debug, Clone)]
 pub struct NewPayment {
     pub route: String,
-    pub payer: String,
-    pub payee: String,
+    pub payer: Address,
+    pub payee: Address,
     pub network: String,
     pub chain_id: u64,
-    pub asset: String,
-    pub amount: String,
-    pub nonce: String,
+    pub asset: Address,
+    /// Atomic units of the asset.
+    pub amount: U256,
+    pub nonce: B256,
     pub valid_before: u64,
     pub settle_mode: &'static str,
     /// `local`, or the URL of the remote facilitator that settles it.
@@ -48,13 +50,14 @@ pub struct Row {
     pub id: i64,
     pub state: State,
     pub route: String,
-    pub payer: String,
-    pub payee: String,
+    pub payer: Address,
+    pub payee: Address,
     pub network: String,
     pub chain_id: u64,
-    pub asset: String,
-    pub amount: String,
-    pub nonce: String,
+    pub asset: Address,
+    /// Atomic units of the asset.
+    pub amount: U256,
+    pub nonce: B256,
     pub valid_before: u64,
     pub settle_mode: String,
     pub facilitator: String,
@@ -120,13 +123,13 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
             })?
         },
         route: r.get(2)?,
-        payer: r.get(3)?,
-        payee: r.get(4)?,
+        payer: parsed(r, 3)?,
+        payee: parsed(r, 4)?,
         network: r.get(5)?,
         chain_id: r.get(6)?,
-        asset: r.get(7)?,
-        amount: r.get(8)?,
-        nonce: r.get(9)?,
+        asset: parsed(r, 7)?,
+        amount: parsed(r, 8)?,
+        nonce: parsed(r, 9)?,
         valid_before: r.get(10)?,
         settle_mode: r.get(11)?,
         facilitator: r.get(12)?,
@@ -136,6 +139,17 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         failure: r.get(16)?,
         created_at: r.get(17)?,
         updated_at: r.get(18)?,
+    })
+}
+
+/// A column stored as the text of a typed value (an address, an amount, a nonce), parsed back.
+fn parsed<T: std::str::FromStr>(r: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    let text: String = r.get(column)?;
+    text.parse().map_err(|err: T::Err| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, err.to_string().into())
     })
 }
 
@@ -172,7 +186,7 @@ impl Ledger {
     /// row back in `verified`; one that is settling or settled is returned as it is, to refuse or replay.
     pub async fn record_verified(&self, p: NewPayment) -> Result<Result<i64, Row>, LedgerError> {
         self.run(move |conn| {
-            let existing = by_authorization(conn, p.chain_id, &p.asset, &p.payer, &p.nonce)?;
+            let existing = by_authorization(conn, p.chain_id, p.asset, p.payer, p.nonce)?;
             let t = now();
             match existing {
                 Some(old) if Step::Reverified.allowed_from().contains(&old.state) => {
@@ -189,7 +203,7 @@ impl Ledger {
                         "INSERT INTO payments (state, route, payer, payee, network, chain_id, asset, amount, nonce, valid_before, settle_mode, facilitator, created_at, updated_at)
                          VALUES ('verified', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
                     )?
-                    .execute(params![p.route, p.payer, p.payee, p.network, p.chain_id, p.asset, p.amount, p.nonce, p.valid_before, p.settle_mode, p.facilitator, t])?;
+                    .execute(params![p.route, p.payer.to_string(), p.payee.to_string(), p.network, p.chain_id, p.asset.to_string(), p.amount.to_string(), p.nonce.to_string(), p.valid_before, p.settle_mode, p.facilitator, t])?;
                     Ok(Ok(conn.last_insert_rowid()))
                 }
             }
@@ -268,11 +282,11 @@ impl Ledger {
     pub async fn find(
         &self,
         chain_id: u64,
-        asset: String,
-        payer: String,
-        nonce: String,
+        asset: Address,
+        payer: Address,
+        nonce: B256,
     ) -> Result<Option<Row>, LedgerError> {
-        self.run(move |conn| by_authorization(conn, chain_id, &asset, &payer, &nonce)).await
+        self.run(move |conn| by_authorization(conn, chain_id, asset, payer, nonce)).await
     }
 
     pub async fn get(&self, id: i64) -> Result<Option<Row>, LedgerError> {
@@ -328,9 +342,9 @@ impl Ledger {
         for r in rows {
             // The day it was paid for: `created_at` stays put when later flags (served, refund) change.
             let day = day_of(r.created_at);
-            let entry = sums.entry((r.route, day, r.network, r.asset)).or_default();
+            let entry = sums.entry((r.route, day, r.network, r.asset.to_string())).or_default();
             entry.0 += 1;
-            entry.1 += alloy::primitives::U256::from_str_radix(&r.amount, 10).unwrap_or_default();
+            entry.1 += r.amount;
         }
         Ok(sums
             .into_iter()
@@ -350,12 +364,13 @@ impl Ledger {
 fn by_authorization(
     conn: &Connection,
     chain_id: u64,
-    asset: &str,
-    payer: &str,
-    nonce: &str,
+    asset: Address,
+    payer: Address,
+    nonce: B256,
 ) -> rusqlite::Result<Option<Row>> {
-    // At most one: the table's unique constraint.
+    // At most one: the table's unique constraint. Stored as each value's text, as it is written.
     let condition = "chain_id = ?1 AND asset = ?2 AND payer = ?3 AND nonce = ?4";
+    let (asset, payer, nonce) = (asset.to_string(), payer.to_string(), nonce.to_string());
     Ok(rows_where(conn, condition, params![chain_id, asset, payer, nonce])?.pop())
 }
 
@@ -377,13 +392,13 @@ mod tests {
     fn payment() -> NewPayment {
         NewPayment {
             route: "/r".into(),
-            payer: "0x01".into(),
-            payee: "0x02".into(),
+            payer: Address::repeat_byte(1),
+            payee: Address::repeat_byte(2),
             network: "eip155:1".into(),
             chain_id: 1,
-            asset: "0x03".into(),
-            amount: "1000".into(),
-            nonce: "0x04".into(),
+            asset: Address::repeat_byte(3),
+            amount: U256::from(1000),
+            nonce: B256::repeat_byte(4),
             valid_before: u64::MAX / 2,
             settle_mode: "after",
             facilitator: "local".into(),

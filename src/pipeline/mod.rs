@@ -135,9 +135,7 @@ impl Gateway {
         let ledger = Ledger::open(&config.ledger.path)?;
         let gate = PaymentGate::new(config.payment.nonce_cache_capacity);
         for row in ledger.unexpired_spent(unix_now()).await? {
-            if let Some(key) = nonce_key(&row) {
-                gate.reserve_spent(key, row.valid_before);
-            }
+            gate.reserve_spent(nonce_key(&row), row.valid_before);
         }
         let settings = &config.ledger;
         let limits = &config.server.limits;
@@ -478,13 +476,13 @@ pub async fn bind(config: Config) -> Result<Server<Gateway>, StartError> {
 fn new_payment(payment: &Payment, route: &str, settle: SettleMode, facilitator: String) -> NewPayment {
     NewPayment {
         route: route.to_string(),
-        payer: payment.authorization.from.to_string(),
-        payee: payment.authorization.to.to_string(),
+        payer: payment.authorization.from,
+        payee: payment.authorization.to,
         network: payment.offer.network.caip2.clone(),
         chain_id: payment.offer.network.chain_id,
-        asset: payment.offer.asset.address.to_string(),
-        amount: payment.authorization.value.to_string(),
-        nonce: payment.authorization.nonce.to_string(),
+        asset: payment.offer.asset.address,
+        amount: payment.authorization.value,
+        nonce: payment.authorization.nonce,
         valid_before: payment.authorization.valid_before_secs(),
         settle_mode: match settle {
             SettleMode::After => "after",
@@ -495,13 +493,8 @@ fn new_payment(payment: &Payment, route: &str, settle: SettleMode, facilitator: 
 }
 
 /// The reservation key of a ledger row.
-fn nonce_key(row: &ledger::Row) -> Option<NonceKey> {
-    Some(NonceKey {
-        chain_id: row.chain_id,
-        asset: row.asset.parse().ok()?,
-        from: row.payer.parse().ok()?,
-        nonce: row.nonce.parse().ok()?,
-    })
+fn nonce_key(row: &ledger::Row) -> NonceKey {
+    NonceKey { chain_id: row.chain_id, asset: row.asset, from: row.payer, nonce: row.nonce }
 }
 
 enum ReadError {

@@ -196,15 +196,8 @@ impl Gateway {
         challenge: impl Fn(Option<&Rejection>) -> Response<Body>,
     ) -> Option<Response<Body>> {
         let auth = &payment.authorization;
-        let found = self
-            .ledger
-            .find(
-                payment.offer.network.chain_id,
-                payment.offer.asset.address.to_string(),
-                auth.from.to_string(),
-                auth.nonce.to_string(),
-            )
-            .await;
+        let found =
+            self.ledger.find(payment.offer.network.chain_id, payment.offer.asset.address, auth.from, auth.nonce).await;
         // Read after the ledger: an answer is kept before its row says settled, so a settled row's answer shows.
         let answer = self.answers.get(payment);
         match &answer {
