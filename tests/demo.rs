@@ -1,6 +1,8 @@
 //! `bash scripts/demo.sh`: one paid call on a local chain, from a fresh anvil to the ledger row, exits 0 and
 //! leaves nothing running.
 
+mod common;
+
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -28,13 +30,9 @@ fn has_hash_after(text: &str, prefix: &str) -> bool {
 
 #[test]
 fn the_demo_pays_one_call_on_a_local_chain_and_stops_what_it_started() {
-    let anvil = std::env::var("ANVIL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| repo_path(".tools/anvil/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"));
-    if !anvil.exists() {
-        eprintln!("skipped: no anvil at {} (bash scripts/install-anvil.sh installs it)", anvil.display());
-        return;
-    }
+    // Found as every chain test finds it: skipped with a message under a plain `cargo test`, required under
+    // `bash scripts/test.sh`.
+    let Some(anvil) = common::tools::require(common::tools::anvil()) else { return };
     // The binary under test, and the echo upstream built beside it (a build of the binary here would replace
     // the one the other tests run).
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
