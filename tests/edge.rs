@@ -197,6 +197,68 @@ async fn idle_keep_alive_connections_are_closed_in_both_protocols() {
     assert_eq!(echo.hits(), 2);
 }
 
+/// The kinds of the HTTP/2 frames the peer sends on `tcp` until it closes it, or `None` if it is still open
+/// after `wait`.
+async fn h2_frames_until_closed(tcp: &mut TcpStream, wait: Duration) -> Option<Vec<u8>> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let (mut received, mut kinds) = (Vec::new(), Vec::new());
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+        }
+    }
+    let mut at = 0;
+    while let Some(header) = received.get(at..at + 9) {
+        let length = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+        kinds.push(header[3]);
+        at += 9 + length;
+    }
+    Some(kinds)
+}
+
+#[tokio::test]
+async fn an_idle_h2_peer_that_never_lets_the_graceful_close_finish_is_cut_off() {
+    let echo = spawn_echo("api").await;
+    let config = edge_config(&echo.url()).server("idle_timeout_secs", 1).server("h2_keepalive_secs", 3600);
+    let gw = start_gateway(&config.build()).await;
+    let mut h2 = connect_from([127, 0, 0, 1], gw.http.unwrap()).await;
+    h2.write_all(&h2_hello()).await.unwrap();
+    let head = [0x82, 0x86, 0x84, 0x41, 0x01, b'x'];
+    h2.write_all(&h2_frame(0x1, 0x4 | 0x1, 1, &head)).await.unwrap();
+    // Answered, then idle: the gateway says GOAWAY and pings, and this client never acknowledges the ping,
+    // which would keep a graceful close waiting forever.
+    let started = Instant::now();
+    let kinds = h2_frames_until_closed(&mut h2, HANG).await.expect("the connection is cut off");
+    assert!(kinds.contains(&0x7), "a GOAWAY came first: {kinds:?}");
+    assert!(started.elapsed() >= Duration::from_secs(5), "cut off after the grace: {:?}", started.elapsed());
+    assert_eq!(echo.hits(), 1);
+}
+
+#[tokio::test]
+async fn a_long_answer_keeps_its_connection_however_long_it_streams() {
+    // Eight chunks, 0.9 s apart: the answer outlasts the idle time and the grace of a close several times.
+    let streaming = spawn_upstream(|_req| async {
+        let (mut tx, body) = http_body_util::channel::Channel::<Bytes, x402_gateway::proxy::body::BoxError>::new(1);
+        tokio::spawn(async move {
+            for i in 0..8u8 {
+                tokio::time::sleep(Duration::from_millis(900)).await;
+                if tx.send_data(Bytes::from(vec![b'0' + i])).await.is_err() {
+                    return;
+                }
+            }
+        });
+        http::Response::new(body.boxed_unsync())
+    })
+    .await;
+    let gw = start_gateway(&edge_config(&streaming.url()).server("idle_timeout_secs", 1).build()).await;
+    let answer = tokio::time::timeout(HANG, get(&gw.url("/stream"))).await.expect("the stream ends in time");
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.text(), "01234567", "the whole stream, not cut as an idle connection");
+}
+
 #[tokio::test]
 async fn an_h2_peer_that_stops_answering_pings_is_cut_off_while_its_request_waits() {
     // An upstream that never answers: the request stays in flight, so only the pings can end the connection.
