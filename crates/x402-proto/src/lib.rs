@@ -9,6 +9,7 @@ mod offer;
 mod payment;
 pub mod requirements;
 mod scheme;
+pub mod upto_evm;
 pub mod wire;
 
 pub use offer::Offer;
