@@ -26,7 +26,7 @@ pub fn unix_now() -> u64 {
 pub enum Rejection {
     #[error("x402Version {0} is not supported")]
     Version(u64),
-    #[error("scheme `{0}` is not supported (this gateway takes `exact`)")]
+    #[error("scheme `{0}` is not offered for this resource")]
     Scheme(String),
     #[error("network `{0}` is not offered for this resource")]
     Network(String),
@@ -52,6 +52,30 @@ pub enum Rejection {
     InsufficientBalance,
     #[error("the transfer would fail on chain")]
     SimulationFailed,
+    #[error("the permit's spender is not the x402 upto Permit2 proxy")]
+    Permit2Spender,
+    #[error("the permit's witness pays another address than this resource's payee")]
+    Permit2Recipient,
+    #[error("the permit's witness names another facilitator than this resource's settler")]
+    UptoFacilitator,
+    #[error("the permit's deadline is too close to settle it")]
+    Permit2Deadline,
+    #[error("the permit's validAfter is still ahead")]
+    Permit2NotYetValid,
+    #[error("the permit's amount is not this resource's ceiling")]
+    Permit2Amount,
+    #[error("the permit is for another token than this resource's asset")]
+    Permit2Token,
+    #[error("the signature does not recover the permit's `from` address")]
+    Permit2Signature,
+    #[error("the payer has not approved Permit2 for the ceiling, and sent no EIP-2612 permit")]
+    Permit2AllowanceRequired,
+    #[error("the payer's balance does not cover the ceiling")]
+    Permit2InsufficientBalance,
+    #[error("the settlement would fail on chain")]
+    Permit2SimulationFailed,
+    #[error("the EIP-2612 permit is malformed or does not match the payment: {0}")]
+    Eip2612(&'static str),
     #[error("refused by the facilitator: {reason} {message}")]
     Facilitator { reason: String, message: String },
 }
@@ -78,6 +102,18 @@ impl Rejection {
             Rejection::Replayed => "invalid_exact_evm_nonce_already_used",
             Rejection::InsufficientBalance => "invalid_exact_evm_insufficient_balance",
             Rejection::SimulationFailed => "invalid_exact_evm_transaction_simulation_failed",
+            Rejection::Permit2Spender => "invalid_permit2_spender",
+            Rejection::Permit2Recipient => "invalid_permit2_recipient_mismatch",
+            Rejection::UptoFacilitator => "upto_facilitator_mismatch",
+            Rejection::Permit2Deadline => "permit2_deadline_expired",
+            Rejection::Permit2NotYetValid => "permit2_not_yet_valid",
+            Rejection::Permit2Amount => "permit2_amount_mismatch",
+            Rejection::Permit2Token => "permit2_token_mismatch",
+            Rejection::Permit2Signature => "invalid_permit2_signature",
+            Rejection::Permit2AllowanceRequired => "permit2_allowance_required",
+            Rejection::Permit2InsufficientBalance => "permit2_insufficient_balance",
+            Rejection::Permit2SimulationFailed => "permit2_simulation_failed",
+            Rejection::Eip2612(_) => "invalid_eip2612_extension_format",
             Rejection::Facilitator { reason, .. } => reason,
         }
     }
@@ -105,6 +141,19 @@ const KNOWN_REASONS: &[&str] = &[
     "unexpected_settle_error",
     "invalid_payment",
     "too_many_payment_attempts",
+    "invalid_permit2_spender",
+    "invalid_permit2_recipient_mismatch",
+    "upto_facilitator_mismatch",
+    "permit2_deadline_expired",
+    "permit2_not_yet_valid",
+    "permit2_amount_mismatch",
+    "permit2_token_mismatch",
+    "invalid_permit2_signature",
+    "permit2_allowance_required",
+    "permit2_insufficient_balance",
+    "permit2_simulation_failed",
+    "invalid_eip2612_extension_format",
+    "invalid_upto_evm_payload_settlement_exceeds_amount",
     // The spec's.
     "insufficient_funds",
     "invalid_exact_evm_payload_authorization_value",
@@ -151,6 +200,18 @@ mod tests {
             Rejection::Replayed,
             Rejection::InsufficientBalance,
             Rejection::SimulationFailed,
+            Rejection::Permit2Spender,
+            Rejection::Permit2Recipient,
+            Rejection::UptoFacilitator,
+            Rejection::Permit2Deadline,
+            Rejection::Permit2NotYetValid,
+            Rejection::Permit2Amount,
+            Rejection::Permit2Token,
+            Rejection::Permit2Signature,
+            Rejection::Permit2AllowanceRequired,
+            Rejection::Permit2InsufficientBalance,
+            Rejection::Permit2SimulationFailed,
+            Rejection::Eip2612("x"),
         ];
         for rejection in own {
             assert_eq!(reason_label(rejection.reason()), rejection.reason(), "{rejection:?}");
