@@ -33,7 +33,7 @@ fn offer() -> Offer {
     let paid = config.routes.into_iter().next().and_then(|r| r.payment).expect("a paid route");
     match paid.pricing {
         Pricing::Fixed(mut offers) => offers.remove(0),
-        Pricing::ByRequest(_) => unreachable!("a fixed price"),
+        Pricing::ByRequest(_) | Pricing::PerToken(_) => unreachable!("a fixed price"),
     }
 }
 

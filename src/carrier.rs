@@ -6,7 +6,7 @@ use crate::gate::Payment;
 use crate::respond;
 use crate::settlement::{SettleFailure, Settled};
 use crate::x402::challenge::{Challenge, PAYMENT_SIGNATURE, X_PAYMENT};
-use http::{HeaderMap, Response};
+use http::{HeaderMap, HeaderValue, Response};
 
 pub trait Carrier: Send + Sync {
     /// The encoded payment the request carries, if any.
@@ -23,6 +23,12 @@ pub trait Carrier: Send + Sync {
 
     /// The 402 of a settlement that failed: the answer is withheld.
     fn settle_failed(&self, payment: &Payment, failure: &SettleFailure) -> Response<Body>;
+
+    /// The receipt of an answer that streamed before it settled, sent after it (HTTP trailers).
+    fn receipt_trailers(&self, payment: &Payment, settled: &Settled) -> HeaderMap;
+
+    /// The header naming what `receipt_trailers` sends, for the response head (`Trailer`).
+    fn receipt_trailer_name(&self, payment: &Payment) -> HeaderValue;
 }
 
 /// x402 over HTTP: `PAYMENT-SIGNATURE` (v2) or `X-PAYMENT` (v1) in; `PAYMENT-REQUIRED` and the v1 JSON body
@@ -49,5 +55,13 @@ impl Carrier for HttpHeaders {
 
     fn settle_failed(&self, payment: &Payment, failure: &SettleFailure) -> Response<Body> {
         respond::settle_failed(payment, failure)
+    }
+
+    fn receipt_trailers(&self, payment: &Payment, settled: &Settled) -> HeaderMap {
+        respond::receipt_trailers(payment, settled)
+    }
+
+    fn receipt_trailer_name(&self, payment: &Payment) -> HeaderValue {
+        HeaderValue::from_static(if payment.version == 1 { "X-PAYMENT-RESPONSE" } else { "PAYMENT-RESPONSE" })
     }
 }

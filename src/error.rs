@@ -60,6 +60,10 @@ impl GatewayError {
             Price(crate::pricing::PriceError::NotJson(_)) => (StatusCode::BAD_REQUEST, "invalid_body"),
             Price(crate::pricing::PriceError::Ambiguous(_)) => (StatusCode::BAD_REQUEST, "ambiguous_price_key"),
             Price(crate::pricing::PriceError::Unknown { .. }) => (StatusCode::BAD_REQUEST, "unknown_price_key"),
+            Price(crate::pricing::PriceError::TokenLimit(_)) => (StatusCode::BAD_REQUEST, "invalid_token_limit"),
+            Price(crate::pricing::PriceError::NoUptoSigner) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "facilitator_unavailable")
+            }
             MalformedPayment(_) => (StatusCode::BAD_REQUEST, "invalid_payload"),
             PaymentsBusy => (StatusCode::SERVICE_UNAVAILABLE, "payments_busy"),
             TooManyPaymentAttempts { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_payment_attempts"),

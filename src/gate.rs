@@ -11,7 +11,8 @@ use crate::x402::wire::RequirementsV2;
 use crate::x402::Rejection;
 use alloy::primitives::Address;
 use std::sync::Arc;
-use x402_proto::{Exact, Scheme};
+use x402_proto::upto_evm;
+use x402_proto::{Authorization, Exact, OfferScheme, Scheme};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GateError {
@@ -101,15 +102,33 @@ impl PaymentGate {
             Rejection::MalformedPayload(msg) => GateError::Malformed(msg),
             other => GateError::Challenge(Some(other)),
         };
-        let authorization = Exact::verify_offline(scheme_payload, offer).map_err(reject)?;
-        let key = Exact::replay_key(offer, &authorization);
+        let extensions = match &payload {
+            PaymentPayload::V2(p) => p.extensions.as_ref(),
+            PaymentPayload::V1(_) => None,
+        };
+        let (authorization, key) = match offer.scheme {
+            OfferScheme::Exact => {
+                let authorization = Exact::verify_offline(scheme_payload, offer).map_err(reject)?;
+                (Authorization::Exact(authorization.clone()), Exact::replay_key(offer, &authorization))
+            }
+            OfferScheme::Upto { facilitator } => {
+                let authorization =
+                    upto_evm::verify_signed(scheme_payload, extensions, offer, facilitator).map_err(reject)?;
+                let key = upto_evm::replay_key(offer, &authorization);
+                (Authorization::Upto(authorization), key)
+            }
+        };
         // A retry of an authorization already in play is answered as such, even once it has expired.
         let in_play = self.guard.contains(&key);
         if !in_play {
-            Exact::check_window(&authorization, offer, now).map_err(reject)?;
+            let in_window = match &authorization {
+                Authorization::Exact(auth) => Exact::check_window(auth, offer, now),
+                Authorization::Upto(auth) => upto_evm::check_window(auth, offer, now),
+            };
+            in_window.map_err(reject)?;
         }
         let identifier = payment_identifier(&payload)?;
-        let valid_before = Exact::expires_at(&authorization);
+        let valid_before = authorization.expires_at();
         let payment = Payment { version, offer: offer.clone(), authorization, payload, key, identifier };
         match self.hold(key, valid_before)? {
             Held::Fresh(hold) => Ok((payment, hold)),
@@ -156,9 +175,12 @@ impl PaymentGate {
 /// The offer whose core fields (scheme, network, amount, asset, payTo) the client's `accepted` repeats.
 /// Everything else the client echoes (`extra`, timeouts) is ignored: our own offer is what is verified.
 fn match_v2<'a>(offers: &'a [Offer], accepted: &RequirementsV2) -> Result<&'a Offer, GateError> {
-    check_scheme(&accepted.scheme)?;
+    let offers: Vec<&Offer> = offers.iter().filter(|o| o.scheme.name() == accepted.scheme).collect();
+    if offers.is_empty() {
+        return Err(GateError::Challenge(Some(Rejection::Scheme(accepted.scheme.clone()))));
+    }
     let same_address = |text: &str, address: Address| text.parse::<Address>().is_ok_and(|a| a == address);
-    let on_network: Vec<&Offer> = offers.iter().filter(|o| o.network.caip2 == accepted.network).collect();
+    let on_network: Vec<&Offer> = offers.into_iter().filter(|o| o.network.caip2 == accepted.network).collect();
     if on_network.is_empty() {
         return Err(GateError::Challenge(Some(Rejection::Network(accepted.network.clone()))));
     }
@@ -172,21 +194,17 @@ fn match_v2<'a>(offers: &'a [Offer], accepted: &RequirementsV2) -> Result<&'a Of
         .ok_or(GateError::Challenge(Some(Rejection::NoMatchingOffer)))
 }
 
-/// v1 payloads name only scheme and network: the route's first offer on that network is the one paid.
+/// v1 payloads name only scheme and network: the route's first `exact` offer on that network is the one paid
+/// (v1 has no other scheme).
 fn match_v1<'a>(offers: &'a [Offer], scheme: &str, network: &str) -> Result<&'a Offer, GateError> {
-    check_scheme(scheme)?;
-    offers
-        .iter()
+    let exact: Vec<&Offer> = offers.iter().filter(|o| o.scheme == OfferScheme::Exact).collect();
+    if scheme != SCHEME_EXACT || exact.is_empty() {
+        return Err(GateError::Challenge(Some(Rejection::Scheme(scheme.to_string()))));
+    }
+    exact
+        .into_iter()
         .find(|o| o.network.v1_name.as_deref() == Some(network) || o.network.caip2 == network)
         .ok_or_else(|| GateError::Challenge(Some(Rejection::Network(network.to_string()))))
-}
-
-fn check_scheme(scheme: &str) -> Result<(), GateError> {
-    if scheme == SCHEME_EXACT {
-        Ok(())
-    } else {
-        Err(GateError::Challenge(Some(Rejection::Scheme(scheme.to_string()))))
-    }
 }
 
 /// The `payment-identifier` extension's id (x402 v2): 16 to 128 of `[A-Za-z0-9_-]`.

@@ -15,6 +15,7 @@ pub mod error;
 pub mod gate;
 pub mod ledger;
 pub mod logging;
+pub mod metering;
 pub mod metrics;
 pub mod options;
 pub mod paths;

@@ -38,6 +38,9 @@ pub struct Metrics {
     settle_latency: Histogram,
     in_flight: Gauge,
     nonce_reservations: Gauge,
+    metered: Family<Labels, Counter>,
+    charged_share: Histogram,
+    tokens: Family<Labels, Counter>,
 }
 
 fn latency() -> Histogram {
@@ -75,6 +78,9 @@ impl Metrics {
             settle_latency: latency(),
             in_flight: Gauge::default(),
             nonce_reservations: Gauge::default(),
+            metered: Family::default(),
+            charged_share: Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]),
+            tokens: Family::default(),
         };
         let r = &mut m.registry;
         r.register("requests", "Requests on the public listeners, by route and status", m.requests.clone());
@@ -100,6 +106,21 @@ impl Metrics {
         r.register("settlement_latency_seconds", "Time to settle a payment", m.settle_latency.clone());
         r.register("in_flight_requests", "Requests being served", m.in_flight.clone());
         r.register("nonce_reservations", "Authorizations reserved against replay", m.nonce_reservations.clone());
+        r.register(
+            "upto_charges",
+            "upto payments metered, by route and basis (usage, override, estimate, nothing)",
+            m.metered.clone(),
+        );
+        r.register(
+            "upto_charged_ratio",
+            "upto charge as a share of the ceiling the buyer signed",
+            m.charged_share.clone(),
+        );
+        r.register(
+            "upto_tokens",
+            "Tokens billed on upto routes, by route and kind (prompt, completion)",
+            m.tokens.clone(),
+        );
         m
     }
 
@@ -133,6 +154,19 @@ impl Metrics {
     pub fn revenue(&self, route: &str, network: &str, asset: &str, amount: u64) {
         let labels = vec![("route", route.to_string()), ("network", network.to_string()), ("asset", asset.to_string())];
         self.revenue.get_or_create(&labels).inc_by(amount);
+    }
+
+    /// An `upto` charge, its basis and its share of the ceiling, and the usage it was priced from.
+    pub fn metered(&self, route: &str, basis: &'static str, share: f64, usage: Option<(u64, u64)>) {
+        self.metered.get_or_create(&vec![("route", route.to_string()), ("basis", basis.to_string())]).inc();
+        self.charged_share.observe(share);
+        if let Some((prompt, completion)) = usage {
+            self.tokens
+                .get_or_create(&vec![("route", route.to_string()), ("kind", "prompt".to_string())])
+                .inc_by(prompt);
+            let completion_labels = vec![("route", route.to_string()), ("kind", "completion".to_string())];
+            self.tokens.get_or_create(&completion_labels).inc_by(completion);
+        }
     }
 
     pub fn upstream(&self, took: Duration) {

@@ -2,7 +2,10 @@
 
 pub use x402_proto::Offer;
 
-use alloy::primitives::U256;
+use crate::metering::{Meter, Metering};
+use alloy::primitives::{Address, U256};
+use std::borrow::Cow;
+use x402_proto::OfferScheme;
 
 /// A price as configured, before it meets an asset's decimals.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +81,8 @@ mod tests {
 pub enum Pricing {
     Fixed(Vec<Offer>),
     ByRequest(PriceTable),
+    /// `upto` offers whose ceiling each request's size and token limit set, charged by the answer's usage.
+    PerToken(Metering),
 }
 
 #[derive(Debug)]
@@ -98,8 +103,11 @@ pub enum PriceSource {
 
 /// The offers for one request, and the value that chose them (the model, say).
 pub struct Priced<'a> {
-    pub offers: &'a [Offer],
+    /// Borrowed from the configuration, or made for this request (`upto` ceilings).
+    pub offers: Cow<'a, [Offer]>,
     pub key: Option<String>,
+    /// How the answer is charged, on a per-token route.
+    pub meter: Option<Meter>,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -110,6 +118,11 @@ pub enum PriceError {
     Ambiguous(String),
     #[error("{rule} is {shown}; this route sells: {}", allowed.join(", "))]
     Unknown { rule: String, shown: String, allowed: Vec<String> },
+    #[error("`{0}` must be a whole number of tokens: this route charges by the token")]
+    TokenLimit(&'static str),
+    /// The facilitator's address, which `upto` offers name, is not known yet.
+    #[error("this route's facilitator has not announced its `upto` signer yet; retry shortly")]
+    NoUptoSigner,
 }
 
 impl PriceSource {
@@ -126,7 +139,7 @@ impl PriceSource {
         }
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             PriceSource::Body(path) => format!("body.{}", path.join(".")),
             PriceSource::Query(name) => format!("query.{name}"),
@@ -135,7 +148,12 @@ impl PriceSource {
     }
 
     /// The request's value for this source; `Err` only when a body rule meets a body that is not JSON.
-    fn read(&self, query: Option<&str>, headers: &http::HeaderMap, body: &[u8]) -> Result<Option<String>, PriceError> {
+    pub(crate) fn read(
+        &self,
+        query: Option<&str>,
+        headers: &http::HeaderMap,
+        body: &[u8],
+    ) -> Result<Option<String>, PriceError> {
         Ok(match self {
             PriceSource::Body(path) => {
                 let found = body_value(body, path).map_err(|_| PriceError::NotJson(self.describe()))?;
@@ -269,24 +287,46 @@ impl<'de> serde::de::Visitor<'de> for PathVisitor<'_> {
 
 impl Pricing {
     pub fn needs_body(&self) -> bool {
-        matches!(self, Pricing::ByRequest(PriceTable { source: PriceSource::Body(_), .. }))
+        matches!(self, Pricing::ByRequest(PriceTable { source: PriceSource::Body(_), .. }) | Pricing::PerToken(_))
     }
 
+    /// The offers for this request. `upto_signer` gives the address a network's `upto` offers must name (the
+    /// facilitator that settles them).
     pub fn price<'a>(
         &'a self,
         query: Option<&str>,
         headers: &http::HeaderMap,
         body: &[u8],
+        upto_signer: impl Fn(u64) -> Option<Address>,
     ) -> Result<Priced<'a>, PriceError> {
         let table = match self {
-            Pricing::Fixed(offers) => return Ok(Priced { offers, key: None }),
+            Pricing::Fixed(offers) => return Ok(Priced { offers: Cow::Borrowed(offers), key: None, meter: None }),
             Pricing::ByRequest(table) => table,
+            Pricing::PerToken(metering) => {
+                let meter = metering.meter(query, headers, body)?;
+                let offers = metering
+                    .offers
+                    .iter()
+                    .enumerate()
+                    .map(|(index, template)| {
+                        let facilitator = upto_signer(template.network.chain_id).ok_or(PriceError::NoUptoSigner)?;
+                        let mut offer = template.clone();
+                        offer.amount = meter.ceiling(index, template.amount);
+                        offer.scheme = OfferScheme::Upto { facilitator };
+                        Ok(offer)
+                    })
+                    .collect::<Result<Vec<_>, PriceError>>()?;
+                let key = Some(meter.model.clone());
+                return Ok(Priced { offers: Cow::Owned(offers), key, meter: Some(meter) });
+            }
         };
         let value = table.source.read(query, headers, body)?;
         let listed = value.as_deref().and_then(|v| table.table.iter().find(|(key, _)| key == v));
         match (listed, &table.default) {
-            (Some((key, offers)), _) => Ok(Priced { offers, key: Some(key.clone()) }),
-            (None, Some(offers)) => Ok(Priced { offers, key: value }),
+            (Some((key, offers)), _) => {
+                Ok(Priced { offers: Cow::Borrowed(offers), key: Some(key.clone()), meter: None })
+            }
+            (None, Some(offers)) => Ok(Priced { offers: Cow::Borrowed(offers), key: value, meter: None }),
             (None, None) => Err(PriceError::Unknown {
                 rule: table.source.describe(),
                 shown: value.map_or("missing".to_string(), |v| format!("`{v}`")),
@@ -295,10 +335,14 @@ impl Pricing {
         }
     }
 
-    /// Every set of offers the route can make, with the value that selects it (`None`: fixed or default).
+    /// Every set of offers the route can make, with the value that selects it (`None`: fixed or default). A
+    /// per-token route's are its offers at their cap (`max`), by model.
     pub fn all_offers(&self) -> Vec<(Option<&str>, &[Offer])> {
         match self {
             Pricing::Fixed(offers) => vec![(None, offers.as_slice())],
+            Pricing::PerToken(metering) => {
+                metering.models.iter().map(|(model, _)| (Some(model.as_str()), metering.offers.as_slice())).collect()
+            }
             Pricing::ByRequest(table) => table
                 .table
                 .iter()

@@ -14,12 +14,24 @@ pub fn attach_receipt<B>(response: &mut Response<B>, payment: &Payment, settled:
     let receipt = SettleResponse {
         success: true,
         error_reason: None,
-        payer: Some(payment.authorization.from.to_string()),
+        payer: Some(payment.authorization.payer().to_string()),
         transaction: settled.transaction.clone(),
         network: network_name(payment),
+        amount: settled.amount.map(|amount| amount.to_string()),
     };
     insert_receipt(response.headers_mut(), payment, &receipt);
     keep_private(response.headers_mut());
+}
+
+/// The successful settlement as trailers, for an answer that streamed before it settled.
+pub fn receipt_trailers(payment: &Payment, settled: &Settled) -> HeaderMap {
+    let mut response = Response::new(());
+    attach_receipt(&mut response, payment, settled);
+    let mut trailers = response.into_parts().0.headers;
+    // Trailers carry the receipt alone: response directives belong to the head.
+    trailers.remove(header::CACHE_CONTROL);
+    trailers.remove(header::ACCESS_CONTROL_EXPOSE_HEADERS);
+    trailers
 }
 
 /// A paid answer is the buyer's alone (it carries their receipt): shared caches must not keep it. `private`
@@ -52,9 +64,10 @@ pub fn settle_failed(payment: &Payment, failure: &SettleFailure) -> Response<Bod
     let receipt = SettleResponse {
         success: false,
         error_reason: Some(failure.reason.clone()),
-        payer: Some(payment.authorization.from.to_string()),
+        payer: Some(payment.authorization.payer().to_string()),
         transaction: failure.transaction.clone().unwrap_or_default(),
         network: network_name(payment),
+        amount: None,
     };
     let body = serde_json::json!({
         "error": failure.reason,

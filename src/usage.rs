@@ -43,8 +43,24 @@ impl Usage {
     }
 }
 
-/// Called once with what was found, when the answer ends (or is dropped half-way: `complete` false).
-pub type OnEnd = Box<dyn FnOnce(Option<Usage>, bool) + Send>;
+/// The usage of a whole JSON answer, read at once.
+pub fn of_json_answer(body: &[u8]) -> Option<Usage> {
+    let answer = serde_json::from_slice::<Value>(body).ok()?;
+    answer.get("usage").and_then(Usage::from_json)
+}
+
+/// What the tap saw of an answer by its end.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tapped {
+    pub usage: Option<Usage>,
+    /// Whether the answer ended (rather than broke or was dropped half-way).
+    pub complete: bool,
+    /// Bytes of generated text in an SSE answer's deltas; of the whole body otherwise.
+    pub content_bytes: u64,
+}
+
+/// Called once with what was found, when the answer ends (or is dropped half-way).
+pub type OnEnd = Box<dyn FnOnce(Tapped) + Send>;
 
 /// Wraps an answer's body and watches it for usage.
 pub struct UsageTap {
@@ -54,6 +70,7 @@ pub struct UsageTap {
     json: bool,
     pending: BytesMut,
     usage: Option<Usage>,
+    content_bytes: u64,
     on_end: Option<OnEnd>,
 }
 
@@ -61,10 +78,13 @@ impl UsageTap {
     pub fn new(inner: Body, content_type: Option<&str>, on_end: OnEnd) -> UsageTap {
         let sse = content_type.is_some_and(|c| c.starts_with("text/event-stream"));
         let json = content_type.is_some_and(|c| c.starts_with("application/json") || c.contains("+json"));
-        UsageTap { inner, sse, json, pending: BytesMut::new(), usage: None, on_end: Some(on_end) }
+        UsageTap { inner, sse, json, pending: BytesMut::new(), usage: None, content_bytes: 0, on_end: Some(on_end) }
     }
 
     fn inspect(&mut self, data: &Bytes) {
+        if !self.sse {
+            self.content_bytes = self.content_bytes.saturating_add(u64::try_from(data.len()).unwrap_or(u64::MAX));
+        }
         if self.json {
             if self.pending.len() + data.len() <= MAX_JSON_BYTES {
                 self.pending.extend_from_slice(data);
@@ -88,6 +108,7 @@ impl UsageTap {
         let Some(data) = line.strip_prefix(b"data:") else { return };
         // Cheap pre-check: most events carry no usage.
         if !data.windows(7).any(|w| w == b"\"usage\"") {
+            self.content_bytes = self.content_bytes.saturating_add(delta_text_bytes(data));
             return;
         }
         if let Ok(event) = serde_json::from_slice::<Value>(data.trim_ascii()) {
@@ -106,8 +127,22 @@ impl UsageTap {
                 .ok()
                 .and_then(|answer| answer.get("usage").and_then(Usage::from_json));
         }
-        on_end(self.usage, complete);
+        on_end(Tapped { usage: self.usage, complete, content_bytes: self.content_bytes });
     }
+}
+
+/// The bytes of generated text an SSE event carries: OpenAI chat's `choices[].delta.content`, Anthropic's
+/// `delta.text`, OpenAI responses' `delta` string.
+fn delta_text_bytes(data: &[u8]) -> u64 {
+    if !data.windows(7).any(|w| w == b"\"delta\"") {
+        return 0;
+    }
+    let Ok(event) = serde_json::from_slice::<Value>(data.trim_ascii()) else { return 0 };
+    let length = |text: Option<&Value>| text.and_then(Value::as_str).map_or(0, |t| t.len() as u64);
+    let choices = event.get("choices").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    let chat: u64 = choices.iter().map(|choice| length(choice.pointer("/delta/content"))).sum();
+    let delta = event.get("delta");
+    chat + length(delta.and_then(|d| d.get("text"))) + length(delta.filter(|d| d.is_string()))
 }
 
 impl http_body::Body for UsageTap {
@@ -160,7 +195,7 @@ mod tests {
         let record = seen.clone();
         let body = full(chunks.concat());
         let mut tapped =
-            UsageTap::new(body, Some(content_type), Box::new(move |usage, _| *record.lock().unwrap() = usage));
+            UsageTap::new(body, Some(content_type), Box::new(move |tapped| *record.lock().unwrap() = tapped.usage));
         while tapped.frame().await.is_some() {}
         drop(tapped);
         let found = *seen.lock().unwrap();
@@ -186,6 +221,24 @@ mod tests {
             "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n",
         ];
         assert_eq!(tap("text/event-stream", &sse).await, Some(Usage { prompt_tokens: 25, completion_tokens: 15 }));
+    }
+
+    #[tokio::test]
+    async fn the_text_streamed_is_measured_for_answers_cut_before_their_usage() {
+        let seen = Arc::new(Mutex::new(Tapped::default()));
+        let record = seen.clone();
+        let sse = concat!(
+            "data: {\"choices\":[{\"delta\":{\"content\":\"hello \"}}]}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"world\"}}\n\n",
+            "data: {\"type\":\"response.output_text.delta\",\"delta\":\"!!\"}\n\n",
+        );
+        let mut tapped =
+            UsageTap::new(full(sse), Some("text/event-stream"), Box::new(move |t| *record.lock().unwrap() = t));
+        while tapped.frame().await.is_some() {}
+        drop(tapped);
+        let seen = *seen.lock().unwrap();
+        assert_eq!(seen.content_bytes, 6 + 5 + 2);
+        assert_eq!(seen.usage, None);
     }
 
     #[tokio::test]

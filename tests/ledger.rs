@@ -285,6 +285,7 @@ async fn settled_without_a_hash(gateway: &Gateway, chain: &Chain, blocks_after: 
             valid_before: authorization.message.validBefore.to::<u64>(),
             settle_mode: "after",
             facilitator: "http://127.0.0.1:9".into(),
+            scheme: "exact",
         })
         .await
         .unwrap()

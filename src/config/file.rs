@@ -158,12 +158,26 @@ pub enum PriceSpec {
     ByRequest(PriceRule),
 }
 
+/// `table` prices each value of `by` at one price; `per_token` prices each model by its tokens (`upto`).
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct PriceRule {
     pub by: String,
-    pub table: BTreeMap<String, String>,
+    pub table: Option<BTreeMap<String, String>>,
     pub default: Option<String>,
+    pub per_token: Option<BTreeMap<String, TokenPrices>>,
+    /// The most one request may cost (`per_token`).
+    pub max: Option<String>,
+    pub default_max_tokens: Option<u64>,
+    pub inject_max_tokens: Option<String>,
+}
+
+/// `{ input = "$0.15/1M", output = "$0.60/1M" }`
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct TokenPrices {
+    pub input: String,
+    pub output: String,
 }
 
 impl Payment {

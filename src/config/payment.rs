@@ -2,6 +2,7 @@
 
 use super::file::{self, Terms};
 use super::{ConfigError, Validator};
+use crate::metering::{Metering, ModelRates, TokenRate, TOKEN_LIMIT_FIELDS};
 use crate::networks::{self, Asset, ChainKind, Network};
 use crate::options::{AttemptLimit, Bazaar, PaidRoute};
 use crate::pricing::{Offer, Price, PriceSource, PriceTable, Pricing};
@@ -13,6 +14,7 @@ use http::{HeaderValue, Uri};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
+use x402_proto::OfferScheme;
 
 pub const DEFAULT_MAX_TIMEOUT_SECONDS: u64 = 300;
 pub const DEFAULT_NONCE_CACHE_CAPACITY: u64 = 100_000;
@@ -27,6 +29,8 @@ pub const DEFAULT_SETTLE_BATCH_WINDOW: Duration = Duration::from_millis(20);
 /// Multicall3's address on every chain that has it (Base and Base Sepolia among them).
 pub const MULTICALL3: Address = alloy::primitives::address!("0xcA11bde05977b3631167028862bE2a173976CA11");
 const LOCAL_FACILITATOR: &str = "local";
+/// The cap of a per-token route that sets no `max`: under the $1 the stock TypeScript client pays unasked.
+pub const DEFAULT_PER_TOKEN_MAX: &str = "$0.50";
 
 pub const DEFAULT_ATTEMPT_RATE_PER_IP: u32 = 50;
 pub const DEFAULT_ATTEMPT_BURST_PER_IP: u32 = 200;
@@ -222,6 +226,15 @@ impl Validator<'_> {
         };
         let pricing = match rule {
             None => Pricing::Fixed(self.offers(&entries, None, settings)?),
+            Some(rule) if rule.per_token.is_some() => {
+                if settle == SettleMode::Before {
+                    return Err(ConfigError::invalid(
+                        format!("{key}.settle"),
+                        "a per-token price settles what the answer cost, after it: remove `settle = \"before\"`",
+                    ));
+                }
+                Pricing::PerToken(self.metering(key, rule, &entries, &facilitator, settings)?)
+            }
             Some(rule) => self.price_table(key, rule, &entries, settings)?,
         };
         if let FacilitatorChoice::Local = facilitator {
@@ -319,11 +332,19 @@ impl Validator<'_> {
                 "the price comes from the route's price table: remove `amount`",
             ));
         }
-        if rule.table.is_empty() {
-            return Err(ConfigError::invalid(format!("{key}.price.table"), "an empty table prices nothing"));
+        for (field, set) in [
+            ("max", rule.max.is_some()),
+            ("default_max_tokens", rule.default_max_tokens.is_some()),
+            ("inject_max_tokens", rule.inject_max_tokens.is_some()),
+        ] {
+            if set {
+                return Err(ConfigError::invalid(format!("{key}.price.{field}"), "belongs to a `per_token` price"));
+            }
         }
-        let table = rule
-            .table
+        let Some(table) = rule.table.as_ref().filter(|t| !t.is_empty()) else {
+            return Err(ConfigError::invalid(format!("{key}.price.table"), "an empty table prices nothing"));
+        };
+        let table = table
             .iter()
             .map(|(value, price)| {
                 let entry_key = format!("{key}.price.table.\"{value}\"");
@@ -341,6 +362,98 @@ impl Validator<'_> {
             })
             .transpose()?;
         Ok(Pricing::ByRequest(PriceTable { source, table, default }))
+    }
+
+    /// A per-token price: `upto` offers capped at `max`, and each model's rates in each offer's asset.
+    fn metering(
+        &self,
+        key: &str,
+        rule: &file::PriceRule,
+        entries: &[(String, Terms)],
+        facilitator: &FacilitatorChoice,
+        settings: &PaymentSettings,
+    ) -> Result<Metering, ConfigError> {
+        let price_key = format!("{key}.price");
+        let source =
+            PriceSource::parse(&rule.by).map_err(|msg| ConfigError::invalid(format!("{price_key}.by"), msg))?;
+        if !matches!(source, PriceSource::Body(_)) {
+            return Err(ConfigError::invalid(
+                format!("{price_key}.by"),
+                "a per-token price reads the model from the body (\"body.model\")",
+            ));
+        }
+        for (field, set) in [("table", rule.table.is_some()), ("default", rule.default.is_some())] {
+            if set {
+                return Err(ConfigError::invalid(
+                    format!("{price_key}.{field}"),
+                    "a per-token price lists every model it sells in `per_token`",
+                ));
+            }
+        }
+        if let Some((entry_key, _)) = entries.iter().find(|(_, t)| t.amount.is_some() || t.price.is_some()) {
+            return Err(ConfigError::invalid(
+                format!("{entry_key}.price"),
+                "the price comes from the route's per-token rates and `max`: remove `price`/`amount`",
+            ));
+        }
+        let models = rule.per_token.as_ref().filter(|m| !m.is_empty()).ok_or_else(|| {
+            ConfigError::invalid(format!("{price_key}.per_token"), "no model: list each one's input and output rates")
+        })?;
+        let max = rule.max.as_deref().unwrap_or(DEFAULT_PER_TOKEN_MAX);
+        let mut offers =
+            self.offers(entries, Some(max), settings).map_err(|e| rename_price_key(e, &format!("{price_key}.max")))?;
+        for offer in &mut offers {
+            let facilitator = match facilitator {
+                FacilitatorChoice::Local => settings.settlers.get(&offer.network.chain_id).map(|s| s.key.address()),
+                FacilitatorChoice::Remote(_) => None,
+            };
+            // A remote facilitator's address is learned from its `/supported`; each request's offers name it.
+            offer.scheme = OfferScheme::Upto { facilitator: facilitator.unwrap_or(Address::ZERO) };
+        }
+        let models = models
+            .iter()
+            .map(|(model, prices)| {
+                let model_key = format!("{price_key}.per_token.\"{model}\"");
+                let rates = offers
+                    .iter()
+                    .map(|offer| {
+                        let decimals = offer.asset.decimals;
+                        let rate = |field: &str, text: &str| {
+                            TokenRate::parse(text, decimals)
+                                .map_err(|msg| ConfigError::invalid(format!("{model_key}.{field}"), msg))
+                        };
+                        let rates = ModelRates {
+                            input: rate("input", &prices.input)?,
+                            output: rate("output", &prices.output)?,
+                        };
+                        if rates.input.is_zero() && rates.output.is_zero() {
+                            return Err(ConfigError::invalid(
+                                &model_key,
+                                "both rates are zero: make the route free instead",
+                            ));
+                        }
+                        Ok(rates)
+                    })
+                    .collect::<Result<Vec<_>, ConfigError>>()?;
+                Ok((model.clone(), rates))
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let default_max_tokens = super::nonzero(&format!("{price_key}.default_max_tokens"), rule.default_max_tokens)?;
+        if let Some(field) = &rule.inject_max_tokens {
+            if !TOKEN_LIMIT_FIELDS.contains(&field.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("{price_key}.inject_max_tokens"),
+                    format!("`{field}`: expected one of {}", TOKEN_LIMIT_FIELDS.join(", ")),
+                ));
+            }
+            if default_max_tokens.is_none() {
+                return Err(ConfigError::invalid(
+                    format!("{price_key}.inject_max_tokens"),
+                    "injects `default_max_tokens`: set it too",
+                ));
+            }
+        }
+        Ok(Metering { source, offers, models, default_max_tokens, inject_max_tokens: rule.inject_max_tokens.clone() })
     }
 
     fn offer(&self, key: &str, terms: &Terms, settings: &PaymentSettings) -> Result<Offer, ConfigError> {
@@ -393,7 +506,15 @@ impl Validator<'_> {
             .unwrap_or(DEFAULT_MAX_TIMEOUT_SECONDS);
         let domain_separator =
             exact_evm::domain(&asset.eip712_name, &asset.eip712_version, network.chain_id, asset.address).separator();
-        Ok(Offer { network: Arc::new(network), asset, pay_to, amount, max_timeout_seconds, domain_separator })
+        Ok(Offer {
+            network: Arc::new(network),
+            asset,
+            pay_to,
+            amount,
+            max_timeout_seconds,
+            domain_separator,
+            scheme: OfferScheme::Exact,
+        })
     }
 }
 

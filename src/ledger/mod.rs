@@ -9,7 +9,7 @@ mod writer;
 pub use reconcile::{reconcile, Reconciled};
 pub use store::{Ledger, LedgerError, NewPayment, Revenue, Row};
 
-use alloy::primitives::{Address, B256};
+use alloy::primitives::{Address, B256, U256};
 use std::future::Future;
 use std::pin::Pin;
 
@@ -136,6 +136,9 @@ pub trait PaymentStore: Send + Sync {
     /// About to settle, before anything is broadcast.
     fn settling(&self, id: i64, upstream_status: Option<u16>) -> Stored<'_, ()>;
 
+    /// An `upto` payment's metered charge and the usage (prompt, completion tokens) it was priced from.
+    fn metered(&self, id: i64, charged: U256, usage: Option<(u64, u64)>) -> Stored<'_, ()>;
+
     /// A settlement transaction's hash, before it is broadcast.
     fn pending(&self, id: i64, transaction: String) -> Stored<'_, ()>;
 
@@ -191,6 +194,10 @@ impl PaymentStore for Ledger {
 
     fn settling(&self, id: i64, upstream_status: Option<u16>) -> Stored<'_, ()> {
         Box::pin(Ledger::settling(self, id, upstream_status))
+    }
+
+    fn metered(&self, id: i64, charged: U256, usage: Option<(u64, u64)>) -> Stored<'_, ()> {
+        Box::pin(Ledger::metered(self, id, charged, usage))
     }
 
     fn pending(&self, id: i64, transaction: String) -> Stored<'_, ()> {

@@ -43,6 +43,8 @@ pub struct NewPayment {
     pub settle_mode: &'static str,
     /// `local`, or the URL of the remote facilitator that settles it.
     pub facilitator: String,
+    /// `exact` (`amount` is charged) or `upto` (`amount` is the ceiling; the charge is metered).
+    pub scheme: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -67,6 +69,20 @@ pub struct Row {
     pub failure: Option<String>,
     pub created_at: u64,
     pub updated_at: u64,
+    pub scheme: String,
+    /// What the buyer was charged, atomic units: `amount` for `exact`; metered, at most `amount`, for `upto`
+    /// (`None` until metered).
+    pub charged: Option<U256>,
+    /// The answer's token usage, as read from it (`upto` routes).
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+}
+
+impl Row {
+    /// What the buyer paid or pays once settled.
+    pub fn charge(&self) -> U256 {
+        self.charged.unwrap_or(self.amount)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -106,8 +122,31 @@ CREATE TABLE IF NOT EXISTS payments (
 CREATE INDEX IF NOT EXISTS payments_state ON payments (state);
 ";
 
+/// Columns added since the first schema, with their definitions: a ledger written by an older version gains
+/// them when opened.
+const ADDED_COLUMNS: [(&str, &str); 4] = [
+    ("scheme", "TEXT NOT NULL DEFAULT 'exact'"),
+    ("charged", "TEXT"),
+    ("prompt_tokens", "INTEGER"),
+    ("completion_tokens", "INTEGER"),
+];
+
+fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let existing: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('payments')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for (name, definition) in ADDED_COLUMNS {
+        if !existing.iter().any(|c| c == name) {
+            conn.execute_batch(&format!("ALTER TABLE payments ADD COLUMN {name} {definition}"))?;
+        }
+    }
+    Ok(())
+}
+
 const COLUMNS: &str = "id, state, route, payer, payee, network, chain_id, asset, amount, nonce, valid_before, \
-                       settle_mode, facilitator, tx_hash, upstream_status, served, failure, created_at, updated_at";
+                       settle_mode, facilitator, tx_hash, upstream_status, served, failure, created_at, updated_at, \
+                       scheme, charged, prompt_tokens, completion_tokens";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok(Row {
@@ -139,6 +178,14 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
         failure: r.get(16)?,
         created_at: r.get(17)?,
         updated_at: r.get(18)?,
+        scheme: r.get(19)?,
+        charged: r
+            .get::<_, Option<String>>(20)?
+            .map(|text| text.parse())
+            .transpose()
+            .map_err(|err| rusqlite::Error::FromSqlConversionFailure(20, rusqlite::types::Type::Text, Box::new(err)))?,
+        prompt_tokens: r.get(21)?,
+        completion_tokens: r.get(22)?,
     })
 }
 
@@ -168,6 +215,7 @@ impl Ledger {
         // WAL with synchronous=NORMAL: a committed state survives the process being killed (not a power cut).
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;")
             .and_then(|_| conn.execute_batch(SCHEMA))
+            .and_then(|_| add_missing_columns(&conn))
             .map_err(|e| fail(e.to_string()))?;
         // Room for every statement the ledger runs: each is prepared once.
         conn.set_prepared_statement_cache_capacity(64);
@@ -192,18 +240,19 @@ impl Ledger {
                 Some(old) if Step::Reverified.allowed_from().contains(&old.state) => {
                     conn.prepare_cached(
                         "UPDATE payments SET state = 'verified', route = ?2, facilitator = ?3, failure = NULL, tx_hash = NULL, \
-                         upstream_status = NULL, updated_at = ?4 WHERE id = ?1",
+                         upstream_status = NULL, amount = ?5, charged = NULL, prompt_tokens = NULL, \
+                         completion_tokens = NULL, updated_at = ?4 WHERE id = ?1",
                     )?
-                    .execute(params![old.id, p.route, p.facilitator, t])?;
+                    .execute(params![old.id, p.route, p.facilitator, t, p.amount.to_string()])?;
                     Ok(Ok(old.id))
                 }
                 Some(old) => Ok(Err(old)),
                 None => {
                     conn.prepare_cached(
-                        "INSERT INTO payments (state, route, payer, payee, network, chain_id, asset, amount, nonce, valid_before, settle_mode, facilitator, created_at, updated_at)
-                         VALUES ('verified', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+                        "INSERT INTO payments (state, route, payer, payee, network, chain_id, asset, amount, nonce, valid_before, settle_mode, facilitator, created_at, updated_at, scheme)
+                         VALUES ('verified', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13)",
                     )?
-                    .execute(params![p.route, p.payer.to_string(), p.payee.to_string(), p.network, p.chain_id, p.asset.to_string(), p.amount.to_string(), p.nonce.to_string(), p.valid_before, p.settle_mode, p.facilitator, t])?;
+                    .execute(params![p.route, p.payer.to_string(), p.payee.to_string(), p.network, p.chain_id, p.asset.to_string(), p.amount.to_string(), p.nonce.to_string(), p.valid_before, p.settle_mode, p.facilitator, t, p.scheme])?;
                     Ok(Ok(conn.last_insert_rowid()))
                 }
             }
@@ -215,6 +264,26 @@ impl Ledger {
     pub async fn settling(&self, id: i64, upstream_status: Option<u16>) -> Result<(), LedgerError> {
         let set = "upstream_status = COALESCE(?2, upstream_status)";
         self.update(id, Step::Settling, set, upstream_status.map(i64::from)).await
+    }
+
+    /// The metered charge of an `upto` payment and the usage it was priced from, before settling it.
+    pub async fn metered(&self, id: i64, charged: U256, usage: Option<(u64, u64)>) -> Result<(), LedgerError> {
+        let t = now();
+        let sql = format!(
+            "UPDATE payments SET charged = ?2, prompt_tokens = ?3, completion_tokens = ?4, updated_at = ?5 \
+             WHERE id = ?1 AND {}",
+            Step::Settling.guard_sql()
+        );
+        let (prompt, completion) = (usage.map(|u| u.0), usage.map(|u| u.1));
+        let changed = self
+            .run(move |conn| {
+                conn.prepare_cached(&sql)?.execute(params![id, charged.to_string(), prompt, completion, t])
+            })
+            .await?;
+        if changed == 0 {
+            return Err(LedgerError::Conflict(id));
+        }
+        Ok(())
     }
 
     /// A settlement transaction's hash, written before it is broadcast: the row stays `settling`.
@@ -342,9 +411,10 @@ impl Ledger {
         for r in rows {
             // The day it was paid for: `created_at` stays put when later flags (served, refund) change.
             let day = day_of(r.created_at);
+            let charge = r.charge();
             let entry = sums.entry((r.route, day, r.network, r.asset.to_string())).or_default();
             entry.0 += 1;
-            entry.1 += r.amount;
+            entry.1 += charge;
         }
         Ok(sums
             .into_iter()
@@ -402,6 +472,7 @@ mod tests {
             valid_before: u64::MAX / 2,
             settle_mode: "after",
             facilitator: "local".into(),
+            scheme: "exact",
         }
     }
 

@@ -5,6 +5,7 @@
 mod buffered;
 mod context;
 mod live;
+mod metered;
 mod paid;
 
 use crate::admin;
@@ -19,6 +20,7 @@ use crate::discovery;
 use crate::error::GatewayError;
 use crate::gate::{GateError, Payment, PaymentGate};
 use crate::ledger::{self, Ledger, LedgerError, NewPayment, PaymentStore, Reconciled};
+use crate::metering;
 use crate::metrics::Metrics;
 use crate::pricing::Offer;
 use crate::proxy::headers::names_host;
@@ -218,7 +220,7 @@ impl Gateway {
     }
 
     /// The request through its phases, with one context, closed by its metrics and access line.
-    async fn serve(&self, request: Request<Incoming>, client: ClientInfo) -> Response<Body> {
+    async fn serve(self: &Arc<Self>, request: Request<Incoming>, client: ClientInfo) -> Response<Body> {
         let mut ctx = RequestContext::new(&request, client);
         let live = self.live();
         let in_flight = self.metrics.in_flight();
@@ -268,8 +270,8 @@ impl Gateway {
 
     /// Price → payment gate → verify → record → upstream and settlement, for a route that has a price.
     async fn process_paid(
-        &self,
-        live: &Live,
+        self: &Arc<Self>,
+        live: &Arc<Live>,
         request: Request<Body>,
         route: &Arc<RouteSpec>,
         canonical_path: &str,
@@ -285,11 +287,14 @@ impl Gateway {
             }
         }
 
-        // Price: the offers for exactly this request.
+        // Price: the offers for exactly this request (an `upto` offer names the facilitator that settles it).
         let (request, body, _buffered) = live.buffer_body_for_pricing(request, paid, &self.buffered).await?;
-        let priced =
-            paid.pricing.price(request.uri().query(), request.headers(), &body).map_err(GatewayError::Price)?;
-        let offers = priced.offers;
+        let upto_signer = |chain_id| live.facilitators.get(&paid.facilitator, chain_id)?.upto_signer(chain_id);
+        let priced = paid
+            .pricing
+            .price(request.uri().query(), request.headers(), &body, upto_signer)
+            .map_err(GatewayError::Price)?;
+        let offers = &*priced.offers;
         let resource = live.resource_info(&request, paid, priced.key.as_deref(), &ctx.client);
         let request_headers = request.headers();
         let challenge = |rejection: Option<&Rejection>| {
@@ -348,16 +353,30 @@ impl Gateway {
             };
         ctx.payment = Some(Box::new(payment.clone()));
         ctx.ledger_id = Some(id);
-        ctx.price_key = priced.key;
+        ctx.price_key = priced.key.clone();
+        let charging = match &priced.meter {
+            None => None,
+            Some(meter) => {
+                let index = offers.iter().position(|offer| *offer == payment.offer).ok_or(GatewayError::Internal)?;
+                let rates = *meter.rates.get(index).ok_or(GatewayError::Internal)?;
+                let prompt_bytes = meter.prompt_bound;
+                let (ceiling, decimals) = (payment.offer.amount, payment.offer.asset.decimals);
+                Some((metered::Charging { rates, ceiling, prompt_bytes, decimals }, meter.inject.clone()))
+            }
+        };
 
         // Upstream and settlement, in the route's order.
         let mut request = request;
         self.carrier.strip(request.headers_mut());
+        if let Some((_, Some((field, tokens)))) = &charging {
+            request = metering::with_token_limit(request, &body, field, *tokens);
+        }
         let request = upstream_request(request, route, canonical_path, &ctx.client)?;
         let call = PaidCall { facilitator, payment, hold, id, resource, ctx, max_held: live.settle_after_max_bytes };
-        match paid.settle {
-            SettleMode::Before => self.settle_then_stream(request, route, call).await,
-            SettleMode::After => self.deliver_then_settle(request, route, call).await,
+        match (charging, paid.settle) {
+            (Some((charging, _)), _) => self.meter_then_settle(live, request, route, call, charging).await,
+            (None, SettleMode::Before) => self.settle_then_stream(request, route, call).await,
+            (None, SettleMode::After) => self.deliver_then_settle(request, route, call).await,
         }
     }
 
@@ -382,7 +401,12 @@ impl Gateway {
         if let Some(rejection) = rejection {
             self.metrics.rejected(route, rejection.reason());
         }
-        self.carrier.challenge(&Challenge { offers, resource, rejection, bazaar }, request_headers)
+        let mut response = self.carrier.challenge(&Challenge { offers, resource, rejection, bazaar }, request_headers);
+        // The buyer must approve Permit2 once before an `upto` payment can settle, as the reference answers.
+        if rejection.is_some_and(|r| r.reason() == Rejection::Permit2AllowanceRequired.reason()) {
+            *response.status_mut() = http::StatusCode::PRECONDITION_FAILED;
+        }
+        response
     }
 
     /// Asks each remote facilitator what it supports (`GET /supported`, as the reference servers do at start)
@@ -476,14 +500,15 @@ pub async fn bind(config: Config) -> Result<Server<Gateway>, StartError> {
 fn new_payment(payment: &Payment, route: &str, settle: SettleMode, facilitator: String) -> NewPayment {
     NewPayment {
         route: route.to_string(),
-        payer: payment.authorization.from,
-        payee: payment.authorization.to,
+        payer: payment.authorization.payer(),
+        payee: payment.authorization.payee(),
         network: payment.offer.network.caip2.clone(),
         chain_id: payment.offer.network.chain_id,
         asset: payment.offer.asset.address,
-        amount: payment.authorization.value,
-        nonce: payment.authorization.nonce,
-        valid_before: payment.authorization.valid_before_secs(),
+        amount: payment.authorization.authorized(),
+        nonce: payment.authorization.nonce(),
+        valid_before: payment.authorization.expires_at(),
+        scheme: payment.offer.scheme.name(),
         settle_mode: match settle {
             SettleMode::After => "after",
             SettleMode::Before => "before",
@@ -492,9 +517,10 @@ fn new_payment(payment: &Payment, route: &str, settle: SettleMode, facilitator: 
     }
 }
 
-/// The reservation key of a ledger row.
+/// The reservation key of a ledger row: Permit2's nonces (`upto`) are the payer's across tokens.
 fn nonce_key(row: &ledger::Row) -> NonceKey {
-    NonceKey { chain_id: row.chain_id, asset: row.asset, from: row.payer, nonce: row.nonce }
+    let asset = if row.scheme == "upto" { x402_proto::upto_evm::PERMIT2 } else { row.asset };
+    NonceKey { chain_id: row.chain_id, asset, from: row.payer, nonce: row.nonce }
 }
 
 enum ReadError {

@@ -11,9 +11,10 @@ use crate::error::GatewayError;
 use crate::gate::{Hold, Payment};
 use crate::ledger::{PaymentStore, Row, State};
 use crate::settlement::{BeforeBroadcast, Facilitator, SettleFailure, Settled};
-use crate::usage::{OnEnd, UsageTap};
+use crate::usage::{OnEnd, Tapped, UsageTap};
 use crate::x402::wire::ResourceInfo;
 use crate::x402::Rejection;
+use alloy::primitives::U256;
 use http::{header, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use std::sync::Arc;
@@ -40,8 +41,9 @@ impl Gateway {
         route: &RouteSpec,
         mut call: PaidCall<'_, '_>,
     ) -> Result<Response<Body>, GatewayError> {
+        let price = call.payment.authorization.authorized();
         self.write_ahead(self.ledger.settling(call.id, None).await)?;
-        let settled = match self.settle(route, &mut call).await {
+        let settled = match self.settle(route, &mut call, price).await {
             Ok(settled) => settled,
             Err(failure) => return Ok(self.settle_failed(&call, &failure).await),
         };
@@ -54,7 +56,7 @@ impl Gateway {
         };
         if !delivered {
             let reason = format!("the upstream answered {} after the payment settled", response.status().as_u16());
-            tracing::error!(transaction = %settled.transaction, payer = %call.payment.authorization.from, "{reason}: refund needed");
+            tracing::error!(transaction = %settled.transaction, payer = %call.payment.authorization.payer(), "{reason}: refund needed");
             self.record(self.ledger.refund_needed(call.id, reason).await);
         }
         self.carrier.attach_receipt(&mut response, &call.payment, &settled);
@@ -69,6 +71,7 @@ impl Gateway {
         route: &RouteSpec,
         mut call: PaidCall<'_, '_>,
     ) -> Result<Response<Body>, GatewayError> {
+        let price = call.payment.authorization.authorized();
         let response = match self.forward(request, route).await {
             Ok(response) => response,
             Err(err) => {
@@ -98,7 +101,7 @@ impl Gateway {
             self.record(self.ledger.released(call.id, Some(status.as_u16())).await);
             return Err(err);
         }
-        let settled = match self.settle(route, &mut call).await {
+        let settled = match self.settle(route, &mut call, price).await {
             Ok(settled) => settled,
             Err(failure) => {
                 if !failure.nothing_moved {
@@ -135,7 +138,12 @@ impl Gateway {
 
     /// Settles the payment. From here on it may move, so its authorization stays reserved unless the
     /// settlement certainly failed before any broadcast.
-    async fn settle(&self, route: &RouteSpec, call: &mut PaidCall<'_, '_>) -> Result<Settled, SettleFailure> {
+    pub(super) async fn settle(
+        &self,
+        route: &RouteSpec,
+        call: &mut PaidCall<'_, '_>,
+        amount: U256,
+    ) -> Result<Settled, SettleFailure> {
         call.hold.spend();
         let started = Instant::now();
         let (ledger, id) = (self.ledger.clone(), call.id);
@@ -143,7 +151,7 @@ impl Gateway {
             let ledger = ledger.clone();
             Box::pin(async move { ledger.pending(id, hash.to_string()).await.map_err(|e| e.to_string()) })
         });
-        let outcome = call.facilitator.settle(&call.payment, &call.resource, Some(record_hash)).await;
+        let outcome = call.facilitator.settle(&call.payment, &call.resource, amount, Some(record_hash)).await;
         if outcome.as_ref().is_err_and(|failure| failure.nothing_moved) {
             call.hold.not_charged();
         }
@@ -152,7 +160,7 @@ impl Gateway {
             Ok(_) => {
                 self.metrics.settled(route, "success", started.elapsed());
                 let offer = &call.payment.offer;
-                let amount = u64::try_from(call.payment.authorization.value).unwrap_or(u64::MAX);
+                let amount = u64::try_from(amount).unwrap_or(u64::MAX);
                 self.metrics.revenue(route, &offer.network.caip2, &offer.asset.address.to_string(), amount);
             }
             Err(failure) => self.metrics.settled(route, &failure.reason, started.elapsed()),
@@ -162,7 +170,7 @@ impl Gateway {
 
     /// A settlement failed: 402 with the failure, the answer withheld. A certain failure frees the
     /// authorization; an uncertain one (`settlement_pending`) keeps it, and reconciliation finishes the row.
-    async fn settle_failed(&self, call: &PaidCall<'_, '_>, failure: &SettleFailure) -> Response<Body> {
+    pub(super) async fn settle_failed(&self, call: &PaidCall<'_, '_>, failure: &SettleFailure) -> Response<Body> {
         if failure.nothing_moved {
             // The authorization is freed when the request's hold goes, after this row: a retry must find the
             // row failed, not spent.
@@ -174,7 +182,7 @@ impl Gateway {
             reason = %failure.reason,
             message = %failure.message,
             transaction = failure.transaction.as_deref(),
-            payer = %call.payment.authorization.from,
+            payer = %call.payment.authorization.payer(),
             "settlement failed; the answer is withheld",
         );
         self.carrier.settle_failed(&call.payment, failure)
@@ -182,7 +190,7 @@ impl Gateway {
 
     /// Nothing was charged (the answer failed): the row is released, and the buyer may use the authorization
     /// again once the request's hold goes.
-    async fn release(&self, call: &PaidCall<'_, '_>, status: Option<StatusCode>) {
+    pub(super) async fn release(&self, call: &PaidCall<'_, '_>, status: Option<StatusCode>) {
         self.record(self.ledger.released(call.id, status.map(|s| s.as_u16())).await);
     }
 
@@ -196,8 +204,8 @@ impl Gateway {
         challenge: impl Fn(Option<&Rejection>) -> Response<Body>,
     ) -> Option<Response<Body>> {
         let auth = &payment.authorization;
-        let found =
-            self.ledger.find(payment.offer.network.chain_id, payment.offer.asset.address, auth.from, auth.nonce).await;
+        let (chain_id, asset) = (payment.offer.network.chain_id, payment.offer.asset.address);
+        let found = self.ledger.find(chain_id, asset, auth.payer(), auth.nonce()).await;
         // Read after the ledger: an answer is kept before its row says settled, so a settled row's answer shows.
         let answer = self.answers.get(payment);
         match &answer {
@@ -219,7 +227,11 @@ impl Gateway {
             // Withheld while pending, settled since: the buyer gets what it paid for, and the row says so.
             (Some(withheld), true, Some(transaction)) => {
                 let mut response = replay(&withheld);
-                self.carrier.attach_receipt(&mut response, payment, &Settled { transaction });
+                self.carrier.attach_receipt(
+                    &mut response,
+                    payment,
+                    &Settled { transaction, amount: row.charged.filter(|_| row.scheme == "upto") },
+                );
                 self.record(self.ledger.served(row.id).await);
                 response
             }
@@ -228,7 +240,7 @@ impl Gateway {
     }
 
     /// A ledger write that must succeed before the next step may take effect.
-    fn write_ahead(&self, written: Result<(), crate::ledger::LedgerError>) -> Result<(), GatewayError> {
+    pub(super) fn write_ahead(&self, written: Result<(), crate::ledger::LedgerError>) -> Result<(), GatewayError> {
         written.map_err(|err| {
             tracing::error!("{err}");
             GatewayError::LedgerUnavailable
@@ -236,14 +248,14 @@ impl Gateway {
     }
 
     /// A ledger write recording what already happened: a failure is logged (reconciliation will redo it).
-    fn record(&self, written: Result<(), crate::ledger::LedgerError>) {
+    pub(super) fn record(&self, written: Result<(), crate::ledger::LedgerError>) {
         if let Err(err) = written {
             tracing::error!("could not record a payment step: {err}");
         }
     }
 }
 
-fn failed(status: StatusCode) -> bool {
+pub(super) fn failed(status: StatusCode) -> bool {
     status.is_client_error() || status.is_server_error()
 }
 
@@ -290,7 +302,7 @@ pub(super) fn spent(carrier: &dyn Carrier, payment: &Payment, row: &Row) -> Resp
 
 /// Logs the LLM token usage of a paid answer with its payment once the answer has gone out, and marks the
 /// ledger row served when it went out whole.
-fn record_usage(
+pub(super) fn record_usage(
     response: Response<Body>,
     route: &RouteSpec,
     ctx: &RequestContext,
@@ -299,10 +311,10 @@ fn record_usage(
     let (parts, body) = response.into_parts();
     let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let route = route.pattern_text.clone();
-    let payer = ctx.payment.as_ref().map(|p| p.authorization.from.to_string());
-    let amount = ctx.payment.as_ref().map(|p| p.authorization.value.to_string());
+    let payer = ctx.payment.as_ref().map(|p| p.authorization.payer().to_string());
+    let amount = ctx.payment.as_ref().map(|p| p.authorization.authorized().to_string());
     let (transaction, model) = (ctx.transaction.clone(), ctx.price_key.clone());
-    let on_end: OnEnd = Box::new(move |usage, complete| {
+    let on_end: OnEnd = Box::new(move |Tapped { usage, complete, .. }| {
         if let (true, Some((ledger, id))) = (complete, served) {
             tokio::spawn(async move {
                 if let Err(err) = ledger.served(id).await {

@@ -12,8 +12,8 @@ mod scheme;
 pub mod upto_evm;
 pub mod wire;
 
-pub use offer::Offer;
-pub use payment::{NonceKey, Payment};
+pub use offer::{Offer, OfferScheme};
+pub use payment::{Authorization, NonceKey, Payment};
 pub use scheme::{Exact, Scheme};
 
 /// Now, in unix seconds: the clock authorizations' time windows are read against.

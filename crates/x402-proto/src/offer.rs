@@ -16,4 +16,24 @@ pub struct Offer {
     pub max_timeout_seconds: u64,
     /// The asset's EIP-712 domain separator on this network, hashed once: every signature check needs it.
     pub domain_separator: B256,
+    pub scheme: OfferScheme,
+}
+
+/// How the offer is paid, and what the scheme binds the buyer's signature to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OfferScheme {
+    /// EIP-3009 of exactly `amount`; any facilitator can settle it.
+    Exact,
+    /// Permit2 of at most `amount` (the ceiling); only `facilitator`, which the signature names, can settle it.
+    Upto { facilitator: Address },
+}
+
+impl OfferScheme {
+    /// The scheme's name on the wire (`accepts[].scheme`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            OfferScheme::Exact => "exact",
+            OfferScheme::Upto { .. } => "upto",
+        }
+    }
 }

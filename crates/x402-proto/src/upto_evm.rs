@@ -2,6 +2,7 @@
 //! `x402UptoPermit2Proxy`, bound by its witness to one payee and one facilitator; the facilitator later settles
 //! any amount up to that ceiling (`specs/schemes/upto/scheme_upto_evm.md`). Pure: no chain access.
 
+use crate::{NonceKey, Offer, Rejection};
 use alloy_primitives::{address, Address, Bytes, B256, U256};
 
 /// The canonical Permit2 contract (same address on every chain).
@@ -56,4 +57,33 @@ pub struct Eip2612Permit {
     pub v: u8,
     pub r: B256,
     pub s: B256,
+}
+
+/// What identifies the permit against replay: Permit2's nonces are the owner's, across tokens.
+pub fn replay_key(offer: &Offer, auth: &PermitAuthorization) -> NonceKey {
+    NonceKey { chain_id: offer.network.chain_id, asset: PERMIT2, from: auth.from, nonce: auth.nonce_key() }
+}
+
+// LEAD-STUB: replaced by the offline verifier's versions.
+pub fn extra(offer: &Offer, facilitator: Address) -> serde_json::Value {
+    serde_json::json!({
+        "name": offer.asset.eip712_name,
+        "version": offer.asset.eip712_version,
+        "facilitatorAddress": facilitator.to_string(),
+    })
+}
+
+// LEAD-STUB
+pub fn verify_signed(
+    _payload: &serde_json::Value,
+    _extensions: Option<&serde_json::Value>,
+    _offer: &Offer,
+    _facilitator: Address,
+) -> Result<PermitAuthorization, Rejection> {
+    Err(Rejection::Scheme("upto".into()))
+}
+
+// LEAD-STUB
+pub fn check_window(_auth: &PermitAuthorization, _offer: &Offer, _now: u64) -> Result<(), Rejection> {
+    Ok(())
 }

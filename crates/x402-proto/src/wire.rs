@@ -131,4 +131,7 @@ pub struct SettleResponse {
     #[serde(default)]
     pub transaction: String,
     pub network: String,
+    /// `upto`: the amount charged, atomic units (may be 0, with no transaction).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<String>,
 }

@@ -13,6 +13,7 @@ use http::Uri;
 use std::sync::Arc;
 use std::time::Duration;
 use x402_proto::exact_evm::VerifiedAuthorization;
+use x402_proto::upto_evm::PermitAuthorization;
 use x402_proto::Rejection;
 
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -66,6 +67,30 @@ impl LocalSettler {
             receipt_timeout: settings.settle_timeout,
             batching,
         }
+    }
+
+    /// The settler's own address: what pays gas, and what `upto` authorizations name as their facilitator.
+    pub fn address(&self) -> Address {
+        self.settler
+    }
+
+    pub fn chain_id(&self) -> u64 {
+        self.chain_id
+    }
+
+    // LEAD-STUB: replaced by the on-chain upto verifier.
+    pub async fn verify_upto(&self, _auth: &PermitAuthorization) -> Result<(), VerifyFailure> {
+        Err(VerifyFailure::Rejected(Rejection::Scheme("upto".into())))
+    }
+
+    // LEAD-STUB
+    pub async fn settle_upto(
+        &self,
+        _auth: &PermitAuthorization,
+        _amount: alloy::primitives::U256,
+        _before: Option<BeforeBroadcast>,
+    ) -> Result<Settled, SettleFailure> {
+        Err(SettleFailure::nothing_moved("unsupported_scheme", String::new(), None))
     }
 
     #[cfg(test)]
@@ -154,7 +179,7 @@ impl LocalSettler {
             return Err(SettleFailure::pending(hash.to_string()));
         };
         if chain::used_authorization(&receipt, token, auth.from, auth.nonce) {
-            return Ok(Settled { transaction: hash.to_string() });
+            return Ok(Settled::exact(hash.to_string()));
         }
         // Not by this transaction: the call reverted (alone, or inside a batch), or someone else used the
         // authorization first. The token's own record decides.

@@ -13,6 +13,7 @@ pub use remote::RemoteFacilitator;
 
 use crate::chain;
 use crate::options::{FacilitatorChoice, RemoteConfig, SettlementOptions, SettlerConfig};
+use alloy::primitives::{Address, U256};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
@@ -21,8 +22,8 @@ use std::time::Duration;
 use x402_proto::codec::PaymentPayload;
 use x402_proto::requirements::{requirements_v1, requirements_v2};
 use x402_proto::wire::ResourceInfo;
-use x402_proto::Payment;
 use x402_proto::Rejection;
+use x402_proto::{Authorization, Offer, Payment};
 
 /// Time allowed for one RPC request to a chain node.
 const RPC_TIMEOUT: Duration = Duration::from_secs(15);
@@ -46,7 +47,16 @@ pub enum VerifyFailure {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settled {
+    /// Empty when nothing was owed (an `upto` charge of 0 sends no transaction).
     pub transaction: String,
+    /// What was charged, for schemes that charge less than the buyer authorized (`upto`).
+    pub amount: Option<U256>,
+}
+
+impl Settled {
+    pub fn exact(transaction: String) -> Settled {
+        Settled { transaction, amount: None }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,13 +104,19 @@ pub trait Facilitator: Send + Sync {
     fn verify<'a>(&'a self, payment: &'a Payment, resource: &'a ResourceInfo)
         -> Pending<'a, Result<(), VerifyFailure>>;
 
-    /// Settles; a local settler calls `before` with the transaction's hash before broadcasting it.
+    /// Settles `amount`: the price (`exact`), or at most the ceiling and never 0 (`upto`). A local settler calls
+    /// `before` with the transaction's hash before broadcasting it.
     fn settle<'a>(
         &'a self,
         payment: &'a Payment,
         resource: &'a ResourceInfo,
+        amount: U256,
         before: Option<BeforeBroadcast>,
     ) -> Pending<'a, Result<Settled, SettleFailure>>;
+
+    /// The address `upto` authorizations on `chain_id` must name as their facilitator (only it can settle
+    /// them); `None` when this facilitator cannot settle `upto` there.
+    fn upto_signer(&self, chain_id: u64) -> Option<Address>;
 }
 
 /// A facilitator's answer on its way.
@@ -112,16 +128,29 @@ impl Facilitator for LocalSettler {
     }
 
     fn verify<'a>(&'a self, payment: &'a Payment, _: &'a ResourceInfo) -> Pending<'a, Result<(), VerifyFailure>> {
-        Box::pin(LocalSettler::verify(self, payment.offer.asset.address, &payment.authorization))
+        match &payment.authorization {
+            Authorization::Exact(auth) => Box::pin(LocalSettler::verify(self, payment.offer.asset.address, auth)),
+            Authorization::Upto(auth) => Box::pin(LocalSettler::verify_upto(self, auth)),
+        }
     }
 
     fn settle<'a>(
         &'a self,
         payment: &'a Payment,
         _: &'a ResourceInfo,
+        amount: U256,
         before: Option<BeforeBroadcast>,
     ) -> Pending<'a, Result<Settled, SettleFailure>> {
-        Box::pin(LocalSettler::settle(self, payment.offer.asset.address, &payment.authorization, before))
+        match &payment.authorization {
+            Authorization::Exact(auth) => {
+                Box::pin(LocalSettler::settle(self, payment.offer.asset.address, auth, before))
+            }
+            Authorization::Upto(auth) => Box::pin(LocalSettler::settle_upto(self, auth, amount, before)),
+        }
+    }
+
+    fn upto_signer(&self, chain_id: u64) -> Option<Address> {
+        (chain_id == self.chain_id()).then(|| self.address())
     }
 }
 
@@ -135,27 +164,35 @@ impl Facilitator for RemoteFacilitator {
         payment: &'a Payment,
         resource: &'a ResourceInfo,
     ) -> Pending<'a, Result<(), VerifyFailure>> {
-        Box::pin(async move { RemoteFacilitator::verify(self, &remote_body(payment, resource)).await })
+        Box::pin(async move { RemoteFacilitator::verify(self, &remote_body(payment, &payment.offer, resource)).await })
     }
 
-    /// A remote facilitator broadcasts itself: there is no hash to record before.
+    /// A remote facilitator broadcasts itself: there is no hash to record before. The requirements carry the
+    /// amount to settle, which `upto` allows below the ceiling the buyer signed.
     fn settle<'a>(
         &'a self,
         payment: &'a Payment,
         resource: &'a ResourceInfo,
+        amount: U256,
         _: Option<BeforeBroadcast>,
     ) -> Pending<'a, Result<Settled, SettleFailure>> {
-        Box::pin(async move { RemoteFacilitator::settle(self, &remote_body(payment, resource)).await })
+        Box::pin(async move {
+            let mut offer = payment.offer.clone();
+            offer.amount = amount;
+            RemoteFacilitator::settle(self, &remote_body(payment, &offer, resource)).await
+        })
+    }
+
+    fn upto_signer(&self, chain_id: u64) -> Option<Address> {
+        self.upto_signer(chain_id)
     }
 }
 
-/// The buyer's payload as received, and our own offer as the requirements (never the client's copy).
-fn remote_body(payment: &Payment, resource: &ResourceInfo) -> serde_json::Value {
+/// The buyer's payload as received, and our own `offer` as the requirements (never the client's copy).
+fn remote_body(payment: &Payment, offer: &Offer, resource: &ResourceInfo) -> serde_json::Value {
     let (payload, requirements) = match &payment.payload {
-        PaymentPayload::V2(p) => (serde_json::to_value(p), serde_json::to_value(requirements_v2(&payment.offer))),
-        PaymentPayload::V1(p) => {
-            (serde_json::to_value(p), serde_json::to_value(requirements_v1(&payment.offer, resource)))
-        }
+        PaymentPayload::V2(p) => (serde_json::to_value(p), serde_json::to_value(requirements_v2(offer))),
+        PaymentPayload::V1(p) => (serde_json::to_value(p), serde_json::to_value(requirements_v1(offer, resource))),
     };
     RemoteFacilitator::body(payment.version, &payload.unwrap_or_default(), &requirements.unwrap_or_default())
 }

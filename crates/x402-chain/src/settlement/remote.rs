@@ -1,11 +1,14 @@
 //! A remote facilitator over its standard HTTP API: `POST /verify`, `POST /settle`, `GET /supported`.
 
 use super::{SettleFailure, Settled, VerifyFailure};
+use alloy::primitives::Address;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde::Deserialize;
 use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::RwLock;
 use std::time::Duration;
 use x402_proto::Rejection;
 
@@ -22,6 +25,8 @@ pub struct RemoteFacilitator {
     auth: Option<HeaderValue>,
     timeout: Duration,
     client: HttpsClient<Full<Bytes>>,
+    /// The `facilitatorAddress` of each network's `upto` kind, as `/supported` last announced it.
+    upto_signers: RwLock<HashMap<u64, Address>>,
 }
 
 #[derive(Deserialize)]
@@ -40,6 +45,14 @@ struct SettleAnswer {
     error_message: Option<String>,
     #[serde(default)]
     transaction: String,
+    /// `upto`: what was charged, atomic units.
+    #[serde(default, deserialize_with = "atomic_amount")]
+    amount: Option<alloy::primitives::U256>,
+}
+
+fn atomic_amount<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<alloy::primitives::U256>, D::Error> {
+    let text: Option<String> = Option::deserialize(d)?;
+    Ok(text.and_then(|t| alloy::primitives::U256::from_str_radix(&t, 10).ok()))
 }
 
 /// Why a call to the facilitator produced no usable answer.
@@ -53,7 +66,7 @@ enum CallError {
 impl RemoteFacilitator {
     pub fn new(base: String, auth: Option<HeaderValue>, timeout: Duration) -> RemoteFacilitator {
         let shown = crate::redacted_url(&base);
-        RemoteFacilitator { base, shown, auth, timeout, client: https_client() }
+        RemoteFacilitator { base, shown, auth, timeout, client: https_client(), upto_signers: RwLock::default() }
     }
 
     /// The URL without what may be a key: the only form of it that is ever shown.
@@ -89,7 +102,7 @@ impl RemoteFacilitator {
             Err(CallError::BadAnswer(status)) => return Err(SettleFailure::unknown(&format!("HTTP {status}"))),
         };
         match (answer.success, answer.transaction.is_empty()) {
-            (true, false) => Ok(Settled { transaction: answer.transaction }),
+            (true, false) => Ok(Settled { transaction: answer.transaction, amount: answer.amount }),
             // A success without a transaction proves nothing: never serve on it.
             (true, true) => Err(SettleFailure::unknown("the facilitator reported success without a transaction")),
             (false, _) => {
@@ -110,12 +123,24 @@ impl RemoteFacilitator {
         }
     }
 
+    /// Its `/supported` answer; the `upto` signers it announces are remembered.
     pub async fn supported(&self) -> Result<Value, String> {
         match self.call(Method::GET, "/supported", None).await {
-            Ok(value) => Ok(value),
+            Ok(value) => {
+                let signers = upto_signers(&value);
+                if let Ok(mut known) = self.upto_signers.write() {
+                    *known = signers;
+                }
+                Ok(value)
+            }
             Err(CallError::NoAnswer(why)) => Err(why),
             Err(CallError::BadAnswer(status)) => Err(format!("HTTP {status}")),
         }
+    }
+
+    /// The address its `upto` authorizations on `chain_id` must name, once `/supported` has announced it.
+    pub fn upto_signer(&self, chain_id: u64) -> Option<Address> {
+        self.upto_signers.read().ok().and_then(|known| known.get(&chain_id).copied())
     }
 
     async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value, CallError> {
@@ -150,6 +175,21 @@ impl RemoteFacilitator {
     }
 }
 
+/// `kinds[]` of scheme `upto` name their settling address in `extra.facilitatorAddress`.
+fn upto_signers(supported: &Value) -> HashMap<u64, Address> {
+    let kinds = supported.get("kinds").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    kinds
+        .iter()
+        .filter(|kind| kind.get("scheme").and_then(Value::as_str) == Some("upto"))
+        .filter_map(|kind| {
+            let network = kind.get("network")?.as_str()?;
+            let chain_id = network.strip_prefix("eip155:")?.parse().ok()?;
+            let address = kind.pointer("/extra/facilitatorAddress")?.as_str()?.parse().ok()?;
+            Some((chain_id, address))
+        })
+        .collect()
+}
+
 fn settle_may_have_broadcast(reason: &str) -> bool {
     reason == "settlement_pending" || reason == "unexpected_settle_error" || reason.contains("transaction")
 }
@@ -160,7 +200,24 @@ fn unavailable(why: &str) -> VerifyFailure {
 
 #[cfg(test)]
 mod tests {
-    use super::settle_may_have_broadcast;
+    use super::{settle_may_have_broadcast, upto_signers};
+
+    #[test]
+    fn upto_signers_come_from_the_upto_kinds_of_supported() {
+        let supported = serde_json::json!({ "kinds": [
+            { "x402Version": 2, "scheme": "exact", "network": "eip155:84532", "extra": { "facilitatorAddress": "0x0000000000000000000000000000000000000001" } },
+            { "x402Version": 2, "scheme": "upto", "network": "eip155:84532", "extra": { "facilitatorAddress": "0x00000000000000000000000000000000000000a2" } },
+            { "x402Version": 2, "scheme": "upto", "network": "solana:abc", "extra": { "facilitatorAddress": "x" } },
+            { "x402Version": 2, "scheme": "upto", "network": "eip155:8453" },
+        ]});
+        let signers = upto_signers(&supported);
+        assert_eq!(signers.len(), 1);
+        assert_eq!(
+            signers[&84532],
+            "0x00000000000000000000000000000000000000a2".parse::<alloy::primitives::Address>().unwrap()
+        );
+        assert!(upto_signers(&serde_json::json!({ "kinds": "nope" })).is_empty());
+    }
 
     #[test]
     fn only_refusals_before_a_broadcast_prove_nothing_moved() {

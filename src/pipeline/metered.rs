@@ -1,0 +1,385 @@
+//! The stages of an `upto` call after verification: the answer is served first, then the payment settles what
+//! it cost, never more than the ceiling the buyer signed. A JSON answer is held until it settles, with its
+//! receipt in the head; a stream goes out as it comes, and its receipt follows in the trailers.
+
+use super::context::RequestContext;
+use super::paid::{failed, PaidCall};
+
+use super::{read_to_limit, Gateway, Live, ReadError};
+use crate::answers::StoredAnswer;
+use crate::body::{full, Body, BoxError};
+use crate::carrier::Carrier;
+use crate::config::RouteSpec;
+use crate::error::GatewayError;
+use crate::metering::{self, ChargeBasis, Measured, ModelRates, SETTLEMENT_OVERRIDES};
+use crate::settlement::Settled;
+use crate::usage::{self, Tapped, UsageTap};
+use alloy::primitives::U256;
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderMap, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::sync::{mpsc, oneshot};
+
+/// Frames of a stream on their way to the buyer, ahead of what it has read.
+const STREAM_BUFFER_FRAMES: usize = 8;
+
+/// How one `upto` payment is charged.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Charging {
+    /// The model's rates in the paid offer's asset.
+    pub rates: ModelRates,
+    /// What the buyer signed for.
+    pub ceiling: U256,
+    /// The request body's size: the prompt bound, and the base of a prompt estimate.
+    pub prompt_bytes: u64,
+    pub decimals: u8,
+}
+
+impl Gateway {
+    /// Upstream, then the charge its answer comes to, then settlement of that charge.
+    pub(super) async fn meter_then_settle(
+        self: &Arc<Self>,
+        live: &Arc<Live>,
+        request: http::Request<Body>,
+        route: &Arc<RouteSpec>,
+        call: PaidCall<'_, '_>,
+        charging: Charging,
+    ) -> Result<Response<Body>, GatewayError> {
+        let response = match self.forward(request, route).await {
+            Ok(response) => response,
+            Err(err) => {
+                self.release(&call, None).await;
+                return Err(err);
+            }
+        };
+        let status = response.status();
+        let (mut parts, body) = response.into_parts();
+        // Removed whatever the answer: it is for the gateway alone.
+        let overridden = self.settlement_override(&mut parts.headers, &charging, &route.pattern_text);
+        if failed(status) {
+            // An upstream error is charged nothing, and sends no transaction.
+            self.release(&call, Some(status)).await;
+            return Ok(Response::from_parts(parts, body));
+        }
+        let streams = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|c| c.starts_with("text/event-stream"));
+        if streams {
+            return Ok(self.stream_then_settle(live, route, call, charging, overridden, parts, body));
+        }
+        let mut call = call;
+        let body = match tokio::time::timeout(route.upstream.timeout, read_to_limit(body, call.max_held)).await {
+            Ok(Ok(body)) => body,
+            outcome => {
+                self.release(&call, Some(status)).await;
+                return Err(match outcome {
+                    Err(_) => GatewayError::UpstreamTimeout,
+                    Ok(Err(ReadError::TooLarge)) => GatewayError::AnswerTooLarge,
+                    Ok(_) => GatewayError::UpstreamUnavailable,
+                });
+            }
+        };
+        let tapped = Tapped {
+            usage: usage::of_json_answer(&body),
+            complete: true,
+            content_bytes: u64::try_from(body.len()).unwrap_or(u64::MAX),
+        };
+        let settled = match self.charge(route, &mut call, &charging, overridden, tapped, status).await {
+            Ok(settled) => settled,
+            Err(Refused::Answer(response)) => return Ok(response),
+            Err(Refused::Withheld(response)) => {
+                let withheld = StoredAnswer {
+                    status,
+                    headers: parts.headers,
+                    body,
+                    paid_by: call.payment.key,
+                    row: call.id,
+                    settled: false,
+                };
+                self.answers.keep(&call.payment, withheld);
+                return Ok(response);
+            }
+            Err(Refused::Error(err)) => return Err(err),
+        };
+        let mut response = Response::from_parts(parts, full(body.clone()));
+        self.carrier.attach_receipt(&mut response, &call.payment, &settled);
+        if !settled.transaction.is_empty() {
+            let kept = StoredAnswer {
+                status,
+                headers: response.headers().clone(),
+                body,
+                paid_by: call.payment.key,
+                row: call.id,
+                settled: true,
+            };
+            // Kept before the ledger says settled: a concurrent retry that finds the row settled finds it too.
+            self.answers.keep(&call.payment, kept);
+            self.record(self.ledger.settled(call.id, settled.transaction.clone()).await);
+            call.ctx.transaction = Some(settled.transaction.clone());
+            return Ok(super::paid::record_usage(response, route, call.ctx, Some((self.ledger.clone(), call.id))));
+        }
+        Ok(response)
+    }
+
+    /// The stream goes out as it comes, from a task of its own: a buyer that goes away half-way is charged for
+    /// what it was sent, and the settlement happens whatever the connection does.
+    #[allow(clippy::too_many_arguments)]
+    fn stream_then_settle(
+        self: &Arc<Self>,
+        live: &Arc<Live>,
+        route: &Arc<RouteSpec>,
+        call: PaidCall<'_, '_>,
+        charging: Charging,
+        overridden: Option<U256>,
+        mut parts: http::response::Parts,
+        body: Body,
+    ) -> Response<Body> {
+        let (frames, receiver) = mpsc::channel(STREAM_BUFFER_FRAMES);
+        parts.headers.remove(header::CONTENT_LENGTH);
+        // HTTP/1.1 sends only the trailers the head announces (and only to a client that sent `TE: trailers`).
+        parts.headers.insert(header::TRAILER, self.carrier.receipt_trailer_name(&call.payment));
+        let head = parts.headers.clone();
+        let status = parts.status;
+        let PaidCall { payment, hold, id, resource, ctx, max_held, .. } = call;
+        let detached = ctx.detached();
+        let (gateway, live, route) = (self.clone(), live.clone(), route.clone());
+        let facilitator_choice = route.payment.as_ref().map(|paid| paid.facilitator.clone());
+        tokio::spawn(async move {
+            let chain_id = payment.offer.network.chain_id;
+            let Some(facilitator) = facilitator_choice.as_ref().and_then(|c| live.facilitators.get(c, chain_id)) else {
+                tracing::error!(payer = %payment.authorization.payer(), "no facilitator to settle a streamed upto payment");
+                return;
+            };
+            let mut ctx = detached;
+            let call = PaidCall { facilitator, payment, hold, id, resource, ctx: &mut ctx, max_held };
+            let stream = Stream { frames, head, status };
+            gateway.relay_and_settle(&route, call, charging, overridden, body, stream).await;
+        });
+        Response::from_parts(parts, ChannelBody { receiver }.boxed_unsync())
+    }
+
+    async fn relay_and_settle(
+        &self,
+        route: &RouteSpec,
+        mut call: PaidCall<'_, '_>,
+        charging: Charging,
+        overridden: Option<U256>,
+        body: Body,
+        stream: Stream,
+    ) {
+        let (seen, tapped) = oneshot::channel();
+        let content_type = stream.head.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        let mut tap = UsageTap::new(
+            body,
+            content_type,
+            Box::new(move |t| {
+                let _ = seen.send(t);
+            }),
+        );
+        let mut kept = Some(BytesMut::new());
+        let mut whole = true;
+        loop {
+            let frame = match tokio::time::timeout(route.upstream.timeout, tap.frame()).await {
+                Ok(Some(Ok(frame))) => frame,
+                Ok(None) => break,
+                // A broken or stalled upstream ends the stream here; what was sent is charged.
+                Ok(Some(Err(_))) | Err(_) => {
+                    whole = false;
+                    break;
+                }
+            };
+            if let Some(data) = frame.data_ref() {
+                kept = kept.filter(|buffer| buffer.len() + data.len() <= call.max_held);
+                if let Some(buffer) = &mut kept {
+                    buffer.extend_from_slice(data);
+                }
+            }
+            if stream.frames.send(Ok(frame)).await.is_err() {
+                whole = false;
+                break;
+            }
+        }
+        drop(tap);
+        let tapped = tapped.await.unwrap_or_default();
+        let settled = match self.charge(route, &mut call, &charging, overridden, tapped, stream.status).await {
+            Ok(settled) => settled,
+            Err(refused) => {
+                // The answer is out: a failed settlement is the seller's loss, recorded and logged.
+                let why = match refused {
+                    Refused::Error(err) => err.to_string(),
+                    Refused::Answer(response) | Refused::Withheld(response) => response.status().to_string(),
+                };
+                tracing::error!(payer = %call.payment.authorization.payer(), "a streamed upto answer was not paid for: {why}");
+                return;
+            }
+        };
+        let trailers = self.carrier.receipt_trailers(&call.payment, &settled);
+        if settled.transaction.is_empty() {
+            let _ = stream.frames.send(Ok(Frame::trailers(trailers))).await;
+            return;
+        }
+        if let (Some(body), true) = (kept, whole) {
+            let mut headers = stream.head.clone();
+            headers.extend(trailers.clone());
+            headers.remove(header::TRAILER);
+            let kept = StoredAnswer {
+                status: stream.status,
+                headers,
+                body: body.freeze(),
+                paid_by: call.payment.key,
+                row: call.id,
+                settled: true,
+            };
+            self.answers.keep(&call.payment, kept);
+        }
+        self.record(self.ledger.settled(call.id, settled.transaction.clone()).await);
+        if stream.frames.send(Ok(Frame::trailers(trailers))).await.is_ok() && whole {
+            self.record(self.ledger.served(call.id).await);
+        }
+    }
+
+    /// The charge the answer comes to, recorded, then settled (an answer that cost nothing settles nothing).
+    async fn charge(
+        &self,
+        route: &RouteSpec,
+        call: &mut PaidCall<'_, '_>,
+        charging: &Charging,
+        overridden: Option<U256>,
+        tapped: Tapped,
+        status: StatusCode,
+    ) -> Result<Settled, Refused> {
+        let measured = Measured { usage: tapped.usage, content_bytes: tapped.content_bytes };
+        let (charge, basis) = match overridden {
+            Some(amount) => (amount, ChargeBasis::Override),
+            None => metering::charge(&charging.rates, &measured, charging.prompt_bytes, charging.ceiling),
+        };
+        let usage = tapped.usage.map(|u| (u.prompt_tokens, u.completion_tokens));
+        if let Err(err) = self.write_ahead(self.ledger.metered(call.id, charge, usage).await) {
+            self.record(self.ledger.released(call.id, Some(status.as_u16())).await);
+            return Err(Refused::Error(err));
+        }
+        let share = ratio(charge, charging.ceiling);
+        self.metrics.metered(&route.pattern_text, basis.as_str(), share, usage);
+        tracing::info!(
+            target: "usage",
+            route = &*route.pattern_text,
+            payer = %call.payment.authorization.payer(),
+            ceiling = %charging.ceiling,
+            charged = %charge,
+            basis = basis.as_str(),
+            prompt_tokens = usage.map(|u| u.0),
+            completion_tokens = usage.map(|u| u.1),
+            complete = tapped.complete,
+        );
+        if charge.is_zero() {
+            self.record(self.ledger.released(call.id, Some(status.as_u16())).await);
+            return Ok(Settled { transaction: String::new(), amount: Some(U256::ZERO) });
+        }
+        if let Err(err) = self.write_ahead(self.ledger.settling(call.id, Some(status.as_u16())).await) {
+            self.record(self.ledger.released(call.id, Some(status.as_u16())).await);
+            return Err(Refused::Error(err));
+        }
+        match self.settle(route, call, charge).await {
+            Ok(settled) => Ok(Settled { amount: Some(charge), ..settled }),
+            Err(failure) => {
+                let response = self.settle_failed(call, &failure).await;
+                Err(if failure.nothing_moved { Refused::Answer(response) } else { Refused::Withheld(response) })
+            }
+        }
+    }
+
+    /// The upstream's own charge (`Settlement-Overrides`), capped at the ceiling; taken out of the answer.
+    fn settlement_override(&self, headers: &mut HeaderMap, charging: &Charging, route: &str) -> Option<U256> {
+        let value = headers.remove(SETTLEMENT_OVERRIDES)?;
+        match metering::override_amount(value.as_bytes(), charging.ceiling, charging.decimals) {
+            Ok(amount) if amount > charging.ceiling => {
+                tracing::warn!(route, %amount, ceiling = %charging.ceiling, "Settlement-Overrides above the ceiling the buyer signed: capped");
+                Some(charging.ceiling)
+            }
+            Ok(amount) => Some(amount),
+            Err(err) => {
+                tracing::warn!(route, "{err}: the answer's usage sets the charge");
+                None
+            }
+        }
+    }
+}
+
+/// Why a charge did not settle, and what the buyer gets instead.
+enum Refused {
+    /// Certainly not charged: this answer (402) instead of the paid one.
+    Answer(Response<Body>),
+    /// It may still settle: this answer now, and the paid one kept for a retry.
+    Withheld(Response<Body>),
+    Error(GatewayError),
+}
+
+/// Where a streamed answer's frames go, and its head.
+struct Stream {
+    frames: mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
+    head: HeaderMap,
+    status: StatusCode,
+}
+
+/// `charge / ceiling`, for the metric.
+fn ratio(charge: U256, ceiling: U256) -> f64 {
+    let as_f64 = |v: U256| f64::from(u32::try_from(v.min(U256::from(u32::MAX))).unwrap_or(u32::MAX));
+    if ceiling.is_zero() {
+        return 0.0;
+    }
+    // Scaled to keep precision for ceilings beyond u32.
+    let scale = (ceiling / U256::from(u32::MAX)).max(U256::from(1));
+    as_f64(charge / scale) / as_f64(ceiling / scale)
+}
+
+/// A response body fed from a task.
+struct ChannelBody {
+    receiver: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>,
+}
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.receiver.poll_recv(cx)
+    }
+}
+
+impl RequestContext {
+    /// A copy for a task that outlives the request's own phases (its access line is already written).
+    pub(super) fn detached(&self) -> RequestContext {
+        RequestContext {
+            started: self.started,
+            method: self.method.clone(),
+            uri: self.uri.clone(),
+            client: self.client.clone(),
+            route: self.route.clone(),
+            price_key: self.price_key.clone(),
+            payment: self.payment.clone(),
+            ledger_id: self.ledger_id,
+            transaction: self.transaction.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ratio;
+    use alloy::primitives::U256;
+
+    #[test]
+    fn charge_ratios() {
+        assert_eq!(ratio(U256::from(50), U256::from(100)), 0.5);
+        assert_eq!(ratio(U256::ZERO, U256::from(100)), 0.0);
+        assert_eq!(ratio(U256::from(1), U256::ZERO), 0.0);
+        let huge = U256::from(u64::MAX);
+        assert!((ratio(huge / U256::from(4), huge) - 0.25).abs() < 1e-6);
+    }
+}
