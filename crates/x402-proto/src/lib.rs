@@ -1,6 +1,7 @@
 //! The x402 protocol, apart from any transport or chain access: the v1/v2 wire types and header codec, the
 //! reason strings, offers, verified payments and their replay keys, and the payment schemes (`exact` on EVM,
-//! EIP-3009), checked offline. No HTTP server, runtime, configuration, storage or node provider here.
+//! EIP-3009; `upto` on EVM, Permit2), checked offline. No HTTP server, runtime, configuration, storage or node
+//! provider here.
 
 pub mod codec;
 pub mod exact_evm;
@@ -60,6 +61,8 @@ pub enum Rejection {
     UptoFacilitator,
     #[error("the permit's deadline is too close to settle it")]
     Permit2Deadline,
+    #[error("the permit's deadline is further ahead than maxTimeoutSeconds allows")]
+    Permit2DeadlineTooFar,
     #[error("the permit's validAfter is still ahead")]
     Permit2NotYetValid,
     #[error("the permit's amount is not this resource's ceiling")]
@@ -74,8 +77,8 @@ pub enum Rejection {
     Permit2InsufficientBalance,
     #[error("the settlement would fail on chain")]
     Permit2SimulationFailed,
-    #[error("the EIP-2612 permit is malformed or does not match the payment: {0}")]
-    Eip2612(&'static str),
+    #[error("the EIP-2612 permit (extensions.eip2612GasSponsoring) is refused: {0}")]
+    Eip2612(upto_evm::Eip2612Problem),
     #[error("refused by the facilitator: {reason} {message}")]
     Facilitator { reason: String, message: String },
 }
@@ -106,6 +109,7 @@ impl Rejection {
             Rejection::Permit2Recipient => "invalid_permit2_recipient_mismatch",
             Rejection::UptoFacilitator => "upto_facilitator_mismatch",
             Rejection::Permit2Deadline => "permit2_deadline_expired",
+            Rejection::Permit2DeadlineTooFar => "permit2_deadline_too_far",
             Rejection::Permit2NotYetValid => "permit2_not_yet_valid",
             Rejection::Permit2Amount => "permit2_amount_mismatch",
             Rejection::Permit2Token => "permit2_token_mismatch",
@@ -113,7 +117,7 @@ impl Rejection {
             Rejection::Permit2AllowanceRequired => "permit2_allowance_required",
             Rejection::Permit2InsufficientBalance => "permit2_insufficient_balance",
             Rejection::Permit2SimulationFailed => "permit2_simulation_failed",
-            Rejection::Eip2612(_) => "invalid_eip2612_extension_format",
+            Rejection::Eip2612(problem) => problem.reason(),
             Rejection::Facilitator { reason, .. } => reason,
         }
     }
@@ -145,6 +149,7 @@ const KNOWN_REASONS: &[&str] = &[
     "invalid_permit2_recipient_mismatch",
     "upto_facilitator_mismatch",
     "permit2_deadline_expired",
+    "permit2_deadline_too_far",
     "permit2_not_yet_valid",
     "permit2_amount_mismatch",
     "permit2_token_mismatch",
@@ -153,6 +158,11 @@ const KNOWN_REASONS: &[&str] = &[
     "permit2_insufficient_balance",
     "permit2_simulation_failed",
     "invalid_eip2612_extension_format",
+    "eip2612_from_mismatch",
+    "eip2612_asset_mismatch",
+    "eip2612_spender_not_permit2",
+    "eip2612_deadline_expired",
+    "permit2_2612_amount_mismatch",
     "invalid_upto_evm_payload_settlement_exceeds_amount",
     // The spec's.
     "insufficient_funds",
@@ -182,6 +192,7 @@ pub fn reason_label(reason: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::{reason_label, Rejection};
+    use crate::upto_evm::Eip2612Problem;
 
     #[test]
     fn the_gateways_own_reasons_are_labels_and_free_text_is_other() {
@@ -204,6 +215,7 @@ mod tests {
             Rejection::Permit2Recipient,
             Rejection::UptoFacilitator,
             Rejection::Permit2Deadline,
+            Rejection::Permit2DeadlineTooFar,
             Rejection::Permit2NotYetValid,
             Rejection::Permit2Amount,
             Rejection::Permit2Token,
@@ -211,7 +223,12 @@ mod tests {
             Rejection::Permit2AllowanceRequired,
             Rejection::Permit2InsufficientBalance,
             Rejection::Permit2SimulationFailed,
-            Rejection::Eip2612("x"),
+            Rejection::Eip2612(Eip2612Problem::Format("x")),
+            Rejection::Eip2612(Eip2612Problem::From),
+            Rejection::Eip2612(Eip2612Problem::Asset),
+            Rejection::Eip2612(Eip2612Problem::Spender),
+            Rejection::Eip2612(Eip2612Problem::Amount),
+            Rejection::Eip2612(Eip2612Problem::Deadline),
         ];
         for rejection in own {
             assert_eq!(reason_label(rejection.reason()), rejection.reason(), "{rejection:?}");

@@ -119,6 +119,41 @@ pub struct AuthorizationWire {
     pub nonce: String,
 }
 
+/// The `upto` scheme's EVM payload: a Permit2 `PermitWitnessTransferFrom` and its signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UptoEvmPayload {
+    pub signature: String,
+    pub permit2_authorization: Permit2AuthorizationWire,
+}
+
+/// `permit2Authorization` as sent: numbers are decimal strings; `nonce` too (a uint256, not bytes32), as the
+/// official clients send it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Permit2AuthorizationWire {
+    pub permitted: TokenPermissionsWire,
+    pub from: String,
+    pub spender: String,
+    pub nonce: String,
+    pub deadline: String,
+    pub witness: UptoWitnessWire,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenPermissionsWire {
+    pub token: String,
+    pub amount: String,
+}
+
+/// The upto proxy's witness: the payee, the only address that may settle, and the start of validity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UptoWitnessWire {
+    pub to: String,
+    pub facilitator: String,
+    pub valid_after: String,
+}
+
 /// `SettleResponse` (v2, `PAYMENT-RESPONSE`) / `SettlementResponse` (v1, `X-PAYMENT-RESPONSE`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
