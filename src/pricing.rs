@@ -2,7 +2,7 @@
 
 pub use x402_proto::Offer;
 
-use crate::metering::{Meter, Metering};
+use crate::metering::{Meter, ModelRates, TOKEN_LIMIT_FIELDS};
 use alloy::primitives::{Address, U256};
 use std::borrow::Cow;
 use x402_proto::OfferScheme;
@@ -91,6 +91,54 @@ pub struct PriceTable {
     /// In the configuration's order.
     pub table: Vec<(String, Vec<Offer>)>,
     pub default: Option<Vec<Offer>>,
+}
+
+/// How an `upto` route is priced: a model's rates, chosen by a value of the request, and a cap.
+#[derive(Debug)]
+pub struct Metering {
+    /// Where the model is read (`body.model`).
+    pub source: PriceSource,
+    /// The route's offers, with `amount` the route's `max` (the most any request may cost); a request's
+    /// offers are these with its own ceiling.
+    pub offers: Vec<Offer>,
+    /// By model, one set of rates for each offer, in the offers' order.
+    pub models: Vec<(String, Vec<ModelRates>)>,
+    /// The completion bound of a request that sets no token limit.
+    pub default_max_tokens: Option<u64>,
+    /// The field to write `default_max_tokens` into, in the forwarded body of a request that sets no limit.
+    pub inject_max_tokens: Option<String>,
+}
+
+impl Metering {
+    /// Reads the model and the token limit of a request (`body` is its JSON body).
+    pub fn meter(&self, query: Option<&str>, headers: &http::HeaderMap, body: &[u8]) -> Result<Meter, PriceError> {
+        let model = self.source.read(query, headers, body)?;
+        let Some((model, rates)) = model.as_deref().and_then(|m| self.models.iter().find(|(name, _)| name == m)) else {
+            return Err(PriceError::Unknown {
+                rule: self.source.describe(),
+                shown: model.map_or("missing".to_string(), |v| format!("`{v}`")),
+                allowed: self.models.iter().map(|(name, _)| name.clone()).collect(),
+            });
+        };
+        let mut limit: Option<u64> = None;
+        for field in TOKEN_LIMIT_FIELDS {
+            let source = PriceSource::Body(vec![field.to_string()]);
+            let Some(value) = source.read(None, headers, body)? else { continue };
+            let tokens = value.parse::<u64>().map_err(|_| PriceError::TokenLimit(field))?;
+            limit = Some(limit.map_or(tokens, |l| l.max(tokens)));
+        }
+        let inject = match (limit, &self.inject_max_tokens, self.default_max_tokens) {
+            (None, Some(field), Some(default)) => Some((field.clone(), default)),
+            _ => None,
+        };
+        Ok(Meter {
+            model: model.clone(),
+            rates: rates.clone(),
+            prompt_bound: u64::try_from(body.len()).unwrap_or(u64::MAX),
+            completion_bound: limit.or(self.default_max_tokens),
+            inject,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

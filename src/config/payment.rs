@@ -2,10 +2,10 @@
 
 use super::file::{self, Terms};
 use super::{ConfigError, Validator};
-use crate::metering::{Metering, ModelRates, TokenRate, TOKEN_LIMIT_FIELDS};
+use crate::metering::{ModelRates, TokenRate, TOKEN_LIMIT_FIELDS};
 use crate::networks::{self, Asset, ChainKind, Network};
 use crate::options::{AttemptLimit, Bazaar, PaidRoute};
-use crate::pricing::{Offer, Price, PriceSource, PriceTable, Pricing};
+use crate::pricing::{Metering, Offer, Price, PriceSource, PriceTable, Pricing};
 use crate::settlement::SettleMode;
 use crate::x402::exact_evm;
 use alloy::primitives::{Address, U256};

@@ -66,6 +66,13 @@ impl Challenge<'_> {
                 }
             }),
         );
+        // A buyer who never approved Permit2 signs an EIP-2612 permit instead, which the settler submits.
+        if self.offers.iter().any(|offer| matches!(offer.scheme, x402_proto::OfferScheme::Upto { .. })) {
+            extensions.insert(
+                x402_proto::upto_evm::EIP2612_GAS_SPONSORING.into(),
+                x402_proto::upto_evm::eip2612_extension_declaration(),
+            );
+        }
         if let Some(bazaar) = self.bazaar {
             extensions.insert("bazaar".into(), bazaar.extension.clone());
         }
@@ -79,7 +86,7 @@ impl Challenge<'_> {
             accepts: self
                 .offers
                 .iter()
-                .filter(|o| o.network.v1_name.is_some())
+                .filter(|o| o.network.v1_name.is_some() && o.scheme == x402_proto::OfferScheme::Exact)
                 .map(|o| RequirementsV1 {
                     output_schema: self.bazaar.map(|b| b.output_schema_v1.clone()),
                     ..requirements_v1(o, &self.resource)
