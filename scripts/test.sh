@@ -4,9 +4,10 @@
 # anvil chain).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# What the tests need besides cargo: a local chain (anvil) and the official x402 clients (Node).
+# What the tests need besides cargo: a local chain (anvil) and the official x402 clients (Node, Python).
 bash scripts/install-anvil.sh >/dev/null
 bash scripts/install-interop.sh
+bash scripts/install-python.sh
 # Here a test that finds a tool missing fails instead of skipping as it does under a plain `cargo test`.
 export X402_REQUIRE_TOOLS=1
 cargo test --locked --workspace "$@"

@@ -1,7 +1,8 @@
-//! The programs some tests need besides cargo: `anvil` (a local chain) and `node` with the official x402 clients
-//! and the reference facilitator (`tests/interop`). `bash scripts/test.sh` installs them and sets
-//! `X402_REQUIRE_TOOLS=1`, under which a missing tool fails the test. Under a plain `cargo test`, a test that
-//! needs a missing tool passes without running, after one line on stderr saying what is missing.
+//! The programs some tests need besides cargo: `anvil` (a local chain), `node` with the official x402 clients
+//! and the reference facilitator (`tests/interop`), and the official Python x402 SDK (`.tools/python`).
+//! `bash scripts/test.sh` installs them and sets `X402_REQUIRE_TOOLS=1`, under which a missing tool fails the
+//! test. Under a plain `cargo test`, a test that needs a missing tool passes without running, after one line on
+//! stderr saying what is missing.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -64,6 +65,32 @@ pub fn node() -> Result<Node, String> {
         Ok(Node { program })
     } else {
         Err(format!("the official x402 clients (not installed in tests/interop/node_modules: {})", missing.join(", ")))
+    }
+}
+
+/// The official Python x402 SDK's virtual environment, which `scripts/install-python.sh` installs in
+/// `.tools/python`.
+pub struct Python {
+    program: PathBuf,
+}
+
+impl Python {
+    /// A command running `tests/interop/{script}` with the environment's interpreter.
+    pub fn script(&self, script: &str) -> Command {
+        let mut command = Command::new(&self.program);
+        command.arg(super::repo_path("tests/interop").join(script));
+        command
+    }
+}
+
+/// The environment's python, once `install-python.sh` finished installing it (it writes its stamp last).
+pub fn python() -> Result<Python, String> {
+    let venv = super::repo_path(".tools/python");
+    let program = venv.join("bin/python");
+    if is_executable(&program) && venv.join(".x402-installed").is_file() {
+        Ok(Python { program })
+    } else {
+        Err(format!("the official Python x402 SDK (not installed in {})", venv.display()))
     }
 }
 

@@ -2,8 +2,11 @@
 // Pay one URL with an OFFICIAL x402 client and print one JSON line on stdout:
 //   {"status":200,"body":"...","settlement":{...}|null,"header":"payment-response"|"x-payment-response"|null}
 //
-//   --client v2  @x402/fetch wrapFetchWithPayment + @x402/evm ExactEvmScheme (eip155:*), viem account signer.
-//                Sends PAYMENT-SIGNATURE. Reads PAYMENT-RESPONSE, then X-PAYMENT-RESPONSE (as the library does).
+//   --client v2  @x402/fetch wrapFetchWithPayment + @x402/evm ExactEvmScheme and UptoEvmScheme (eip155:*),
+//                viem account signer. Sends PAYMENT-SIGNATURE. Reads PAYMENT-RESPONSE, then X-PAYMENT-RESPONSE
+//                (as the library does). With --rpc URL the schemes read that chain where they need it: for
+//                an EIP-2612 permit (extensions.eip2612GasSponsoring), the buyer's Permit2 allowance and the
+//                token's nonces(buyer); without it they sign no permit.
 //   --client v1  legacy x402-fetch wrapFetchWithPayment + viem wallet client on chain 84532 (base-sepolia).
 //                Sends X-PAYMENT. Reads X-PAYMENT-RESPONSE only (the v1 library knows no other header).
 //
@@ -19,7 +22,7 @@ import { parseArgs } from "node:util";
 
 const USAGE = `usage: node pay.mjs --url URL --client v2|v1 --key-env ENV_NAME
          [--method GET] [--header 'Name: value']... [--body STRING]
-         [--max-amount ATOMIC (default 1000000)] [--timeout-ms MS (default 60000)]
+         [--max-amount ATOMIC (default 1000000)] [--timeout-ms MS (default 60000)] [--rpc URL (v2)]
 The buyer's private key (0x + 64 hex) is read from the environment variable named by --key-env.`;
 
 function usage(msg) {
@@ -40,6 +43,7 @@ try {
       body: { type: "string" },
       "max-amount": { type: "string", default: "1000000" },
       "timeout-ms": { type: "string", default: "60000" },
+      rpc: { type: "string" },
       help: { type: "boolean", short: "h" },
     },
     strict: true,
@@ -65,6 +69,14 @@ if (!/^0x[0-9a-fA-F]{64}$/.test(key)) usage(`${opts["key-env"]} is not a 0x-pref
 if (!/^\d+$/.test(opts["max-amount"])) usage("--max-amount must be an integer (atomic units)");
 if (!/^\d+$/.test(opts["timeout-ms"])) usage("--timeout-ms must be an integer");
 const maxAmount = BigInt(opts["max-amount"]);
+if (opts.rpc !== undefined) {
+  if (opts.client !== "v2") usage("--rpc is for --client v2");
+  try {
+    if (!/^https?:$/.test(new URL(opts.rpc).protocol)) usage("--rpc must be http(s)");
+  } catch {
+    usage(`invalid --rpc: ${opts.rpc}`);
+  }
+}
 
 const headers = {};
 for (const h of opts.header) {
@@ -87,13 +99,17 @@ async function runV2() {
   const { wrapFetchWithPayment, x402Client, decodePaymentResponseHeader } = await import("@x402/fetch");
   const { decodePaymentRequiredHeader } = await import("@x402/core/http");
   const { ExactEvmScheme } = await import("@x402/evm/exact/client");
+  const { UptoEvmScheme } = await import("@x402/evm/upto/client");
   const { privateKeyToAccount } = await import("viem/accounts");
 
   const account = privateKeyToAccount(key);
+  const schemeOptions = opts.rpc === undefined ? undefined : { rpcUrl: opts.rpc };
   const client = new x402Client()
-    .register("eip155:*", new ExactEvmScheme(account))
+    .register("eip155:*", new ExactEvmScheme(account, schemeOptions))
+    .register("eip155:*", new UptoEvmScheme(account, schemeOptions))
     // The default spend controls only pay the SDK's built-in stablecoins (a freshly deployed test
-    // token is refused) and cap them at $1. Accept any asset; cap by atomic amount instead.
+    // token is refused) and cap them at $1 (for upto: the ceiling). Accept any asset; cap by atomic
+    // amount instead.
     .setSpendControls({ allowedAssets: true, maxAmountPerPayment: false })
     .registerPolicy((version, reqs) =>
       reqs.filter((r) => {
