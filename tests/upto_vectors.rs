@@ -38,6 +38,7 @@ fn offer() -> Offer {
         amount: U256::from(50_000),
         max_timeout_seconds: 300,
         domain_separator,
+        scheme: x402_proto::OfferScheme::Upto { facilitator: FACILITATOR },
     }
 }
 

@@ -511,6 +511,7 @@ mod tests {
             amount: U256::from(50_000),
             max_timeout_seconds: 300,
             domain_separator,
+            scheme: crate::OfferScheme::Upto { facilitator: FACILITATOR },
         }
     }
 
