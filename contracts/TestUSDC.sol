@@ -2,7 +2,7 @@
 pragma solidity ^0.8.20;
 
 /// @title TestUSDC
-/// @notice Minimal ERC-20 test token with EIP-3009 (transfer with authorization),
+/// @notice Minimal ERC-20 test token with EIP-3009 (transfer with authorization) and EIP-2612 (permit),
 ///         modelled on Circle's FiatToken v2.2 ("USD Coin", version "2", 6 decimals).
 ///         FOR TESTS ONLY: anyone may mint.
 contract TestUSDC {
@@ -33,6 +33,9 @@ contract TestUSDC {
     bytes32 public constant RECEIVE_WITH_AUTHORIZATION_TYPEHASH =
         0xd099cc98ef71107a616c4f0f941f04c322d8e254fe26b3c6668db87aae413de8;
 
+    /// keccak256("Permit(address owner,address spender,uint256 value,uint256 nonce,uint256 deadline)")
+    bytes32 public constant PERMIT_TYPEHASH = 0x6e71edae12b1b97f4d1f60370fef10105fa2faae0126114a169c64845d6126c9;
+
     /// secp256k1n / 2: signatures with a larger s are malleable and rejected.
     uint256 private constant HALF_CURVE_ORDER =
         0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0;
@@ -41,6 +44,9 @@ contract TestUSDC {
     mapping(address => mapping(bytes32 => bool)) private _authorizationStates;
 
     event AuthorizationUsed(address indexed authorizer, bytes32 indexed nonce);
+
+    /// owner => the nonce its next EIP-2612 permit must sign
+    mapping(address => uint256) private _permitNonces;
 
     function version() external pure returns (string memory) {
         return "2";
@@ -75,9 +81,7 @@ contract TestUSDC {
     }
 
     function approve(address spender, uint256 value) external returns (bool) {
-        require(spender != address(0), "ERC20: approve to the zero address");
-        allowance[msg.sender][spender] = value;
-        emit Approval(msg.sender, spender, value);
+        _approve(msg.sender, spender, value);
         return true;
     }
 
@@ -148,7 +152,33 @@ contract TestUSDC {
         );
     }
 
+    // ------------------------------------------------------ EIP-2612 functions
+
+    function nonces(address owner) external view returns (uint256) {
+        return _permitNonces[owner];
+    }
+
+    /// @notice Sets `spender`'s allowance from `owner`'s signature (same EIP-712 domain as EIP-3009); a deadline of
+    ///         type(uint256).max never expires.
+    function permit(address owner, address spender, uint256 value, uint256 deadline, uint8 v, bytes32 r, bytes32 s)
+        external
+    {
+        require(deadline == type(uint256).max || deadline >= block.timestamp, "FiatTokenV2: permit is expired");
+        bytes32 structHash =
+            keccak256(abi.encode(PERMIT_TYPEHASH, owner, spender, value, _permitNonces[owner]++, deadline));
+        bytes32 digest = keccak256(abi.encodePacked("\x19\x01", DOMAIN_SEPARATOR(), structHash));
+        require(_recover(digest, v, r, s) == owner, "EIP2612: invalid signature");
+        _approve(owner, spender, value);
+    }
+
     // ------------------------------------------------------------- internals
+
+    function _approve(address owner, address spender, uint256 value) private {
+        require(owner != address(0), "ERC20: approve from the zero address");
+        require(spender != address(0), "ERC20: approve to the zero address");
+        allowance[owner][spender] = value;
+        emit Approval(owner, spender, value);
+    }
 
     function _transferWithAuthorization(
         bytes32 typehash,

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Rebuild contracts/NAME.bin and NAME.abi.json from each contracts/NAME.sol (TestUSDC, Multicall).
+# Rebuild contracts/NAME.bin and NAME.abi.json from each contracts/NAME.sol (TestUSDC, Multicall,
+# x402UptoPermit2Proxy, which also gets NAME.runtime.bin).
 # Needs node + npm (solc-js is pure JS/wasm; no native solc download).
 set -euo pipefail
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env node
-// Compile the test contracts with solc-js (standard JSON), writing NAME.bin and NAME.abi.json for each.
+// Compile the test contracts with solc-js (standard JSON), writing NAME.bin and NAME.abi.json for each, and
+// NAME.runtime.bin (the deployed code) for the contracts tests place with `anvil_setCode` instead of deploying.
 // Usage: node compile.js <path-to-solc-node_modules-dir>   (build.sh does this for you)
 'use strict';
 const fs = require('fs');
@@ -16,7 +17,9 @@ if (EXPECTED_VERSION && !version.startsWith(EXPECTED_VERSION + '+')) {
   process.exit(1);
 }
 
-const contracts = ['TestUSDC', 'Multicall'];
+const contracts = ['TestUSDC', 'Multicall', 'x402UptoPermit2Proxy'];
+// Placed at a canonical address with `anvil_setCode`: no constructor runs, so the runtime code must not depend on one.
+const placed = new Set(['x402UptoPermit2Proxy']);
 const input = {
   language: 'Solidity',
   sources: Object.fromEntries(
@@ -26,7 +29,9 @@ const input = {
     optimizer: { enabled: true, runs: 200 },
     evmVersion: 'paris',
     metadata: { bytecodeHash: 'none' },
-    outputSelection: { '*': { '*': ['abi', 'evm.bytecode.object'] } },
+    outputSelection: {
+      '*': { '*': ['abi', 'evm.bytecode.object', 'evm.deployedBytecode.object', 'evm.deployedBytecode.immutableReferences'] },
+    },
   },
 };
 
@@ -48,4 +53,13 @@ for (const name of contracts) {
   fs.writeFileSync(path.join(here, `${name}.bin`), bin);
   fs.writeFileSync(path.join(here, `${name}.abi.json`), JSON.stringify(contract.abi, null, 2) + '\n');
   console.log(`compiled ${name}.sol with solc ${version}: ${bin.length / 2} bytes of creation code`);
+  if (placed.has(name)) {
+    const runtime = contract.evm.deployedBytecode;
+    if (!/^[0-9a-f]+$/.test(runtime.object) || Object.keys(runtime.immutableReferences || {}).length > 0) {
+      console.error(`${name}: the runtime code must exist and have no immutables (they are set by a constructor)`);
+      process.exit(1);
+    }
+    fs.writeFileSync(path.join(here, `${name}.runtime.bin`), runtime.object);
+    console.log(`  and ${runtime.object.length / 2} bytes of runtime code`);
+  }
 }

@@ -41,6 +41,15 @@ pub fn transfer_call(payload: &serde_json::Value) -> transferWithAuthorizationCa
     }
 }
 
+/// The EIP-712 domain Permit2 signatures are made in on this chain.
+pub fn permit2_domain() -> alloy::sol_types::Eip712Domain {
+    alloy::sol_types::eip712_domain! {
+        name: "Permit2",
+        chain_id: CHAIN_ID,
+        verifying_contract: x402_proto::upto_evm::PERMIT2,
+    }
+}
+
 /// An anvil process (chain id 84532, as Base Sepolia, automining) under `sh`, which stops it when its stdin
 /// closes: when this is dropped, and also when the test binary ends, however it ends (the shared anvil is never
 /// dropped, and nothing runs at a process's exit to stop it otherwise).
@@ -156,6 +165,57 @@ impl Chain {
         };
         chain.token = chain.deploy("TestUSDC").await;
         chain
+    }
+
+    /// The shared anvil (as `shared`) with what `upto` payments settle through, at their canonical addresses: the
+    /// real Permit2, its runtime code taken from the npm package, and the repository's `x402UptoPermit2Proxy`
+    /// (`contracts/x402UptoPermit2Proxy.runtime.bin`). Placed with `anvil_setCode`, the same code each time, so the
+    /// tests sharing the anvil may all place it. `None` when anvil or the package is missing, once the test is
+    /// reported skipped.
+    pub async fn shared_with_permit2() -> Option<Chain> {
+        let permit2 = tools::require_permit2()?;
+        let chain = Chain::shared().await?;
+        chain.set_code(x402_proto::upto_evm::PERMIT2, permit2).await;
+        let path = "contracts/x402UptoPermit2Proxy.runtime.bin";
+        let proxy =
+            alloy::hex::decode(std::fs::read_to_string(super::repo_path(path)).expect(path).trim()).expect(path);
+        chain.set_code(x402_proto::upto_evm::UPTO_PROXY, proxy).await;
+        // Its reentrancy guard as a deployment's constructor leaves it (not entered), so that gas is as on a real
+        // chain from the first settlement on.
+        let (slot, not_entered) = (B256::ZERO, B256::from(U256::from(1)));
+        let _: serde_json::Value = chain
+            .provider
+            .raw_request("anvil_setStorageAt".into(), (x402_proto::upto_evm::UPTO_PROXY, slot, not_entered))
+            .await
+            .unwrap();
+        chain.check_permit2_domain().await;
+        Some(chain)
+    }
+
+    async fn set_code(&self, at: Address, code: Vec<u8>) {
+        let code = alloy::hex::encode_prefixed(code);
+        let _: serde_json::Value = self.provider.raw_request("anvil_setCode".into(), (at, code)).await.unwrap();
+    }
+
+    /// Permit2's runtime code carries immutables from the deployment it was taken from: the chain id and domain
+    /// separator it cached there (chain 31337, another address). On any other chain id it computes the separator
+    /// from `block.chainid` and its own address, as on a real chain; on 31337 it would answer the cached one,
+    /// and every signature would fail. Checked, so that such a failure says why.
+    async fn check_permit2_domain(&self) {
+        use alloy::sol_types::SolCall;
+        sol! { function DOMAIN_SEPARATOR() external view returns (bytes32); }
+        let call = TransactionRequest::default()
+            .to(x402_proto::upto_evm::PERMIT2)
+            .input(Bytes::from(DOMAIN_SEPARATORCall {}.abi_encode()).into());
+        let answer = self.provider.call(call).await.unwrap();
+        let separator = DOMAIN_SEPARATORCall::abi_decode_returns(&answer).unwrap();
+        let expected = permit2_domain().separator();
+        assert_eq!(separator, expected, "Permit2's domain separator on chain {CHAIN_ID} (31337 is known to be wrong)");
+    }
+
+    /// The settler key of `network`, for a test that builds a settler itself.
+    pub fn settler(&self) -> PrivateKeySigner {
+        self.settler_key.parse().unwrap()
     }
 
     /// Deploys `contracts/{name}.bin` from the deployer account.

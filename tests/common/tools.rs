@@ -1,8 +1,8 @@
 //! The programs some tests need besides cargo: `anvil` (a local chain), `node` with the official x402 clients
-//! and the reference facilitator (`tests/interop`), and the official Python x402 SDK (`.tools/python`).
-//! `bash scripts/test.sh` installs them and sets `X402_REQUIRE_TOOLS=1`, under which a missing tool fails the
-//! test. Under a plain `cargo test`, a test that needs a missing tool passes without running, after one line on
-//! stderr saying what is missing.
+//! and the reference facilitator (`tests/interop`), Permit2's precompiled code (an npm package there too), and
+//! the official Python x402 SDK (`.tools/python`). `bash scripts/test.sh` installs them and sets
+//! `X402_REQUIRE_TOOLS=1`, under which a missing tool fails the test. Under a plain `cargo test`, a test that
+//! needs a missing tool passes without running, after one line on stderr saying what is missing.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -26,6 +26,29 @@ pub fn anvil() -> Result<PathBuf, String> {
         return Ok(installed);
     }
     on_path("anvil").ok_or_else(|| format!("anvil (neither at {} nor on PATH)", installed.display()))
+}
+
+/// Where `@uniswap/v4-periphery` (pinned in `tests/interop/package.json`) keeps Permit2's precompiled runtime code,
+/// as one hex literal.
+const DEPLOY_PERMIT2: &str =
+    "tests/interop/node_modules/@uniswap/v4-periphery/lib/permit2/test/utils/DeployPermit2.sol";
+
+/// The canonical Permit2's runtime code, from the npm package (`scripts/install-interop.sh` installs it).
+pub fn permit2_code() -> Result<Vec<u8>, String> {
+    let path = super::repo_path(DEPLOY_PERMIT2);
+    let Ok(source) = std::fs::read_to_string(&path) else {
+        return Err(format!(
+            "Permit2's bytecode ({} is missing: @uniswap/v4-periphery is not installed)",
+            path.display()
+        ));
+    };
+    // The file holds exactly one literal, `hex"..."`: the code `vm.etch` places at Permit2's address.
+    let literal = source
+        .split_once("hex\"")
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(hex, _)| hex)
+        .unwrap_or_else(|| panic!("{} holds no hex\"...\" literal: not the expected package", path.display()));
+    Ok(alloy::hex::decode(literal).unwrap_or_else(|err| panic!("{}: the bytecode is not hex: {err}", path.display())))
 }
 
 /// `node`, with the interop harness's packages installed.
@@ -101,6 +124,18 @@ pub fn require_node() -> Option<Node> {
         (Ok(node), Ok(_)) => Some(node),
         (node, anvil) => {
             let missing: Vec<String> = [node.err(), anvil.err()].into_iter().flatten().collect();
+            skip(&missing.join(" and "))
+        }
+    }
+}
+
+/// Permit2's runtime code for a test that places it on a chain: checks anvil too, so that the skip message names
+/// everything missing at once.
+pub fn require_permit2() -> Option<Vec<u8>> {
+    match (permit2_code(), anvil()) {
+        (Ok(code), Ok(_)) => Some(code),
+        (code, anvil) => {
+            let missing: Vec<String> = [code.err(), anvil.err()].into_iter().flatten().collect();
             skip(&missing.join(" and "))
         }
     }
