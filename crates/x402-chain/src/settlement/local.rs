@@ -163,17 +163,21 @@ impl LocalSettler {
                 None,
             ));
         }
-        let hash = match self.queue.send(token, chain::transfer_calldata(auth), self.batching, before).await {
-            Ok(hash) => hash,
-            Err(SendError::Refused(detail)) => {
-                // The node's or the ledger's words are the operator's business, not the buyer's.
-                tracing::warn!(detail = %detail, "the settlement transaction was not sent");
-                let message = "the settlement transaction could not be sent; nothing was charged".to_string();
-                return Err(SettleFailure::nothing_moved("invalid_exact_evm_transaction_failed", message, None));
-            }
-            Err(SendError::Unknown(hash)) => hash,
-        };
-        let Some(receipt) = self.receipts.wait(hash, receipt_deadline(auth).min(self.receipt_timeout)).await else {
+        let (hash, in_flight) =
+            match self.queue.send(token, chain::transfer_calldata(auth), self.batching, before).await {
+                Ok(sent) => (sent.hash, Some(sent.in_flight)),
+                Err(SendError::Refused(detail)) => {
+                    // The node's or the ledger's words are the operator's business, not the buyer's.
+                    tracing::warn!(detail = %detail, "the settlement transaction was not sent");
+                    let message = "the settlement transaction could not be sent; nothing was charged".to_string();
+                    return Err(SettleFailure::nothing_moved("invalid_exact_evm_transaction_failed", message, None));
+                }
+                Err(SendError::Unknown(hash)) => (hash, None),
+            };
+        let receipt = self.receipts.wait(hash, receipt_deadline(auth).min(self.receipt_timeout)).await;
+        // Seen (or given up on): the payments batching behind this transaction may go.
+        drop(in_flight);
+        let Some(receipt) = receipt else {
             // It may have been dropped, leaving a gap in the account's nonces: let the queue ask the chain.
             self.queue.resync();
             return Err(SettleFailure::pending(hash.to_string()));
