@@ -10,6 +10,7 @@ use crate::options::{SettlementOptions, SettlerConfig};
 use alloy::primitives::Address;
 use alloy::providers::{Provider, RootProvider};
 use http::Uri;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 use x402_proto::exact_evm::VerifiedAuthorization;
@@ -18,16 +19,18 @@ use x402_proto::Rejection;
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct LocalSettler {
-    provider: RootProvider,
+    pub(super) provider: RootProvider,
     rpc_url: Uri,
-    settler: Address,
+    pub(super) settler: Address,
     chain_id: u64,
-    queue: TxQueue,
-    receipts: Arc<Receipts>,
-    receipt_timeout: Duration,
+    pub(super) queue: TxQueue,
+    pub(super) receipts: Arc<Receipts>,
+    pub(super) receipt_timeout: Duration,
     batching: Option<Batching>,
     /// With batching, concurrent simulations share `eth_call`s too.
     simulations: Option<Simulations>,
+    /// Whether the `upto` proxy was found deployed (`upto.rs`): a call to an address without code succeeds.
+    pub(super) upto_proxy_seen: AtomicBool,
 }
 
 impl LocalSettler {
@@ -65,6 +68,7 @@ impl LocalSettler {
             queue,
             receipt_timeout: settings.settle_timeout,
             batching,
+            upto_proxy_seen: AtomicBool::new(false),
         }
     }
 
