@@ -10,25 +10,27 @@ use crate::options::{SettlementOptions, SettlerConfig};
 use alloy::primitives::Address;
 use alloy::providers::{Provider, RootProvider};
 use http::Uri;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 use x402_proto::exact_evm::VerifiedAuthorization;
-use x402_proto::upto_evm::PermitAuthorization;
 use x402_proto::Rejection;
 
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct LocalSettler {
-    provider: RootProvider,
+    pub(super) provider: RootProvider,
     rpc_url: Uri,
-    settler: Address,
+    pub(super) settler: Address,
     chain_id: u64,
-    queue: TxQueue,
-    receipts: Arc<Receipts>,
-    receipt_timeout: Duration,
+    pub(super) queue: TxQueue,
+    pub(super) receipts: Arc<Receipts>,
+    pub(super) receipt_timeout: Duration,
     batching: Option<Batching>,
     /// With batching, concurrent simulations share `eth_call`s too.
     simulations: Option<Simulations>,
+    /// Whether the `upto` proxy was found deployed (`upto.rs`): a call to an address without code succeeds.
+    pub(super) upto_proxy_seen: AtomicBool,
 }
 
 impl LocalSettler {
@@ -66,6 +68,7 @@ impl LocalSettler {
             queue,
             receipt_timeout: settings.settle_timeout,
             batching,
+            upto_proxy_seen: AtomicBool::new(false),
         }
     }
 
@@ -76,21 +79,6 @@ impl LocalSettler {
 
     pub fn chain_id(&self) -> u64 {
         self.chain_id
-    }
-
-    // LEAD-STUB: replaced by the on-chain upto verifier.
-    pub async fn verify_upto(&self, _auth: &PermitAuthorization) -> Result<(), VerifyFailure> {
-        Err(VerifyFailure::Rejected(Rejection::Scheme("upto".into())))
-    }
-
-    // LEAD-STUB
-    pub async fn settle_upto(
-        &self,
-        _auth: &PermitAuthorization,
-        _amount: alloy::primitives::U256,
-        _before: Option<BeforeBroadcast>,
-    ) -> Result<Settled, SettleFailure> {
-        Err(SettleFailure::nothing_moved("unsupported_scheme", String::new(), None))
     }
 
     #[cfg(test)]

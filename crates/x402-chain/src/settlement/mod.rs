@@ -6,6 +6,7 @@ mod queue;
 mod receipts;
 mod remote;
 mod simulations;
+mod upto;
 
 pub use local::LocalSettler;
 pub use queue::BeforeBroadcast;
