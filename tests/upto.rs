@@ -98,10 +98,15 @@ impl http_body::Body for Channel {
 }
 
 fn llm_toml(upstream: &Upstream, chain: &Chain) -> GatewayToml {
+    llm_toml_settled_by(upstream, chain, "local")
+}
+
+/// The LLM route, settled by `facilitator` (`"local"` or a URL).
+fn llm_toml_settled_by(upstream: &Upstream, chain: &Chain, facilitator: &str) -> GatewayToml {
     GatewayToml::new()
         .listen()
         .upstream("llm", &upstream.url())
-        .payment(Payment::usdc().facilitator("local"))
+        .payment(Payment::usdc().facilitator(facilitator))
         .route(Route::free("/v1/chat/completions", "llm").methods(&["POST"]).set("price", toml_value(PRICE)))
         .network(chain.network())
 }
@@ -213,6 +218,26 @@ async fn the_official_client_pays_what_the_answer_used_not_the_ceiling() {
     assert_eq!((row.prompt_tokens, row.completion_tokens), (Some(40), Some(30)));
     let revenue = gateway.pipeline.ledger().revenue().await.unwrap();
     assert_eq!(revenue.iter().map(|r| r.amount.parse::<u64>().unwrap()).sum::<u64>(), CHARGE, "{revenue:?}");
+}
+
+#[tokio::test]
+async fn the_reference_facilitator_settles_the_charge_not_the_ceiling() {
+    let Some(node) = require_node() else { return };
+    let Some(chain) = Chain::shared_with_permit2().await else { return };
+    let facilitator = common::facilitator::start_reference_facilitator(&node, &chain, 0);
+    let upstream = spawn_llm().await;
+    let gateway = start_gateway(&llm_toml_settled_by(&upstream, &chain, &facilitator.url).build()).await;
+    let buyer = buyer(&chain, true).await;
+    let body = chat("hi", false);
+    let (_, accepted) = offer(&gateway, &body).await;
+    let signer: PrivateKeySigner = chain.facilitator_key.parse().unwrap();
+    assert_eq!(accepted["extra"]["facilitatorAddress"], signer.address().to_string(), "as /supported announced it");
+    let report = official_pays(pay_mjs(&node, None), &gateway, &buyer, &body).await;
+    assert_eq!(report["status"], 200, "{report}");
+    assert_eq!(report["settlement"]["amount"], CHARGE.to_string(), "{report}");
+    assert_eq!(chain.balance(buyer.address()).await, U256::from(FUNDS - CHARGE));
+    let row = row(&gateway, buyer.address()).await;
+    assert_eq!((row.state.as_str(), row.charged), ("settled", Some(U256::from(CHARGE))));
 }
 
 #[tokio::test]

@@ -301,6 +301,7 @@ impl Gateway {
 
         // Price: the offers for exactly this request (an `upto` offer names the facilitator that settles it).
         let (request, body, _buffered) = live.buffer_body_for_pricing(request, paid, &self.buffered).await?;
+        live.learn_upto_signers(paid).await;
         let upto_signer = |chain_id| live.facilitators.get(&paid.facilitator, chain_id)?.upto_signer(chain_id);
         let priced = paid
             .pricing
