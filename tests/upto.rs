@@ -200,7 +200,7 @@ async fn the_official_client_pays_what_the_answer_used_not_the_ceiling() {
     let Some(node) = require_node() else { return };
     let Some(chain) = Chain::shared_with_permit2().await else { return };
     let upstream = spawn_llm().await;
-    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+    let gateway = start_gateway(&llm_toml(&upstream, &chain).admin().build()).await;
     let buyer = buyer(&chain, true).await;
     let body = chat("hi", false);
     let report = official_pays(pay_mjs(&node, None), &gateway, &buyer, &body).await;
@@ -218,6 +218,15 @@ async fn the_official_client_pays_what_the_answer_used_not_the_ceiling() {
     assert_eq!((row.prompt_tokens, row.completion_tokens), (Some(40), Some(30)));
     let revenue = gateway.pipeline.ledger().revenue().await.unwrap();
     assert_eq!(revenue.iter().map(|r| r.amount.parse::<u64>().unwrap()).sum::<u64>(), CHARGE, "{revenue:?}");
+    let metrics = get(&format!("http://{}/metrics", gateway.admin.unwrap())).await.text();
+    for line in [
+        r#"x402_gateway_upto_charges_total{route="/v1/chat/completions",basis="usage"} 1"#,
+        r#"x402_gateway_upto_tokens_total{route="/v1/chat/completions",kind="prompt"} 40"#,
+        r#"x402_gateway_upto_tokens_total{route="/v1/chat/completions",kind="completion"} 30"#,
+        "x402_gateway_upto_charged_ratio_count 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
 }
 
 #[tokio::test]
@@ -238,6 +247,12 @@ async fn the_reference_facilitator_settles_the_charge_not_the_ceiling() {
     assert_eq!(chain.balance(buyer.address()).await, U256::from(FUNDS - CHARGE));
     let row = row(&gateway, buyer.address()).await;
     assert_eq!((row.state.as_str(), row.charged), ("settled", Some(U256::from(CHARGE))));
+
+    // A stream, settled by the reference facilitator once it has ended.
+    let streamer = self::buyer(&chain, true).await;
+    let report = official_pays(pay_mjs(&node, None), &gateway, &streamer, &chat("hi", true)).await;
+    assert_eq!(report["status"], 200, "{report}");
+    assert_eq!(settled_balance(&chain, streamer.address()).await, U256::from(FUNDS - CHARGE));
 }
 
 #[tokio::test]
@@ -299,6 +314,17 @@ async fn a_stream_is_paid_by_its_final_usage_with_the_receipt_in_the_trailers() 
     assert_eq!(receipt["success"], true, "{receipt}");
     assert_eq!(receipt["amount"], CHARGE.to_string(), "{receipt}");
     assert_eq!(chain.balance(buyer_two.address()).await, U256::from(FUNDS - CHARGE));
+
+    // Over HTTP/1.1 too, to a client that says it takes trailers.
+    let buyer_three = buyer(&chain, true).await;
+    let (resource, accepted) = offer(&gateway, &body).await;
+    let three = v2_header(&resource, &accepted, Permit::for_offer(&accepted).sign(&buyer_three));
+    let mut request = post(&gateway.url("/v1/chat/completions"), &body, Some(&three));
+    request.headers_mut().insert("te", "trailers".parse().unwrap());
+    let response = client().request(request).await.unwrap();
+    assert_eq!(response.headers().get("trailer").map(|v| v.as_bytes()), Some(&b"PAYMENT-RESPONSE"[..]));
+    let trailers = response.into_body().collect().await.unwrap().trailers().cloned().expect("HTTP/1.1 trailers");
+    assert_eq!(decode_header(trailers.get("payment-response").unwrap())["amount"], CHARGE.to_string());
 
     // A retry with the same authorization gets the kept answer and its receipt, and pays nothing more.
     let again = send(&client(), post(&gateway.url("/v1/chat/completions"), &body, Some(&header))).await;
