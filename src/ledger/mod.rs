@@ -75,6 +75,8 @@ impl PartialEq<&str> for State {
 pub enum Step {
     /// An authorization seen before and never charged is verified again.
     Reverified,
+    /// An `upto` payment's charge, metered from its answer, before it settles.
+    Metered,
     /// About to settle, before anything is broadcast.
     Settling,
     /// A settlement transaction's hash, written before it is broadcast.
@@ -96,7 +98,7 @@ impl Step {
         use State::*;
         match self {
             Step::Reverified => &[Released, Failed],
-            Step::Settling | Step::Released => &[Verified],
+            Step::Metered | Step::Settling | Step::Released => &[Verified],
             Step::Pending => &[Settling],
             Step::Settled | Step::Failed => &[Settling, Verified],
             Step::RefundNeeded => &[Settled, Settling],
@@ -111,7 +113,7 @@ impl Step {
         match self {
             Step::Reverified => Some(State::Verified),
             Step::Settling => Some(State::Settling),
-            Step::Pending | Step::Served => None,
+            Step::Metered | Step::Pending | Step::Served => None,
             Step::Settled => Some(State::Settled),
             Step::Failed => Some(State::Failed),
             Step::Released => Some(State::Released),
@@ -280,6 +282,7 @@ mod tests {
     fn no_step_leaves_a_charged_row_uncharged() {
         let steps = [
             Step::Reverified,
+            Step::Metered,
             Step::Settling,
             Step::Pending,
             Step::Settled,

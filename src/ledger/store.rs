@@ -272,7 +272,7 @@ impl Ledger {
         let sql = format!(
             "UPDATE payments SET charged = ?2, prompt_tokens = ?3, completion_tokens = ?4, updated_at = ?5 \
              WHERE id = ?1 AND {}",
-            Step::Settling.guard_sql()
+            Step::Metered.guard_sql()
         );
         let (prompt, completion) = (usage.map(|u| u.0), usage.map(|u| u.1));
         let changed = self

@@ -327,15 +327,13 @@ struct Stream {
     status: StatusCode,
 }
 
-/// `charge / ceiling`, for the metric.
+/// `charge / ceiling`, for the metric: a charge is at most its ceiling, so both fit in `u128` where it matters.
 fn ratio(charge: U256, ceiling: U256) -> f64 {
-    let as_f64 = |v: U256| f64::from(u32::try_from(v.min(U256::from(u32::MAX))).unwrap_or(u32::MAX));
+    let approximate = |v: U256| u128::try_from(v).unwrap_or(u128::MAX) as f64;
     if ceiling.is_zero() {
         return 0.0;
     }
-    // Scaled to keep precision for ceilings beyond u32.
-    let scale = (ceiling / U256::from(u32::MAX)).max(U256::from(1));
-    as_f64(charge / scale) / as_f64(ceiling / scale)
+    approximate(charge) / approximate(ceiling)
 }
 
 /// A response body fed from a task.
