@@ -219,7 +219,7 @@ impl Validator<'_> {
             return Ok(None);
         }
         let facilitator = self.facilitator(key, route, payment)?;
-        let settle = match route.settle.as_deref().or(payment.and_then(|p| p.settle.as_deref())) {
+        let mut settle = match route.settle.as_deref().or(payment.and_then(|p| p.settle.as_deref())) {
             None | Some("after") => SettleMode::After,
             Some("before") => SettleMode::Before,
             Some(other) => {
@@ -238,7 +238,9 @@ impl Validator<'_> {
         let pricing = match rule {
             None => Pricing::Fixed(self.offers(&entries, None, settings)?),
             Some(rule) if rule.per_token.is_some() => {
-                if settle == SettleMode::Before {
+                // A `[payment]`-wide "before" is for the other routes: this one cannot settle before.
+                settle = SettleMode::After;
+                if route.settle.as_deref() == Some("before") {
                     return Err(ConfigError::invalid(
                         format!("{key}.settle"),
                         "a per-token price settles what the answer cost, after it: remove `settle = \"before\"`",
@@ -639,5 +641,87 @@ fn settle_batch(payment: Option<&file::Payment>) -> Result<Option<BatchSettings>
             "batching is off: set `settle_batch_max` above 1 to settle several payments per transaction",
         )),
         _ => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod per_token_tests {
+    use crate::config::{Config, ConfigError};
+    use crate::pricing::Pricing;
+    use alloy::primitives::U256;
+    use std::path::Path;
+
+    fn parse(payment: &str, price: &str) -> Result<Config, ConfigError> {
+        let toml = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.api]\nurl = \"http://127.0.0.1:9\"\n[payment]\n\
+             pay_to = \"0x90F79bf6EB2c4f870365E785982E1f101E93b906\"\nnetwork = \"eip155:84532\"\nasset = \"USDC\"\n\
+             facilitator = \"http://127.0.0.1:9\"\n{payment}\n[[routes]]\npath = \"/chat\"\nupstream = \"api\"\nprice = {price}\n"
+        );
+        Config::parse(&toml, Path::new("t.toml"), Path::new("."), &|_| None)
+    }
+
+    fn refused(payment: &str, price: &str) -> String {
+        match parse(payment, price) {
+            Err(err) => err.to_string(),
+            Ok(_) => panic!("accepted: {price}"),
+        }
+    }
+
+    #[test]
+    fn a_per_token_price_makes_upto_offers_capped_at_max() {
+        let config =
+            parse("", r#"{ by = "body.model", per_token = { "m" = { input = "$0.15/1M", output = "$0.60/1M" } } }"#)
+                .unwrap();
+        let paid = config.routes[0].payment.as_ref().unwrap();
+        let Pricing::PerToken(metering) = &paid.pricing else { panic!("per-token pricing") };
+        assert_eq!(metering.offers[0].amount, U256::from(500_000), "the default max, $0.50");
+        assert_eq!(metering.offers[0].scheme.name(), "upto");
+        assert_eq!(metering.models[0].0, "m");
+        assert_eq!(metering.models[0].1[0].cost(1_000_000, 1_000_000), U256::from(150_000 + 600_000));
+        // A [payment]-wide "before" is for the other routes.
+        let before = parse(
+            "settle = \"before\"",
+            r#"{ by = "body.model", per_token = { "m" = { input = "$1/1M", output = "$1/1M" } } }"#,
+        );
+        assert_eq!(before.unwrap().routes[0].payment.as_ref().unwrap().settle, crate::settlement::SettleMode::After);
+    }
+
+    #[test]
+    fn per_token_mistakes_name_their_key() {
+        let rates = r#"per_token = { "m" = { input = "$1/1M", output = "$2/1M" } }"#;
+        let cases = [
+            (format!(r#"{{ by = "body.model", {rates}, table = {{ a = "$1" }} }}"#), "routes[0].price.table"),
+            (format!(r#"{{ by = "query.model", {rates} }}"#), "routes[0].price.by"),
+            (r#"{ by = "body.model", per_token = {} }"#.to_string(), "routes[0].price.per_token"),
+            (
+                r#"{ by = "body.model", per_token = { "m" = { input = "0.1", output = "$1" } } }"#.to_string(),
+                "routes[0].price.per_token.\"m\".input",
+            ),
+            (
+                r#"{ by = "body.model", per_token = { "m" = { input = "$0", output = "$0" } } }"#.to_string(),
+                "routes[0].price.per_token.\"m\"",
+            ),
+            (
+                format!(r#"{{ by = "body.model", {rates}, inject_max_tokens = "max_tokens" }}"#),
+                "routes[0].price.inject_max_tokens",
+            ),
+            (
+                format!(r#"{{ by = "body.model", {rates}, default_max_tokens = 9, inject_max_tokens = "tokens" }}"#),
+                "routes[0].price.inject_max_tokens",
+            ),
+            (
+                format!(r#"{{ by = "body.model", {rates}, default_max_tokens = 0 }}"#),
+                "routes[0].price.default_max_tokens",
+            ),
+            (format!(r#"{{ by = "body.model", {rates}, max = "1 dollar" }}"#), "routes[0].price.max"),
+            (r#"{ by = "body.model", table = { a = "$1" }, max = "$1" }"#.to_string(), "routes[0].price.max"),
+        ];
+        for (price, key) in cases {
+            let message = refused("", &price);
+            assert!(message.contains(key), "{price}: {message}");
+        }
+        let route_before = format!(r#"{{ by = "body.model", {rates} }}"#);
+        let toml_before = refused("", &format!("{route_before}\nsettle = \"before\""));
+        assert!(toml_before.contains("routes[0].settle"), "{toml_before}");
     }
 }
