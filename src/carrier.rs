@@ -5,8 +5,8 @@ use crate::body::Body;
 use crate::gate::Payment;
 use crate::respond;
 use crate::settlement::{SettleFailure, Settled};
-use crate::x402::challenge::{Challenge, PAYMENT_SIGNATURE, X_PAYMENT};
-use http::{HeaderMap, HeaderValue, Response};
+use crate::x402::challenge::{Challenge, EXPOSE_HEADERS, PAYMENT_REQUIRED, PAYMENT_SIGNATURE, X_PAYMENT};
+use http::{header, HeaderMap, HeaderValue, Response};
 
 pub trait Carrier: Send + Sync {
     /// The encoded payment the request carries, if any.
@@ -17,6 +17,9 @@ pub trait Carrier: Send + Sync {
 
     /// The 402 that asks for a payment, rendered for the client that sent `request_headers`.
     fn challenge(&self, challenge: &Challenge<'_>, request_headers: &HeaderMap) -> Response<Body>;
+
+    /// The offer, on an answer served without being paid for (shadow mode), for x402 clients to see.
+    fn offer(&self, response: &mut Response<Body>, challenge: &Challenge<'_>);
 
     /// The settlement's receipt, on the answer being delivered.
     fn attach_receipt(&self, response: &mut Response<Body>, payment: &Payment, settled: &Settled);
@@ -47,6 +50,14 @@ impl Carrier for HttpHeaders {
 
     fn challenge(&self, challenge: &Challenge<'_>, request_headers: &HeaderMap) -> Response<Body> {
         challenge.response(request_headers)
+    }
+
+    /// The v2 header alone: the answer's body and status are the upstream's.
+    fn offer(&self, response: &mut Response<Body>, challenge: &Challenge<'_>) {
+        let Some(value) = challenge.header() else { return };
+        let headers = response.headers_mut();
+        headers.insert(PAYMENT_REQUIRED, value);
+        headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static(EXPOSE_HEADERS));
     }
 
     fn attach_receipt(&self, response: &mut Response<Body>, payment: &Payment, settled: &Settled) {

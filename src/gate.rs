@@ -90,17 +90,44 @@ impl PaymentGate {
     /// `offers`, the offers priced for this very request, and holds its authorization for this request.
     pub fn check(&self, offers: &[Offer], encoded: Option<&[u8]>, now: u64) -> Result<(Payment, Hold), GateError> {
         let raw = encoded.ok_or(GateError::Challenge(None))?;
+        // A retry of an authorization already in play is answered as such, even once it has expired.
+        let payment =
+            self.examine(offers, raw, now, |key| self.guard.contains(key)).map_err(|rejection| match rejection {
+                Rejection::MalformedPayload(msg) => GateError::Malformed(msg),
+                other => GateError::Challenge(Some(other)),
+            })?;
+        match self.hold(payment.key, payment.authorization.expires_at())? {
+            Held::Fresh(hold) => Ok((payment, hold)),
+            Held::Reserved(hold) => Err(GateError::Reserved(Box::new(payment), hold)),
+        }
+    }
+
+    /// What `check` would make of an encoded payment, holding and reserving nothing: for a route in shadow
+    /// mode, which charges nothing. An authorization already reserved (spent, or being served) is a replay.
+    pub fn inspect(&self, offers: &[Offer], encoded: &[u8], now: u64) -> Result<Payment, Rejection> {
+        let payment = self.examine(offers, encoded, now, |_| false)?;
+        if self.guard.contains(&payment.key) {
+            return Err(Rejection::Replayed);
+        }
+        Ok(payment)
+    }
+
+    /// Decodes `raw`, matches it to one of `offers` and verifies it offline; its validity window is checked
+    /// unless `in_play` says its authorization is reserved already.
+    fn examine(
+        &self,
+        offers: &[Offer],
+        raw: &[u8],
+        now: u64,
+        in_play: impl FnOnce(&NonceKey) -> bool,
+    ) -> Result<Payment, Rejection> {
         let payload = codec::decode_payment(raw).map_err(|err| match err {
-            DecodeError::Version(v) => GateError::Challenge(Some(Rejection::Version(v))),
-            other => GateError::Malformed(other.to_string()),
+            DecodeError::Version(v) => Rejection::Version(v),
+            other => Rejection::MalformedPayload(other.to_string()),
         })?;
         let (offer, scheme_payload, version) = match &payload {
             PaymentPayload::V2(p) => (match_v2(offers, &p.accepted)?, &p.payload, 2),
             PaymentPayload::V1(p) => (match_v1(offers, &p.scheme, &p.network)?, &p.payload, 1),
-        };
-        let reject = |rejection: Rejection| match rejection {
-            Rejection::MalformedPayload(msg) => GateError::Malformed(msg),
-            other => GateError::Challenge(Some(other)),
         };
         let extensions = match &payload {
             PaymentPayload::V2(p) => p.extensions.as_ref(),
@@ -108,32 +135,24 @@ impl PaymentGate {
         };
         let (authorization, key) = match offer.scheme {
             OfferScheme::Exact => {
-                let authorization = Exact::verify_offline(scheme_payload, offer).map_err(reject)?;
-                (Authorization::Exact(authorization.clone()), Exact::replay_key(offer, &authorization))
+                let authorization = Exact::verify_offline(scheme_payload, offer)?;
+                let key = Exact::replay_key(offer, &authorization);
+                (Authorization::Exact(authorization), key)
             }
             OfferScheme::Upto { facilitator } => {
-                let authorization =
-                    upto_evm::verify_signed(scheme_payload, extensions, offer, facilitator).map_err(reject)?;
+                let authorization = upto_evm::verify_signed(scheme_payload, extensions, offer, facilitator)?;
                 let key = upto_evm::replay_key(offer, &authorization);
                 (Authorization::Upto(authorization), key)
             }
         };
-        // A retry of an authorization already in play is answered as such, even once it has expired.
-        let in_play = self.guard.contains(&key);
-        if !in_play {
-            let in_window = match &authorization {
-                Authorization::Exact(auth) => Exact::check_window(auth, offer, now),
-                Authorization::Upto(auth) => upto_evm::check_window(auth, offer, now),
-            };
-            in_window.map_err(reject)?;
+        if !in_play(&key) {
+            match &authorization {
+                Authorization::Exact(auth) => Exact::check_window(auth, offer, now)?,
+                Authorization::Upto(auth) => upto_evm::check_window(auth, offer, now)?,
+            }
         }
         let identifier = payment_identifier(&payload)?;
-        let valid_before = authorization.expires_at();
-        let payment = Payment { version, offer: offer.clone(), authorization, payload, key, identifier };
-        match self.hold(key, valid_before)? {
-            Held::Fresh(hold) => Ok((payment, hold)),
-            Held::Reserved(hold) => Err(GateError::Reserved(Box::new(payment), hold)),
-        }
+        Ok(Payment { version, offer: offer.clone(), authorization, payload, key, identifier })
     }
 
     /// Marks `key` as being served and reserves it: fresh, or found reserved already.
@@ -174,15 +193,15 @@ impl PaymentGate {
 
 /// The offer whose core fields (scheme, network, amount, asset, payTo) the client's `accepted` repeats.
 /// Everything else the client echoes (`extra`, timeouts) is ignored: our own offer is what is verified.
-fn match_v2<'a>(offers: &'a [Offer], accepted: &RequirementsV2) -> Result<&'a Offer, GateError> {
+fn match_v2<'a>(offers: &'a [Offer], accepted: &RequirementsV2) -> Result<&'a Offer, Rejection> {
     let offers: Vec<&Offer> = offers.iter().filter(|o| o.scheme.name() == accepted.scheme).collect();
     if offers.is_empty() {
-        return Err(GateError::Challenge(Some(Rejection::Scheme(accepted.scheme.clone()))));
+        return Err(Rejection::Scheme(accepted.scheme.clone()));
     }
     let same_address = |text: &str, address: Address| text.parse::<Address>().is_ok_and(|a| a == address);
     let on_network: Vec<&Offer> = offers.into_iter().filter(|o| o.network.caip2 == accepted.network).collect();
     if on_network.is_empty() {
-        return Err(GateError::Challenge(Some(Rejection::Network(accepted.network.clone()))));
+        return Err(Rejection::Network(accepted.network.clone()));
     }
     on_network
         .into_iter()
@@ -191,24 +210,24 @@ fn match_v2<'a>(offers: &'a [Offer], accepted: &RequirementsV2) -> Result<&'a Of
                 && same_address(&accepted.asset, o.asset.address)
                 && same_address(&accepted.pay_to, o.pay_to)
         })
-        .ok_or(GateError::Challenge(Some(Rejection::NoMatchingOffer)))
+        .ok_or(Rejection::NoMatchingOffer)
 }
 
 /// v1 payloads name only scheme and network: the route's first `exact` offer on that network is the one paid
 /// (v1 has no other scheme).
-fn match_v1<'a>(offers: &'a [Offer], scheme: &str, network: &str) -> Result<&'a Offer, GateError> {
+fn match_v1<'a>(offers: &'a [Offer], scheme: &str, network: &str) -> Result<&'a Offer, Rejection> {
     let exact: Vec<&Offer> = offers.iter().filter(|o| o.scheme == OfferScheme::Exact).collect();
     if scheme != SCHEME_EXACT || exact.is_empty() {
-        return Err(GateError::Challenge(Some(Rejection::Scheme(scheme.to_string()))));
+        return Err(Rejection::Scheme(scheme.to_string()));
     }
     exact
         .into_iter()
         .find(|o| o.network.v1_name.as_deref() == Some(network) || o.network.caip2 == network)
-        .ok_or_else(|| GateError::Challenge(Some(Rejection::Network(network.to_string()))))
+        .ok_or_else(|| Rejection::Network(network.to_string()))
 }
 
 /// The `payment-identifier` extension's id (x402 v2): 16 to 128 of `[A-Za-z0-9_-]`.
-fn payment_identifier(payload: &PaymentPayload) -> Result<Option<String>, GateError> {
+fn payment_identifier(payload: &PaymentPayload) -> Result<Option<String>, Rejection> {
     let PaymentPayload::V2(p) = payload else { return Ok(None) };
     let Some(id) = p.extensions.as_ref().and_then(|e| e.pointer("/payment-identifier/info/id")) else {
         return Ok(None);
@@ -220,7 +239,7 @@ fn payment_identifier(payload: &PaymentPayload) -> Result<Option<String>, GateEr
         {
             Ok(Some(id.to_string()))
         }
-        _ => Err(GateError::Malformed("payment-identifier: the id must be 16 to 128 of A-Z a-z 0-9 _ -".into())),
+        _ => Err(Rejection::MalformedPayload("payment-identifier: the id must be 16 to 128 of A-Z a-z 0-9 _ -".into())),
     }
 }
 

@@ -7,6 +7,7 @@ use x402_gateway::buyer;
 use x402_gateway::config::{Config, FacilitatorChoice};
 use x402_gateway::ledger;
 use x402_gateway::logging::{self, LogFormat};
+use x402_gateway::options::PaymentMode;
 use x402_gateway::pipeline::Gateway;
 use x402_gateway::pricing::Pricing;
 use x402_gateway::routing::RouteTable;
@@ -211,7 +212,11 @@ fn check(path: &std::path::Path) -> ExitCode {
                             FacilitatorChoice::Local => "local".to_string(),
                             FacilitatorChoice::Remote(remote) => redacted_url(&remote.url),
                         };
-                        format!("paid (settle {settle}, facilitator {facilitator})")
+                        let shadow = match paid.mode {
+                            PaymentMode::Enforce => "",
+                            PaymentMode::Shadow => "shadow mode: served free, ",
+                        };
+                        format!("paid ({shadow}settle {settle}, facilitator {facilitator})")
                     }
                 };
                 line!(out, "  {methods:<16} {:<32} {:<16} {price}", route.pattern_text, route.upstream.name);

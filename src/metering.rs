@@ -120,6 +120,8 @@ pub struct Measured {
     pub usage: Option<Usage>,
     /// Bytes of generated text seen (SSE deltas), or of the whole answer when it is not a stream.
     pub content_bytes: u64,
+    /// Whether the answer ended, rather than broke or lost its buyer half-way.
+    pub complete: bool,
 }
 
 /// How a charge was arrived at.
@@ -148,15 +150,18 @@ impl ChargeBasis {
 
 /// What an answer costs under `rates`, capped at `ceiling`: the usage when it arrived; else an estimate from
 /// the bytes (`prompt_bytes` of request, `content_bytes` of answer, [`ESTIMATED_BYTES_PER_TOKEN`] each);
-/// nothing for an answer with no content.
+/// nothing for an answer with no content. An answer cut short after an early usage (Anthropic reports its
+/// input before the text) is charged at least the estimate of the text it delivered.
 pub fn charge(rates: &ModelRates, measured: &Measured, prompt_bytes: u64, ceiling: U256) -> (U256, ChargeBasis) {
+    let tokens = |bytes: u64| bytes.div_ceil(ESTIMATED_BYTES_PER_TOKEN);
+    let delivered = tokens(measured.content_bytes);
     let (cost, basis) = match measured.usage {
-        Some(usage) => (rates.cost(usage.prompt_tokens, usage.completion_tokens), ChargeBasis::Usage),
-        None if measured.content_bytes == 0 => (U256::ZERO, ChargeBasis::Nothing),
-        None => {
-            let tokens = |bytes: u64| bytes.div_ceil(ESTIMATED_BYTES_PER_TOKEN);
-            (rates.cost(tokens(prompt_bytes), tokens(measured.content_bytes)), ChargeBasis::Estimate)
+        Some(usage) if measured.complete || usage.completion_tokens >= delivered => {
+            (rates.cost(usage.prompt_tokens, usage.completion_tokens), ChargeBasis::Usage)
         }
+        Some(usage) => (rates.cost(usage.prompt_tokens, delivered), ChargeBasis::Estimate),
+        None if measured.content_bytes == 0 => (U256::ZERO, ChargeBasis::Nothing),
+        None => (rates.cost(tokens(prompt_bytes), delivered), ChargeBasis::Estimate),
     };
     (cost.min(ceiling), basis)
 }
@@ -254,14 +259,21 @@ mod tests {
     fn charges_come_from_usage_else_an_estimate_never_above_the_ceiling() {
         let r = rates("$1/1M", "$2/1M");
         let usage = Usage { prompt_tokens: 100, completion_tokens: 50 };
-        let used = Measured { usage: Some(usage), content_bytes: 999 };
+        let used = Measured { usage: Some(usage), content_bytes: 999, complete: true };
         assert_eq!(charge(&r, &used, 4000, U256::from(1000)), (U256::from(200), ChargeBasis::Usage));
         assert_eq!(charge(&r, &used, 4000, U256::from(150)), (U256::from(150), ChargeBasis::Usage));
-        let cut = Measured { usage: None, content_bytes: 400 };
+        let cut = Measured { usage: None, content_bytes: 400, complete: false };
         // 4000 bytes of prompt ≈ 1000 tokens ($1/1M: 1000 units), 400 bytes ≈ 100 tokens ($2/1M: 200 units).
         assert_eq!(charge(&r, &cut, 4000, U256::from(5000)), (U256::from(1200), ChargeBasis::Estimate));
-        let empty = Measured { usage: None, content_bytes: 0 };
+        let empty = Measured { usage: None, content_bytes: 0, complete: true };
         assert_eq!(charge(&r, &empty, 4000, U256::from(5000)), (U256::ZERO, ChargeBasis::Nothing));
+        // Cut after an early usage (input tokens, one output token): the 400 bytes delivered count as 100 tokens.
+        let early = Measured {
+            usage: Some(Usage { prompt_tokens: 100, completion_tokens: 1 }),
+            content_bytes: 400,
+            complete: false,
+        };
+        assert_eq!(charge(&r, &early, 4000, U256::from(5000)), (U256::from(100 + 200), ChargeBasis::Estimate));
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub struct Metrics {
     rejected: Family<Labels, Counter>,
     settlements: Family<Labels, Counter>,
     revenue: Family<Labels, Counter>,
+    shadow_payments: Family<Labels, Counter>,
+    shadow_revenue: Family<Labels, Counter>,
     upstream_latency: Histogram,
     verify_latency: Histogram,
     settle_latency: Histogram,
@@ -73,6 +75,8 @@ impl Metrics {
             rejected: Family::default(),
             settlements: Family::default(),
             revenue: Family::default(),
+            shadow_payments: Family::default(),
+            shadow_revenue: Family::default(),
             upstream_latency: latency(),
             verify_latency: latency(),
             settle_latency: latency(),
@@ -96,6 +100,16 @@ impl Metrics {
             "revenue_atomic",
             "Settled revenue in the asset's atomic units, by route, network and asset",
             m.revenue.clone(),
+        );
+        r.register(
+            "shadow_payments",
+            "Payments sent to routes in shadow mode, by route and outcome (valid: would have been charged; invalid, with the reason)",
+            m.shadow_payments.clone(),
+        );
+        r.register(
+            "shadow_revenue_atomic",
+            "What routes in shadow mode would have charged, in the asset's atomic units, by route, network and asset",
+            m.shadow_revenue.clone(),
         );
         r.register("upstream_latency_seconds", "Time to the upstream's response head", m.upstream_latency.clone());
         r.register(
@@ -167,6 +181,20 @@ impl Metrics {
             let completion_labels = vec![("route", route.to_string()), ("kind", "completion".to_string())];
             self.tokens.get_or_create(&completion_labels).inc_by(completion);
         }
+    }
+
+    /// A payment a route in shadow mode would have charged, `amount` atomic units of `asset`.
+    pub fn shadow_charge(&self, route: &str, network: &str, asset: &str, amount: u64) {
+        self.shadow_payments.get_or_create(&vec![("route", route.to_string()), ("outcome", "valid".into())]).inc();
+        let labels = vec![("route", route.to_string()), ("network", network.to_string()), ("asset", asset.to_string())];
+        self.shadow_revenue.get_or_create(&labels).inc_by(amount);
+    }
+
+    /// A payment a route in shadow mode would have refused. `reason` is a label already: a known x402 reason
+    /// ([`reason_label`]) or one of the gateway's own.
+    pub fn shadow_refusal(&self, route: &str, reason: &'static str) {
+        let labels = vec![("route", route.to_string()), ("outcome", "invalid".into()), ("reason", reason.into())];
+        self.shadow_payments.get_or_create(&labels).inc();
     }
 
     pub fn upstream(&self, took: Duration) {

@@ -152,8 +152,19 @@ pub struct PaidRoute {
     pub mime_type: String,
     pub facilitator: FacilitatorChoice,
     pub settle: SettleMode,
+    pub mode: PaymentMode,
     /// The bazaar discovery extension of this route's challenges, when it declares `input`/`output`.
     pub bazaar: Option<Bazaar>,
+}
+
+/// Whether a paid route charges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaymentMode {
+    /// Every call is paid for.
+    Enforce,
+    /// A seller's rollout: calls are served free, the offer goes out with each answer, and the payments sent
+    /// anyway are verified (never settled) and counted as the charges they would have been.
+    Shadow,
 }
 
 /// Discovery metadata (x402 `bazaar` extension), rendered once at load.

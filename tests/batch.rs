@@ -1,5 +1,6 @@
-//! Batched settlement on a real local chain: concurrent payments share one Multicall3 `aggregate3`
-//! transaction, each one's outcome is its own, and a failing authorization never sinks the others.
+//! Batched settlement on a real local chain: a payment that finds no transaction in flight goes out at once,
+//! the payments that arrive while one is in flight share one Multicall3 `aggregate3` transaction, each one's
+//! outcome is its own, and a failing authorization never sinks the others.
 
 mod common;
 
@@ -14,7 +15,9 @@ use common::*;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 const PRICE: u64 = 1000;
 
@@ -57,6 +60,21 @@ async fn pay_all(gateway: &Gateway, headers: Vec<String>) -> Vec<Answer> {
     answers
 }
 
+/// Waits (boundedly) until `count` ledger rows name their settlement transaction: every batch is formed and
+/// signed, so a relay may hand out receipts again without changing which payments share a transaction.
+async fn all_signed(gateway: &Gateway, count: usize) {
+    let signed = async {
+        loop {
+            let rows = gateway.pipeline.ledger().list(None, None, None, 1000).await.unwrap();
+            if rows.iter().filter(|row| row.transaction.is_some()).count() >= count {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), signed).await.expect("every payment signed into a transaction");
+}
+
 /// The settlement transaction named in an answer's `PAYMENT-RESPONSE`.
 fn transaction(answer: &Answer) -> B256 {
     let receipt = pay::decode_header(&answer.headers["payment-response"]);
@@ -83,39 +101,78 @@ async fn mined(chain: &Chain, hash: B256) -> (usize, u64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_payments_share_one_transaction_and_cost_less_gas_each() {
+async fn a_payment_that_finds_nothing_in_flight_goes_out_without_waiting_for_its_window() {
+    let Some(chain) = Chain::shared().await else { return };
+    let multicall = chain.deploy("Multicall").await;
+    let upstream = spawn_echo("api").await;
+    // The longest window allowed: both payments reach settlement well within it of each other, so a payment
+    // held for its window would share its transaction with the other.
+    let batched = [("settle_batch_max", 10), ("settle_batch_window_ms", 1000)];
+    let gateway = start_gateway(&toml(&upstream, chain.network().multicall(multicall), &batched)).await;
+    let buyers = funded_buyers(&chain, 2).await;
+    let mut headers = Vec::new();
+    for buyer in &buyers {
+        headers.push(payment(&gateway, buyer).await);
+    }
+
+    let answers = pay_all(&gateway, headers).await;
+
+    for answer in &answers {
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    }
+    let hashes: BTreeSet<B256> = answers.iter().map(transaction).collect();
+    assert_eq!(hashes.len(), 2, "the first payment went out alone, without waiting for the second: {hashes:?}");
+    for hash in hashes {
+        assert_eq!(mined(&chain, hash).await.0, 1);
+    }
+    for buyer in &buyers {
+        assert_eq!(chain.balance(buyer.address()).await, U256::ZERO, "each buyer paid once");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payments_that_arrive_while_a_transaction_is_in_flight_share_the_next_and_cost_less_gas_each() {
     const BATCH: usize = 10;
     let Some(chain) = Chain::shared().await else { return };
     let multicall = chain.deploy("Multicall").await;
     let upstream = spawn_echo("api").await;
-
-    // One payment alone, for the gas it costs.
-    let lone = start_gateway(&toml(&upstream, chain.network(), &[])).await;
-    let buyer = funded_buyers(&chain, 1).await.remove(0);
-    let answer = pay_all(&lone, vec![payment(&lone, &buyer).await]).await.remove(0);
-    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
-    let (used, lone_gas) = mined(&chain, transaction(&answer)).await;
-    assert_eq!(used, 1);
-
-    // A full batch closes at once, before its window (the longest allowed) ends.
+    // Receipts are withheld, as on a chain whose blocks take their time: the first transaction stays in flight
+    // while the others arrive, and a full batch goes out at once, before its window (the longest allowed) ends.
+    let relay = relay(&chain, multicall).await;
+    relay.withholding.store(true, Ordering::SeqCst);
     let batched = [("settle_batch_max", BATCH as i64), ("settle_batch_window_ms", 1000)];
-    let gateway = start_gateway(&toml(&upstream, chain.network().multicall(multicall), &batched)).await;
-    let buyers = funded_buyers(&chain, BATCH).await;
+    let network = chain.network().multicall(multicall).rpc_url(&relay.upstream.url());
+    let gateway = Arc::new(start_gateway(&toml(&upstream, network, &batched)).await);
+    let buyers = funded_buyers(&chain, BATCH + 1).await;
     let mut headers = Vec::new();
     for buyer in &buyers {
         headers.push(payment(&gateway, buyer).await);
     }
     let before = chain.balance(PAY_TO.parse().unwrap()).await;
-    let answers = pay_all(&gateway, headers).await;
+
+    let paying = tokio::spawn({
+        let gateway = gateway.clone();
+        async move { pay_all(&gateway, headers).await }
+    });
+    all_signed(&gateway, buyers.len()).await;
+    relay.withholding.store(false, Ordering::SeqCst);
+    let answers = paying.await.unwrap();
+
     for answer in &answers {
         assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
     }
     let hashes: BTreeSet<B256> = answers.iter().map(transaction).collect();
-    assert_eq!(hashes.len(), 1, "one transaction for the whole batch: {hashes:?}");
-    let hash = *hashes.first().unwrap();
-    let (used, batch_gas) = mined(&chain, hash).await;
-    assert_eq!(used, BATCH, "each authorization used once");
-    assert_eq!(chain.balance(PAY_TO.parse().unwrap()).await - before, U256::from(PRICE * BATCH as u64));
+    let mut transactions = Vec::new();
+    for hash in hashes {
+        let receipt = chain.provider.get_transaction_receipt(hash).await.unwrap().expect("mined");
+        let (used, gas) = mined(&chain, hash).await;
+        transactions.push((receipt.block_number.unwrap(), used, gas));
+    }
+    transactions.sort();
+    let carried: Vec<usize> = transactions.iter().map(|&(_, used, _)| used).collect();
+    assert_eq!(carried, [1, BATCH], "the first payment alone, then the rest in one full batch");
+    let (lone_gas, batch_gas) = (transactions[0].2, transactions[1].2);
+    assert_eq!(chain.balance(PAY_TO.parse().unwrap()).await - before, U256::from(PRICE * buyers.len() as u64));
     for buyer in &buyers {
         assert_eq!(chain.balance(buyer.address()).await, U256::ZERO, "each buyer paid once");
     }
@@ -128,26 +185,46 @@ async fn concurrent_payments_share_one_transaction_and_cost_less_gas_each() {
 async fn a_failing_authorization_does_not_sink_the_rest_of_its_batch() {
     let Some(chain) = Chain::shared().await else { return };
     let multicall = chain.deploy("Multicall").await;
-    // The upstream answers only once the gate opens: with `settle = "after"`, every payment is verified and
-    // recorded, and none settled yet, while it waits.
+    // The upstream answers the first request at once, and the others only once the gate opens: with
+    // `settle = "after"`, every payment is verified and recorded, and none settled yet, while it waits.
     let (gate, opened) = tokio::sync::watch::channel(false);
+    let answered = Arc::new(AtomicUsize::new(0));
     let upstream = spawn_upstream(move |_| {
-        let mut opened = opened.clone();
+        let (mut opened, first) = (opened.clone(), answered.fetch_add(1, Ordering::SeqCst) == 0);
         async move {
-            let _ = opened.wait_for(|open| *open).await;
+            if !first {
+                let _ = opened.wait_for(|open| *open).await;
+            }
             http::Response::new(x402_gateway::proxy::body::full("{}"))
         }
     })
     .await;
+    // The first payment goes out alone and stays in flight, its receipt withheld, so that the others share
+    // the next transaction.
+    let relay = relay(&chain, multicall).await;
+    relay.withholding.store(true, Ordering::SeqCst);
     let batched = [("settle_batch_max", 5), ("settle_batch_window_ms", 1000)];
-    let gateway = Arc::new(start_gateway(&toml(&upstream, chain.network().multicall(multicall), &batched)).await);
+    let network = chain.network().multicall(multicall).rpc_url(&relay.upstream.url());
+    let gateway = Arc::new(start_gateway(&toml(&upstream, network, &batched)).await);
+    let opener = funded_buyers(&chain, 1).await.remove(0);
     let buyers = funded_buyers(&chain, 5).await;
     let drained = &buyers[0];
+    let opening = payment(&gateway, &opener).await;
     let mut headers = Vec::new();
     for buyer in &buyers {
         headers.push(payment(&gateway, buyer).await);
     }
     let before = chain.balance(PAY_TO.parse().unwrap()).await;
+    let opened = tokio::spawn({
+        let gateway = gateway.clone();
+        async move { pay_all(&gateway, vec![opening]).await }
+    });
+    let in_flight = async {
+        while relay.withheld.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), in_flight).await.expect("the first payment broadcast");
 
     let paying = tokio::spawn({
         let (gateway, headers) = (gateway.clone(), headers.clone());
@@ -156,17 +233,22 @@ async fn a_failing_authorization_does_not_sink_the_rest_of_its_batch() {
     // Every payment passed simulation and waits at the upstream: now the drained buyer's money leaves
     // through another authorization of its own.
     let all_waiting = async {
-        while upstream.hits() < buyers.len() {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        while upstream.hits() < 1 + buyers.len() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };
-    tokio::time::timeout(std::time::Duration::from_secs(30), all_waiting).await.expect("every payment verified");
+    tokio::time::timeout(Duration::from_secs(30), all_waiting).await.expect("every payment verified");
     let challenge = pay::decode_header(&get(&gateway.url("/paid")).await.headers["payment-required"]);
     let mut elsewhere = Authorization::for_offer(drained.address(), &challenge["accepts"][0]);
     elsewhere.message.to = chain.deployer;
     chain.land(&elsewhere.sign(drained)).await;
     gate.send_replace(true);
+    all_signed(&gateway, 1 + buyers.len()).await;
+    relay.withholding.store(false, Ordering::SeqCst);
     let answers = paying.await.unwrap();
+    let opener_answer = opened.await.unwrap().remove(0);
+    assert_eq!(opener_answer.status, StatusCode::OK, "{}", opener_answer.text());
+    assert_eq!(mined(&chain, transaction(&opener_answer)).await.0, 1, "the first payment went out alone");
 
     let paid: Vec<&Answer> = answers.iter().filter(|a| a.status == StatusCode::OK).collect();
     let refused: Vec<&Answer> = answers.iter().filter(|a| a.status == StatusCode::PAYMENT_REQUIRED).collect();
@@ -185,7 +267,7 @@ async fn a_failing_authorization_does_not_sink_the_rest_of_its_batch() {
     let hash = *hashes.first().unwrap();
     assert_eq!(refusal["transaction"], hash.to_string(), "the failure names the batch it failed in");
     assert_eq!(mined(&chain, hash).await.0, 4);
-    assert_eq!(chain.balance(PAY_TO.parse().unwrap()).await - before, U256::from(4 * PRICE));
+    assert_eq!(chain.balance(PAY_TO.parse().unwrap()).await - before, U256::from(5 * PRICE), "4 and the first");
     for buyer in &buyers {
         assert_eq!(chain.balance(buyer.address()).await, U256::ZERO);
     }
@@ -203,7 +285,7 @@ async fn a_failing_authorization_does_not_sink_the_rest_of_its_batch() {
     let row = gateway.pipeline.ledger().get(failed.id).await.unwrap().unwrap();
     assert_eq!(row.state, "refund_needed");
     assert_eq!(row.transaction, Some(landed_by_someone.to_string()));
-    assert_eq!(chain.balance(PAY_TO.parse().unwrap()).await - before, U256::from(5 * PRICE));
+    assert_eq!(chain.balance(PAY_TO.parse().unwrap()).await - before, U256::from(6 * PRICE));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,7 +294,7 @@ async fn concurrent_simulations_refuse_exactly_the_payments_that_cannot_settle()
     let multicall = chain.deploy("Multicall").await;
     let upstream = spawn_echo("api").await;
     // The gateway reaches the chain through a relay that counts the simulations made through the multicall.
-    let relay = counting_relay(&chain, multicall).await;
+    let relay = relay(&chain, multicall).await;
     let batched = [("settle_batch_max", 20), ("settle_batch_window_ms", 50)];
     let network = chain.network().multicall(multicall).rpc_url(&relay.upstream.url());
     let gateway = start_gateway(&toml(&upstream, network, &batched)).await;
@@ -240,30 +322,44 @@ async fn concurrent_simulations_refuse_exactly_the_payments_that_cannot_settle()
         assert_eq!(chain.balance(buyer.address()).await, U256::ZERO);
     }
     // 14 payments at once, two simulations in flight at a time: the rest went together through the multicall.
-    let shared = relay.multicall_calls.load(std::sync::atomic::Ordering::SeqCst);
+    let shared = relay.multicall_calls.load(Ordering::SeqCst);
     assert!(shared >= 1, "no simulation was shared ({} RPC requests in all)", relay.upstream.hits());
 }
 
 struct Relay {
     upstream: Upstream,
     /// `eth_call`s addressed to the multicall contract.
-    multicall_calls: Arc<std::sync::atomic::AtomicUsize>,
+    multicall_calls: Arc<AtomicUsize>,
+    /// While set, every receipt is answered "not mined yet", as on a chain whose blocks take their time: the
+    /// settler's transactions stay in flight.
+    withholding: Arc<AtomicBool>,
+    /// Receipt requests answered so.
+    withheld: Arc<AtomicUsize>,
 }
 
-/// A JSON-RPC relay to the chain that counts the `eth_call`s addressed to `multicall`.
-async fn counting_relay(chain: &Chain, multicall: Address) -> Relay {
+/// A JSON-RPC relay to the chain that counts the `eth_call`s addressed to `multicall`, and withholds receipts
+/// on demand.
+async fn relay(chain: &Chain, multicall: Address) -> Relay {
     let node = chain.rpc_url.clone();
-    let multicall_calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = multicall_calls.clone();
+    let (multicall_calls, withholding, withheld): (Arc<AtomicUsize>, Arc<AtomicBool>, Arc<AtomicUsize>) =
+        Default::default();
+    let state = (multicall_calls.clone(), withholding.clone(), withheld.clone());
     let multicall = multicall.to_string().to_lowercase();
     let upstream = spawn_upstream(move |request: http::Request<hyper::body::Incoming>| {
-        let (node, counted, multicall) = (node.clone(), counted.clone(), multicall.clone());
+        let (node, multicall) = (node.clone(), multicall.clone());
+        let (counted, withholding, withheld) = state.clone();
         async move {
             use http_body_util::BodyExt;
             let body = request.into_body().collect().await.unwrap().to_bytes();
+            let call: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
             let text = String::from_utf8_lossy(&body).to_lowercase();
             if text.contains("\"eth_call\"") && text.contains(&multicall) {
-                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+            if call["method"] == "eth_getTransactionReceipt" && withholding.load(Ordering::SeqCst) {
+                withheld.fetch_add(1, Ordering::SeqCst);
+                let pending = serde_json::json!({ "jsonrpc": "2.0", "id": call["id"], "result": null });
+                return http::Response::new(x402_gateway::proxy::body::full(pending.to_string()));
             }
             let forward = Request::post(node).header("content-type", "application/json").body(Full::new(body));
             let answer = send(&client(), forward.unwrap()).await;
@@ -271,7 +367,7 @@ async fn counting_relay(chain: &Chain, multicall: Address) -> Relay {
         }
     })
     .await;
-    Relay { upstream, multicall_calls }
+    Relay { upstream, multicall_calls, withholding, withheld }
 }
 
 #[tokio::test]

@@ -44,6 +44,8 @@ pub struct Payment {
     pub facilitator_auth: Option<String>,
     pub facilitator_timeout_secs: Option<u64>,
     pub settle: Option<String>,
+    /// `enforce` (the default) or `shadow`: served free, offered, and what would be charged counted.
+    pub mode: Option<String>,
     pub settle_after_max_bytes: Option<usize>,
     pub settle_timeout_secs: Option<u64>,
     pub settle_batch_max: Option<usize>,
@@ -140,6 +142,7 @@ pub struct Route {
     pub mime_type: Option<String>,
     pub facilitator: Option<String>,
     pub settle: Option<String>,
+    pub mode: Option<String>,
     #[serde(default)]
     pub accepts: Vec<Terms>,
     /// A path (`/v1/models`) where the gateway lists this route's price table, OpenAI style.

@@ -4,7 +4,7 @@ use super::file::{self, Terms};
 use super::{ConfigError, Validator};
 use crate::metering::{ModelRates, TokenRate, TOKEN_LIMIT_FIELDS};
 use crate::networks::{self, Asset, ChainKind, Network};
-use crate::options::{AttemptLimit, Bazaar, PaidRoute};
+use crate::options::{AttemptLimit, Bazaar, PaidRoute, PaymentMode};
 use crate::pricing::{Metering, Offer, Price, PriceSource, PriceTable, Pricing, WrittenPrices};
 use crate::settlement::SettleMode;
 use crate::x402::exact_evm;
@@ -56,6 +56,8 @@ pub struct PaymentSettings {
     pub settle_timeout: Duration,
     /// `None`: one transaction per payment.
     pub settle_batch: Option<BatchSettings>,
+    /// `payment.mode`: every paid route's unless it sets its own.
+    pub mode: PaymentMode,
 }
 
 impl PaymentSettings {
@@ -160,7 +162,12 @@ impl Validator<'_> {
             burst: super::nonzero("payment.attempt_burst_per_ip", payment.and_then(|p| p.attempt_burst_per_ip))?
                 .unwrap_or(DEFAULT_ATTEMPT_BURST_PER_IP),
         };
+        let mode = match payment.and_then(|p| p.mode.as_deref()) {
+            None => PaymentMode::Enforce,
+            Some(raw) => payment_mode("payment.mode", raw)?,
+        };
         Ok(PaymentSettings {
+            mode,
             attempts_per_ip,
             settle_timeout,
             settle_batch: settle_batch(payment)?,
@@ -199,6 +206,10 @@ impl Validator<'_> {
         payment: Option<&file::Payment>,
         settings: &PaymentSettings,
     ) -> Result<Option<PaidRoute>, ConfigError> {
+        let mode = match &route.mode {
+            None => settings.mode,
+            Some(raw) => payment_mode(&format!("{key}.mode"), raw)?,
+        };
         let route_terms = route.terms();
         let rule = match &route.price {
             Some(file::PriceSpec::ByRequest(rule)) => Some(rule),
@@ -263,6 +274,7 @@ impl Validator<'_> {
             mime_type: route.mime_type.clone().unwrap_or_default(),
             facilitator,
             settle,
+            mode,
         }))
     }
 
@@ -607,6 +619,14 @@ fn bazaar(pattern: &str, method: &str, input: Option<&toml::Table>, output: Opti
         template.annotate(&mut extension);
     }
     Some(Bazaar { extension, output_schema_v1 })
+}
+
+fn payment_mode(key: &str, raw: &str) -> Result<PaymentMode, ConfigError> {
+    match raw {
+        "enforce" => Ok(PaymentMode::Enforce),
+        "shadow" => Ok(PaymentMode::Shadow),
+        other => Err(ConfigError::invalid(key, format!("`{other}`: expected \"enforce\" or \"shadow\""))),
+    }
 }
 
 /// `settle_batch_max` above 1 turns batching on; the window alone is an error, since it would do nothing.

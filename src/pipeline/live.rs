@@ -5,6 +5,7 @@ use super::Live;
 use crate::body::{full, Body, BoxError, ClientBodyError};
 use crate::config::{PaidRoute, RouteSpec};
 use crate::error::GatewayError;
+use crate::pricing::Pricing;
 use crate::proxy::cors;
 use crate::proxy::upstream::ClientInfo;
 use crate::routing::Miss;
@@ -68,6 +69,20 @@ impl Live {
         let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
         let (bytes, held) = budget.read(body, limit, declared_length(&parts.headers)).await?;
         Ok((Request::from_parts(parts, full(bytes.clone())), bytes, Some(held)))
+    }
+
+    /// A per-token route's offers name the facilitator's `upto` signer: asked for first when it is not known
+    /// yet (a remote facilitator announces it in `/supported`, which is asked at a bounded rate).
+    pub(super) async fn learn_upto_signers(&self, paid: &PaidRoute) {
+        let Pricing::PerToken(metering) = &paid.pricing else { return };
+        for offer in &metering.offers {
+            let chain_id = offer.network.chain_id;
+            if let Some(facilitator) = self.facilitators.get(&paid.facilitator, chain_id) {
+                if facilitator.upto_signer(chain_id).is_none() {
+                    facilitator.learn_upto_signers().await;
+                }
+            }
+        }
     }
 
     pub(super) fn catalogue<B>(&self, request: &Request<B>, canonical_path: &str) -> Option<Response<Body>> {

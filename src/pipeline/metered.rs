@@ -254,7 +254,7 @@ impl Gateway {
         tapped: Tapped,
         status: StatusCode,
     ) -> Result<Settled, Refused> {
-        let measured = Measured { usage: tapped.usage, content_bytes: tapped.content_bytes };
+        let measured = Measured { usage: tapped.usage, content_bytes: tapped.content_bytes, complete: tapped.complete };
         let (charge, basis) = match overridden {
             Some(amount) => (amount, ChargeBasis::Override),
             None => metering::charge(&charging.rates, &measured, charging.prompt_bytes, charging.ceiling),

@@ -1,12 +1,14 @@
 //! The request pipeline, top to bottom in one place:
 //! accept (proxy::server) → match route → price → payment gate → verify → record → upstream ⇄ settle → respond.
-//! `live` holds what one configuration decides; `paid` the stages of a paid call.
+//! `live` holds what one configuration decides; `paid` the stages of a paid call; `shadow` a paid route's
+//! call in shadow mode (priced and offered, served free).
 
 mod buffered;
 mod context;
 mod live;
 mod metered;
 mod paid;
+mod shadow;
 
 use crate::admin;
 use crate::answers::{AnswerCache, PaidAnswers};
@@ -22,6 +24,7 @@ use crate::gate::{GateError, Payment, PaymentGate};
 use crate::ledger::{self, Ledger, LedgerError, NewPayment, PaymentStore, Reconciled};
 use crate::metering;
 use crate::metrics::Metrics;
+use crate::options::PaymentMode;
 use crate::pricing::Offer;
 use crate::proxy::headers::names_host;
 use crate::proxy::server::{Handler, Server};
@@ -125,6 +128,8 @@ enum Next {
     Forward(Request<Body>, Arc<RouteSpec>),
     /// A paid route, with the request's canonical path.
     Pay(Request<Body>, Arc<RouteSpec>, String),
+    /// A paid route in shadow mode, with the request's canonical path: forwarded free, with the offer.
+    Shadow(Request<Body>, Arc<RouteSpec>, String),
 }
 
 impl Gateway {
@@ -231,6 +236,9 @@ impl Gateway {
             Ok(Next::Pay(request, route, path)) => {
                 Box::pin(self.process_paid(&live, request, &route, &path, &mut ctx)).await
             }
+            Ok(Next::Shadow(request, route, path)) => {
+                Box::pin(self.process_shadow(&live, request, &route, &path, &mut ctx)).await
+            }
             Err(err) => Err(err),
         };
         let response = response.unwrap_or_else(GatewayError::into_response);
@@ -239,7 +247,8 @@ impl Gateway {
         response
     }
 
-    /// Match → route: what the gateway answers itself, what it forwards free, and what must be paid for.
+    /// Match → route: what the gateway answers itself, what it forwards free, what must be paid for, and what
+    /// is priced but served free (shadow mode).
     /// Nothing here waits, so the future a free request is served in stays small.
     fn route(&self, live: &Live, request: Request<Incoming>, ctx: &mut RequestContext) -> Result<Next, GatewayError> {
         let client = &ctx.client;
@@ -260,12 +269,15 @@ impl Gateway {
         let route = live.match_route(&request, &canonical_path)?;
         ctx.route = Some(route.pattern_text.clone());
         let request = live.limit_body(request)?;
-        if route.payment.is_none() {
-            let mut request = request;
-            self.carrier.strip(request.headers_mut());
-            return Ok(Next::Forward(upstream_request(request, &route, &canonical_path, &ctx.client)?, route));
+        match route.payment.as_ref().map(|paid| paid.mode) {
+            None => {
+                let mut request = request;
+                self.carrier.strip(request.headers_mut());
+                Ok(Next::Forward(upstream_request(request, &route, &canonical_path, &ctx.client)?, route))
+            }
+            Some(PaymentMode::Enforce) => Ok(Next::Pay(request, route, canonical_path)),
+            Some(PaymentMode::Shadow) => Ok(Next::Shadow(request, route, canonical_path)),
         }
-        Ok(Next::Pay(request, route, canonical_path))
     }
 
     /// Price → payment gate → verify → record → upstream and settlement, for a route that has a price.
@@ -289,6 +301,7 @@ impl Gateway {
 
         // Price: the offers for exactly this request (an `upto` offer names the facilitator that settles it).
         let (request, body, _buffered) = live.buffer_body_for_pricing(request, paid, &self.buffered).await?;
+        live.learn_upto_signers(paid).await;
         let upto_signer = |chain_id| live.facilitators.get(&paid.facilitator, chain_id)?.upto_signer(chain_id);
         let priced = paid
             .pricing

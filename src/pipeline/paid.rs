@@ -10,6 +10,7 @@ use crate::config::RouteSpec;
 use crate::error::GatewayError;
 use crate::gate::{Hold, Payment};
 use crate::ledger::{PaymentStore, Row, State};
+use crate::metering::SETTLEMENT_OVERRIDES;
 use crate::settlement::{BeforeBroadcast, Facilitator, SettleFailure, Settled};
 use crate::usage::{OnEnd, Tapped, UsageTap};
 use crate::x402::wire::ResourceInfo;
@@ -54,6 +55,8 @@ impl Gateway {
             Ok(response) => (response, false),
             Err(err) => (err.into_response(), false),
         };
+        // An `exact` price is the price: an upstream's own charge is for the gateway's eyes, and ignored.
+        response.headers_mut().remove(SETTLEMENT_OVERRIDES);
         if !delivered {
             let reason = format!("the upstream answered {} after the payment settled", response.status().as_u16());
             tracing::error!(transaction = %settled.transaction, payer = %call.payment.authorization.payer(), "{reason}: refund needed");
@@ -72,13 +75,14 @@ impl Gateway {
         mut call: PaidCall<'_, '_>,
     ) -> Result<Response<Body>, GatewayError> {
         let price = call.payment.authorization.authorized();
-        let response = match self.forward(request, route).await {
+        let mut response = match self.forward(request, route).await {
             Ok(response) => response,
             Err(err) => {
                 self.release(&call, None).await;
                 return Err(err);
             }
         };
+        response.headers_mut().remove(SETTLEMENT_OVERRIDES);
         let status = response.status();
         if failed(status) {
             self.release(&call, Some(status)).await;

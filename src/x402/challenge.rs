@@ -95,9 +95,13 @@ impl Challenge<'_> {
         }
     }
 
+    /// The v2 `PAYMENT-REQUIRED` header.
+    pub fn header(&self) -> Option<HeaderValue> {
+        HeaderValue::from_str(&codec::encode(&self.payment_required_v2())).ok()
+    }
+
     /// The 402 response: always the v2 header; the v1 JSON body, or an HTML page for a browser.
     pub fn response(&self, request_headers: &HeaderMap) -> Response<Body> {
-        let header_value = codec::encode(&self.payment_required_v2());
         let (content_type, body) = if self.rejection.is_none() && is_browser(request_headers) {
             ("text/html; charset=utf-8", self.html())
         } else {
@@ -106,7 +110,7 @@ impl Challenge<'_> {
         let mut response = Response::new(full(body));
         *response.status_mut() = StatusCode::PAYMENT_REQUIRED;
         let headers = response.headers_mut();
-        if let Ok(value) = HeaderValue::from_str(&header_value) {
+        if let Some(value) = self.header() {
             headers.insert(PAYMENT_REQUIRED, value);
         }
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

@@ -6,6 +6,7 @@ pub mod config;
 pub mod facilitator;
 pub mod pay;
 pub mod tools;
+pub mod upto;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};

@@ -10,7 +10,7 @@
 //   POST /settle   {x402Version, paymentPayload, paymentRequirements} -> 200 SettleResponse
 //   GET  /supported                                                   -> 200 SupportedResponse
 //   400 {"error":"Missing paymentPayload or paymentRequirements"}; 500 {"error":msg} on exceptions.
-// Registered kinds: v2 exact on eip155:<chain-id>; v1 exact on the v1 name of that chain id
+// Registered kinds: v2 exact and upto on eip155:<chain-id>; v1 exact on the v1 name of that chain id
 // ("base-sepolia" for 84532), when it has one.
 //
 // After listening, prints ONE line on stdout: {"port":N}. Logs go to stderr. SIGTERM/SIGINT stop it.
@@ -73,6 +73,7 @@ const { x402Facilitator } = await import("@x402/core/facilitator");
 const { toFacilitatorEvmSigner } = await import("@x402/evm");
 const { ExactEvmScheme } = await import("@x402/evm/exact/facilitator");
 const { ExactEvmSchemeV1 } = await import("@x402/evm/exact/v1/facilitator");
+const { UptoEvmScheme } = await import("@x402/evm/upto/facilitator");
 const { EVM_NETWORK_CHAIN_ID_MAP } = await import("@x402/evm/v1");
 const { createWalletClient, defineChain, http: httpTransport, publicActions } = await import("viem");
 const { privateKeyToAccount } = await import("viem/accounts");
@@ -110,6 +111,8 @@ const evmSigner = toFacilitatorEvmSigner(
 
 const facilitator = new x402Facilitator();
 facilitator.register(network, new ExactEvmScheme(evmSigner));
+// upto (Permit2): /supported announces this signer as the facilitatorAddress that buyers' permits name.
+facilitator.register(network, new UptoEvmScheme(evmSigner));
 if (v1Network) facilitator.registerV1(v1Network, new ExactEvmSchemeV1(evmSigner));
 
 async function ensureMulticall3() {

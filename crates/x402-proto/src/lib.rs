@@ -164,6 +164,15 @@ const KNOWN_REASONS: &[&str] = &[
     "eip2612_deadline_expired",
     "permit2_2612_amount_mismatch",
     "invalid_upto_evm_payload_settlement_exceeds_amount",
+    // The reference facilitator's names for the upto proxy's and Permit2's reverts, which the settler reports too.
+    "permit2_invalid_nonce",
+    "permit2_invalid_amount",
+    "permit2_invalid_owner",
+    "permit2_invalid_destination",
+    "permit2_payment_too_early",
+    "permit2_2612_amount_mismatch",
+    "upto_amount_exceeds_permitted",
+    "upto_unauthorized_facilitator",
     // The spec's.
     "insufficient_funds",
     "invalid_exact_evm_payload_authorization_value",

@@ -10,25 +10,27 @@ use crate::options::{SettlementOptions, SettlerConfig};
 use alloy::primitives::Address;
 use alloy::providers::{Provider, RootProvider};
 use http::Uri;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 use x402_proto::exact_evm::VerifiedAuthorization;
-use x402_proto::upto_evm::PermitAuthorization;
 use x402_proto::Rejection;
 
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct LocalSettler {
-    provider: RootProvider,
+    pub(super) provider: RootProvider,
     rpc_url: Uri,
-    settler: Address,
+    pub(super) settler: Address,
     chain_id: u64,
-    queue: TxQueue,
-    receipts: Arc<Receipts>,
-    receipt_timeout: Duration,
+    pub(super) queue: TxQueue,
+    pub(super) receipts: Arc<Receipts>,
+    pub(super) receipt_timeout: Duration,
     batching: Option<Batching>,
     /// With batching, concurrent simulations share `eth_call`s too.
     simulations: Option<Simulations>,
+    /// Whether the `upto` proxy was found deployed (`upto.rs`): a call to an address without code succeeds.
+    pub(super) upto_proxy_seen: AtomicBool,
 }
 
 impl LocalSettler {
@@ -66,6 +68,7 @@ impl LocalSettler {
             queue,
             receipt_timeout: settings.settle_timeout,
             batching,
+            upto_proxy_seen: AtomicBool::new(false),
         }
     }
 
@@ -76,21 +79,6 @@ impl LocalSettler {
 
     pub fn chain_id(&self) -> u64 {
         self.chain_id
-    }
-
-    // LEAD-STUB: replaced by the on-chain upto verifier.
-    pub async fn verify_upto(&self, _auth: &PermitAuthorization) -> Result<(), VerifyFailure> {
-        Err(VerifyFailure::Rejected(Rejection::Scheme("upto".into())))
-    }
-
-    // LEAD-STUB
-    pub async fn settle_upto(
-        &self,
-        _auth: &PermitAuthorization,
-        _amount: alloy::primitives::U256,
-        _before: Option<BeforeBroadcast>,
-    ) -> Result<Settled, SettleFailure> {
-        Err(SettleFailure::nothing_moved("unsupported_scheme", String::new(), None))
     }
 
     #[cfg(test)]
@@ -163,17 +151,21 @@ impl LocalSettler {
                 None,
             ));
         }
-        let hash = match self.queue.send(token, chain::transfer_calldata(auth), self.batching, before).await {
-            Ok(hash) => hash,
-            Err(SendError::Refused(detail)) => {
-                // The node's or the ledger's words are the operator's business, not the buyer's.
-                tracing::warn!(detail = %detail, "the settlement transaction was not sent");
-                let message = "the settlement transaction could not be sent; nothing was charged".to_string();
-                return Err(SettleFailure::nothing_moved("invalid_exact_evm_transaction_failed", message, None));
-            }
-            Err(SendError::Unknown(hash)) => hash,
-        };
-        let Some(receipt) = self.receipts.wait(hash, receipt_deadline(auth).min(self.receipt_timeout)).await else {
+        let (hash, in_flight) =
+            match self.queue.send(token, chain::transfer_calldata(auth), self.batching, before).await {
+                Ok(sent) => (sent.hash, Some(sent.in_flight)),
+                Err(SendError::Refused(detail)) => {
+                    // The node's or the ledger's words are the operator's business, not the buyer's.
+                    tracing::warn!(detail = %detail, "the settlement transaction was not sent");
+                    let message = "the settlement transaction could not be sent; nothing was charged".to_string();
+                    return Err(SettleFailure::nothing_moved("invalid_exact_evm_transaction_failed", message, None));
+                }
+                Err(SendError::Unknown(hash)) => (hash, None),
+            };
+        let receipt = self.receipts.wait(hash, receipt_deadline(auth).min(self.receipt_timeout)).await;
+        // Seen (or given up on): the payments batching behind this transaction may go.
+        drop(in_flight);
+        let Some(receipt) = receipt else {
             // It may have been dropped, leaving a gap in the account's nonces: let the queue ask the chain.
             self.queue.resync();
             return Err(SettleFailure::pending(hash.to_string()));

@@ -6,6 +6,7 @@ mod queue;
 mod receipts;
 mod remote;
 mod simulations;
+mod upto;
 
 pub use local::LocalSettler;
 pub use queue::BeforeBroadcast;
@@ -115,8 +116,14 @@ pub trait Facilitator: Send + Sync {
     ) -> Pending<'a, Result<Settled, SettleFailure>>;
 
     /// The address `upto` authorizations on `chain_id` must name as their facilitator (only it can settle
-    /// them); `None` when this facilitator cannot settle `upto` there.
+    /// them); `None` when this facilitator cannot settle `upto` there, or has not said yet.
     fn upto_signer(&self, chain_id: u64) -> Option<Address>;
+
+    /// Asks again which addresses it settles `upto` with, where it can say (a remote facilitator's
+    /// `/supported`), at a bounded rate.
+    fn learn_upto_signers(&self) -> Pending<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// A facilitator's answer on its way.
@@ -185,6 +192,10 @@ impl Facilitator for RemoteFacilitator {
 
     fn upto_signer(&self, chain_id: u64) -> Option<Address> {
         self.upto_signer(chain_id)
+    }
+
+    fn learn_upto_signers(&self) -> Pending<'_, ()> {
+        Box::pin(RemoteFacilitator::learn_upto_signers(self))
     }
 }
 

@@ -1,7 +1,9 @@
 //! One transaction queue per settler key: it alone assigns the account's nonces, so concurrent settlements
 //! never collide. It signs and broadcasts, several transactions in flight at once; waiting for receipts
-//! happens in the callers. With batching on, the payments that arrive within a short window share one
-//! Multicall3 `aggregate3` transaction, each call allowed to fail alone.
+//! happens in the callers. With batching on, batches form as Nagle's algorithm forms TCP segments: a payment
+//! that finds none of the key's transactions in flight goes out at once, alone; the payments that arrive while
+//! one is in flight share the next Multicall3 `aggregate3` transaction (each call allowed to fail alone), sent
+//! as soon as nothing is in flight any more, the batch is full, or the window of its first payment closes.
 
 use crate::chain::{self, TxParams};
 use crate::options::BatchSettings;
@@ -11,8 +13,9 @@ use alloy::signers::local::PrivateKeySigner;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Fee estimates are reused this long, saving a round trip per settlement.
 const FEE_CACHE: Duration = Duration::from_secs(3);
@@ -27,6 +30,33 @@ pub enum SendError {
     /// The node could not be asked, or did not answer: the transaction may or may not have been broadcast.
     #[error("the settlement transaction {0} may not have reached the node")]
     Unknown(B256),
+}
+
+/// A transaction the node accepted, and the caller's share of it being in flight.
+#[derive(Clone)]
+pub struct Sent {
+    pub hash: B256,
+    /// Hold it until the receipt is seen (or given up on): the queue batches behind the transaction meanwhile.
+    pub in_flight: Arc<InFlight>,
+}
+
+/// One of the queue's transactions in flight, shared by the callers it carries: it has landed, for batching,
+/// when the last of them lets go.
+pub struct InFlight {
+    count: Arc<watch::Sender<usize>>,
+}
+
+impl InFlight {
+    fn start(count: &Arc<watch::Sender<usize>>) -> Arc<InFlight> {
+        count.send_modify(|n| *n += 1);
+        Arc::new(InFlight { count: count.clone() })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.count.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 /// Called with each signed transaction's hash before it is broadcast (to record it write-ahead; the last call
@@ -47,7 +77,7 @@ struct Call {
     before: Option<BeforeBroadcast>,
     batching: Option<Batching>,
     queued_at: Instant,
-    reply: oneshot::Sender<Result<B256, SendError>>,
+    reply: oneshot::Sender<Result<Sent, SendError>>,
 }
 
 enum Message {
@@ -64,12 +94,22 @@ pub struct TxQueue {
 impl TxQueue {
     pub fn spawn(provider: RootProvider, signer: PrivateKeySigner, chain_id: u64) -> TxQueue {
         let (messages, inbox) = mpsc::channel(4096);
-        tokio::spawn(Worker { provider, signer, chain_id, next_nonce: None, fees: None }.run(inbox));
+        let (in_flight, in_flight_count) = watch::channel(0);
+        let worker = Worker {
+            provider,
+            signer,
+            chain_id,
+            next_nonce: None,
+            fees: None,
+            in_flight: Arc::new(in_flight),
+            in_flight_count,
+        };
+        tokio::spawn(worker.run(inbox));
         TxQueue { messages }
     }
 
-    /// Signs and broadcasts a call, alone or (with `batching`) in a batch; returns the hash of the transaction
-    /// that carries it once the node has accepted it. `before` runs inside the queue, between signing and
+    /// Signs and broadcasts a call, alone or (with `batching`) in a batch; returns the transaction that carries
+    /// it once the node has accepted it. `before` runs inside the queue, between signing and
     /// broadcasting, so a caller that goes away cannot split the two.
     pub async fn send(
         &self,
@@ -77,7 +117,7 @@ impl TxQueue {
         input: Bytes,
         batching: Option<Batching>,
         before: Option<BeforeBroadcast>,
-    ) -> Result<B256, SendError> {
+    ) -> Result<Sent, SendError> {
         let (reply, answer) = oneshot::channel();
         let call = Call { to, input, before, batching, queued_at: Instant::now(), reply };
         self.messages
@@ -104,6 +144,9 @@ struct Worker {
     chain_id: u64,
     next_nonce: Option<u64>,
     fees: Option<(Instant, (u128, u128))>,
+    /// How many of the key's transactions are in flight: accepted by the node, their receipt not yet seen.
+    in_flight: Arc<watch::Sender<usize>>,
+    in_flight_count: watch::Receiver<usize>,
 }
 
 impl Worker {
@@ -123,16 +166,24 @@ impl Worker {
                 },
             };
             let batch = match call.batching {
-                Some(batching) => self.fill(call, batching, &mut inbox, &mut deferred).await,
-                None => vec![call],
+                Some(batching) if *self.in_flight_count.borrow() > 0 => {
+                    self.fill(call, batching, &mut inbox, &mut deferred).await
+                }
+                // Nothing in flight: waiting for company would only delay this payment.
+                _ => vec![call],
             };
             self.broadcast(batch).await;
         }
     }
 
-    /// Gathers the calls that share `first`'s batch: until the batch is full, or the window closes. The window
-    /// opens when `first` was queued, not when the worker got to it, so no payment waits longer than the
-    /// window for its batch, even behind a slow broadcast.
+    /// Gathers the calls that share `first`'s batch, while a transaction is in flight: until none is any more,
+    /// the batch is full, or the window closes. The window opens when `first` was queued, not when the worker
+    /// got to it, so no payment waits longer than the window for its batch, even behind a slow broadcast.
+    ///
+    /// The batch goes when the last transaction in flight lands, not the first: on a chain that mines at once
+    /// there is rarely more than one, and on one that takes blocks the window decides anyway, so waiting for
+    /// the last only keeps batches large (fewer transactions, fewer nonces, less gas per payment) where a
+    /// flush at each receipt would cut them short. Calls already queued join before the batch closes, free.
     async fn fill(
         &mut self,
         first: Call,
@@ -143,13 +194,19 @@ impl Worker {
         let closes = tokio::time::Instant::from_std(first.queued_at + batching.settings.window);
         let mut batch = vec![first];
         while batch.len() < batching.settings.max {
-            match tokio::time::timeout_at(closes, inbox.recv()).await {
-                Ok(Some(Message::Send(call))) if call.batching.map(|b| b.multicall) == Some(batching.multicall) => {
+            let message = tokio::select! {
+                biased;
+                message = inbox.recv() => message,
+                () = all_landed(&mut self.in_flight_count) => break,
+                () = tokio::time::sleep_until(closes) => break,
+            };
+            match message {
+                Some(Message::Send(call)) if call.batching.map(|b| b.multicall) == Some(batching.multicall) => {
                     batch.push(call)
                 }
-                Ok(Some(Message::Send(call))) => deferred.push_back(call),
-                Ok(Some(Message::Resync)) => self.next_nonce = None,
-                Ok(None) | Err(_) => break,
+                Some(Message::Send(call)) => deferred.push_back(call),
+                Some(Message::Resync) => self.next_nonce = None,
+                None => break,
             }
         }
         batch
@@ -168,7 +225,8 @@ impl Worker {
             match self.provider.send_raw_transaction(&signed.raw).await {
                 Ok(_) => {
                     self.next_nonce = Some(signed.nonce + 1);
-                    return answer(calls, Ok(signed.hash));
+                    let in_flight = InFlight::start(&self.in_flight);
+                    return answer(calls, Ok(Sent { hash: signed.hash, in_flight }));
                 }
                 Err(err) if err.as_error_resp().is_some() => {
                     // Most refusals are a stale nonce (another sender, a dropped transaction): ask the chain again.
@@ -255,7 +313,13 @@ struct Signed {
     nonce: u64,
 }
 
-fn answer(calls: Vec<Call>, outcome: Result<B256, SendError>) {
+/// Returns once none of the queue's transactions is in flight.
+async fn all_landed(in_flight_count: &mut watch::Receiver<usize>) {
+    // The sender lives as long as the worker: an error cannot happen, and would mean nothing is in flight.
+    let _ = in_flight_count.wait_for(|count| *count == 0).await;
+}
+
+fn answer(calls: Vec<Call>, outcome: Result<Sent, SendError>) {
     for call in calls {
         let _ = call.reply.send(outcome.clone());
     }

@@ -8,8 +8,8 @@ use http_body_util::{BodyExt, Full};
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::HashMap;
-use std::sync::RwLock;
-use std::time::Duration;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 use x402_proto::Rejection;
 
 use crate::client::{https_client, HttpsClient};
@@ -27,7 +27,12 @@ pub struct RemoteFacilitator {
     client: HttpsClient<Full<Bytes>>,
     /// The `facilitatorAddress` of each network's `upto` kind, as `/supported` last announced it.
     upto_signers: RwLock<HashMap<u64, Address>>,
+    /// When `/supported` was last asked for want of an `upto` signer: at most once a `SIGNER_REFRESH`.
+    signers_asked: Mutex<Option<Instant>>,
 }
+
+/// How often a request that finds no `upto` signer may make the gateway ask `/supported` again.
+const SIGNER_REFRESH: Duration = Duration::from_secs(10);
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -66,7 +71,15 @@ enum CallError {
 impl RemoteFacilitator {
     pub fn new(base: String, auth: Option<HeaderValue>, timeout: Duration) -> RemoteFacilitator {
         let shown = crate::redacted_url(&base);
-        RemoteFacilitator { base, shown, auth, timeout, client: https_client(), upto_signers: RwLock::default() }
+        RemoteFacilitator {
+            base,
+            shown,
+            auth,
+            timeout,
+            client: https_client(),
+            upto_signers: RwLock::default(),
+            signers_asked: Mutex::new(None),
+        }
     }
 
     /// The URL without what may be a key: the only form of it that is ever shown.
@@ -141,6 +154,23 @@ impl RemoteFacilitator {
     /// The address its `upto` authorizations on `chain_id` must name, once `/supported` has announced it.
     pub fn upto_signer(&self, chain_id: u64) -> Option<Address> {
         self.upto_signers.read().ok().and_then(|known| known.get(&chain_id).copied())
+    }
+
+    /// Asks `/supported` for the `upto` signers, unless it was asked for them within `SIGNER_REFRESH`: requests
+    /// that find none cannot make the gateway flood the facilitator.
+    pub async fn learn_upto_signers(&self) {
+        let due = match self.signers_asked.lock() {
+            Ok(mut asked) if asked.is_none_or(|at| at.elapsed() >= SIGNER_REFRESH) => {
+                *asked = Some(Instant::now());
+                true
+            }
+            _ => false,
+        };
+        if due {
+            if let Err(why) = self.supported().await {
+                tracing::warn!(facilitator = %self.shown, "its upto signers cannot be learned: {why}");
+            }
+        }
     }
 
     async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value, CallError> {

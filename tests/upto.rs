@@ -1,0 +1,453 @@
+//! Per-token billing with the `upto` scheme, end to end: an LLM route priced by its tokens, paid by the official
+//! clients (`@x402/fetch` with `UptoEvmScheme`, the Python SDK) and by payments signed here, settled in-process
+//! on anvil through the real Permit2 and the repository's `x402UptoPermit2Proxy`. The transfer on chain is the
+//! usage-priced charge, not the ceiling.
+
+mod common;
+
+use alloy::primitives::{Address, U256};
+use alloy::signers::local::PrivateKeySigner;
+use bytes::Bytes;
+use common::chain::Chain;
+use common::config::{toml_value, GatewayToml, Payment, Route};
+use common::pay::{decode_header, v2_header};
+use common::tools::{require_node, Node};
+use common::upto::{approve_permit2, Permit};
+use common::*;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use std::time::Duration;
+use x402_gateway::proxy::body::full;
+
+/// `$1/1M` input and `$2/1M` output in USDC's six decimals: 1 and 2 atomic units per token.
+const PRICE: &str = r#"{ by = "body.model", per_token = { "m" = { input = "$1/1M", output = "$2/1M" } }, max = "$0.50", default_max_tokens = 100, inject_max_tokens = "max_tokens" }"#;
+/// The usage every answer of the test upstream reports: 40 prompt and 30 completion tokens, 100 units.
+const CHARGE: u64 = 40 + 2 * 30;
+const FUNDS: u64 = 1_000_000;
+
+/// An LLM API written for the test. `messages[0].content` says how it answers: `fail` (500), `override`
+/// (`Settlement-Overrides` above any ceiling), `cut` (a stream that breaks after three deltas); else a JSON
+/// answer or, with `"stream": true`, an SSE stream, each with its usage. Every answer echoes the token limit
+/// the request reached it with.
+async fn spawn_llm() -> Upstream {
+    spawn_upstream(|request: Request<Incoming>| async move {
+        let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let request: Value = serde_json::from_slice(&body).unwrap_or_default();
+        let said = request.pointer("/messages/0/content").and_then(Value::as_str).unwrap_or_default().to_string();
+        let limit = request["max_tokens"].clone();
+        let usage = json!({ "prompt_tokens": 40, "completion_tokens": 30 });
+        if said == "fail" {
+            let mut response = Response::new(full(r#"{"error":"model overloaded"}"#));
+            *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+            return response;
+        }
+        if request["stream"] == true {
+            let delta = |text: &str| format!("data: {}\n\n", json!({ "choices": [{ "delta": { "content": text } }] }));
+            let mut frames: Vec<Result<Bytes, &'static str>> =
+                ["hello ", "paid ", "world"].iter().map(|t| Ok(Bytes::from(delta(t)))).collect();
+            if said == "cut" {
+                frames.push(Err("the model crashed"));
+            } else {
+                let last = json!({ "choices": [], "usage": usage, "max_tokens_seen": limit });
+                frames.push(Ok(Bytes::from(format!("data: {last}\n\ndata: [DONE]\n\n"))));
+            }
+            let mut response = Response::new(streamed(frames).boxed_unsync());
+            response.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
+            return response;
+        }
+        let answer = json!({ "choices": [{ "message": { "content": "hello paid world" } }], "usage": usage, "max_tokens_seen": limit });
+        let mut response = Response::new(full(answer.to_string()));
+        response.headers_mut().insert("content-type", "application/json".parse().unwrap());
+        if said == "override" {
+            response.headers_mut().insert("settlement-overrides", r#"{"amount":"$5"}"#.parse().unwrap());
+        }
+        response
+    })
+    .await
+}
+
+/// A body that sends `frames` in order, a moment apart, an error ending it where one is: as a model that breaks
+/// mid-answer, after its first events have gone out.
+fn streamed(frames: Vec<Result<Bytes, &'static str>>) -> Channel {
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        for frame in frames {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if sender.send(frame.map(http_body::Frame::data).map_err(Into::into)).await.is_err() {
+                return;
+            }
+        }
+    });
+    Channel(receiver)
+}
+
+struct Channel(tokio::sync::mpsc::Receiver<Result<http_body::Frame<Bytes>, x402_gateway::proxy::body::BoxError>>);
+
+impl http_body::Body for Channel {
+    type Data = Bytes;
+    type Error = x402_gateway::proxy::body::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+fn llm_toml(upstream: &Upstream, chain: &Chain) -> GatewayToml {
+    llm_toml_settled_by(upstream, chain, "local")
+}
+
+/// The LLM route, settled by `facilitator` (`"local"` or a URL).
+fn llm_toml_settled_by(upstream: &Upstream, chain: &Chain, facilitator: &str) -> GatewayToml {
+    GatewayToml::new()
+        .listen()
+        .upstream("llm", &upstream.url())
+        .payment(Payment::usdc().facilitator(facilitator))
+        .route(Route::free("/v1/chat/completions", "llm").methods(&["POST"]).set("price", toml_value(PRICE)))
+        .network(chain.network())
+}
+
+fn chat(content: &str, stream: bool) -> String {
+    json!({ "model": "m", "messages": [{ "role": "user", "content": content }], "stream": stream }).to_string()
+}
+
+/// The ceiling the gateway offers for `body`: its bytes at 1 unit, plus the default 100 tokens at 2.
+fn ceiling(body: &str) -> u64 {
+    body.len() as u64 + 2 * 100
+}
+
+fn post(url: &str, body: &str, payment: Option<&str>) -> Request<Full<Bytes>> {
+    let mut request = Request::post(url).header("content-type", "application/json");
+    if let Some(payment) = payment {
+        request = request.header("payment-signature", payment);
+    }
+    request.body(Full::new(Bytes::from(body.to_string()))).unwrap()
+}
+
+/// The 402 for `body`: its resource and its one `upto` offer.
+async fn offer(gateway: &Gateway, body: &str) -> (Value, Value) {
+    let answer = send(&client(), post(&gateway.url("/v1/chat/completions"), body, None)).await;
+    assert_eq!(answer.status, 402, "{}", answer.text());
+    let required = decode_header(answer.headers.get("payment-required").expect("PAYMENT-REQUIRED"));
+    assert_eq!(required["accepts"].as_array().unwrap().len(), 1, "{required}");
+    assert!(required["extensions"]["eip2612GasSponsoring"].is_object(), "gas sponsoring is declared: {required}");
+    (required["resource"].clone(), required["accepts"][0].clone())
+}
+
+/// Runs an official client script (`pay.mjs --client v2` or `pay.py`) paying `body` to the route.
+async fn official_pays(
+    command: std::process::Command,
+    gateway: &Gateway,
+    buyer: &PrivateKeySigner,
+    body: &str,
+) -> Value {
+    let mut command = command;
+    command
+        .args(["--url", &gateway.url("/v1/chat/completions"), "--key-env", "X402_TEST_BUYER_KEY", "--method", "POST"])
+        .args(["--header", "Content-Type: application/json", "--body", body])
+        .env("X402_TEST_BUYER_KEY", alloy::hex::encode_prefixed(buyer.to_bytes()));
+    let output = tokio::task::spawn_blocking(move || command.output().expect("the client runs")).await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "the official client failed: {stderr}");
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("no JSON from the client ({e}): {stderr}"))
+}
+
+fn pay_mjs(node: &Node, rpc: Option<&str>) -> std::process::Command {
+    let mut command = node.script("pay.mjs");
+    command.args(["--client", "v2"]);
+    if let Some(rpc) = rpc {
+        command.args(["--rpc", rpc]);
+    }
+    command
+}
+
+/// A buyer with `FUNDS`, no ether, and (if `approved`) Permit2's allowance.
+async fn buyer(chain: &Chain, approved: bool) -> PrivateKeySigner {
+    let buyer = PrivateKeySigner::random();
+    chain.mint(buyer.address(), FUNDS).await;
+    if approved {
+        approve_permit2(chain, buyer.address()).await;
+    }
+    buyer
+}
+
+/// The buyer's balance once it has settled below `FUNDS` (a stream settles after its answer), or as it is
+/// after a bounded wait.
+async fn settled_balance(chain: &Chain, buyer: Address) -> U256 {
+    for _ in 0..100 {
+        let balance = chain.balance(buyer).await;
+        if balance < U256::from(FUNDS) {
+            return balance;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    chain.balance(buyer).await
+}
+
+/// The only ledger row of `buyer`.
+async fn row(gateway: &Gateway, buyer: Address) -> x402_gateway::ledger::Row {
+    let rows = gateway.pipeline.ledger().list(None, None, Some(buyer.to_string()), 10).await.unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    rows.into_iter().next().unwrap()
+}
+
+#[tokio::test]
+async fn the_official_client_pays_what_the_answer_used_not_the_ceiling() {
+    let Some(node) = require_node() else { return };
+    let Some(chain) = Chain::shared_with_permit2().await else { return };
+    let upstream = spawn_llm().await;
+    let gateway = start_gateway(&llm_toml(&upstream, &chain).admin().build()).await;
+    let buyer = buyer(&chain, true).await;
+    let body = chat("hi", false);
+    let report = official_pays(pay_mjs(&node, None), &gateway, &buyer, &body).await;
+    assert_eq!(report["status"], 200, "{report}");
+    assert_eq!(report["settlement"]["success"], true, "{report}");
+    assert_eq!(report["settlement"]["amount"], CHARGE.to_string(), "the receipt names the charge: {report}");
+    let answer: Value = serde_json::from_str(report["body"].as_str().unwrap()).unwrap();
+    assert_eq!(answer["max_tokens_seen"], 100, "the route's default limit reached the upstream");
+    assert_eq!(chain.balance(buyer.address()).await, U256::from(FUNDS - CHARGE));
+    assert_eq!(chain.balance(PAY_TO.parse().unwrap()).await, U256::from(CHARGE), "the payee got the charge");
+    let row = row(&gateway, buyer.address()).await;
+    assert_eq!((row.scheme.as_str(), row.state.as_str()), ("upto", "settled"));
+    assert_eq!(row.amount, U256::from(ceiling(&body)), "the row keeps the ceiling the buyer signed");
+    assert_eq!(row.charged, Some(U256::from(CHARGE)));
+    assert_eq!((row.prompt_tokens, row.completion_tokens), (Some(40), Some(30)));
+    let revenue = gateway.pipeline.ledger().revenue().await.unwrap();
+    assert_eq!(revenue.iter().map(|r| r.amount.parse::<u64>().unwrap()).sum::<u64>(), CHARGE, "{revenue:?}");
+    let metrics = get(&format!("http://{}/metrics", gateway.admin.unwrap())).await.text();
+    for line in [
+        r#"x402_gateway_upto_charges_total{route="/v1/chat/completions",basis="usage"} 1"#,
+        r#"x402_gateway_upto_tokens_total{route="/v1/chat/completions",kind="prompt"} 40"#,
+        r#"x402_gateway_upto_tokens_total{route="/v1/chat/completions",kind="completion"} 30"#,
+        "x402_gateway_upto_charged_ratio_count 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn the_reference_facilitator_settles_the_charge_not_the_ceiling() {
+    let Some(node) = require_node() else { return };
+    let Some(chain) = Chain::shared_with_permit2().await else { return };
+    let facilitator = common::facilitator::start_reference_facilitator(&node, &chain, 0);
+    let upstream = spawn_llm().await;
+    let gateway = start_gateway(&llm_toml_settled_by(&upstream, &chain, &facilitator.url).build()).await;
+    let buyer = buyer(&chain, true).await;
+    let body = chat("hi", false);
+    let (_, accepted) = offer(&gateway, &body).await;
+    let signer: PrivateKeySigner = chain.facilitator_key.parse().unwrap();
+    assert_eq!(accepted["extra"]["facilitatorAddress"], signer.address().to_string(), "as /supported announced it");
+    let report = official_pays(pay_mjs(&node, None), &gateway, &buyer, &body).await;
+    assert_eq!(report["status"], 200, "{report}");
+    assert_eq!(report["settlement"]["amount"], CHARGE.to_string(), "{report}");
+    assert_eq!(chain.balance(buyer.address()).await, U256::from(FUNDS - CHARGE));
+    let row = row(&gateway, buyer.address()).await;
+    assert_eq!((row.state.as_str(), row.charged), ("settled", Some(U256::from(CHARGE))));
+
+    // A stream, settled by the reference facilitator once it has ended.
+    let streamer = self::buyer(&chain, true).await;
+    let report = official_pays(pay_mjs(&node, None), &gateway, &streamer, &chat("hi", true)).await;
+    assert_eq!(report["status"], 200, "{report}");
+    assert_eq!(settled_balance(&chain, streamer.address()).await, U256::from(FUNDS - CHARGE));
+}
+
+#[tokio::test]
+async fn a_first_time_buyer_without_allowance_or_ether_pays_through_its_eip2612_permit() {
+    let Some(node) = require_node() else { return };
+    let Some(chain) = Chain::shared_with_permit2().await else { return };
+    let upstream = spawn_llm().await;
+    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+    let buyer = buyer(&chain, false).await;
+    let report = official_pays(pay_mjs(&node, Some(&chain.rpc_url)), &gateway, &buyer, &chat("hi", false)).await;
+    assert_eq!(report["status"], 200, "{report}");
+    assert_eq!(chain.balance(buyer.address()).await, U256::from(FUNDS - CHARGE));
+    use alloy::providers::Provider;
+    let sent = chain.provider.get_transaction_count(buyer.address()).await.unwrap();
+    assert_eq!(sent, 0, "the buyer sent no transaction of its own");
+}
+
+#[tokio::test]
+async fn the_python_sdk_pays_by_usage_too() {
+    let Some(python) = common::tools::require(common::tools::python()) else { return };
+    let Some(chain) = Chain::shared_with_permit2().await else { return };
+    let upstream = spawn_llm().await;
+    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+    let buyer = buyer(&chain, true).await;
+    let report = official_pays(python.script("pay.py"), &gateway, &buyer, &chat("hi", false)).await;
+    assert_eq!(report["status"], 200, "{report}");
+    assert_eq!(chain.balance(buyer.address()).await, U256::from(FUNDS - CHARGE));
+}
+
+#[tokio::test]
+async fn a_stream_is_paid_by_its_final_usage_with_the_receipt_in_the_trailers() {
+    let Some(node) = require_node() else { return };
+    let Some(chain) = Chain::shared_with_permit2().await else { return };
+    let upstream = spawn_llm().await;
+    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+
+    // The official client reads the stream; the charge settles once it has ended.
+    let buyer_one = buyer(&chain, true).await;
+    let report = official_pays(pay_mjs(&node, None), &gateway, &buyer_one, &chat("hi", true)).await;
+    assert_eq!(report["status"], 200, "{report}");
+    assert!(report["body"].as_str().unwrap().contains("paid "), "{report}");
+    assert_eq!(settled_balance(&chain, buyer_one.address()).await, U256::from(FUNDS - CHARGE));
+
+    // Over HTTP/2 the receipt arrives as a trailer, after the last event.
+    let buyer_two = buyer(&chain, true).await;
+    let body = chat("hi", true);
+    let (resource, accepted) = offer(&gateway, &body).await;
+    let header = v2_header(&resource, &accepted, Permit::for_offer(&accepted).sign(&buyer_two));
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let response = h2.request(post(&gateway.url("/v1/chat/completions"), &body, Some(&header))).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers().get("payment-response").is_none(), "no receipt before the answer is known");
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers");
+    assert!(String::from_utf8_lossy(&collected.to_bytes()).contains("[DONE]"));
+    let receipt = decode_header(trailers.get("payment-response").expect("the receipt trailer"));
+    assert_eq!(receipt["success"], true, "{receipt}");
+    assert_eq!(receipt["amount"], CHARGE.to_string(), "{receipt}");
+    assert_eq!(chain.balance(buyer_two.address()).await, U256::from(FUNDS - CHARGE));
+
+    // Over HTTP/1.1 too, to a client that says it takes trailers.
+    let buyer_three = buyer(&chain, true).await;
+    let (resource, accepted) = offer(&gateway, &body).await;
+    let three = v2_header(&resource, &accepted, Permit::for_offer(&accepted).sign(&buyer_three));
+    let mut request = post(&gateway.url("/v1/chat/completions"), &body, Some(&three));
+    request.headers_mut().insert("te", "trailers".parse().unwrap());
+    let response = client().request(request).await.unwrap();
+    assert_eq!(response.headers().get("trailer").map(|v| v.as_bytes()), Some(&b"PAYMENT-RESPONSE"[..]));
+    let trailers = response.into_body().collect().await.unwrap().trailers().cloned().expect("HTTP/1.1 trailers");
+    assert_eq!(decode_header(trailers.get("payment-response").unwrap())["amount"], CHARGE.to_string());
+
+    // A retry with the same authorization gets the kept answer and its receipt, and pays nothing more.
+    let again = send(&client(), post(&gateway.url("/v1/chat/completions"), &body, Some(&header))).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.headers.get("x402-replayed").map(|v| v.as_bytes()), Some(&b"true"[..]));
+    assert!(again.headers.get("payment-response").is_some());
+    assert_eq!(chain.balance(buyer_two.address()).await, U256::from(FUNDS - CHARGE));
+}
+
+#[tokio::test]
+async fn a_stream_cut_halfway_is_charged_the_estimate_of_what_was_delivered() {
+    let Some(chain) = Chain::shared_with_permit2().await else { return };
+    let upstream = spawn_llm().await;
+    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+    let buyer = buyer(&chain, true).await;
+    let body = chat("cut", true);
+    let (resource, accepted) = offer(&gateway, &body).await;
+    let header = v2_header(&resource, &accepted, Permit::for_offer(&accepted).sign(&buyer));
+    let response = client().request(post(&gateway.url("/v1/chat/completions"), &body, Some(&header))).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let _ = response.into_body().collect().await;
+    // The prompt at 4 bytes a token (1 unit each), and the 16 bytes of text delivered at 4 a token (2 units).
+    let estimate = (body.len() as u64).div_ceil(4) + 2 * "hello paid world".len().div_ceil(4) as u64;
+    assert_eq!(settled_balance(&chain, buyer.address()).await, U256::from(FUNDS - estimate));
+    let row = row(&gateway, buyer.address()).await;
+    assert_eq!(row.charged, Some(U256::from(estimate)));
+    assert_eq!(row.prompt_tokens, None, "no usage arrived");
+}
+
+#[tokio::test]
+async fn an_upstream_error_is_charged_nothing_and_sends_no_transaction() {
+    let Some(chain) = Chain::shared_with_permit2().await else { return };
+    let upstream = spawn_llm().await;
+    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+    let buyer = buyer(&chain, true).await;
+    let body = chat("fail", false);
+    let (resource, accepted) = offer(&gateway, &body).await;
+    let header = v2_header(&resource, &accepted, Permit::for_offer(&accepted).sign(&buyer));
+    let answer = send(&client(), post(&gateway.url("/v1/chat/completions"), &body, Some(&header))).await;
+    assert_eq!(answer.status, 500);
+    assert_eq!(chain.balance(buyer.address()).await, U256::from(FUNDS));
+    let row = row(&gateway, buyer.address()).await;
+    assert_eq!((row.state.as_str(), row.transaction.as_deref()), ("released", None));
+}
+
+#[tokio::test]
+async fn an_upstream_override_above_the_ceiling_is_capped_and_never_reaches_the_buyer() {
+    let Some(chain) = Chain::shared_with_permit2().await else { return };
+    let upstream = spawn_llm().await;
+    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+    let buyer = buyer(&chain, true).await;
+    let body = chat("override", false);
+    let (resource, accepted) = offer(&gateway, &body).await;
+    let header = v2_header(&resource, &accepted, Permit::for_offer(&accepted).sign(&buyer));
+    let answer = send(&client(), post(&gateway.url("/v1/chat/completions"), &body, Some(&header))).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert!(answer.headers.get("settlement-overrides").is_none());
+    let receipt = decode_header(answer.headers.get("payment-response").unwrap());
+    assert_eq!(receipt["amount"], ceiling(&body).to_string(), "$5 asked, the ceiling charged");
+    assert_eq!(chain.balance(buyer.address()).await, U256::from(FUNDS - ceiling(&body)));
+}
+
+#[tokio::test]
+async fn bent_authorizations_are_refused_before_the_upstream_and_none_is_charged_twice() {
+    let Some(chain) = Chain::shared_with_permit2().await else { return };
+    let upstream = spawn_llm().await;
+    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+    let buyer = buyer(&chain, true).await;
+    let body = chat("hi", false);
+    let (resource, accepted) = offer(&gateway, &body).await;
+    let url = gateway.url("/v1/chat/completions");
+    let other: Address = PrivateKeySigner::random().address();
+    type Bend = Box<dyn Fn(&mut Permit)>;
+    let bent: [(&str, Bend); 5] = [
+        ("permit2_amount_mismatch", Box::new(|p| p.ceiling += U256::from(1))),
+        ("invalid_permit2_recipient_mismatch", Box::new(move |p| p.pay_to = other)),
+        ("upto_facilitator_mismatch", Box::new(move |p| p.facilitator = other)),
+        ("permit2_deadline_expired", Box::new(|p| p.deadline = common::pay::now() - 1)),
+        ("invalid_permit2_spender", Box::new(move |p| p.spender = other)),
+    ];
+    for (reason, bend) in bent {
+        let mut permit = Permit::for_offer(&accepted);
+        bend(&mut permit);
+        let header = v2_header(&resource, &accepted, permit.sign(&buyer));
+        let answer = send(&client(), post(&url, &body, Some(&header))).await;
+        assert_eq!(answer.status, 402, "{reason}: {}", answer.text());
+        let required = decode_header(answer.headers.get("payment-required").unwrap());
+        assert_eq!(required["error"], reason);
+    }
+    // A ceiling other than this request's: the offer it names is not ours.
+    let mut cheaper = accepted.clone();
+    cheaper["amount"] = "1".into();
+    let mut permit = Permit::for_offer(&cheaper);
+    permit.ceiling = U256::from(1);
+    let answer = send(&client(), post(&url, &body, Some(&v2_header(&resource, &cheaper, permit.sign(&buyer))))).await;
+    assert_eq!(answer.status, 402);
+    assert_eq!(decode_header(answer.headers.get("payment-required").unwrap())["error"], "invalid_payment_requirements");
+    assert_eq!(upstream.hits(), 0, "nothing was forwarded unpaid");
+    assert_eq!(chain.balance(buyer.address()).await, U256::from(FUNDS));
+
+    // Paid once; the same authorization again replays the kept answer and charges nothing more.
+    let header = v2_header(&resource, &accepted, Permit::for_offer(&accepted).sign(&buyer));
+    let paid = send(&client(), post(&url, &body, Some(&header))).await;
+    assert_eq!(paid.status, 200, "{}", paid.text());
+    let replayed = send(&client(), post(&url, &body, Some(&header))).await;
+    assert_eq!(replayed.status, 200);
+    assert_eq!(replayed.body, paid.body);
+    assert_eq!(upstream.hits(), 1);
+    assert_eq!(chain.balance(buyer.address()).await, U256::from(FUNDS - CHARGE));
+}
+
+#[tokio::test]
+async fn a_buyer_with_neither_allowance_nor_permit_gets_412() {
+    let Some(chain) = Chain::shared_with_permit2().await else { return };
+    let upstream = spawn_llm().await;
+    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+    let buyer = buyer(&chain, false).await;
+    let body = chat("hi", false);
+    let (resource, accepted) = offer(&gateway, &body).await;
+    let header = v2_header(&resource, &accepted, Permit::for_offer(&accepted).sign(&buyer));
+    let answer = send(&client(), post(&gateway.url("/v1/chat/completions"), &body, Some(&header))).await;
+    assert_eq!(answer.status, 412, "{}", answer.text());
+    let required = decode_header(answer.headers.get("payment-required").unwrap());
+    assert_eq!(required["error"], "permit2_allowance_required");
+    assert_eq!(upstream.hits(), 0);
+}
