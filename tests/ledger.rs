@@ -489,7 +489,7 @@ async fn upto_rows_are_reconciled_by_their_receipt_else_by_permit2s_nonce_bitmap
         chain.provider.raw_request("anvil_setBalance".into(), (buyer.address(), ether)).await.unwrap();
     let _: serde_json::Value =
         chain.provider.raw_request("anvil_impersonateAccount".into(), (buyer.address(),)).await.unwrap();
-    {
+    let approval = {
         use alloy::network::TransactionBuilder;
         use alloy::sol_types::SolCall;
         let call = approveCall { spender: x402_proto::upto_evm::PERMIT2, value: U256::MAX }.abi_encode();
@@ -497,8 +497,10 @@ async fn upto_rows_are_reconciled_by_their_receipt_else_by_permit2s_nonce_bitmap
             .from(buyer.address())
             .with_to(chain.token)
             .with_input(call);
-        assert!(chain.provider.send_transaction(tx).await.unwrap().get_receipt().await.unwrap().status(), "approve");
-    }
+        let receipt = chain.provider.send_transaction(tx).await.unwrap().get_receipt().await.unwrap();
+        assert!(receipt.status(), "approve");
+        receipt.transaction_hash.to_string()
+    };
     let now = x402_gateway::replay::unix_now();
     let (later, passed) = (now + 3000, now - 10);
     let permit = |nonce: U256, deadline: u64| UptoPermit::sign(&chain, &buyer, chain.deployer, nonce, deadline);
@@ -521,12 +523,14 @@ async fn upto_rows_are_reconciled_by_their_receipt_else_by_permit2s_nonce_bitmap
     let by_bitmap = spent.row(&gateway, &chain, &buyer, Some((100, None)), None).await;
     let waiting = permit(word | U256::from(4), later).row(&gateway, &chain, &buyer, None, None).await;
     let expired = permit(word | U256::from(5), passed).row(&gateway, &chain, &buyer, None, None).await;
+    // A recorded transaction that succeeded without settling it (the approval): nothing moved.
+    let elsewhere = permit(U256::from(4), later).row(&gateway, &chain, &buyer, None, Some(approval.clone())).await;
     // A recorded transaction the chain never saw, past the permit's deadline.
     let vanished = permit(U256::from(3), passed);
     let lost = vanished.row(&gateway, &chain, &buyer, None, Some(format!("0x{}", "ee".repeat(32)))).await;
 
     let report = gateway.pipeline.reconcile(x402_gateway::replay::unix_now() + 1).await.unwrap();
-    assert_eq!((report.settled, report.failed, report.still_pending, report.refunds), (2, 3, 1, 0), "{report:?}");
+    assert_eq!((report.settled, report.failed, report.still_pending, report.refunds), (2, 4, 1, 0), "{report:?}");
     let pipeline = gateway.pipeline.clone();
     let row = |id| {
         let pipeline = pipeline.clone();
@@ -536,6 +540,7 @@ async fn upto_rows_are_reconciled_by_their_receipt_else_by_permit2s_nonce_bitmap
     assert_eq!(state(&row(by_receipt).await), ("settled".into(), Some(transaction)));
     assert_eq!(state(&row(by_revert).await), ("failed".into(), Some(reverted)));
     assert_eq!(state(&row(by_bitmap).await), ("settled".into(), Some("unknown".into())));
+    assert_eq!(state(&row(elsewhere).await), ("failed".into(), Some(approval)));
     assert_eq!(row(waiting).await.state, "settling");
     assert_eq!(row(expired).await.state, "failed");
     assert_eq!(row(lost).await.state, "failed");

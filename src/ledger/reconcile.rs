@@ -183,26 +183,31 @@ async fn on_chain(provider: &RootProvider, row: &Row, log_chunk_blocks: NonZeroU
     })
 }
 
-/// An `upto` row: its settlement transaction's receipt decides (success: settled; reverted: nothing moved,
-/// unless Permit2 shows the nonce spent, by another transaction). Without a receipt, Permit2's nonce bitmap
-/// does: spent is settled (by a transaction not known); unspent waits for the permit's deadline, after which
-/// Permit2 refuses it (the caller then marks it failed).
+/// An `upto` row, decided by Permit2's record of its nonce (`nonceBitmap`), read after the receipt as for
+/// `exact`. Spent: settled, by the recorded transaction if it succeeded (a success alone proves nothing: a call
+/// to an address without code succeeds too), else by one not known. Unspent: nothing moved if the recorded
+/// transaction was mined; otherwise it waits for the permit's deadline, after which Permit2 refuses it (the
+/// caller then marks it failed).
 async fn upto_on_chain(provider: &RootProvider, row: &Row) -> Result<Outcome, String> {
     let known: Option<B256> = row.transaction.as_deref().and_then(|t| t.parse().ok());
     let receipt = match known {
         Some(hash) => provider.get_transaction_receipt(hash).await.map_err(|e| e.to_string())?,
         None => None,
     };
-    if let (Some(hash), Some(receipt)) = (known, &receipt) {
-        if receipt.status() {
-            return Ok(Outcome::Moved(hash.to_string()));
+    let used = permit2_nonce_used(provider, row).await?;
+    Ok(match (used, known, &receipt) {
+        (true, Some(hash), Some(receipt)) if receipt.status() => Outcome::Moved(hash.to_string()),
+        (true, _, _) => {
+            tracing::warn!(
+                id = row.id,
+                payer = %row.payer,
+                "Permit2 shows the payment's nonce spent, and no successful receipt names its transaction: recorded with transaction `{UNKNOWN_TRANSACTION}`"
+            );
+            Outcome::Moved(UNKNOWN_TRANSACTION.into())
         }
-    }
-    if permit2_nonce_used(provider, row).await? {
-        warn_unknown_transaction(row);
-        return Ok(Outcome::Moved(UNKNOWN_TRANSACTION.into()));
-    }
-    Ok(if receipt.is_some() { Outcome::MinedUnused } else { Outcome::NotYet })
+        (false, _, Some(_)) => Outcome::MinedUnused,
+        (false, _, None) => Outcome::NotYet,
+    })
 }
 
 /// Whether Permit2 has spent the row's nonce for its payer.
@@ -211,14 +216,6 @@ async fn permit2_nonce_used(provider: &RootProvider, row: &Row) -> Result<bool, 
     let call = Permit2Nonces::nonceBitmapCall { owner: row.payer, wordPos: nonce >> 8 };
     let word = chain::view(provider, PERMIT2, call).await.map_err(|e| format!("Permit2 nonceBitmap: {e}"))?;
     Ok(word.bit((nonce & U256::from(0xff)).to::<usize>()))
-}
-
-fn warn_unknown_transaction(row: &Row) {
-    tracing::warn!(
-        id = row.id,
-        payer = %row.payer,
-        "Permit2 shows the payment's nonce spent, and no receipt names its transaction: recorded with transaction `{UNKNOWN_TRANSACTION}`"
-    );
 }
 
 /// Whether a failed row's authorization has been used since, and by which transaction.
