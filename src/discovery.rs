@@ -5,13 +5,19 @@
 //! as the reference's discovery extension catalogues dynamic routes. The resource is the origin followed by the
 //! template (`/users/:id`; a prefix's `*` becomes `:var1`), and the `bazaar` extension carries the same
 //! `routeTemplate` and a schema of its `pathParams`.
+//!
+//! A per-token route (`upto`) lists its offers once, at the route's cap, and its rates in the item's
+//! `metadata` (the discovery item's free-form field in the reference's bazaar): `metadata.perToken`.
 
 use crate::body::{json_response, Body};
 use crate::options::RouteSpec;
+use crate::pricing::{Metering, Offer, Pricing};
 use crate::x402::challenge::requirements_v2;
+use alloy::primitives::Address;
 use http::{header, HeaderValue, Response, StatusCode};
 use serde_json::{json, Value};
 use std::sync::Arc;
+use x402_proto::OfferScheme;
 
 pub const PATH: &str = "/.well-known/x402";
 
@@ -84,13 +90,16 @@ pub fn document(routes: &[Arc<RouteSpec>], base_url: &str) -> Value {
         .iter()
         .filter_map(|route| {
             let paid = route.payment.as_ref()?;
-            let accepts: Vec<Value> = paid
-                .pricing
-                .all_offers()
-                .into_iter()
-                .flat_map(|(_, offers)| offers.iter().map(requirements_v2))
-                .filter_map(|r| serde_json::to_value(r).ok())
-                .collect();
+            let accepts: Vec<Value> = match &paid.pricing {
+                // Each model of a per-token route is sold by the same offers: listed once, at their cap.
+                Pricing::PerToken(metering) => metering.offers.iter().map(upto_requirements).collect(),
+                pricing => pricing
+                    .all_offers()
+                    .into_iter()
+                    .flat_map(|(_, offers)| offers.iter().map(requirements_v2))
+                    .filter_map(|r| serde_json::to_value(r).ok())
+                    .collect(),
+            };
             let methods = route.methods.as_ref().map(|m| m.iter().map(|m| m.as_str()).collect::<Vec<_>>());
             let template = RouteTemplate::of(&route.pattern_text);
             let path = match &template {
@@ -128,11 +137,49 @@ pub fn document(routes: &[Arc<RouteSpec>], base_url: &str) -> Value {
                 }
                 (None, None) => {}
             }
+            if let Pricing::PerToken(metering) = &paid.pricing {
+                item["metadata"] = json!({ "perToken": per_token(metering) });
+            }
             Some(item)
         })
         .collect();
     let total = items.len();
     json!({ "x402Version": 2, "items": items, "pagination": { "limit": total, "offset": 0, "total": total } })
+}
+
+/// An `upto` offer at the route's cap. A remote facilitator's address is learned from its `/supported` when
+/// requests come (each 402 names it); until then discovery names none rather than a wrong one.
+fn upto_requirements(offer: &Offer) -> Value {
+    let mut requirements = serde_json::to_value(requirements_v2(offer)).unwrap_or_default();
+    if offer.scheme == (OfferScheme::Upto { facilitator: Address::ZERO }) {
+        if let Some(extra) = requirements["extra"].as_object_mut() {
+            extra.remove("facilitatorAddress");
+        }
+    }
+    requirements
+}
+
+/// A per-token route's prices (the item's `metadata.perToken`): what selects the model, the cap, and each
+/// model's rates as configured and in atomic units per million tokens of each offer's asset.
+fn per_token(metering: &Metering) -> Value {
+    let models: Vec<Value> = metering
+        .listed()
+        .iter()
+        .map(|listed| {
+            json!({
+                "model": listed.model,
+                "input": listed.input,
+                "output": listed.output,
+                "rates": crate::catalogue::per_token_rates(metering, listed),
+            })
+        })
+        .collect();
+    json!({
+        "scheme": "upto",
+        "by": metering.source.describe(),
+        "max": metering.written.max,
+        "models": models,
+    })
 }
 
 #[cfg(test)]
@@ -215,5 +262,34 @@ price = "$0.003"
         let paid = routes[2].payment.as_ref().unwrap();
         assert_eq!(&paid.bazaar.as_ref().unwrap().extension, named);
         assert!(items[3].get("extensions").is_none(), "a bare wildcard has no template: {}", items[3]);
+    }
+
+    #[test]
+    fn a_per_token_route_behind_a_remote_facilitator_names_no_facilitator_yet() {
+        let toml = r#"[server]
+listen = "127.0.0.1:0"
+[upstreams.llm]
+url = "http://127.0.0.1:9"
+[payment]
+pay_to = "0x1111111111111111111111111111111111111111"
+network = "eip155:84532"
+asset = "USDC"
+facilitator = "http://127.0.0.1:9"
+[[routes]]
+path = "/v1/chat/completions"
+upstream = "llm"
+price = { by = "body.model", per_token = { a = { input = "$1/1M", output = "$2/1M" }, b = { input = "$3/1M", output = "$4/1M" } } }
+"#;
+        let config = Config::parse(toml, Path::new("gateway.toml"), Path::new("."), &|_| None).unwrap();
+        let routes: Vec<Arc<RouteSpec>> = config.routes.into_iter().map(Arc::new).collect();
+        let doc = document(&routes, "https://api.example.com");
+        let item = &doc["items"][0];
+        let accepts = item["accepts"].as_array().unwrap();
+        assert_eq!(accepts.len(), 1, "one offer for both models: {accepts:?}");
+        // Learned from the facilitator's `/supported` when requests come, and named by each 402.
+        assert!(accepts[0]["extra"].get("facilitatorAddress").is_none(), "{}", accepts[0]);
+        assert_eq!(accepts[0]["extra"]["assetTransferMethod"], "permit2");
+        assert_eq!(item["metadata"]["perToken"]["max"], "$0.50", "the default cap");
+        assert_eq!(item["metadata"]["perToken"]["models"][1]["rates"][0]["inputPer1M"], "3000000");
     }
 }

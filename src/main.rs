@@ -85,7 +85,12 @@ struct PayArgs {
     /// Pay with x402 v1 (`X-PAYMENT`) instead of v2 (`PAYMENT-SIGNATURE`).
     #[arg(long)]
     v1: bool,
-    /// The most to pay for this call, in the asset's atomic units (100000 is $0.10 of USDC).
+    /// The scheme to pay: `exact`, or `upto` (a Permit2 ceiling, charged by usage; v2 only). By default `exact`
+    /// when offered, else `upto`.
+    #[arg(long, value_enum)]
+    scheme: Option<SchemeArg>,
+    /// The most to pay (for `upto`, to authorize) for this call, in the asset's atomic units (100000 is $0.10 of
+    /// USDC).
     #[arg(long, default_value = "100000")]
     max_amount: String,
     /// The request's method.
@@ -97,6 +102,12 @@ struct PayArgs {
     /// A request body.
     #[arg(long, short = 'd')]
     data: Option<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SchemeArg {
+    Exact,
+    Upto,
 }
 
 /// The global flags' argument ids, as the derive names them.
@@ -209,6 +220,10 @@ fn check(path: &std::path::Path) -> ExitCode {
                     }
                 };
                 line!(out, "  {methods:<16} {:<32} {:<16} {price}", route.pattern_text, route.upstream.name);
+                if let Some(Pricing::PerToken(metering)) = route.payment.as_ref().map(|p| &p.pricing) {
+                    per_token_lines(&mut out, metering);
+                    continue;
+                }
                 let priced = route.payment.iter().flat_map(|p| p.pricing.all_offers());
                 for (selector, offers) in priced {
                     let label = match (selector, route.payment.as_ref().map(|p| &p.pricing)) {
@@ -238,6 +253,44 @@ fn check(path: &std::path::Path) -> ExitCode {
             eprintln!("error: {err}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A per-token route in `check`: its `upto` offers at their cap, then each model's rates as configured and in
+/// each offer's atomic units per million tokens.
+fn per_token_lines(out: &mut String, metering: &x402_gateway::pricing::Metering) {
+    let by = metering.source.describe();
+    line!(out, "      upto, by the token (model from {by}), at most {} a call:", metering.written.max);
+    for offer in &metering.offers {
+        line!(
+            out,
+            "      at most {} atomic units of {} ({}, {} decimals) on {} to {}, maxTimeoutSeconds {}",
+            offer.amount,
+            offer.asset.symbol,
+            offer.asset.address,
+            offer.asset.decimals,
+            offer.network.caip2,
+            offer.pay_to,
+            offer.max_timeout_seconds
+        );
+    }
+    for listed in metering.listed() {
+        let atomic: Vec<String> = metering
+            .offers
+            .iter()
+            .zip(&listed.per_million)
+            .map(|(offer, (input, output))| {
+                format!("{input} / {output} atomic units of {} on {}", offer.asset.symbol, offer.network.caip2)
+            })
+            .collect();
+        line!(
+            out,
+            "      [{}] input {}, output {}: per 1M tokens in/out, {}",
+            listed.model,
+            listed.input,
+            listed.output,
+            atomic.join("; ")
+        );
     }
 }
 
@@ -277,11 +330,31 @@ fn payment_report(outcome: &buyer::PayOutcome) -> String {
     let Some(offer) = &outcome.payment else {
         return "no payment: the resource answered without asking for one".to_string();
     };
-    let sent = format!(
-        "payment sent: {} atomic units of {} on {} to {}",
-        offer.amount, offer.asset, offer.network, offer.pay_to
-    );
+    let upto = offer.scheme == buyer::PayScheme::Upto.name();
+    let sent = if upto {
+        format!(
+            "payment sent: upto, at most {} atomic units of {} on {} to {}",
+            offer.amount, offer.asset, offer.network, offer.pay_to
+        )
+    } else {
+        format!(
+            "payment sent: {} atomic units of {} on {} to {}",
+            offer.amount, offer.asset, offer.network, offer.pay_to
+        )
+    };
     let result = match (&outcome.settlement, &outcome.refusal) {
+        // An `upto` charge of 0 sends no transaction.
+        (Some(settled), _) if settled.success && upto && settled.transaction.is_empty() => {
+            let charged = settled.amount.as_deref().unwrap_or("0");
+            format!("settled: charged {charged} atomic units, with no transaction")
+        }
+        (Some(settled), _) if settled.success && upto => {
+            let charged = settled.amount.as_deref().unwrap_or("an unstated amount of");
+            format!(
+                "settled: charged {charged} atomic units, transaction {} on {}",
+                settled.transaction, settled.network
+            )
+        }
         (Some(settled), _) if settled.success => {
             format!("settled: transaction {} on {}", settled.transaction, settled.network)
         }
@@ -294,6 +367,14 @@ fn payment_report(outcome: &buyer::PayOutcome) -> String {
                 ),
             }
         }
+        (None, Some(reason)) if reason == buyer::PERMIT2_ALLOWANCE_REQUIRED => format!(
+            "refused: {reason}; nothing was charged. An `upto` payment moves the token through Permit2, which this \
+             buyer has not approved for {asset}: approve it once (the token's approve(spender = Permit2 {permit2}, \
+             amount), from the buyer's address), then pay again. The official clients sign an EIP-2612 permit \
+             instead, which this command does not.",
+            asset = offer.asset,
+            permit2 = x402_proto::upto_evm::PERMIT2,
+        ),
         (None, Some(reason)) => format!("refused: {reason}; nothing was charged"),
         (None, None) => "not settled: the answer carries no settlement, so nothing was charged".to_string(),
     };
@@ -337,26 +418,42 @@ async fn ledger_action(path: &std::path::Path, action: LedgerAction) -> Result<S
                 line!(out, "no payments{matching} in {}", settings.path.display());
                 return Ok(out);
             }
+            // AMOUNT is what the buyer authorized (an `upto` ceiling); CHARGED what it pays, once metered.
             line!(
                 out,
-                "{:>6}  {:<13}  {:<24}  {:<42}  {:>12}  {:<14}  {:<6}  TRANSACTION",
+                "{:>6}  {:<13}  {:<24}  {:<42}  {:<6}  {:>12}  {:>12}  {:>15}  {:<14}  {:<6}  TRANSACTION",
                 "ID",
                 "STATE",
                 "ROUTE",
                 "PAYER",
+                "SCHEME",
                 "AMOUNT",
+                "CHARGED",
+                "TOKENS IN/OUT",
                 "NETWORK",
                 "SERVED"
             );
             for r in rows {
+                let charged =
+                    if r.scheme == "upto" { r.charged.map(|c| c.to_string()) } else { Some(r.charge().to_string()) };
+                let tokens = match (r.prompt_tokens, r.completion_tokens) {
+                    (None, None) => "-".to_string(),
+                    (prompt, completion) => {
+                        let count = |n: Option<u64>| n.map_or("-".to_string(), |n| n.to_string());
+                        format!("{}/{}", count(prompt), count(completion))
+                    }
+                };
                 line!(
                     out,
-                    "{:>6}  {:<13}  {:<24}  {:<42}  {:>12}  {:<14}  {:<6}  {}",
+                    "{:>6}  {:<13}  {:<24}  {:<42}  {:<6}  {:>12}  {:>12}  {:>15}  {:<14}  {:<6}  {}",
                     r.id,
                     r.state,
                     r.route,
                     r.payer.to_string(),
+                    r.scheme,
                     r.amount.to_string(),
+                    charged.as_deref().unwrap_or("-"),
+                    tokens,
                     r.network,
                     r.served,
                     r.transaction.as_deref().unwrap_or("-")
@@ -425,6 +522,10 @@ fn pay_request(args: PayArgs) -> Result<buyer::PayRequest, String> {
         body: args.data.map(bytes::Bytes::from).unwrap_or_default(),
         signer,
         v1: args.v1,
+        scheme: args.scheme.map(|scheme| match scheme {
+            SchemeArg::Exact => buyer::PayScheme::Exact,
+            SchemeArg::Upto => buyer::PayScheme::Upto,
+        }),
         max_amount: alloy::primitives::U256::from_str_radix(&args.max_amount, 10)
             .map_err(|_| "--max-amount takes atomic units, such as 100000".to_string())?,
     })

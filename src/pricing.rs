@@ -107,9 +107,47 @@ pub struct Metering {
     pub default_max_tokens: Option<u64>,
     /// The field to write `default_max_tokens` into, in the forwarded body of a request that sets no limit.
     pub inject_max_tokens: Option<String>,
+    /// The prices as the operator wrote them, which catalogues, discovery and `check` show.
+    pub written: WrittenPrices,
+}
+
+/// A per-token route's prices as configured (`"$0.15/1M"`, `"$0.50"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrittenPrices {
+    /// `max`, or the default cap when the route sets none.
+    pub max: String,
+    /// Each model's `(input, output)` rates, in `Metering::models`' order.
+    pub rates: Vec<(String, String)>,
+}
+
+/// One model of a per-token route as catalogues, discovery and `check` list it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedModel<'a> {
+    pub model: &'a str,
+    /// The rates as configured.
+    pub input: &'a str,
+    pub output: &'a str,
+    /// In each offer's asset, in the offers' order: what a million prompt and a million completion tokens
+    /// cost, in atomic units (rounded up, as every charge is).
+    pub per_million: Vec<(U256, U256)>,
 }
 
 impl Metering {
+    /// Every model the route sells, in the configuration's order.
+    pub fn listed(&self) -> Vec<ListedModel<'_>> {
+        const MILLION: u64 = 1_000_000;
+        self.models
+            .iter()
+            .zip(&self.written.rates)
+            .map(|((model, rates), (input, output))| ListedModel {
+                model,
+                input,
+                output,
+                per_million: rates.iter().map(|r| (r.cost(MILLION, 0), r.cost(0, MILLION))).collect(),
+            })
+            .collect()
+    }
+
     /// Reads the model and the token limit of a request (`body` is its JSON body).
     pub fn meter(&self, query: Option<&str>, headers: &http::HeaderMap, body: &[u8]) -> Result<Meter, PriceError> {
         let model = self.source.read(query, headers, body)?;
@@ -187,7 +225,7 @@ impl PriceSource {
         }
     }
 
-    pub(crate) fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         match self {
             PriceSource::Body(path) => format!("body.{}", path.join(".")),
             PriceSource::Query(name) => format!("query.{name}"),

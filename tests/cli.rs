@@ -180,6 +180,39 @@ facilitator = "https://user:{key}@other.example:8443/x402?apikey={key}"
 }
 
 #[test]
+fn check_prints_a_per_token_routes_cap_and_rates() {
+    let path = write_config(
+        r#"[server]
+listen = "127.0.0.1:0"
+[upstreams.llm]
+url = "http://127.0.0.1:9/v1"
+[payment]
+pay_to = "0x90F79bf6EB2c4f870365E785982E1f101E93b906"
+network = "base-sepolia"
+asset = "USDC"
+facilitator = "https://facilitator.example"
+[[routes]]
+path = "/v1/chat/completions"
+methods = ["POST"]
+upstream = "llm"
+price = { by = "body.model", per_token = { "gpt-4o-mini" = { input = "$0.15/1M", output = "$0.60/1M" }, "o1" = { input = "$15/1M", output = "$0.00006" } }, max = "$0.50" }
+"#,
+    );
+    let (out, stdout, stderr) = check(&path);
+    assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    let usdc = "USDC on eip155:84532";
+    for expected in [
+        "upto, by the token (model from body.model), at most $0.50 a call:".to_string(),
+        "at most 500000 atomic units of USDC (0x036CbD53842c5426634e7929541eC2318f3dCF7e, 6 decimals) on eip155:84532"
+            .to_string(),
+        format!("[gpt-4o-mini] input $0.15/1M, output $0.60/1M: per 1M tokens in/out, 150000 / 600000 atomic units of {usdc}"),
+        format!("[o1] input $15/1M, output $0.00006: per 1M tokens in/out, 15000000 / 60000000 atomic units of {usdc}"),
+    ] {
+        assert!(stdout.lines().any(|line| line.trim() == expected || line.trim().starts_with(&expected)), "{expected}\nin:\n{stdout}");
+    }
+}
+
+#[test]
 fn a_syntax_error_on_a_line_with_a_secret_names_the_place_but_not_the_secret() {
     let secret = "sk-cli-syntax-5e0b";
     let path = write_config(&format!(

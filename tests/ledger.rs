@@ -367,3 +367,209 @@ async fn a_node_that_fails_the_event_search_leaves_the_row_for_the_next_pass() {
     let row = gateway.pipeline.ledger().get(id).await.unwrap().unwrap();
     assert_eq!((row.state.as_str(), row.transaction), ("settled", Some(transaction)));
 }
+
+alloy::sol! {
+    function approve(address spender, uint256 value) external returns (bool);
+
+    /// The upto proxy's `settle`, as the facilitator named in the witness calls it.
+    interface UptoProxy {
+        struct TokenPermissions { address token; uint256 amount; }
+        struct PermitTransferFrom { TokenPermissions permitted; uint256 nonce; uint256 deadline; }
+        struct Witness { address to; address facilitator; uint256 validAfter; }
+        function settle(PermitTransferFrom permit, uint256 amount, address owner, Witness witness, bytes signature) external;
+    }
+}
+
+/// A buyer's signed `upto` permit of `ceiling` to `PAY_TO`, which only `facilitator` may settle.
+struct UptoPermit {
+    nonce: U256,
+    deadline: u64,
+    call: UptoProxy::settleCall,
+}
+
+impl UptoPermit {
+    fn sign(
+        chain: &Chain,
+        buyer: &PrivateKeySigner,
+        facilitator: alloy::primitives::Address,
+        nonce: U256,
+        deadline: u64,
+    ) -> UptoPermit {
+        use alloy::signers::SignerSync;
+        use alloy::sol_types::SolStruct;
+        use x402_proto::upto_evm::{PermitWitnessTransferFrom, TokenPermissions, Witness, UPTO_PROXY};
+        let (ceiling, to) = (U256::from(5000), PAY_TO.parse().unwrap());
+        let message = PermitWitnessTransferFrom {
+            permitted: TokenPermissions { token: chain.token, amount: ceiling },
+            spender: UPTO_PROXY,
+            nonce,
+            deadline: U256::from(deadline),
+            witness: Witness { to, facilitator, validAfter: U256::ZERO },
+        };
+        let signature = buyer.sign_hash_sync(&message.eip712_signing_hash(&common::chain::permit2_domain())).unwrap();
+        let call = UptoProxy::settleCall {
+            permit: UptoProxy::PermitTransferFrom {
+                permitted: UptoProxy::TokenPermissions { token: chain.token, amount: ceiling },
+                nonce,
+                deadline: U256::from(deadline),
+            },
+            amount: U256::ZERO,
+            owner: buyer.address(),
+            witness: UptoProxy::Witness { to, facilitator, validAfter: U256::ZERO },
+            signature: signature.as_bytes().to_vec().into(),
+        };
+        UptoPermit { nonce, deadline, call }
+    }
+
+    /// The facilitator settles `amount` of it; returns the transaction and whether it succeeded. The gas is
+    /// given, so that a transaction that reverts is still mined.
+    async fn settle(&self, chain: &Chain, amount: u64) -> (String, bool) {
+        use alloy::network::TransactionBuilder;
+        use alloy::sol_types::SolCall;
+        let call = UptoProxy::settleCall { amount: U256::from(amount), ..self.call.clone() };
+        let tx = alloy::rpc::types::TransactionRequest::default()
+            .from(self.call.witness.facilitator)
+            .with_to(x402_proto::upto_evm::UPTO_PROXY)
+            .with_input(call.abi_encode())
+            .with_gas_limit(500_000);
+        let receipt = chain.provider.send_transaction(tx).await.unwrap().get_receipt().await.unwrap();
+        (receipt.transaction_hash.to_string(), receipt.status())
+    }
+
+    /// Its row as the gateway records an `upto` payment being settled: metered (`charged`, and the usage),
+    /// `settling`, served, with `transaction` recorded or not.
+    async fn row(
+        &self,
+        gateway: &Gateway,
+        chain: &Chain,
+        payer: &PrivateKeySigner,
+        charged: Option<(u64, Option<(u64, u64)>)>,
+        transaction: Option<String>,
+    ) -> i64 {
+        let ledger = gateway.pipeline.ledger();
+        let id = ledger
+            .record_verified(x402_gateway::ledger::NewPayment {
+                route: "/chat".into(),
+                payer: payer.address(),
+                payee: PAY_TO.parse().unwrap(),
+                network: format!("eip155:{}", common::chain::CHAIN_ID),
+                chain_id: common::chain::CHAIN_ID,
+                asset: chain.token,
+                amount: U256::from(5000),
+                nonce: alloy::primitives::B256::from(self.nonce),
+                valid_before: self.deadline,
+                settle_mode: "after",
+                facilitator: "local".into(),
+                scheme: "upto",
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        if let Some((charged, usage)) = charged {
+            ledger.metered(id, U256::from(charged), usage).await.unwrap();
+        }
+        ledger.settling(id, Some(200)).await.unwrap();
+        ledger.served(id).await.unwrap();
+        if let Some(transaction) = transaction {
+            ledger.pending(id, transaction).await.unwrap();
+        }
+        id
+    }
+}
+
+#[tokio::test]
+async fn upto_rows_are_reconciled_by_their_receipt_else_by_permit2s_nonce_bitmap() {
+    let Some(chain) = Chain::shared_with_permit2().await else { return };
+    let gateway = start_gateway(&toml(&fragile_upstream().await, &chain).build()).await;
+    let buyer = PrivateKeySigner::random();
+    chain.mint(buyer.address(), 100_000).await;
+    // The buyer approves Permit2 once; the deployer (anvil signs for it) is the facilitator the permits name.
+    let ether = U256::from(10u64).pow(U256::from(18u64));
+    let _: serde_json::Value =
+        chain.provider.raw_request("anvil_setBalance".into(), (buyer.address(), ether)).await.unwrap();
+    let _: serde_json::Value =
+        chain.provider.raw_request("anvil_impersonateAccount".into(), (buyer.address(),)).await.unwrap();
+    let approval = {
+        use alloy::network::TransactionBuilder;
+        use alloy::sol_types::SolCall;
+        let call = approveCall { spender: x402_proto::upto_evm::PERMIT2, value: U256::MAX }.abi_encode();
+        let tx = alloy::rpc::types::TransactionRequest::default()
+            .from(buyer.address())
+            .with_to(chain.token)
+            .with_input(call);
+        let receipt = chain.provider.send_transaction(tx).await.unwrap().get_receipt().await.unwrap();
+        assert!(receipt.status(), "approve");
+        receipt.transaction_hash.to_string()
+    };
+    let now = x402_gateway::replay::unix_now();
+    let (later, passed) = (now + 3000, now - 10);
+    let permit = |nonce: U256, deadline: u64| UptoPermit::sign(&chain, &buyer, chain.deployer, nonce, deadline);
+
+    // Settled by its recorded transaction, metered below its ceiling.
+    let settled = permit(U256::from(1), later);
+    let (transaction, ok) = settled.settle(&chain, 1234).await;
+    assert!(ok);
+    let by_receipt =
+        settled.row(&gateway, &chain, &buyer, Some((1234, Some((100, 50)))), Some(transaction.clone())).await;
+    // Its recorded transaction reverted (above the ceiling): nothing moved.
+    let refused = permit(U256::from(2), later);
+    let (reverted, ok) = refused.settle(&chain, 5001).await;
+    assert!(!ok);
+    let by_revert = refused.row(&gateway, &chain, &buyer, None, Some(reverted.clone())).await;
+    // No transaction recorded: Permit2's bitmap decides. Three nonces in one word of it, bits 3, 4 and 5.
+    let word = U256::from(7) << 8;
+    let spent = permit(word | U256::from(3), later);
+    assert!(spent.settle(&chain, 100).await.1);
+    let by_bitmap = spent.row(&gateway, &chain, &buyer, Some((100, None)), None).await;
+    let waiting = permit(word | U256::from(4), later).row(&gateway, &chain, &buyer, None, None).await;
+    let expired = permit(word | U256::from(5), passed).row(&gateway, &chain, &buyer, None, None).await;
+    // A recorded transaction that succeeded without settling it (the approval): nothing moved.
+    let elsewhere = permit(U256::from(4), later).row(&gateway, &chain, &buyer, None, Some(approval.clone())).await;
+    // A recorded transaction the chain never saw, past the permit's deadline.
+    let vanished = permit(U256::from(3), passed);
+    let lost = vanished.row(&gateway, &chain, &buyer, None, Some(format!("0x{}", "ee".repeat(32)))).await;
+
+    let report = gateway.pipeline.reconcile(x402_gateway::replay::unix_now() + 1).await.unwrap();
+    assert_eq!((report.settled, report.failed, report.still_pending, report.refunds), (2, 4, 1, 0), "{report:?}");
+    let pipeline = gateway.pipeline.clone();
+    let row = |id| {
+        let pipeline = pipeline.clone();
+        async move { pipeline.ledger().get(id).await.unwrap().unwrap() }
+    };
+    let state = |row: &Row| (row.state.to_string(), row.transaction.clone());
+    assert_eq!(state(&row(by_receipt).await), ("settled".into(), Some(transaction)));
+    assert_eq!(state(&row(by_revert).await), ("failed".into(), Some(reverted)));
+    assert_eq!(state(&row(by_bitmap).await), ("settled".into(), Some("unknown".into())));
+    assert_eq!(state(&row(elsewhere).await), ("failed".into(), Some(approval)));
+    assert_eq!(row(waiting).await.state, "settling");
+    assert_eq!(row(expired).await.state, "failed");
+    assert_eq!(row(lost).await.state, "failed");
+    assert_eq!(chain.balance(PAY_TO.parse().unwrap()).await, U256::from(1334));
+
+    // Revenue is what was charged, not the ceilings signed; the commands show the scheme, charge and tokens.
+    let revenue = gateway.pipeline.ledger().revenue().await.unwrap();
+    assert_eq!(revenue.iter().map(|r| r.amount.as_str()).collect::<Vec<_>>(), ["1334"], "{revenue:?}");
+    let table = ledger_command(&gateway, &["revenue"]);
+    assert!(table.lines().any(|l| l.starts_with("/chat") && l.ends_with("  1334")), "{table}");
+    let listed = ledger_command(&gateway, &["list", "--state", "settled"]);
+    let header: Vec<&str> = listed.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header[4..9], ["SCHEME", "AMOUNT", "CHARGED", "TOKENS", "IN/OUT"], "{listed}");
+    let line = listed.lines().find(|l| l.split_whitespace().next() == Some(&by_receipt.to_string())).unwrap();
+    assert_eq!(line.split_whitespace().collect::<Vec<_>>()[4..8], ["upto", "5000", "1234", "100/50"], "{listed}");
+    let shown: serde_json::Value =
+        serde_json::from_str(&ledger_command(&gateway, &["show", &by_bitmap.to_string()])).unwrap();
+    assert_eq!(
+        (&shown["scheme"], &shown["amount"], &shown["charged"]),
+        (&"upto".into(), &"5000".into(), &"100".into())
+    );
+    assert_eq!(
+        (&shown["prompt_tokens"], &shown["completion_tokens"]),
+        (&serde_json::Value::Null, &serde_json::Value::Null)
+    );
+
+    // The reverted permit's nonce is spent after all, by another transaction: the failed row is owed a refund.
+    assert!(refused.settle(&chain, 500).await.1);
+    let report = gateway.pipeline.reconcile(x402_gateway::replay::unix_now() + 1).await.unwrap();
+    assert_eq!((report.refunds, report.still_pending), (1, 1), "{report:?}");
+    assert_eq!(row(by_revert).await.state, "refund_needed");
+}

@@ -290,3 +290,50 @@ async fn the_model_catalogue_is_free_and_lists_every_price() {
     assert_eq!(mini["x402"]["accepts"][0]["display"], "0.002 USDC");
     assert_eq!(m.upstream.hits(), 0);
 }
+
+#[tokio::test]
+async fn the_catalogue_lists_per_token_models_with_their_rates_and_cap() {
+    let Some(chain) = Chain::shared().await else { return };
+    let upstream = spawn_echo("openai").await;
+    let per_token = r#"{ by = "body.model", per_token = { "gpt-4o-mini" = { input = "$0.15/1M", output = "$0.60/1M" } }, max = "$0.25" }"#;
+    let chat = Route::free("/v1/chat/completions", "openai")
+        .methods(&["POST"])
+        .set("description", "Chat completion")
+        .set("price", toml_value(per_token))
+        .set("catalogue", "/v1/models");
+    let embeddings = Route::free("/v1/embeddings", "openai")
+        .methods(&["POST"])
+        .set("price", toml_value(r#"{ by = "body.model", table = { "text-embedding-3-small" = "$0.0001" } }"#))
+        .set("catalogue", "/v1/models");
+    let toml = GatewayToml::new()
+        .listen()
+        .upstream("openai", &upstream.url())
+        .payment(Payment::usdc())
+        .route(chat)
+        .route(embeddings)
+        .network(chain.network())
+        .build();
+    let gateway = start_gateway(&toml).await;
+    let list = get(&gateway.url("/v1/models")).await.json();
+    let ids: Vec<&str> = list["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["gpt-4o-mini", "text-embedding-3-small"]);
+    let mini = &list["data"][0]["x402"];
+    assert_eq!((mini["route"].as_str(), mini["scheme"].as_str()), (Some("/v1/chat/completions"), Some("upto")));
+    assert_eq!(mini["pricing"], json!({ "input": "$0.15/1M", "output": "$0.60/1M", "max": "$0.25" }));
+    let offer = &mini["accepts"][0];
+    assert_eq!((offer["scheme"].as_str(), offer["symbol"].as_str()), (Some("upto"), Some("USDC")));
+    assert_eq!((offer["inputPer1M"].as_str(), offer["outputPer1M"].as_str()), (Some("150000"), Some("600000")));
+    assert_eq!(offer["max"], "250000");
+    assert_eq!(
+        offer["display"],
+        "0.15 USDC per 1M input tokens, 0.6 USDC per 1M output tokens, at most 0.25 USDC a call"
+    );
+    assert_eq!(offer["payTo"], PAY_TO);
+    // A price table's model keeps its shape.
+    let small = &list["data"][1]["x402"];
+    assert!(small.get("scheme").is_none() && small.get("pricing").is_none(), "{small}");
+    assert_eq!(
+        (small["accepts"][0]["scheme"].as_str(), small["accepts"][0]["amount"].as_str()),
+        (Some("exact"), Some("100"))
+    );
+}

@@ -192,6 +192,43 @@ async fn discovery_lists_exactly_the_paid_routes_with_their_schemas() {
     assert_eq!(v1["accepts"][0]["outputSchema"]["input"]["method"], "GET");
 }
 
+/// `price` of a per-token chat route: two models, capped at $0.50.
+const PER_TOKEN: &str = r#"{ by = "body.model", per_token = { "gpt-4o-mini" = { input = "$0.15/1M", output = "$0.60/1M" }, "gpt-4o" = { input = "$2.50/1M", output = "$10/1M" } }, max = "$0.50" }"#;
+
+#[tokio::test]
+async fn discovery_shows_a_per_token_routes_rates_and_cap_and_keeps_the_other_routes_shape() {
+    let Some(chain) = Chain::shared().await else { return };
+    let chat = Route::free("/v1/chat/completions", "api").methods(&["POST"]).set("price", toml_value(PER_TOKEN));
+    let gateway = start_gateway(&toml(&spawn_echo("api").await, &chain, "$0.001").route(chat).build()).await;
+    let doc = get(&gateway.url("/.well-known/x402")).await.json();
+    let items = doc["items"].as_array().unwrap();
+    let chat = items.iter().find(|i| i["resource"] == gateway.url("/v1/chat/completions")).expect("the chat route");
+    // One offer for every model, at the route's cap, naming the settler that will settle it.
+    let accepts = chat["accepts"].as_array().unwrap();
+    assert_eq!(accepts.len(), 1, "{accepts:?}");
+    assert_eq!((accepts[0]["scheme"].as_str(), accepts[0]["amount"].as_str()), (Some("upto"), Some("500000")));
+    assert_eq!(accepts[0]["extra"]["facilitatorAddress"], chain.settler().address().to_string());
+    let priced = &chat["metadata"]["perToken"];
+    assert_eq!((priced["scheme"].as_str(), priced["by"].as_str()), (Some("upto"), Some("body.model")));
+    assert_eq!(priced["max"], "$0.50");
+    let models: Vec<&str> = priced["models"].as_array().unwrap().iter().map(|m| m["model"].as_str().unwrap()).collect();
+    assert_eq!(models, ["gpt-4o", "gpt-4o-mini"]);
+    let mini = &priced["models"][1];
+    assert_eq!((mini["input"].as_str(), mini["output"].as_str()), (Some("$0.15/1M"), Some("$0.60/1M")));
+    let rates = &mini["rates"][0];
+    assert_eq!(rates["asset"], chain.token.to_string());
+    assert_eq!((rates["inputPer1M"].as_str(), rates["outputPer1M"].as_str()), (Some("150000"), Some("600000")));
+    assert_eq!(rates["max"], "500000");
+    assert_eq!(priced["models"][0]["rates"][0]["outputPer1M"], "10000000");
+    // Routes priced otherwise keep their shape: `exact` offers, no per-token metadata.
+    let paid = items.iter().find(|i| i["resource"] == gateway.url("/paid")).unwrap();
+    assert_eq!(
+        (paid["accepts"][0]["scheme"].as_str(), paid["accepts"][0]["amount"].as_str()),
+        (Some("exact"), Some("1000"))
+    );
+    assert!(items.iter().filter(|i| *i != chat).all(|i| i.get("metadata").is_none()), "{items:?}");
+}
+
 fn parse(toml: &str) -> Config {
     Config::parse(toml, Path::new("gateway.toml"), Path::new("."), &|_| None).expect("valid")
 }

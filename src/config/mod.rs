@@ -360,16 +360,19 @@ impl Validator<'_> {
                 format!("no upstream named `{}` (defined: {})", raw.upstream, known.join(", ")),
             )
         })?;
+        use crate::pricing::Pricing;
         let catalogue = match (&raw.catalogue, payment.as_ref().map(|p| &p.pricing)) {
             (None, _) => None,
-            (Some(path), Some(crate::pricing::Pricing::ByRequest(_))) if path.starts_with('/') => Some(path.clone()),
-            (Some(_), Some(crate::pricing::Pricing::ByRequest(_))) => {
+            (Some(path), Some(Pricing::ByRequest(_) | Pricing::PerToken(_))) if path.starts_with('/') => {
+                Some(path.clone())
+            }
+            (Some(_), Some(Pricing::ByRequest(_) | Pricing::PerToken(_))) => {
                 return Err(ConfigError::invalid(format!("{key}.catalogue"), "a path such as \"/v1/models\""))
             }
             (Some(_), _) => {
                 return Err(ConfigError::invalid(
                     format!("{key}.catalogue"),
-                    "a catalogue lists a price table: set `price = { by = \"body.model\", table = { ... } }`",
+                    "a catalogue lists a price table or per-token prices: set `price = { by = \"body.model\", table = { ... } }` or `per_token = { ... }`",
                 ))
             }
         };

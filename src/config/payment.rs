@@ -5,7 +5,7 @@ use super::{ConfigError, Validator};
 use crate::metering::{ModelRates, TokenRate, TOKEN_LIMIT_FIELDS};
 use crate::networks::{self, Asset, ChainKind, Network};
 use crate::options::{AttemptLimit, Bazaar, PaidRoute, PaymentMode};
-use crate::pricing::{Metering, Offer, Price, PriceSource, PriceTable, Pricing};
+use crate::pricing::{Metering, Offer, Price, PriceSource, PriceTable, Pricing, WrittenPrices};
 use crate::settlement::SettleMode;
 use crate::x402::exact_evm;
 use alloy::primitives::{Address, U256};
@@ -424,6 +424,7 @@ impl Validator<'_> {
             // A remote facilitator's address is learned from its `/supported`; each request's offers name it.
             offer.scheme = OfferScheme::Upto { facilitator: facilitator.unwrap_or(Address::ZERO) };
         }
+        let models_written: Vec<&file::TokenPrices> = models.values().collect();
         let models = models
             .iter()
             .map(|(model, prices)| {
@@ -467,7 +468,18 @@ impl Validator<'_> {
                 ));
             }
         }
-        Ok(Metering { source, offers, models, default_max_tokens, inject_max_tokens: rule.inject_max_tokens.clone() })
+        let written = WrittenPrices {
+            max: max.to_string(),
+            rates: models_written.into_iter().map(|p| (p.input.clone(), p.output.clone())).collect(),
+        };
+        Ok(Metering {
+            source,
+            offers,
+            models,
+            default_max_tokens,
+            inject_max_tokens: rule.inject_max_tokens.clone(),
+            written,
+        })
     }
 
     fn offer(&self, key: &str, terms: &Terms, settings: &PaymentSettings) -> Result<Offer, ConfigError> {

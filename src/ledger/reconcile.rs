@@ -1,13 +1,28 @@
 //! Reconciliation: rows left open by a crash or a settlement timeout are resolved against the chain.
-//! The chain's word is final: `authorizationState(payer, nonce)` says whether the money moved.
+//! The chain's word is final: for `exact`, `authorizationState(payer, nonce)` says whether the money moved; for
+//! `upto`, the settlement transaction's receipt, else Permit2's record of the buyer's nonce (`nonceBitmap`).
 
 use super::{LedgerError, PaymentStore, Row, State};
 use crate::chain::{self, Eip3009Token};
-use alloy::primitives::{keccak256, Address, B256};
+use alloy::primitives::{keccak256, Address, B256, U256};
 use alloy::providers::{Provider, RootProvider};
 use alloy::rpc::types::Filter;
+use alloy::sol;
 use std::collections::HashMap;
 use std::num::NonZeroU64;
+use x402_proto::upto_evm::PERMIT2;
+
+sol! {
+    /// Permit2's unordered nonces (`SignatureTransfer`): bit `nonce & 0xff` of word `nonce >> 8` of the owner's
+    /// bitmap is set once a signature with that nonce was used (or the owner invalidated it).
+    interface Permit2Nonces {
+        function nonceBitmap(address owner, uint256 wordPos) external view returns (uint256);
+    }
+}
+
+/// The transaction recorded for a row whose payment the chain shows moved, when no receipt or event names it
+/// (Permit2 logs no event of its own for a nonce it spends).
+const UNKNOWN_TRANSACTION: &str = "unknown";
 
 pub const NEVER_SERVED: &str = "settled, but the paid answer was never delivered";
 /// How far back to look for the transfer event of an authorization whose transaction hash was not recorded.
@@ -133,6 +148,9 @@ enum Outcome {
 }
 
 async fn on_chain(provider: &RootProvider, row: &Row, log_chunk_blocks: NonZeroU64) -> Result<Outcome, String> {
+    if row.scheme == "upto" {
+        return upto_on_chain(provider, row).await;
+    }
     let (token, payer, nonce) = (row.asset, row.payer, row.nonce);
     let known: Option<B256> = row.transaction.as_deref().and_then(|t| t.parse().ok());
     // The receipt first: a transaction mined before `authorizationState` is read is seen using it there.
@@ -165,8 +183,49 @@ async fn on_chain(provider: &RootProvider, row: &Row, log_chunk_blocks: NonZeroU
     })
 }
 
+/// An `upto` row, decided by Permit2's record of its nonce (`nonceBitmap`), read after the receipt as for
+/// `exact`. Spent: settled, by the recorded transaction if it succeeded (a success alone proves nothing: a call
+/// to an address without code succeeds too), else by one not known. Unspent: nothing moved if the recorded
+/// transaction was mined; otherwise it waits for the permit's deadline, after which Permit2 refuses it (the
+/// caller then marks it failed).
+async fn upto_on_chain(provider: &RootProvider, row: &Row) -> Result<Outcome, String> {
+    let known: Option<B256> = row.transaction.as_deref().and_then(|t| t.parse().ok());
+    let receipt = match known {
+        Some(hash) => provider.get_transaction_receipt(hash).await.map_err(|e| e.to_string())?,
+        None => None,
+    };
+    let used = permit2_nonce_used(provider, row).await?;
+    Ok(match (used, known, &receipt) {
+        (true, Some(hash), Some(receipt)) if receipt.status() => Outcome::Moved(hash.to_string()),
+        (true, _, _) => {
+            tracing::warn!(
+                id = row.id,
+                payer = %row.payer,
+                "Permit2 shows the payment's nonce spent, and no successful receipt names its transaction: recorded with transaction `{UNKNOWN_TRANSACTION}`"
+            );
+            Outcome::Moved(UNKNOWN_TRANSACTION.into())
+        }
+        (false, _, Some(_)) => Outcome::MinedUnused,
+        (false, _, None) => Outcome::NotYet,
+    })
+}
+
+/// Whether Permit2 has spent the row's nonce for its payer.
+async fn permit2_nonce_used(provider: &RootProvider, row: &Row) -> Result<bool, String> {
+    let nonce = U256::from_be_bytes(row.nonce.0);
+    let call = Permit2Nonces::nonceBitmapCall { owner: row.payer, wordPos: nonce >> 8 };
+    let word = chain::view(provider, PERMIT2, call).await.map_err(|e| format!("Permit2 nonceBitmap: {e}"))?;
+    Ok(word.bit((nonce & U256::from(0xff)).to::<usize>()))
+}
+
 /// Whether a failed row's authorization has been used since, and by which transaction.
 async fn landed(provider: &RootProvider, row: &Row, log_chunk_blocks: NonZeroU64) -> Result<Option<String>, String> {
+    if row.scheme == "upto" {
+        return Ok(match upto_on_chain(provider, row).await? {
+            Outcome::Moved(transaction) => Some(transaction),
+            _ => None,
+        });
+    }
     let authorization = (row.asset, row.payer, row.nonce);
     let (token, payer, nonce) = authorization;
     let used = chain::view(provider, token, Eip3009Token::authorizationStateCall { authorizer: payer, nonce })
@@ -192,9 +251,9 @@ async fn transaction_of(
             tracing::warn!(
                 id = row.id,
                 payer = %row.payer,
-                "the authorization was used, but no AuthorizationUsed event is in the last {EVENT_LOOKBACK_BLOCKS} blocks: recorded with transaction `unknown`"
+                "the authorization was used, but no AuthorizationUsed event is in the last {EVENT_LOOKBACK_BLOCKS} blocks: recorded with transaction `{UNKNOWN_TRANSACTION}`"
             );
-            Ok("unknown".into())
+            Ok(UNKNOWN_TRANSACTION.into())
         }
     }
 }

@@ -58,6 +58,7 @@ pub struct Row {
     pub chain_id: u64,
     pub asset: Address,
     /// Atomic units of the asset.
+    #[serde(serialize_with = "decimal")]
     pub amount: U256,
     pub nonce: B256,
     pub valid_before: u64,
@@ -72,6 +73,7 @@ pub struct Row {
     pub scheme: String,
     /// What the buyer was charged, atomic units: `amount` for `exact`; metered, at most `amount`, for `upto`
     /// (`None` until metered).
+    #[serde(serialize_with = "optional_decimal")]
     pub charged: Option<U256>,
     /// The answer's token usage, as read from it (`upto` routes).
     pub prompt_tokens: Option<u64>,
@@ -82,6 +84,19 @@ impl Row {
     /// What the buyer paid or pays once settled.
     pub fn charge(&self) -> U256 {
         self.charged.unwrap_or(self.amount)
+    }
+}
+
+/// Amounts in `ledger show` and the like as the ledger stores them and `ledger list` prints them: decimal atomic
+/// units (serde's default for `U256` is hex).
+fn decimal<S: serde::Serializer>(amount: &U256, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(amount)
+}
+
+fn optional_decimal<S: serde::Serializer>(amount: &Option<U256>, serializer: S) -> Result<S::Ok, S::Error> {
+    match amount {
+        Some(amount) => serializer.collect_str(amount),
+        None => serializer.serialize_none(),
     }
 }
 
