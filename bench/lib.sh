@@ -33,9 +33,10 @@ wait_port() {
   return 1
 }
 
-# nginx with one worker answering every request with a small fixed JSON body: the upstream stand-in.
-start_upstream() {
-  local port=$1 dir="$work/upstream"
+# nginx with one worker answering every request with a small fixed JSON body: the upstream stand-in. Callers
+# may add location blocks of their own.
+start_upstream() { # port [locations]
+  local port=$1 locations=${2:-} dir="$work/upstream"
   mkdir -p "$dir/logs"
   cat >"$dir/nginx.conf" <<CONF
 worker_processes 1;
@@ -51,6 +52,7 @@ http {
       default_type application/json;
       return 200 '{"city":"Lisbon","temperature_c":21.5,"wind_kmh":12}';
     }
+$locations
   }
 }
 CONF
@@ -99,11 +101,13 @@ upstream = "api"
 CONF
 }
 
-# Builds the gateway (and the load driver) in release mode once.
+# Builds the gateway (and the load driver) in release mode once, in $CARGO_TARGET_DIR when set.
 build_release() {
   (cd "$repo" && cargo build --release --locked --bin x402-gateway --example paid_load >&2)
-  gateway_bin="$repo/target/release/x402-gateway"
-  driver_bin="$repo/target/release/examples/paid_load"
+  local target=${CARGO_TARGET_DIR:-target}
+  [[ $target == /* ]] || target="$repo/$target"
+  gateway_bin="$target/release/x402-gateway"
+  driver_bin="$target/release/examples/paid_load"
 }
 
 median() {
