@@ -45,6 +45,9 @@ sol! {
 
 /// Generous for `transferWithAuthorization` (about 60k to 110k gas on USDC deployments); unused gas is not paid.
 pub const SETTLE_GAS_LIMIT: u64 = 200_000;
+/// An `upto` settlement through the proxy and Permit2, with the buyer's EIP-2612 permit at most (about 100k to
+/// 175k gas on a test token; more on a real USDC deployment), as the reference facilitator allows it.
+pub const UPTO_SETTLE_GAS_LIMIT: u64 = 300_000;
 /// Per authorization in a batch, where the transaction's base cost is paid once.
 const BATCHED_SETTLE_GAS: u64 = 100_000;
 

@@ -74,6 +74,8 @@ pub struct Batching {
 struct Call {
     to: Address,
     input: Bytes,
+    /// When sent alone: a batch has its own.
+    gas_limit: u64,
     before: Option<BeforeBroadcast>,
     batching: Option<Batching>,
     queued_at: Instant,
@@ -118,8 +120,30 @@ impl TxQueue {
         batching: Option<Batching>,
         before: Option<BeforeBroadcast>,
     ) -> Result<Sent, SendError> {
+        self.enqueue(to, input, chain::SETTLE_GAS_LIMIT, batching, before).await
+    }
+
+    /// Signs and broadcasts a call that is never batched, with `gas_limit` gas; as [`TxQueue::send`] otherwise.
+    pub async fn send_alone(
+        &self,
+        to: Address,
+        input: Bytes,
+        gas_limit: u64,
+        before: Option<BeforeBroadcast>,
+    ) -> Result<Sent, SendError> {
+        self.enqueue(to, input, gas_limit, None, before).await
+    }
+
+    async fn enqueue(
+        &self,
+        to: Address,
+        input: Bytes,
+        gas_limit: u64,
+        batching: Option<Batching>,
+        before: Option<BeforeBroadcast>,
+    ) -> Result<Sent, SendError> {
         let (reply, answer) = oneshot::channel();
-        let call = Call { to, input, before, batching, queued_at: Instant::now(), reply };
+        let call = Call { to, input, gas_limit, before, batching, queued_at: Instant::now(), reply };
         self.messages
             .send(Message::Send(call))
             .await
@@ -276,7 +300,7 @@ impl Worker {
     async fn sign(&mut self, calls: &[Call]) -> Result<Option<Signed>, String> {
         let (to, input, gas_limit) = match calls {
             [] => return Ok(None),
-            [call] => (call.to, call.input.clone(), chain::SETTLE_GAS_LIMIT),
+            [call] => (call.to, call.input.clone(), call.gas_limit),
             [first, ..] => {
                 // Only `fill` makes batches, of calls that all name this contract.
                 let multicall = first.batching.ok_or("a batch without a multicall contract")?.multicall;

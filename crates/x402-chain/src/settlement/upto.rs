@@ -142,15 +142,16 @@ impl LocalSettler {
             None => None,
         };
         let input = settle_calldata(auth, amount, permit);
-        let (hash, in_flight) = match self.queue.send(UPTO_PROXY, input.clone(), None, before).await {
-            Ok(sent) => (sent.hash, Some(sent.in_flight)),
-            Err(SendError::Refused(detail)) => {
-                tracing::warn!(detail = %detail, "the upto settlement transaction was not sent");
-                let message = "the settlement transaction could not be sent; nothing was charged".to_string();
-                return Err(SettleFailure::nothing_moved("invalid_exact_evm_transaction_failed", message, None));
-            }
-            Err(SendError::Unknown(hash)) => (hash, None),
-        };
+        let (hash, in_flight) =
+            match self.queue.send_alone(UPTO_PROXY, input.clone(), chain::UPTO_SETTLE_GAS_LIMIT, before).await {
+                Ok(sent) => (sent.hash, Some(sent.in_flight)),
+                Err(SendError::Refused(detail)) => {
+                    tracing::warn!(detail = %detail, "the upto settlement transaction was not sent");
+                    let message = "the settlement transaction could not be sent; nothing was charged".to_string();
+                    return Err(SettleFailure::nothing_moved("invalid_exact_evm_transaction_failed", message, None));
+                }
+                Err(SendError::Unknown(hash)) => (hash, None),
+            };
         let receipt = self.receipts.wait(hash, deadline_left(auth).min(self.receipt_timeout)).await;
         // Seen (or given up on): the payments batching behind this transaction may go.
         drop(in_flight);
@@ -261,7 +262,7 @@ async fn simulate(
         .from(settler)
         .to(UPTO_PROXY)
         .input(input.into())
-        .gas_limit(chain::SETTLE_GAS_LIMIT);
+        .gas_limit(chain::UPTO_SETTLE_GAS_LIMIT);
     match provider.call(call).block_opt(at).await {
         Ok(_) => Ok(Ok(())),
         Err(err) => match err.as_error_resp() {
