@@ -5,7 +5,7 @@ use super::Live;
 use crate::body::{full, Body, BoxError, ClientBodyError};
 use crate::config::{PaidRoute, RouteSpec};
 use crate::error::GatewayError;
-use crate::pricing::Pricing;
+use crate::pricing::{PriceError, Priced, Pricing};
 use crate::proxy::cors;
 use crate::proxy::upstream::ClientInfo;
 use crate::routing::Miss;
@@ -71,9 +71,23 @@ impl Live {
         Ok((Request::from_parts(parts, full(bytes.clone())), bytes, Some(held)))
     }
 
+    /// The offers for exactly this request (its query, headers and body as read for pricing). A per-token route's name the
+    /// facilitator's `upto` signer.
+    pub(super) async fn price<'p>(
+        &self,
+        paid: &'p PaidRoute,
+        query: Option<&str>,
+        headers: &http::HeaderMap,
+        body: &[u8],
+    ) -> Result<Priced<'p>, PriceError> {
+        self.learn_upto_signers(paid).await;
+        let upto_signer = |chain_id| self.facilitators.get(&paid.facilitator, chain_id)?.upto_signer(chain_id);
+        paid.pricing.price(query, headers, body, upto_signer)
+    }
+
     /// A per-token route's offers name the facilitator's `upto` signer: asked for first when it is not known
     /// yet (a remote facilitator announces it in `/supported`, which is asked at a bounded rate).
-    pub(super) async fn learn_upto_signers(&self, paid: &PaidRoute) {
+    async fn learn_upto_signers(&self, paid: &PaidRoute) {
         let Pricing::PerToken(metering) = &paid.pricing else { return };
         for offer in &metering.offers {
             let chain_id = offer.network.chain_id;

@@ -5,7 +5,7 @@
 use super::context::RequestContext;
 use super::paid::{failed, PaidCall};
 
-use super::{read_to_limit, Gateway, Live, ReadError};
+use super::{Gateway, Live};
 use crate::answers::StoredAnswer;
 use crate::body::{full, Body, BoxError};
 use crate::carrier::Carrier;
@@ -74,17 +74,7 @@ impl Gateway {
             return Ok(self.stream_then_settle(live, route, call, charging, overridden, parts, body));
         }
         let mut call = call;
-        let body = match tokio::time::timeout(route.upstream.timeout, read_to_limit(body, call.max_held)).await {
-            Ok(Ok(body)) => body,
-            outcome => {
-                self.release(&call, Some(status)).await;
-                return Err(match outcome {
-                    Err(_) => GatewayError::UpstreamTimeout,
-                    Ok(Err(ReadError::TooLarge)) => GatewayError::AnswerTooLarge,
-                    Ok(_) => GatewayError::UpstreamUnavailable,
-                });
-            }
-        };
+        let body = self.hold_answer(route, &call, status, body).await?;
         let tapped = Tapped {
             usage: usage::of_json_answer(&body),
             complete: true,
@@ -94,37 +84,18 @@ impl Gateway {
             Ok(settled) => settled,
             Err(Refused::Answer(response)) => return Ok(response),
             Err(Refused::Withheld(response)) => {
-                let withheld = StoredAnswer {
-                    status,
-                    headers: parts.headers,
-                    body,
-                    paid_by: call.payment.key,
-                    row: call.id,
-                    settled: false,
-                };
-                self.answers.keep(&call.payment, withheld);
+                self.keep_withheld(&call, parts, body);
                 return Ok(response);
             }
             Err(Refused::Error(err)) => return Err(err),
         };
-        let mut response = Response::from_parts(parts, full(body.clone()));
-        self.carrier.attach_receipt(&mut response, &call.payment, &settled);
-        if !settled.transaction.is_empty() {
-            let kept = StoredAnswer {
-                status,
-                headers: response.headers().clone(),
-                body,
-                paid_by: call.payment.key,
-                row: call.id,
-                settled: true,
-            };
-            // Kept before the ledger says settled: a concurrent retry that finds the row settled finds it too.
-            self.answers.keep(&call.payment, kept);
-            self.record(self.ledger.settled(call.id, settled.transaction.clone()).await);
-            call.ctx.transaction = Some(settled.transaction.clone());
-            return Ok(super::paid::record_usage(response, route, call.ctx, Some((self.ledger.clone(), call.id))));
+        if settled.transaction.is_empty() {
+            // Nothing was owed: the receipt says so, and there is nothing to keep for a retry.
+            let mut response = Response::from_parts(parts, full(body));
+            self.carrier.attach_receipt(&mut response, &call.payment, &settled);
+            return Ok(response);
         }
-        Ok(response)
+        Ok(self.deliver_settled(route, call, parts, body, &settled).await)
     }
 
     /// The stream goes out as it comes, from a task of its own: a buyer that goes away half-way is charged for

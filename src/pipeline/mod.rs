@@ -301,12 +301,8 @@ impl Gateway {
 
         // Price: the offers for exactly this request (an `upto` offer names the facilitator that settles it).
         let (request, body, _buffered) = live.buffer_body_for_pricing(request, paid, &self.buffered).await?;
-        live.learn_upto_signers(paid).await;
-        let upto_signer = |chain_id| live.facilitators.get(&paid.facilitator, chain_id)?.upto_signer(chain_id);
-        let priced = paid
-            .pricing
-            .price(request.uri().query(), request.headers(), &body, upto_signer)
-            .map_err(GatewayError::Price)?;
+        let priced =
+            live.price(paid, request.uri().query(), request.headers(), &body).await.map_err(GatewayError::Price)?;
         let offers = &*priced.offers;
         let resource = live.resource_info(&request, paid, priced.key.as_deref(), &ctx.client);
         let request_headers = request.headers();

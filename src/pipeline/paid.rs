@@ -89,18 +89,7 @@ impl Gateway {
             return Ok(response);
         }
         let (parts, body) = response.into_parts();
-        // The whole answer, not just its head, must come within the upstream's timeout: a payment is open meanwhile.
-        let body = match tokio::time::timeout(route.upstream.timeout, read_to_limit(body, call.max_held)).await {
-            Ok(Ok(body)) => body,
-            outcome => {
-                self.release(&call, Some(status)).await;
-                return Err(match outcome {
-                    Err(_) => GatewayError::UpstreamTimeout,
-                    Ok(Err(ReadError::TooLarge)) => GatewayError::AnswerTooLarge,
-                    Ok(_) => GatewayError::UpstreamUnavailable,
-                });
-            }
-        };
+        let body = self.hold_answer(route, &call, status, body).await?;
         if let Err(err) = self.write_ahead(self.ledger.settling(call.id, Some(status.as_u16())).await) {
             self.record(self.ledger.released(call.id, Some(status.as_u16())).await);
             return Err(err);
@@ -109,22 +98,60 @@ impl Gateway {
             Ok(settled) => settled,
             Err(failure) => {
                 if !failure.nothing_moved {
-                    // It may still settle: keep the answer for the buyer's retry once reconciliation knows.
-                    let withheld = StoredAnswer {
-                        status,
-                        headers: parts.headers,
-                        body,
-                        paid_by: call.payment.key,
-                        row: call.id,
-                        settled: false,
-                    };
-                    self.answers.keep(&call.payment, withheld);
+                    self.keep_withheld(&call, parts, body);
                 }
                 return Ok(self.settle_failed(&call, &failure).await);
             }
         };
+        Ok(self.deliver_settled(route, call, parts, body, &settled).await)
+    }
+
+    /// The whole answer of a call that settles after it, read within the upstream's timeout (not just its head: a
+    /// payment is open meanwhile); a failure to read it releases the call, charging nothing.
+    pub(super) async fn hold_answer(
+        &self,
+        route: &RouteSpec,
+        call: &PaidCall<'_, '_>,
+        status: StatusCode,
+        body: Body,
+    ) -> Result<bytes::Bytes, GatewayError> {
+        match tokio::time::timeout(route.upstream.timeout, read_to_limit(body, call.max_held)).await {
+            Ok(Ok(body)) => Ok(body),
+            outcome => {
+                self.release(call, Some(status)).await;
+                Err(match outcome {
+                    Err(_) => GatewayError::UpstreamTimeout,
+                    Ok(Err(ReadError::TooLarge)) => GatewayError::AnswerTooLarge,
+                    Ok(_) => GatewayError::UpstreamUnavailable,
+                })
+            }
+        }
+    }
+
+    /// A held answer whose settlement may still land: kept for the buyer's retry once reconciliation knows.
+    pub(super) fn keep_withheld(&self, call: &PaidCall<'_, '_>, parts: http::response::Parts, body: bytes::Bytes) {
+        let withheld = StoredAnswer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            paid_by: call.payment.key,
+            row: call.id,
+            settled: false,
+        };
+        self.answers.keep(&call.payment, withheld);
+    }
+
+    /// A held answer, settled: it goes out with its receipt, and is kept for retries.
+    pub(super) async fn deliver_settled(
+        &self,
+        route: &RouteSpec,
+        call: PaidCall<'_, '_>,
+        parts: http::response::Parts,
+        body: bytes::Bytes,
+        settled: &Settled,
+    ) -> Response<Body> {
         let mut response = Response::from_parts(parts, full(body.clone()));
-        self.carrier.attach_receipt(&mut response, &call.payment, &settled);
+        self.carrier.attach_receipt(&mut response, &call.payment, settled);
         let kept = StoredAnswer {
             status: response.status(),
             headers: response.headers().clone(),
@@ -137,7 +164,7 @@ impl Gateway {
         self.answers.keep(&call.payment, kept);
         self.record(self.ledger.settled(call.id, settled.transaction.clone()).await);
         call.ctx.transaction = Some(settled.transaction.clone());
-        Ok(record_usage(response, route, call.ctx, Some((self.ledger.clone(), call.id))))
+        record_usage(response, route, call.ctx, Some((self.ledger.clone(), call.id)))
     }
 
     /// Settles the payment. From here on it may move, so its authorization stays reserved unless the

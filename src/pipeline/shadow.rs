@@ -60,9 +60,7 @@ impl Gateway {
         let route_name = &*route.pattern_text;
         let (mut request, body, _buffered) = live.buffer_body_for_pricing(request, paid, &self.buffered).await?;
         let sent = self.carrier.payment(request.headers());
-        live.learn_upto_signers(paid).await;
-        let upto_signer = |chain_id| live.facilitators.get(&paid.facilitator, chain_id)?.upto_signer(chain_id);
-        let offered = match paid.pricing.price(request.uri().query(), request.headers(), &body, upto_signer) {
+        let offered = match live.price(paid, request.uri().query(), request.headers(), &body).await {
             Ok(priced) => {
                 let resource = live.resource_info(&request, paid, priced.key.as_deref(), &ctx.client);
                 let offers = priced.offers;
