@@ -232,17 +232,7 @@ fn check(path: &std::path::Path) -> ExitCode {
                         (None, _) => String::new(),
                     };
                     for offer in offers {
-                        line!(
-                            out,
-                            "      {label}{} atomic units of {} ({}, {} decimals) on {} to {}, maxTimeoutSeconds {}",
-                            offer.amount,
-                            offer.asset.symbol,
-                            offer.asset.address,
-                            offer.asset.decimals,
-                            offer.network.caip2,
-                            offer.pay_to,
-                            offer.max_timeout_seconds
-                        );
+                        offer_line(&mut out, &label, offer);
                     }
                 }
             }
@@ -256,23 +246,28 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// One offer in `check`, after `label` (the value that selects it, or "at most " for a cap).
+fn offer_line(out: &mut String, label: &str, offer: &x402_gateway::pricing::Offer) {
+    line!(
+        out,
+        "      {label}{} atomic units of {} ({}, {} decimals) on {} to {}, maxTimeoutSeconds {}",
+        offer.amount,
+        offer.asset.symbol,
+        offer.asset.address,
+        offer.asset.decimals,
+        offer.network.caip2,
+        offer.pay_to,
+        offer.max_timeout_seconds
+    );
+}
+
 /// A per-token route in `check`: its `upto` offers at their cap, then each model's rates as configured and in
 /// each offer's atomic units per million tokens.
 fn per_token_lines(out: &mut String, metering: &x402_gateway::pricing::Metering) {
     let by = metering.source.describe();
     line!(out, "      upto, by the token (model from {by}), at most {} a call:", metering.written.max);
     for offer in &metering.offers {
-        line!(
-            out,
-            "      at most {} atomic units of {} ({}, {} decimals) on {} to {}, maxTimeoutSeconds {}",
-            offer.amount,
-            offer.asset.symbol,
-            offer.asset.address,
-            offer.asset.decimals,
-            offer.network.caip2,
-            offer.pay_to,
-            offer.max_timeout_seconds
-        );
+        offer_line(out, "at most ", offer);
     }
     for listed in metering.listed() {
         let atomic: Vec<String> = metering

@@ -15,40 +15,12 @@ use http_body_util::channel::Channel;
 use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use x402_gateway::proxy::body::full;
 
 const OPERATOR_KEY: &str = "sk-operator-secret";
-
-/// Everything the gateway logs in this test binary, to find the usage lines in.
-fn logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let sink = buffer.clone();
-        tracing_subscriber::fmt()
-            .with_writer(move || SharedWriter(sink.clone()))
-            .with_ansi(false)
-            .with_env_filter("info")
-            .init();
-        buffer
-    })
-    .clone()
-}
-
-struct SharedWriter(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for SharedWriter {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(data);
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// A fake OpenAI: refuses any key but the operator's; streams SSE (each chunk released by the test) or
 /// answers JSON, with `usage`, and echoes what it was sent.
@@ -199,7 +171,7 @@ async fn unknown_models_bad_bodies_and_big_bodies_are_refused_clearly() {
 
 #[tokio::test]
 async fn a_paid_stream_flows_event_by_event_with_the_operators_key_and_settles_once() {
-    let logs = logs();
+    let logs = common::logs::captured();
     let Some(m) = llm().await else { return };
     let buyer = PrivateKeySigner::random();
     m.chain.mint(buyer.address(), 1_000_000).await;
@@ -255,7 +227,7 @@ async fn a_paid_stream_flows_event_by_event_with_the_operators_key_and_settles_o
 
 #[tokio::test]
 async fn a_json_answer_is_settled_after_delivery_with_its_usage_logged() {
-    let logs = logs();
+    let logs = common::logs::captured();
     let Some(m) = llm().await else { return };
     let buyer = PrivateKeySigner::random();
     m.chain.mint(buyer.address(), 1_000_000).await;

@@ -13,7 +13,6 @@ use http::{Request, StatusCode};
 use http_body_util::Full;
 use serde_json::Value;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
 
 const PRICE: u64 = 1000;
 
@@ -69,34 +68,6 @@ fn shadow_series(metrics: &HashMap<String, f64>) -> Vec<(&str, f64)> {
     series
 }
 
-/// Everything the gateway logs in this test binary, to find the shadow lines in.
-fn logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let sink = buffer.clone();
-        tracing_subscriber::fmt()
-            .with_writer(move || SharedWriter(sink.clone()))
-            .with_ansi(false)
-            .with_env_filter("info")
-            .init();
-        buffer
-    })
-    .clone()
-}
-
-struct SharedWriter(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for SharedWriter {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(data);
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The headers the upstream received, from the echo's answer.
 fn forwarded_headers(answer: &Answer) -> Value {
     answer.json()["headers"].clone()
@@ -125,7 +96,7 @@ async fn an_unpaid_call_is_served_free_with_the_offer() {
 
 #[tokio::test]
 async fn a_valid_payment_is_verified_and_counted_and_never_settled() {
-    let logs = logs();
+    let logs = common::logs::captured();
     let Some(chain) = Chain::shared().await else { return };
     let upstream = spawn_echo("api").await;
     let gateway = start_gateway(&toml(&upstream, &chain, Some("shadow"), &[("/paid", None)])).await;

@@ -4,6 +4,7 @@
 pub mod chain;
 pub mod config;
 pub mod facilitator;
+pub mod logs;
 pub mod pay;
 pub mod tools;
 pub mod upto;
