@@ -413,6 +413,7 @@ fn the_shipped_gateway_toml_is_valid_and_needs_no_secrets() {
 fn the_resale_examples_are_valid() {
     for (example, needle) in [
         ("openai", "[gpt-4o-mini] 2000 atomic units"),
+        ("openai-per-token", "upto, by the token"),
         ("anthropic", "[default] 50000 atomic units"),
         ("firecrawl", "10000 atomic units"),
         ("docker", "1000 atomic units"),
