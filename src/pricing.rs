@@ -75,6 +75,9 @@ mod tests {
     }
 }
 
+/// The most completions (`n`) one per-token request may ask for.
+const MAX_CHOICES: u64 = 128;
+
 /// How a paid route is priced: one set of offers, or a set chosen by a value of the request
 /// (`by = "body.model"`, `"query.NAME"`, `"header.NAME"`). Every table entry's offers are built at load.
 #[derive(Debug)]
@@ -165,6 +168,13 @@ impl Metering {
             let tokens = value.parse::<u64>().map_err(|_| PriceError::TokenLimit(field))?;
             limit = Some(limit.map_or(tokens, |l| l.max(tokens)));
         }
+        // `n` completions of up to the limit each (OpenAI chat).
+        let choices = match PriceSource::Body(vec!["n".to_string()]).read(None, headers, body)? {
+            None => 1,
+            Some(n) => {
+                n.parse::<u64>().ok().filter(|n| (1..=MAX_CHOICES).contains(n)).ok_or(PriceError::TokenLimit("n"))?
+            }
+        };
         let inject = match (limit, &self.inject_max_tokens, self.default_max_tokens) {
             (None, Some(field), Some(default)) => Some((field.clone(), default)),
             _ => None,
@@ -173,7 +183,7 @@ impl Metering {
             model: model.clone(),
             rates: rates.clone(),
             prompt_bound: u64::try_from(body.len()).unwrap_or(u64::MAX),
-            completion_bound: limit.or(self.default_max_tokens),
+            completion_bound: limit.or(self.default_max_tokens).map(|tokens| tokens.saturating_mul(choices)),
             inject,
         })
     }

@@ -36,7 +36,7 @@ pub fn receipt_trailers(payment: &Payment, settled: &Settled) -> HeaderMap {
 
 /// A paid answer is the buyer's alone (it carries their receipt): shared caches must not keep it. `private`
 /// joins what the upstream said, `public` goes, and a `no-store` or `private` already there is left as it is.
-fn keep_private(headers: &mut HeaderMap) {
+pub fn keep_private(headers: &mut HeaderMap) {
     let directives: Vec<String> = headers
         .get_all(header::CACHE_CONTROL)
         .iter()

@@ -21,10 +21,16 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// OpenAI's `prompt_tokens`/`completion_tokens`, or Anthropic's `input_tokens`/`output_tokens`.
+    /// OpenAI's `prompt_tokens`/`completion_tokens`, or Anthropic's `input_tokens`/`output_tokens`, with the
+    /// prompt tokens Anthropic counts apart when a prompt is cached (`cache_creation_input_tokens`,
+    /// `cache_read_input_tokens`): a cached prompt is still a prompt.
     fn from_json(usage: &Value) -> Option<Usage> {
         let get = |a: &str, b: &str| usage.get(a).or_else(|| usage.get(b)).and_then(Value::as_u64);
-        let prompt = get("prompt_tokens", "input_tokens");
+        let cached = ["cache_creation_input_tokens", "cache_read_input_tokens"]
+            .iter()
+            .filter_map(|field| usage.get(*field).and_then(Value::as_u64))
+            .fold(0u64, u64::saturating_add);
+        let prompt = get("prompt_tokens", "input_tokens").map(|tokens| tokens.saturating_add(cached));
         let completion = get("completion_tokens", "output_tokens");
         (prompt.is_some() || completion.is_some())
             .then(|| Usage { prompt_tokens: prompt.unwrap_or(0), completion_tokens: completion.unwrap_or(0) })
@@ -106,13 +112,18 @@ impl UsageTap {
 
     fn sse_line(&mut self, line: &[u8]) {
         let Some(data) = line.strip_prefix(b"data:") else { return };
+        self.content_bytes = self.content_bytes.saturating_add(delta_text_bytes(data));
         // Cheap pre-check: most events carry no usage.
         if !data.windows(7).any(|w| w == b"\"usage\"") {
-            self.content_bytes = self.content_bytes.saturating_add(delta_text_bytes(data));
             return;
         }
         if let Ok(event) = serde_json::from_slice::<Value>(data.trim_ascii()) {
-            let usage = event.get("usage").or_else(|| event.get("message").and_then(|m| m.get("usage")));
+            // OpenAI chat's final chunk, Anthropic's `message_start` and `message_delta`, OpenAI responses'
+            // `response.completed`.
+            let usage = event
+                .get("usage")
+                .or_else(|| event.get("message").and_then(|m| m.get("usage")))
+                .or_else(|| event.get("response").and_then(|r| r.get("usage")));
             if let Some(found) = usage.and_then(Usage::from_json) {
                 self.usage = Some(self.usage.map_or(found, |u| u.merge(found)));
             }
@@ -131,18 +142,31 @@ impl UsageTap {
     }
 }
 
-/// The bytes of generated text an SSE event carries: OpenAI chat's `choices[].delta.content`, Anthropic's
-/// `delta.text`, OpenAI responses' `delta` string.
+/// The bytes of generated output an SSE event carries: every string of its deltas (OpenAI chat's
+/// `choices[].delta`, text and tool-call arguments and reasoning alike; Anthropic's `delta`; OpenAI responses'
+/// `delta` string).
 fn delta_text_bytes(data: &[u8]) -> u64 {
     if !data.windows(7).any(|w| w == b"\"delta\"") {
         return 0;
     }
     let Ok(event) = serde_json::from_slice::<Value>(data.trim_ascii()) else { return 0 };
-    let length = |text: Option<&Value>| text.and_then(Value::as_str).map_or(0, |t| t.len() as u64);
     let choices = event.get("choices").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
-    let chat: u64 = choices.iter().map(|choice| length(choice.pointer("/delta/content"))).sum();
-    let delta = event.get("delta");
-    chat + length(delta.and_then(|d| d.get("text"))) + length(delta.filter(|d| d.is_string()))
+    let chat: u64 = choices.iter().filter_map(|choice| choice.get("delta")).map(string_bytes).sum();
+    chat + event.get("delta").map_or(0, string_bytes)
+}
+
+/// The bytes of every string in `value` but its labels (`type`, `role`, `id`), which are not generated text.
+fn string_bytes(value: &Value) -> u64 {
+    match value {
+        Value::String(text) => text.len() as u64,
+        Value::Array(items) => items.iter().map(string_bytes).sum(),
+        Value::Object(fields) => fields
+            .iter()
+            .filter(|(key, _)| !matches!(key.as_str(), "type" | "role" | "id"))
+            .map(|(_, value)| string_bytes(value))
+            .sum(),
+        _ => 0,
+    }
 }
 
 impl http_body::Body for UsageTap {
@@ -237,8 +261,31 @@ mod tests {
         while tapped.frame().await.is_some() {}
         drop(tapped);
         let seen = *seen.lock().unwrap();
-        assert_eq!(seen.content_bytes, 6 + 5 + 2);
+        assert_eq!(seen.content_bytes, 6 + 5 + 2, "the text, not the deltas' labels");
         assert_eq!(seen.usage, None);
+    }
+
+    #[tokio::test]
+    async fn cached_prompts_tool_calls_and_responses_streams_are_counted() {
+        let anthropic = r#"{"usage":{"input_tokens":10,"cache_creation_input_tokens":100,"cache_read_input_tokens":1000,"output_tokens":5}}"#;
+        assert_eq!(
+            tap("application/json", &[anthropic]).await,
+            Some(Usage { prompt_tokens: 1110, completion_tokens: 5 })
+        );
+        let responses = [
+            "data: {\"type\":\"response.output_text.delta\",\"delta\":\"hi\"}\n\n",
+            "data: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":7,\"output_tokens\":3}}}\n\n",
+        ];
+        assert_eq!(tap("text/event-stream", &responses).await, Some(Usage { prompt_tokens: 7, completion_tokens: 3 }));
+        // With `include_usage`, every chunk says `"usage":null`: its text still counts, tool-call arguments too.
+        let seen = Arc::new(Mutex::new(Tapped::default()));
+        let record = seen.clone();
+        let chunk = "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"function\":{\"arguments\":\"{\\\"q\\\":1}\"}}]}}],\"usage\":null}\n\n";
+        let mut tapped =
+            UsageTap::new(full(chunk), Some("text/event-stream"), Box::new(move |t| *record.lock().unwrap() = t));
+        while tapped.frame().await.is_some() {}
+        drop(tapped);
+        assert_eq!(seen.lock().unwrap().content_bytes, "{\"q\":1}".len() as u64);
     }
 
     #[tokio::test]

@@ -21,6 +21,9 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use x402_gateway::proxy::body::full;
 
+/// Released by a test to let a `hold` stream finish.
+static HELD: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
 /// `$1/1M` input and `$2/1M` output in USDC's six decimals: 1 and 2 atomic units per token.
 const PRICE: &str = r#"{ by = "body.model", per_token = { "m" = { input = "$1/1M", output = "$2/1M" } }, max = "$0.50", default_max_tokens = 100, inject_max_tokens = "max_tokens" }"#;
 /// The usage every answer of the test upstream reports: 40 prompt and 30 completion tokens, 100 units.
@@ -53,7 +56,7 @@ async fn spawn_llm() -> Upstream {
                 let last = json!({ "choices": [], "usage": usage, "max_tokens_seen": limit });
                 frames.push(Ok(Bytes::from(format!("data: {last}\n\ndata: [DONE]\n\n"))));
             }
-            let mut response = Response::new(streamed(frames).boxed_unsync());
+            let mut response = Response::new(streamed(frames, said == "hold").boxed_unsync());
             response.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
             return response;
         }
@@ -69,12 +72,16 @@ async fn spawn_llm() -> Upstream {
 }
 
 /// A body that sends `frames` in order, a moment apart, an error ending it where one is: as a model that breaks
-/// mid-answer, after its first events have gone out.
-fn streamed(frames: Vec<Result<Bytes, &'static str>>) -> Channel {
+/// mid-answer, after its first events have gone out. With `hold_the_last`, the last waits for the test's `HELD`.
+fn streamed(frames: Vec<Result<Bytes, &'static str>>, hold_the_last: bool) -> Channel {
     let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    let last = frames.len().saturating_sub(1);
     tokio::spawn(async move {
-        for frame in frames {
+        for (index, frame) in frames.into_iter().enumerate() {
             tokio::time::sleep(Duration::from_millis(20)).await;
+            if hold_the_last && index == last {
+                HELD.notified().await;
+            }
             if sender.send(frame.map(http_body::Frame::data).map_err(Into::into)).await.is_err() {
                 return;
             }
@@ -398,11 +405,13 @@ async fn bent_authorizations_are_refused_before_the_upstream_and_none_is_charged
     let url = gateway.url("/v1/chat/completions");
     let other: Address = PrivateKeySigner::random().address();
     type Bend = Box<dyn Fn(&mut Permit)>;
-    let bent: [(&str, Bend); 5] = [
+    let bent: [(&str, Bend); 6] = [
         ("permit2_amount_mismatch", Box::new(|p| p.ceiling += U256::from(1))),
         ("invalid_permit2_recipient_mismatch", Box::new(move |p| p.pay_to = other)),
         ("upto_facilitator_mismatch", Box::new(move |p| p.facilitator = other)),
         ("permit2_deadline_expired", Box::new(|p| p.deadline = common::pay::now() - 1)),
+        // Valid for a few seconds only: it would lapse while its answer streams, to be served unpaid.
+        ("permit2_deadline_expired", Box::new(|p| p.deadline = common::pay::now() + 10)),
         ("invalid_permit2_spender", Box::new(move |p| p.spender = other)),
     ];
     for (reason, bend) in bent {
@@ -450,4 +459,54 @@ async fn a_buyer_with_neither_allowance_nor_permit_gets_412() {
     let required = decode_header(answer.headers.get("payment-required").unwrap());
     assert_eq!(required["error"], "permit2_allowance_required");
     assert_eq!(upstream.hits(), 0);
+}
+
+#[tokio::test]
+async fn a_streamed_answer_whose_settlement_fails_keeps_its_authorization_spent() {
+    let Some(chain) = Chain::shared_with_permit2().await else { return };
+    let upstream = spawn_llm().await;
+    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+    let buyer = buyer(&chain, true).await;
+    let body = chat("hold", true);
+    let (resource, accepted) = offer(&gateway, &body).await;
+    let header = v2_header(&resource, &accepted, Permit::for_offer(&accepted).sign(&buyer));
+    let url = gateway.url("/v1/chat/completions");
+    let response = client().request(post(&url, &body, Some(&header))).await.unwrap();
+    assert_eq!(response.status(), 200, "verified, streaming");
+    // Mid-stream, the buyer takes its allowance back: the settlement cannot pull the charge.
+    common::upto::revoke_permit2(&chain, buyer.address()).await;
+    HELD.notify_one();
+    let _ = response.into_body().collect().await;
+    for _ in 0..100 {
+        if row(&gateway, buyer.address()).await.state.as_str() != "verified" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let row = row(&gateway, buyer.address()).await;
+    assert_eq!(row.state.as_str(), "settling", "left for reconciliation, never freed: {row:?}");
+    // Allowance back: the same authorization buys no second answer.
+    approve_permit2(&chain, buyer.address()).await;
+    let again = send(&client(), post(&url, &body, Some(&header))).await;
+    assert_eq!(again.status, 402, "{}", again.text());
+    assert_eq!(decode_header(again.headers.get("payment-response").unwrap())["errorReason"], "settlement_pending");
+    assert_eq!(upstream.hits(), 1, "the stream alone: the retry was not served");
+    assert_eq!(chain.balance(buyer.address()).await, U256::from(FUNDS));
+}
+
+#[tokio::test]
+async fn several_completions_raise_the_ceiling_and_a_bad_count_is_refused() {
+    let Some(chain) = Chain::shared_with_permit2().await else { return };
+    let upstream = spawn_llm().await;
+    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+    let three = json!({ "model": "m", "messages": [{ "role": "user", "content": "hi" }], "n": 3 }).to_string();
+    let (_, accepted) = offer(&gateway, &three).await;
+    assert_eq!(accepted["amount"], (three.len() as u64 + 3 * 2 * 100).to_string(), "three completions of 100 tokens");
+    let url = gateway.url("/v1/chat/completions");
+    for bad in [json!(0), json!(-1), json!(1.5), json!(100000)] {
+        let body = json!({ "model": "m", "messages": [], "n": bad }).to_string();
+        let answer = send(&client(), post(&url, &body, None)).await;
+        assert_eq!(answer.status, 400, "n = {bad}");
+        assert_eq!(answer.json()["error"], "invalid_token_limit");
+    }
 }

@@ -109,7 +109,7 @@ pub async fn reconcile(
             Ok(Some(transaction)) => {
                 moved(ledger.landed_late(row.id, transaction.clone()).await)?;
                 report.refunds += 1;
-                tracing::warn!(id = row.id, payer = %row.payer, amount = %row.amount, %transaction, "a payment recorded as failed was settled by someone else: refund needed");
+                tracing::warn!(id = row.id, payer = %row.payer, amount = %row.charge(), %transaction, "a payment recorded as failed was settled by someone else: refund needed");
             }
             Ok(None) => {}
             Err(err) => {
@@ -117,14 +117,18 @@ pub async fn reconcile(
             }
         }
     }
-    for row in ledger.in_state(State::Verified).await?.into_iter().filter(|r| r.updated_at < cutoff) {
+    // An `upto` row stays `verified` while its answer streams, which may outlast the grace: it is left alone
+    // until its permit has lapsed, when it can no longer be settled by anyone.
+    let now = crate::replay::unix_now();
+    let done = |r: &Row| r.updated_at < cutoff && !(r.scheme == "upto" && r.valid_before > now);
+    for row in ledger.in_state(State::Verified).await?.into_iter().filter(done) {
         moved(ledger.released(row.id, row.upstream_status).await)?;
         report.released += 1;
     }
     for row in ledger.in_state(State::Settled).await?.into_iter().filter(|r| !r.served && r.updated_at < cutoff) {
         moved(ledger.refund_needed(row.id, NEVER_SERVED.into()).await)?;
         report.refunds += 1;
-        tracing::warn!(id = row.id, payer = %row.payer, amount = %row.amount, "payment settled but never served: refund needed");
+        tracing::warn!(id = row.id, payer = %row.payer, amount = %row.charge(), "payment settled but never served: refund needed");
     }
     Ok(report)
 }

@@ -12,6 +12,8 @@ use crate::carrier::Carrier;
 use crate::config::RouteSpec;
 use crate::error::GatewayError;
 use crate::metering::{self, ChargeBasis, Measured, ModelRates, SETTLEMENT_OVERRIDES};
+use crate::replay::unix_now;
+use crate::respond;
 use crate::settlement::Settled;
 use crate::usage::{self, Tapped, UsageTap};
 use alloy::primitives::U256;
@@ -22,10 +24,13 @@ use http_body_util::BodyExt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// Frames of a stream on their way to the buyer, ahead of what it has read.
 const STREAM_BUFFER_FRAMES: usize = 8;
+/// A stream is cut this long before its permit lapses, and charged what it delivered: time to settle.
+const SETTLE_RESERVE: Duration = Duration::from_secs(30);
 
 /// How one `upto` payment is charged.
 #[derive(Debug, Clone, Copy)]
@@ -80,7 +85,7 @@ impl Gateway {
             complete: true,
             content_bytes: u64::try_from(body.len()).unwrap_or(u64::MAX),
         };
-        let settled = match self.charge(route, &mut call, &charging, overridden, tapped, status).await {
+        let settled = match self.charge(route, &mut call, &charging, overridden, tapped, status, false).await {
             Ok(settled) => settled,
             Err(Refused::Answer(response)) => return Ok(response),
             Err(Refused::Withheld(response)) => {
@@ -88,6 +93,7 @@ impl Gateway {
                 return Ok(response);
             }
             Err(Refused::Error(err)) => return Err(err),
+            Err(Refused::Unsettled(_)) => return Err(GatewayError::Internal),
         };
         if settled.transaction.is_empty() {
             // Nothing was owed: the receipt says so, and there is nothing to keep for a retry.
@@ -115,6 +121,7 @@ impl Gateway {
         parts.headers.remove(header::CONTENT_LENGTH);
         // HTTP/1.1 sends only the trailers the head announces (and only to a client that sent `TE: trailers`).
         parts.headers.insert(header::TRAILER, self.carrier.receipt_trailer_name(&call.payment));
+        respond::keep_private(&mut parts.headers);
         let head = parts.headers.clone();
         let status = parts.status;
         let PaidCall { payment, hold, id, resource, ctx, max_held, .. } = call;
@@ -124,7 +131,9 @@ impl Gateway {
         tokio::spawn(async move {
             let chain_id = payment.offer.network.chain_id;
             let Some(facilitator) = facilitator_choice.as_ref().and_then(|c| live.facilitators.get(c, chain_id)) else {
+                // The call was verified through this configuration's facilitator, which it still holds.
                 tracing::error!(payer = %payment.authorization.payer(), "no facilitator to settle a streamed upto payment");
+                gateway.record(gateway.ledger.released(id, Some(status.as_u16())).await);
                 return;
             };
             let mut ctx = detached;
@@ -155,35 +164,45 @@ impl Gateway {
         );
         let mut kept = Some(BytesMut::new());
         let mut whole = true;
+        // However the upstream and the buyer pace it, the stream ends in time to settle before the permit lapses.
+        let lapses_in = Duration::from_secs(call.payment.authorization.expires_at().saturating_sub(unix_now()));
+        let stop = tokio::time::Instant::now() + lapses_in.saturating_sub(SETTLE_RESERVE);
         loop {
-            let frame = match tokio::time::timeout(route.upstream.timeout, tap.frame()).await {
-                Ok(Some(Ok(frame))) => frame,
-                Ok(None) => break,
-                // A broken or stalled upstream ends the stream here; what was sent is charged.
-                Ok(Some(Err(_))) | Err(_) => {
+            let next = tokio::time::timeout(route.upstream.timeout, tap.frame());
+            let frame = match tokio::time::timeout_at(stop, next).await {
+                Ok(Ok(Some(Ok(frame)))) => frame,
+                Ok(Ok(None)) => break,
+                // A broken or stalled upstream, or the permit's time running out, ends the stream here; what was
+                // sent is charged.
+                _ => {
                     whole = false;
                     break;
                 }
             };
-            if let Some(data) = frame.data_ref() {
-                kept = kept.filter(|buffer| buffer.len() + data.len() <= call.max_held);
-                if let Some(buffer) = &mut kept {
-                    buffer.extend_from_slice(data);
-                }
+            // The receipt is the stream's trailer: an upstream's own trailers do not go out.
+            let Some(data) = frame.data_ref() else { continue };
+            kept = kept.filter(|buffer| buffer.len() + data.len() <= call.max_held);
+            if let Some(buffer) = &mut kept {
+                buffer.extend_from_slice(data);
             }
-            if stream.frames.send(Ok(frame)).await.is_err() {
+            // A buyer that stops reading is cut at the same point.
+            if !matches!(tokio::time::timeout_at(stop, stream.frames.send(Ok(frame))).await, Ok(Ok(()))) {
                 whole = false;
                 break;
             }
         }
         drop(tap);
         let tapped = tapped.await.unwrap_or_default();
-        let settled = match self.charge(route, &mut call, &charging, overridden, tapped, stream.status).await {
+        let settled = match self.charge(route, &mut call, &charging, overridden, tapped, stream.status, true).await {
             Ok(settled) => settled,
             Err(refused) => {
-                // The answer is out: a failed settlement is the seller's loss, recorded and logged.
+                // The answer is out. Its authorization stays spent whatever the failure said, so that a buyer who
+                // emptied its balance or revoked its allowance mid-stream cannot use it again, and its row stays
+                // `settling` for reconciliation to decide by the chain.
+                call.hold.spend();
                 let why = match refused {
                     Refused::Error(err) => err.to_string(),
+                    Refused::Unsettled(reason) => reason,
                     Refused::Answer(response) | Refused::Withheld(response) => response.status().to_string(),
                 };
                 tracing::error!(payer = %call.payment.authorization.payer(), "a streamed upto answer was not paid for: {why}");
@@ -210,12 +229,14 @@ impl Gateway {
             self.answers.keep(&call.payment, kept);
         }
         self.record(self.ledger.settled(call.id, settled.transaction.clone()).await);
-        if stream.frames.send(Ok(Frame::trailers(trailers))).await.is_ok() && whole {
-            self.record(self.ledger.served(call.id).await);
-        }
+        // Served: the buyer paid for what it was sent, cut short or not, so no refund is owed for want of the rest.
+        self.record(self.ledger.served(call.id).await);
+        let _ = stream.frames.send(Ok(Frame::trailers(trailers))).await;
     }
 
     /// The charge the answer comes to, recorded, then settled (an answer that cost nothing settles nothing).
+    /// `delivered`: the answer has gone out already (a stream), and cannot be withheld.
+    #[allow(clippy::too_many_arguments)]
     async fn charge(
         &self,
         route: &RouteSpec,
@@ -224,6 +245,7 @@ impl Gateway {
         overridden: Option<U256>,
         tapped: Tapped,
         status: StatusCode,
+        delivered: bool,
     ) -> Result<Settled, Refused> {
         let measured = Measured { usage: tapped.usage, content_bytes: tapped.content_bytes, complete: tapped.complete };
         let (charge, basis) = match overridden {
@@ -258,6 +280,14 @@ impl Gateway {
         }
         match self.settle(route, call, charge).await {
             Ok(settled) => Ok(Settled { amount: Some(charge), ..settled }),
+            // An answer already out is not taken back: its row stays `settling` (with the transaction, if one
+            // was sent), so that its authorization is never used again unpaid and reconciliation decides it.
+            Err(failure) if delivered => {
+                if let Some(transaction) = &failure.transaction {
+                    self.record(self.ledger.pending(call.id, transaction.clone()).await);
+                }
+                Err(Refused::Unsettled(failure.reason))
+            }
             Err(failure) => {
                 let response = self.settle_failed(call, &failure).await;
                 Err(if failure.nothing_moved { Refused::Answer(response) } else { Refused::Withheld(response) })
@@ -288,6 +318,8 @@ enum Refused {
     Answer(Response<Body>),
     /// It may still settle: this answer now, and the paid one kept for a retry.
     Withheld(Response<Body>),
+    /// A delivered answer whose settlement failed, for this reason.
+    Unsettled(String),
     Error(GatewayError),
 }
 

@@ -90,6 +90,8 @@ impl Gateway {
         self.carrier.strip(request.headers_mut());
         let request = upstream_request(request, route, canonical_path, &ctx.client)?;
         let mut response = self.forward(request, route).await?;
+        // An upstream's own charge is for the gateway's eyes, charging or not.
+        response.headers_mut().remove(crate::metering::SETTLEMENT_OVERRIDES);
         if let Some(Offered { offers, resource, rejection }) = offered {
             let challenge =
                 Challenge { offers: &offers, resource, rejection: rejection.as_ref(), bazaar: paid.bazaar.as_ref() };

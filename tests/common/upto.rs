@@ -31,6 +31,17 @@ pub async fn approve_permit2(chain: &Chain, buyer: Address) {
     let _: Value = rpc.raw_request("anvil_setBalance".into(), (buyer, U256::ZERO)).await.unwrap();
 }
 
+/// The buyer takes Permit2's allowance back (`approve(Permit2, 0)`).
+pub async fn revoke_permit2(chain: &Chain, buyer: Address) {
+    let rpc = &chain.provider;
+    let _: Value =
+        rpc.raw_request("anvil_setBalance".into(), (buyer, U256::from(10u64).pow(U256::from(18)))).await.unwrap();
+    let _: Value = rpc.raw_request("anvil_impersonateAccount".into(), (buyer,)).await.unwrap();
+    let input = approveCall { spender: PERMIT2, value: U256::ZERO }.abi_encode();
+    let tx = TransactionRequest::default().from(buyer).to(chain.token).input(Bytes::from(input).into());
+    assert!(rpc.send_transaction(tx).await.unwrap().get_receipt().await.unwrap().status(), "revoke");
+}
+
 /// What a buyer signs; each field may be bent to test the gateway's checks.
 pub struct Permit {
     pub token: Address,

@@ -255,9 +255,14 @@ pub fn replay_key(offer: &Offer, auth: &PermitAuthorization) -> NonceKey {
 /// EIP-2612 permit. Its deadline may also be no further ahead than the offer's `maxTimeoutSeconds` (plus clock
 /// skew), as for `exact`: the reference does not bound it, but the replay guard must remember an
 /// authorization until its deadline, and the official clients sign now + `maxTimeoutSeconds`.
+///
+/// An `upto` permit is settled after its answer, so it must also leave time to serve one: at least half the
+/// offer's `maxTimeoutSeconds` (the official clients sign all of it). A buyer cannot sign a permit that lapses
+/// while its answer streams, to be served unpaid.
 pub fn check_window(auth: &PermitAuthorization, offer: &Offer, now: u64) -> Result<(), Rejection> {
     let settle_by = U256::from(now.saturating_add(SETTLE_MARGIN_SECS));
-    if auth.deadline < settle_by {
+    let serve_and_settle_by = now.saturating_add((offer.max_timeout_seconds / 2).max(SETTLE_MARGIN_SECS));
+    if auth.deadline < U256::from(serve_and_settle_by) {
         return Err(Rejection::Permit2Deadline);
     }
     let latest = now.saturating_add(offer.max_timeout_seconds).saturating_add(CLOCK_SKEW_SECS);

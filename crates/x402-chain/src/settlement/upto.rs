@@ -148,7 +148,7 @@ impl LocalSettler {
                 Err(SendError::Refused(detail)) => {
                     tracing::warn!(detail = %detail, "the upto settlement transaction was not sent");
                     let message = "the settlement transaction could not be sent; nothing was charged".to_string();
-                    return Err(SettleFailure::nothing_moved("invalid_exact_evm_transaction_failed", message, None));
+                    return Err(SettleFailure::nothing_moved("invalid_transaction_state", message, None));
                 }
                 Err(SendError::Unknown(hash)) => (hash, None),
             };
