@@ -14,7 +14,7 @@ use crate::body::Body;
 use crate::carrier::{Carrier, HttpHeaders};
 use crate::catalogue;
 use crate::chain;
-use crate::config::{Bazaar, Config, FacilitatorChoice, RouteSpec};
+use crate::config::{Bazaar, Config, FacilitatorChoice, RemoteSet, RouteSpec};
 use crate::discovery;
 use crate::error::GatewayError;
 use crate::gate::{GateError, Payment, PaymentGate};
@@ -100,7 +100,7 @@ impl Live {
                 &config.payment.settlers,
                 &config.payment.settlement(),
                 config.routes.iter().filter_map(|route| match &route.payment.as_ref()?.facilitator {
-                    FacilitatorChoice::Remote(remote) => Some(&**remote),
+                    FacilitatorChoice::Remote(remote) => Some(remote),
                     FacilitatorChoice::Local => None,
                 }),
                 previous.map(|p| &p.facilitators),
@@ -404,7 +404,8 @@ impl Gateway {
             };
             for route in live.routes.routes() {
                 let Some(paid) = route.payment.as_ref() else { continue };
-                if !matches!(&paid.facilitator, FacilitatorChoice::Remote(remote) if remote.url == *url) {
+                let names_it = |set: &RemoteSet| set.facilitators.iter().any(|f| f.url == url);
+                if !matches!(&paid.facilitator, FacilitatorChoice::Remote(set) if names_it(set)) {
                     continue;
                 }
                 let offers = paid.pricing.all_offers();
@@ -427,7 +428,10 @@ impl Gateway {
         match (request.method(), request.uri().path()) {
             (&http::Method::GET, "/healthz") => admin::healthz(),
             (&http::Method::GET, "/readyz") => admin::readyz(self.live().facilitators.readiness().await),
-            (&http::Method::GET, "/metrics") => admin::metrics(self.metrics.render(self.gate.reserved())),
+            (&http::Method::GET, "/metrics") => {
+                let facilitators = self.live().facilitators.states();
+                admin::metrics(self.metrics.render(self.gate.reserved(), &facilitators))
+            }
             _ => admin::not_found(),
         }
     }
