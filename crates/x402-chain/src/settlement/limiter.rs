@@ -1,6 +1,10 @@
-//! A limit on the calls in flight to one remote facilitator that adapts to what it sustains: additive
-//! increase while calls succeed, multiplicative decrease when they fail for load (busy, nonce races, timeouts,
-//! 5xx). Calls over the limit wait their turn, first come first served, for a bounded time.
+//! A limit on the calls in flight to one remote facilitator that adapts to what it sustains, as TCP's
+//! congestion window does: from one call, it doubles while calls succeed (slow start) until the first failure
+//! for load (busy, timeouts, 5xx), then grows by one call per limit's worth of successes and halves on each
+//! such failure. A facilitator whose signer races its own nonces at some number of concurrent settlements is
+//! held under that number from then on: the race is not load that passes, and a losing transaction is not
+//! always refused (it may be dropped after it was accepted, and then lost). Calls over the limit wait their
+//! turn, first come first served, for a bounded time.
 
 use std::sync::Mutex;
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -15,12 +19,15 @@ pub struct AdaptiveLimit {
     /// Its permits are the calls the limit allows now, less those a decrease still owes.
     slots: Semaphore,
     state: Mutex<State>,
-    max: f64,
 }
 
 struct State {
     /// The limit, fractional so that increases add up (one call per limit's worth of successes).
     limit: f64,
+    /// What the limit may grow to: the maximum, or just under where the facilitator raced.
+    ceiling: f64,
+    /// Until the first failure, each success adds a call.
+    slow_start: bool,
     /// The whole calls `limit` allows, as given to `slots`.
     granted: usize,
     /// Permits that a decrease took back while they were out: forgotten when they come back.
@@ -37,6 +44,8 @@ pub enum Load {
     Coped,
     /// It failed for load: the limit shrinks.
     Overloaded,
+    /// The facilitator's signer raced its own nonces: the limit shrinks and stays under where it was.
+    Raced,
     /// It says nothing about load (the call was abandoned).
     Unknown,
 }
@@ -45,7 +54,9 @@ pub enum Load {
 pub struct Permit<'a> {
     limit: &'a AdaptiveLimit,
     slot: Option<SemaphorePermit<'a>>,
+    /// The decreases, and the calls allowed, when it was sent.
     epoch: u64,
+    granted: usize,
     load: Load,
 }
 
@@ -54,11 +65,16 @@ impl AdaptiveLimit {
     pub fn new(initial: usize, max: usize) -> AdaptiveLimit {
         let max = max.max(1);
         let initial = initial.clamp(1, max);
-        AdaptiveLimit {
-            slots: Semaphore::new(initial),
-            state: Mutex::new(State { limit: initial as f64, granted: initial, owed: 0, in_flight: 0, epoch: 0 }),
-            max: max as f64,
-        }
+        let state = State {
+            limit: initial as f64,
+            ceiling: max as f64,
+            slow_start: true,
+            granted: initial,
+            owed: 0,
+            in_flight: 0,
+            epoch: 0,
+        };
+        AdaptiveLimit { slots: Semaphore::new(initial), state: Mutex::new(state) }
     }
 
     /// A slot, once one is free and every caller before this one has had its own; `None` at `until`.
@@ -66,7 +82,7 @@ impl AdaptiveLimit {
         let slot = tokio::time::timeout_at(until, self.slots.acquire()).await.ok()?.ok()?;
         let mut state = self.lock();
         state.in_flight += 1;
-        Some(Permit { limit: self, slot: Some(slot), epoch: state.epoch, load: Load::Unknown })
+        Some(Permit { limit: self, slot: Some(slot), epoch: state.epoch, granted: state.granted, load: Load::Unknown })
     }
 
     /// Whether a call would get a slot without waiting.
@@ -88,19 +104,28 @@ impl AdaptiveLimit {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn finish(&self, slot: SemaphorePermit<'_>, epoch: u64, load: Load) {
+    fn finish(&self, slot: SemaphorePermit<'_>, sent: (u64, usize), load: Load) {
+        let (epoch, granted) = sent;
         let mut state = self.lock();
         state.in_flight -= 1;
+        if load == Load::Raced {
+            state.ceiling = state.ceiling.min((granted as f64 - 1.0).max(MIN_LIMIT));
+        }
         match load {
-            Load::Coped => state.limit = (state.limit + 1.0 / state.limit).min(self.max),
+            Load::Coped => {
+                let step = if state.slow_start { 1.0 } else { 1.0 / state.limit };
+                state.limit = (state.limit + step).min(state.ceiling);
+            }
             // Calls sent under the limit that has already been cut were sent too many at once, together:
             // they cut it once, as TCP does once per window.
-            Load::Overloaded if epoch == state.epoch => {
+            Load::Overloaded | Load::Raced if epoch == state.epoch => {
                 state.limit = (state.limit * DECREASE).max(MIN_LIMIT);
+                state.slow_start = false;
                 state.epoch += 1;
             }
-            Load::Overloaded | Load::Unknown => {}
+            Load::Overloaded | Load::Raced | Load::Unknown => {}
         }
+        state.limit = state.limit.min(state.ceiling);
         if state.owed > 0 {
             state.owed -= 1;
             slot.forget();
@@ -133,7 +158,7 @@ impl Permit<'_> {
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if let Some(slot) = self.slot.take() {
-            self.limit.finish(slot, self.epoch, self.load);
+            self.limit.finish(slot, (self.epoch, self.granted), self.load);
         }
     }
 }
@@ -152,18 +177,43 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn successes_add_one_call_per_limits_worth_and_stop_at_the_maximum() {
-        let limit = AdaptiveLimit::new(2, 4);
+    async fn successes_add_a_call_each_until_a_failure_then_one_per_limits_worth_up_to_the_maximum() {
+        let limit = AdaptiveLimit::new(1, 40);
+        for _ in 0..7 {
+            call(&limit, Load::Coped).await;
+        }
+        assert_eq!(limit.current(), 8, "slow start: one more call per success");
+        call(&limit, Load::Overloaded).await;
+        assert_eq!(limit.current(), 4);
+        for _ in 0..4 {
+            call(&limit, Load::Coped).await;
+        }
+        assert_eq!(limit.current(), 4, "4 + 1/4 + ... stays under 5 for four successes");
         call(&limit, Load::Coped).await;
+        assert_eq!(limit.current(), 5);
+        for _ in 0..1000 {
+            call(&limit, Load::Coped).await;
+        }
+        assert_eq!(limit.current(), 40, "never past the maximum");
+        assert_eq!(limit.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_nonce_race_holds_the_limit_under_where_it_happened() {
+        let limit = AdaptiveLimit::new(1, 32);
         call(&limit, Load::Coped).await;
-        assert_eq!(limit.current(), 2, "2 + 1/2 + 1/2.5 allows two calls");
-        call(&limit, Load::Coped).await;
-        assert_eq!(limit.current(), 3);
+        assert_eq!(limit.current(), 2);
+        let racing = acquire_all(&limit, 2).await;
+        for permit in racing {
+            permit.finished(Load::Raced);
+        }
+        assert_eq!(limit.current(), 1);
         for _ in 0..100 {
             call(&limit, Load::Coped).await;
         }
-        assert_eq!(limit.current(), 4, "never past the maximum");
-        assert_eq!(limit.in_flight(), 0);
+        assert_eq!(limit.current(), 1, "it raced at two calls at once: never two again");
+        call(&limit, Load::Overloaded).await;
+        assert_eq!(limit.current(), 1);
     }
 
     #[tokio::test]
@@ -178,7 +228,7 @@ mod tests {
         call(&limit, Load::Unknown).await;
         assert_eq!(limit.current(), 1);
         call(&limit, Load::Coped).await;
-        assert_eq!(limit.current(), 2);
+        assert_eq!(limit.current(), 2, "1 + 1/1");
     }
 
     #[tokio::test]

@@ -311,6 +311,23 @@ mod tests {
         assert!(!after.local[&84532].shares_queue_with(&elsewhere.local[&84532]), "another node, another queue");
     }
 
+    #[tokio::test]
+    async fn a_pinned_facilitator_is_that_one_alone_and_a_route_gets_its_whole_set() {
+        let set = |urls: &[&str]| {
+            let one = |url: &&str| crate::options::RemoteConfig { url: url.to_string(), auth: None, weight: 1 };
+            Arc::new(RemoteSet { facilitators: urls.iter().map(one).collect() })
+        };
+        let (both, alone) = (set(&["http://127.0.0.1:1", "http://127.0.0.1:2/v2/KEY"]), set(&["http://127.0.0.1:1"]));
+        let facilitators = Facilitators::new(&BTreeMap::new(), &OPTIONS, [&both, &alone], None);
+        assert_eq!(facilitators.states().len(), 2, "one facilitator for each URL");
+        let route = facilitators
+            .get(&FacilitatorChoice::Remote(set(&["http://127.0.0.1:1", "http://127.0.0.1:2/v2/KEY"])), 84532);
+        assert_eq!(route.expect("the route's set").name(), "http://127.0.0.1:1, http://127.0.0.1:2/<redacted>");
+        let pinned = facilitators.pinned("http://127.0.0.1:2/v2/KEY").expect("a configured facilitator");
+        assert_eq!(pinned.name(), "http://127.0.0.1:2/<redacted>");
+        assert!(facilitators.pinned("http://127.0.0.1:3").is_none(), "only one the configuration names");
+    }
+
     #[test]
     fn settlement_reasons_are_metric_labels() {
         let failures = [

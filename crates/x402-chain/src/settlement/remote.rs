@@ -60,8 +60,10 @@ enum CallError {
 pub(super) enum Signal {
     /// It answered with a verdict.
     Answered,
-    /// It is up but could not take more: a 429, or its signer raced its own nonces.
+    /// It is up but could not take more (a 429).
     Busy,
+    /// Its signer raced its own nonces: it took more settlements at once than it can send.
+    Raced,
     /// No usable answer: unreachable, timed out, an error page or a 503.
     Down,
 }
@@ -81,8 +83,8 @@ pub(super) struct SettleAttempt {
 /// creation failed. … Details: replacement transaction underpriced"). Each says so of a transaction other than
 /// ours taking the nonce, or of the facilitator's gas; a reverted or lost transaction reads otherwise.
 const NODE_REFUSALS: [(&str, Signal); 3] = [
-    ("nonce too low", Signal::Busy),
-    ("transaction underpriced", Signal::Busy),
+    ("nonce too low", Signal::Raced),
+    ("transaction underpriced", Signal::Raced),
     ("insufficient funds for gas", Signal::Answered),
 ];
 
@@ -253,9 +255,9 @@ mod tests {
     fn a_node_refusing_the_transaction_at_submission_is_told_apart_from_a_failed_broadcast() {
         let race = "Nonce provided for the transaction is lower than the current nonce of the account.\n\
                     Try increasing the nonce or find the latest nonce with `getTransactionCount`.\n\nDetails: nonce too low";
-        assert_eq!(node_refusal(race), Some(Signal::Busy));
+        assert_eq!(node_refusal(race), Some(Signal::Raced));
         let replaced = "Transaction creation failed.\n\nDetails: replacement transaction underpriced";
-        assert_eq!(node_refusal(replaced), Some(Signal::Busy));
+        assert_eq!(node_refusal(replaced), Some(Signal::Raced));
         assert_eq!(node_refusal("Details: insufficient funds for gas * price + value"), Some(Signal::Answered));
         for moved_maybe in ["", "The request took too long to respond.", "execution reverted", "already known"] {
             assert_eq!(node_refusal(moved_maybe), None, "{moved_maybe}");

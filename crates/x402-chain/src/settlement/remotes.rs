@@ -25,9 +25,8 @@ use tokio::time::Instant;
 use x402_proto::wire::ResourceInfo;
 use x402_proto::Payment;
 
-/// Where a facilitator's limits start: verification is read-only, settlement spends its signer's nonces.
-const VERIFY_START_LIMIT: usize = 8;
-const SETTLE_START_LIMIT: usize = 4;
+/// Where a facilitator's limits start; they double from there while calls succeed.
+const START_LIMIT: usize = 1;
 /// Calls in a row without a usable answer before a facilitator is passed over for [`COOL_DOWN`].
 const FAILURES_TO_COOL_DOWN: u32 = 3;
 const COOL_DOWN: Duration = Duration::from_secs(10);
@@ -95,7 +94,7 @@ impl Health {
                     self.cool_down(now);
                 }
             }
-            Signal::Answered | Signal::Busy => *self = Health::default(),
+            Signal::Answered | Signal::Busy | Signal::Raced => *self = Health::default(),
         }
     }
 
@@ -113,8 +112,8 @@ impl Member {
             url: config.url.clone(),
             auth: config.auth.clone(),
             client: RemoteFacilitator::new(config.url.clone(), config.auth.clone(), settings.facilitator_timeout),
-            verify_limit: AdaptiveLimit::new(VERIFY_START_LIMIT, max),
-            settle_limit: AdaptiveLimit::new(SETTLE_START_LIMIT, max),
+            verify_limit: AdaptiveLimit::new(START_LIMIT, max),
+            settle_limit: AdaptiveLimit::new(START_LIMIT, max),
             max_concurrency: max,
             max_wait: settings.facilitator_timeout,
             health: Mutex::new(Health::default()),
@@ -187,6 +186,7 @@ impl Member {
         permit.finished(match signal {
             Signal::Answered => Load::Coped,
             Signal::Busy | Signal::Down => Load::Overloaded,
+            Signal::Raced => Load::Raced,
         });
         self.health().after(signal, Instant::now());
     }
@@ -310,9 +310,12 @@ impl RemoteGroup {
             }
             member.retries.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(pause).await;
-            // The next choice, now; another facilitator than the one that just failed, if there is one.
+            // The next choice, now: another healthy facilitator than the one that just failed if there is one,
+            // else the first choice (which may be that one again).
             let order = self.order(|candidate| candidate.settle_limit.has_room());
-            let next = order.iter().find(|candidate| !std::ptr::eq(**candidate, member)).copied().unwrap_or(member);
+            let now = Instant::now();
+            let other = order.iter().find(|c| !std::ptr::eq(**c, member) && c.healthy(now));
+            let next = other.or(order.first()).copied().unwrap_or(member);
             if !std::ptr::eq(next, member) {
                 member.failovers.fetch_add(1, Ordering::Relaxed);
             }
