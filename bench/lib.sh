@@ -99,11 +99,12 @@ upstream = "api"
 CONF
 }
 
-# Builds the gateway (and the load driver) in release mode once.
+# Builds the gateway (and the load driver) in release mode once, in $CARGO_TARGET_DIR when it is set.
 build_release() {
   (cd "$repo" && cargo build --release --locked --bin x402-gateway --example paid_load >&2)
-  gateway_bin="$repo/target/release/x402-gateway"
-  driver_bin="$repo/target/release/examples/paid_load"
+  local target=${CARGO_TARGET_DIR:-$repo/target}
+  gateway_bin="$target/release/x402-gateway"
+  driver_bin="$target/release/examples/paid_load"
 }
 
 median() {
