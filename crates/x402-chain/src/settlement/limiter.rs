@@ -1,10 +1,10 @@
 //! A limit on the calls in flight to one remote facilitator that adapts to what it sustains, as TCP's
-//! congestion window does: from one call, it doubles while calls succeed (slow start) until the first failure
-//! for load (busy, timeouts, 5xx), then grows by one call per limit's worth of successes and halves on each
-//! such failure. A facilitator whose signer races its own nonces at some number of concurrent settlements is
-//! held under that number from then on: the race is not load that passes, and a losing transaction is not
-//! always refused (it may be dropped after it was accepted, and then lost). Calls over the limit wait their
-//! turn, first come first served, for a bounded time.
+//! congestion window does. From one call, it doubles while calls that use it succeed (slow start), until the
+//! first failure for load (busy, timeouts, 5xx); then it grows by one call per limit's worth of successes
+//! and halves on each such failure. A facilitator whose signer races its own nonces at some number of
+//! concurrent settlements is held under that number from then on: a race is not load that passes, and each
+//! climb back to that number would cost settlements a retry each. Calls over the limit wait their turn,
+//! first come first served, for a bounded time.
 
 use std::sync::Mutex;
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -54,10 +54,16 @@ pub enum Load {
 pub struct Permit<'a> {
     limit: &'a AdaptiveLimit,
     slot: Option<SemaphorePermit<'a>>,
-    /// The decreases, and the calls allowed, when it was sent.
+    /// When it was sent: the decreases so far, the calls allowed and those in flight (itself included).
+    sent: Sent,
+    load: Load,
+}
+
+#[derive(Clone, Copy)]
+struct Sent {
     epoch: u64,
     granted: usize,
-    load: Load,
+    in_flight: usize,
 }
 
 impl AdaptiveLimit {
@@ -82,7 +88,8 @@ impl AdaptiveLimit {
         let slot = tokio::time::timeout_at(until, self.slots.acquire()).await.ok()?.ok()?;
         let mut state = self.lock();
         state.in_flight += 1;
-        Some(Permit { limit: self, slot: Some(slot), epoch: state.epoch, granted: state.granted, load: Load::Unknown })
+        let sent = Sent { epoch: state.epoch, granted: state.granted, in_flight: state.in_flight };
+        Some(Permit { limit: self, slot: Some(slot), sent, load: Load::Unknown })
     }
 
     /// Whether a call would get a slot without waiting.
@@ -104,21 +111,23 @@ impl AdaptiveLimit {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn finish(&self, slot: SemaphorePermit<'_>, sent: (u64, usize), load: Load) {
-        let (epoch, granted) = sent;
+    fn finish(&self, slot: SemaphorePermit<'_>, sent: Sent, load: Load) {
         let mut state = self.lock();
         state.in_flight -= 1;
         if load == Load::Raced {
-            state.ceiling = state.ceiling.min((granted as f64 - 1.0).max(MIN_LIMIT));
+            state.ceiling = state.ceiling.min((sent.granted as f64 - 1.0).max(MIN_LIMIT));
         }
         match load {
+            // A limit grows only by calls that used it (half of it at least): one call at a time says nothing
+            // about ten.
+            Load::Coped if sent.in_flight * 2 < sent.granted => {}
             Load::Coped => {
                 let step = if state.slow_start { 1.0 } else { 1.0 / state.limit };
                 state.limit = (state.limit + step).min(state.ceiling);
             }
             // Calls sent under the limit that has already been cut were sent too many at once, together:
             // they cut it once, as TCP does once per window.
-            Load::Overloaded | Load::Raced if epoch == state.epoch => {
+            Load::Overloaded | Load::Raced if sent.epoch == state.epoch => {
                 state.limit = (state.limit * DECREASE).max(MIN_LIMIT);
                 state.slow_start = false;
                 state.epoch += 1;
@@ -158,7 +167,7 @@ impl Permit<'_> {
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if let Some(slot) = self.slot.take() {
-            self.limit.finish(slot, (self.epoch, self.granted), self.load);
+            self.limit.finish(slot, self.sent, self.load);
         }
     }
 }
@@ -176,26 +185,42 @@ mod tests {
         limit.acquire(soon()).await.expect("a slot").finished(load);
     }
 
+    /// A call sent while every other slot is taken: the limit is in use.
+    async fn call_at_full_use(limit: &AdaptiveLimit, load: Load) {
+        let others = acquire_all(limit, limit.current() - 1).await;
+        call(limit, load).await;
+        drop(others);
+    }
+
     #[tokio::test]
     async fn successes_add_a_call_each_until_a_failure_then_one_per_limits_worth_up_to_the_maximum() {
         let limit = AdaptiveLimit::new(1, 40);
         for _ in 0..7 {
-            call(&limit, Load::Coped).await;
+            call_at_full_use(&limit, Load::Coped).await;
         }
         assert_eq!(limit.current(), 8, "slow start: one more call per success");
-        call(&limit, Load::Overloaded).await;
+        call_at_full_use(&limit, Load::Overloaded).await;
         assert_eq!(limit.current(), 4);
         for _ in 0..4 {
-            call(&limit, Load::Coped).await;
+            call_at_full_use(&limit, Load::Coped).await;
         }
         assert_eq!(limit.current(), 4, "4 + 1/4 + ... stays under 5 for four successes");
-        call(&limit, Load::Coped).await;
+        call_at_full_use(&limit, Load::Coped).await;
         assert_eq!(limit.current(), 5);
         for _ in 0..1000 {
-            call(&limit, Load::Coped).await;
+            call_at_full_use(&limit, Load::Coped).await;
         }
         assert_eq!(limit.current(), 40, "never past the maximum");
         assert_eq!(limit.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_limit_grows_only_by_calls_that_use_it() {
+        let limit = AdaptiveLimit::new(1, 32);
+        for _ in 0..100 {
+            call(&limit, Load::Coped).await;
+        }
+        assert_eq!(limit.current(), 3, "one call at a time proves three at most (half of the limit in use)");
     }
 
     #[tokio::test]
@@ -209,7 +234,7 @@ mod tests {
         }
         assert_eq!(limit.current(), 1);
         for _ in 0..100 {
-            call(&limit, Load::Coped).await;
+            call_at_full_use(&limit, Load::Coped).await;
         }
         assert_eq!(limit.current(), 1, "it raced at two calls at once: never two again");
         call(&limit, Load::Overloaded).await;
@@ -227,7 +252,7 @@ mod tests {
         assert_eq!(limit.current(), 1, "never under one call");
         call(&limit, Load::Unknown).await;
         assert_eq!(limit.current(), 1);
-        call(&limit, Load::Coped).await;
+        call_at_full_use(&limit, Load::Coped).await;
         assert_eq!(limit.current(), 2, "1 + 1/1");
     }
 
