@@ -101,11 +101,10 @@ upstream = "api"
 CONF
 }
 
-# Builds the gateway (and the load driver) in release mode once, in $CARGO_TARGET_DIR when set.
+# Builds the gateway (and the load driver) in release mode once, in $CARGO_TARGET_DIR when it is set.
 build_release() {
   (cd "$repo" && cargo build --release --locked --bin x402-gateway --example paid_load >&2)
-  local target=${CARGO_TARGET_DIR:-target}
-  [[ $target == /* ]] || target="$repo/$target"
+  local target=${CARGO_TARGET_DIR:-$repo/target}
   gateway_bin="$target/release/x402-gateway"
   driver_bin="$target/release/examples/paid_load"
 }

@@ -1,15 +1,16 @@
 //! The admin listener's answers: liveness, readiness and metrics. It never shares a port with paid traffic.
 
 use crate::body::{full, json_response, Body};
+use crate::settlement::Readiness;
 use http::{header, HeaderValue, Response, StatusCode};
 
 pub fn healthz() -> Response<Body> {
     json_response(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
 }
 
-/// 200 when every check passed, else 503 naming the ones that failed.
-pub fn readyz(checks: Vec<(String, Result<(), String>)>) -> Response<Body> {
-    let ready = checks.iter().all(|(_, result)| result.is_ok());
+/// 200 when ready, else 503; either way each check and each remote facilitator's state (by redacted URL).
+pub fn readyz(readiness: Readiness) -> Response<Body> {
+    let Readiness { ready, checks, facilitators } = readiness;
     let checks: Vec<serde_json::Value> = checks
         .into_iter()
         .map(|(name, result)| match result {
@@ -17,9 +18,28 @@ pub fn readyz(checks: Vec<(String, Result<(), String>)>) -> Response<Body> {
             Err(error) => serde_json::json!({ "name": name, "ok": false, "error": error }),
         })
         .collect();
+    let facilitators: Vec<serde_json::Value> = facilitators
+        .into_iter()
+        .map(|f| {
+            serde_json::json!({
+                "name": f.name,
+                "healthy": f.healthy,
+                "verify_limit": f.verify_limit,
+                "settle_limit": f.settle_limit,
+                "verify_in_flight": f.verify_in_flight,
+                "settle_in_flight": f.settle_in_flight,
+                "retries": f.retries,
+                "failovers": f.failovers,
+            })
+        })
+        .collect();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let body =
-        serde_json::json!({ "status": if ready { "ready" } else { "unready" }, "config": "loaded", "checks": checks });
+    let body = serde_json::json!({
+        "status": if ready { "ready" } else { "unready" },
+        "config": "loaded",
+        "checks": checks,
+        "facilitators": facilitators,
+    });
     json_response(status, &body)
 }
 

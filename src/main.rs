@@ -209,14 +209,22 @@ fn check(path: &std::path::Path) -> ExitCode {
                             SettleMode::Before => "before",
                         };
                         let facilitator = match &paid.facilitator {
-                            FacilitatorChoice::Local => "local".to_string(),
-                            FacilitatorChoice::Remote(remote) => redacted_url(&remote.url),
+                            FacilitatorChoice::Local => "facilitator local".to_string(),
+                            FacilitatorChoice::Remote(set) => match &set.facilitators[..] {
+                                [one] => format!("facilitator {}", redacted_url(&one.url)),
+                                several => {
+                                    let shown = several
+                                        .iter()
+                                        .map(|f| format!("{} (weight {})", redacted_url(&f.url), f.weight));
+                                    format!("facilitators {}", shown.collect::<Vec<_>>().join(", "))
+                                }
+                            },
                         };
                         let shadow = match paid.mode {
                             PaymentMode::Enforce => "",
                             PaymentMode::Shadow => "shadow mode: served free, ",
                         };
-                        format!("paid ({shadow}settle {settle}, facilitator {facilitator})")
+                        format!("paid ({shadow}settle {settle}, {facilitator})")
                     }
                 };
                 line!(out, "  {methods:<16} {:<32} {:<16} {price}", route.pattern_text, route.upstream.name);

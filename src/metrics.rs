@@ -1,5 +1,6 @@
 //! Prometheus metrics (OpenMetrics text on the admin listener's `/metrics`).
 
+use crate::settlement::FacilitatorState;
 use crate::x402::reason_label;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -43,6 +44,14 @@ pub struct Metrics {
     metered: Family<Labels, Counter>,
     charged_share: Histogram,
     tokens: Family<Labels, Counter>,
+    /// Sampled from the remote facilitators at each scrape, by redacted URL.
+    facilitator_healthy: Family<Labels, Gauge>,
+    facilitator_limit: Family<Labels, Gauge>,
+    facilitator_in_flight: Family<Labels, Gauge>,
+    facilitator_retries: Family<Labels, Counter>,
+    facilitator_failovers: Family<Labels, Counter>,
+    /// One scrape samples and encodes at a time: another's sampling would clear series under it.
+    scrape: std::sync::Mutex<()>,
 }
 
 fn latency() -> Histogram {
@@ -85,6 +94,12 @@ impl Metrics {
             metered: Family::default(),
             charged_share: Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]),
             tokens: Family::default(),
+            facilitator_healthy: Family::default(),
+            facilitator_limit: Family::default(),
+            facilitator_in_flight: Family::default(),
+            facilitator_retries: Family::default(),
+            facilitator_failovers: Family::default(),
+            scrape: std::sync::Mutex::new(()),
         };
         let r = &mut m.registry;
         r.register("requests", "Requests on the public listeners, by route and status", m.requests.clone());
@@ -134,6 +149,31 @@ impl Metrics {
             "upto_tokens",
             "Tokens billed on upto routes, by route and kind (prompt, completion)",
             m.tokens.clone(),
+        );
+        r.register(
+            "facilitator_healthy",
+            "1 while a remote facilitator is healthy, 0 while it cools down after failures",
+            m.facilitator_healthy.clone(),
+        );
+        r.register(
+            "facilitator_concurrency_limit",
+            "Calls a remote facilitator is allowed in flight now, by call (verify, settle)",
+            m.facilitator_limit.clone(),
+        );
+        r.register(
+            "facilitator_in_flight",
+            "Calls in flight to a remote facilitator, by call (verify, settle)",
+            m.facilitator_in_flight.clone(),
+        );
+        r.register(
+            "facilitator_retries",
+            "Settlements sent again after a failure before any broadcast at this facilitator",
+            m.facilitator_retries.clone(),
+        );
+        r.register(
+            "facilitator_failovers",
+            "Calls that went on to another facilitator after this one failed them",
+            m.facilitator_failovers.clone(),
         );
         m
     }
@@ -201,13 +241,45 @@ impl Metrics {
         self.upstream_latency.observe(took.as_secs_f64());
     }
 
-    /// The OpenMetrics text exposition; `reservations` is sampled now.
-    pub fn render(&self, reservations: u64) -> String {
+    /// The OpenMetrics text exposition; `reservations` and `facilitators` are sampled now.
+    pub fn render(&self, reservations: u64, facilitators: &[FacilitatorState]) -> String {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         self.nonce_reservations.set(i64::try_from(reservations).unwrap_or(i64::MAX));
+        self.sample_facilitators(facilitators);
         let mut text = String::new();
         // Encoding into a String cannot fail.
         let _ = encode(&mut text, &self.registry);
         text
+    }
+}
+
+impl Metrics {
+    /// The series of the facilitators the configuration has now (a reload may drop some), with their counts
+    /// as the facilitators keep them.
+    fn sample_facilitators(&self, facilitators: &[FacilitatorState]) {
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.facilitator_healthy.clear();
+        self.facilitator_limit.clear();
+        self.facilitator_in_flight.clear();
+        self.facilitator_retries.clear();
+        self.facilitator_failovers.clear();
+        for state in facilitators {
+            let of = || vec![("facilitator", state.name.clone())];
+            let call = |call: &str| vec![("facilitator", state.name.clone()), ("call", call.to_string())];
+            self.facilitator_healthy.get_or_create(&of()).set(i64::from(state.healthy));
+            for (name, limit, in_flight) in [
+                ("verify", state.verify_limit, state.verify_in_flight),
+                ("settle", state.settle_limit, state.settle_in_flight),
+            ] {
+                self.facilitator_limit.get_or_create(&call(name)).set(gauge(limit));
+                self.facilitator_in_flight.get_or_create(&call(name)).set(gauge(in_flight));
+            }
+            let count = |family: &Family<Labels, Counter>, total: u64| {
+                family.get_or_create(&of()).inner().store(total, std::sync::atomic::Ordering::Relaxed);
+            };
+            count(&self.facilitator_retries, state.retries);
+            count(&self.facilitator_failovers, state.failovers);
+        }
     }
 }
 
@@ -231,7 +303,7 @@ mod tests {
         metrics.settled("/paid", "success", Duration::ZERO);
         metrics.settled("/paid", "settlement_pending", Duration::ZERO);
         metrics.settled("/paid", "the RPC at https://node.example/KEY timed out", Duration::ZERO);
-        let text = metrics.render(0);
+        let text = metrics.render(0, &[]);
         for series in [
             "x402_gateway_payments_rejected_total{route=\"/paid\",reason=\"invalid_exact_evm_signature\"} 1",
             "x402_gateway_payments_rejected_total{route=\"/paid\",reason=\"other\"} 2",

@@ -180,6 +180,36 @@ facilitator = "https://user:{key}@other.example:8443/x402?apikey={key}"
 }
 
 #[test]
+fn check_shows_each_facilitator_of_a_list_with_its_weight_and_without_its_key_or_auth() {
+    let key = "sk-cli-facilitators-91ab";
+    let path = write_config(&format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+[upstreams.api]
+url = "http://127.0.0.1:9"
+[payment]
+pay_to = "0x90F79bf6EB2c4f870365E785982E1f101E93b906"
+network = "base-sepolia"
+asset = "USDC"
+facilitators = [
+  {{ url = "https://facilitator.example/v2/{key}", auth = "Bearer {key}", weight = 3 }},
+  {{ url = "https://backup.example:8443" }},
+]
+[[routes]]
+path = "/paid"
+upstream = "api"
+amount = "1000"
+"#
+    ));
+    let (out, stdout, stderr) = check(&path);
+    assert_eq!(out.status.code(), Some(0), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(!stdout.contains(key) && !stderr.contains(key), "the key is printed: {stdout}{stderr}");
+    let shown =
+        "facilitators https://facilitator.example/<redacted> (weight 3), https://backup.example:8443 (weight 1)";
+    assert!(stdout.contains(shown), "{stdout}");
+}
+
+#[test]
 fn check_prints_a_per_token_routes_cap_and_rates() {
     let path = write_config(
         r#"[server]

@@ -88,6 +88,7 @@ impl Upto {
         let options = SettlementOptions {
             settle_timeout: Duration::from_secs(30),
             facilitator_timeout: Duration::from_secs(30),
+            facilitator_max_concurrency: 32,
             settle_batch: None,
         };
         let provider = x402_gateway::chain::connect(&config.rpc_url, Duration::from_secs(10));

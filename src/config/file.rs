@@ -42,7 +42,9 @@ pub struct Payment {
     pub max_timeout_seconds: Option<u64>,
     pub facilitator: Option<String>,
     pub facilitator_auth: Option<String>,
+    pub facilitators: Option<Vec<FacilitatorEntry>>,
     pub facilitator_timeout_secs: Option<u64>,
+    pub facilitator_max_concurrency: Option<usize>,
     pub settle: Option<String>,
     /// `enforce` (the default) or `shadow`: served free, offered, and what would be charged counted.
     pub mode: Option<String>,
@@ -53,6 +55,15 @@ pub struct Payment {
     pub nonce_cache_capacity: Option<u64>,
     pub attempt_rate_per_ip: Option<u32>,
     pub attempt_burst_per_ip: Option<u32>,
+}
+
+/// One of `facilitators = [{ url, auth, weight }]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FacilitatorEntry {
+    pub url: String,
+    pub auth: Option<String>,
+    pub weight: Option<u32>,
 }
 
 /// Payment terms that `[payment]`, a route and a route's `accepts` entry may each set; the most specific wins.
@@ -141,6 +152,7 @@ pub struct Route {
     pub description: Option<String>,
     pub mime_type: Option<String>,
     pub facilitator: Option<String>,
+    pub facilitators: Option<Vec<FacilitatorEntry>>,
     pub settle: Option<String>,
     pub mode: Option<String>,
     #[serde(default)]

@@ -11,7 +11,7 @@ pub use crate::options::{
     Bazaar, LedgerSettings, Limits, PaidRoute, RouteSpec, ServerConfig, TlsListener, Upstream, UpstreamCa,
 };
 pub use error::ConfigError;
-pub use payment::{BatchSettings, FacilitatorChoice, PaymentSettings, RemoteConfig, SettlerConfig};
+pub use payment::{BatchSettings, FacilitatorChoice, PaymentSettings, RemoteConfig, RemoteSet, SettlerConfig};
 
 use crate::answer_urls::AnswerUrls;
 use crate::networks::Network;

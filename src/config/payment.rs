@@ -19,6 +19,9 @@ use x402_proto::OfferScheme;
 pub const DEFAULT_MAX_TIMEOUT_SECONDS: u64 = 300;
 pub const DEFAULT_NONCE_CACHE_CAPACITY: u64 = 100_000;
 pub const DEFAULT_FACILITATOR_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_FACILITATOR_MAX_CONCURRENCY: usize = 32;
+/// Beyond any facilitator's real capacity: a typo.
+const MAX_FACILITATOR_CONCURRENCY: usize = 4096;
 pub const DEFAULT_SETTLE_AFTER_MAX_BYTES: usize = 10 * 1024 * 1024;
 pub const DEFAULT_SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Keeps a batch's gas limit (100k per payment) under EIP-7825's 2^24 gas cap per transaction.
@@ -35,7 +38,9 @@ pub const DEFAULT_PER_TOKEN_MAX: &str = "$0.50";
 pub const DEFAULT_ATTEMPT_RATE_PER_IP: u32 = 50;
 pub const DEFAULT_ATTEMPT_BURST_PER_IP: u32 = 200;
 
-pub use x402_chain::options::{BatchSettings, FacilitatorChoice, RemoteConfig, SettlementOptions, SettlerConfig};
+pub use x402_chain::options::{
+    BatchSettings, FacilitatorChoice, RemoteConfig, RemoteSet, SettlementOptions, SettlerConfig,
+};
 
 /// Payment settings shared by all routes.
 #[derive(Debug)]
@@ -49,6 +54,8 @@ pub struct PaymentSettings {
     /// Networks where the gateway can settle itself, by chain id.
     pub settlers: BTreeMap<u64, SettlerConfig>,
     pub facilitator_timeout: Duration,
+    /// The most calls in flight to one remote facilitator; its limit adapts below it.
+    pub facilitator_max_concurrency: usize,
     /// Largest upstream answer held back while a `settle = "after"` payment settles.
     pub settle_after_max_bytes: usize,
     /// Longest wait for a local settlement's receipt (the authorization's expiry may cut it shorter); past it,
@@ -66,6 +73,7 @@ impl PaymentSettings {
         SettlementOptions {
             settle_timeout: self.settle_timeout,
             facilitator_timeout: self.facilitator_timeout,
+            facilitator_max_concurrency: self.facilitator_max_concurrency,
             settle_batch: self.settle_batch,
         }
     }
@@ -150,6 +158,18 @@ impl Validator<'_> {
         let facilitator_timeout =
             super::nonzero("payment.facilitator_timeout_secs", payment.and_then(|p| p.facilitator_timeout_secs))?
                 .map_or(DEFAULT_FACILITATOR_TIMEOUT, Duration::from_secs);
+        let facilitator_max_concurrency = match super::nonzero(
+            "payment.facilitator_max_concurrency",
+            payment.and_then(|p| p.facilitator_max_concurrency),
+        )? {
+            Some(n) if n > MAX_FACILITATOR_CONCURRENCY => {
+                return Err(ConfigError::invalid(
+                    "payment.facilitator_max_concurrency",
+                    format!("at most {MAX_FACILITATOR_CONCURRENCY}"),
+                ))
+            }
+            n => n.unwrap_or(DEFAULT_FACILITATOR_MAX_CONCURRENCY),
+        };
         let settle_after_max_bytes =
             super::nonzero("payment.settle_after_max_bytes", payment.and_then(|p| p.settle_after_max_bytes))?
                 .unwrap_or(DEFAULT_SETTLE_AFTER_MAX_BYTES);
@@ -175,6 +195,7 @@ impl Validator<'_> {
             networks,
             settlers,
             facilitator_timeout,
+            facilitator_max_concurrency,
             settle_after_max_bytes,
         })
     }
@@ -280,35 +301,97 @@ impl Validator<'_> {
         }))
     }
 
+    /// The route's facilitators, else `[payment]`'s, else `local`. At each level, `facilitator = "URL"` (with
+    /// `facilitator_auth`) is a list of one.
     fn facilitator(
         &self,
         key: &str,
         route: &file::Route,
         payment: Option<&file::Payment>,
     ) -> Result<FacilitatorChoice, ConfigError> {
-        let (url_key, raw) = match (&route.facilitator, payment.and_then(|p| p.facilitator.as_ref())) {
-            (Some(url), _) => (format!("{key}.facilitator"), url.as_str()),
-            (None, Some(url)) => ("payment.facilitator".to_string(), url.as_str()),
-            (None, None) => return Ok(FacilitatorChoice::Local),
-        };
-        let url = self.expand(&url_key, raw)?;
-        if url == LOCAL_FACILITATOR {
-            return Ok(FacilitatorChoice::Local);
+        let shared_auth = payment.and_then(|p| p.facilitator_auth.as_deref());
+        let route_level =
+            self.facilitator_level(key, route.facilitator.as_deref(), route.facilitators.as_deref(), shared_auth)?;
+        if let Some(choice) = route_level {
+            return Ok(choice);
         }
-        let uri: Uri = url.parse().map_err(|_| ConfigError::invalid(&url_key, "\"local\" or a facilitator URL"))?;
-        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
-            return Err(ConfigError::invalid(&url_key, "\"local\" or an http(s) facilitator URL"));
-        }
-        let auth = match payment.and_then(|p| p.facilitator_auth.as_ref()) {
+        let payment_level = match payment {
+            Some(p) => {
+                self.facilitator_level("payment", p.facilitator.as_deref(), p.facilitators.as_deref(), shared_auth)?
+            }
             None => None,
-            Some(raw) => {
-                let mut value = HeaderValue::from_str(&self.expand("payment.facilitator_auth", raw)?)
-                    .map_err(|_| ConfigError::invalid("payment.facilitator_auth", "not a valid header value"))?;
-                value.set_sensitive(true);
-                Some(value)
+        };
+        Ok(payment_level.unwrap_or(FacilitatorChoice::Local))
+    }
+
+    /// What `section` (`payment` or `routes[i]`) says, if anything.
+    fn facilitator_level(
+        &self,
+        section: &str,
+        single: Option<&str>,
+        list: Option<&[file::FacilitatorEntry]>,
+        shared_auth: Option<&str>,
+    ) -> Result<Option<FacilitatorChoice>, ConfigError> {
+        let entries = match (single, list) {
+            (None, None) => return Ok(None),
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    format!("{section}.facilitators"),
+                    "set `facilitator` or `facilitators`, not both",
+                ))
+            }
+            (Some(raw), None) => {
+                let url_key = format!("{section}.facilitator");
+                let url = self.expand(&url_key, raw)?;
+                if url == LOCAL_FACILITATOR {
+                    return Ok(Some(FacilitatorChoice::Local));
+                }
+                let url = facilitator_url(&url_key, &url, "\"local\" or an http(s) facilitator URL")?;
+                let auth = shared_auth.map(|raw| self.facilitator_auth("payment.facilitator_auth", raw)).transpose()?;
+                vec![RemoteConfig { url, auth, weight: 1 }]
+            }
+            (None, Some([])) => {
+                return Err(ConfigError::invalid(
+                    format!("{section}.facilitators"),
+                    "an empty list settles nothing: name at least one facilitator, or remove the key",
+                ))
+            }
+            (None, Some(list)) => {
+                let mut entries: Vec<RemoteConfig> = Vec::with_capacity(list.len());
+                for (i, entry) in list.iter().enumerate() {
+                    let entry_key = format!("{section}.facilitators[{i}]");
+                    let url_key = format!("{entry_key}.url");
+                    let url = match self.expand(&url_key, &entry.url)? {
+                        local if local == LOCAL_FACILITATOR => return Err(ConfigError::invalid(
+                            url_key,
+                            "\"local\" is not a remote facilitator: set `facilitator = \"local\"` instead of the list",
+                        )),
+                        url => facilitator_url(&url_key, &url, "an http(s) facilitator URL")?,
+                    };
+                    // The message names the other entry, never the URL: it may carry a key.
+                    if let Some(first) = entries.iter().position(|known| known.url == url) {
+                        return Err(ConfigError::invalid(
+                            url_key,
+                            format!("the same facilitator as {section}.facilitators[{first}]"),
+                        ));
+                    }
+                    let auth_key = format!("{entry_key}.auth");
+                    let auth = entry.auth.as_deref().map(|raw| self.facilitator_auth(&auth_key, raw)).transpose()?;
+                    let weight = super::nonzero(&format!("{entry_key}.weight"), entry.weight)?.unwrap_or(1);
+                    entries.push(RemoteConfig { url, auth, weight });
+                }
+                entries
             }
         };
-        Ok(FacilitatorChoice::Remote(Arc::new(RemoteConfig { url: url.trim_end_matches('/').to_string(), auth })))
+        Ok(Some(FacilitatorChoice::Remote(Arc::new(RemoteSet { facilitators: entries }))))
+    }
+
+    /// An `Authorization` value for a facilitator, marked sensitive so that it is never shown.
+    fn facilitator_auth(&self, key: &str, raw: &str) -> Result<HeaderValue, ConfigError> {
+        let mut value = HeaderValue::from_str(&self.expand(key, raw)?)
+            .map_err(|_| ConfigError::invalid(key, "not a valid header value"))?;
+        value.set_sensitive(true);
+        Ok(value)
     }
 
     /// The offers of `entries`, each priced at `price` when given (a price table's entry).
@@ -544,6 +627,15 @@ impl Validator<'_> {
     }
 }
 
+/// `url` (expanded) as an http(s) facilitator URL without its trailing slash; `expected` says what `key` holds.
+fn facilitator_url(key: &str, url: &str, expected: &str) -> Result<String, ConfigError> {
+    let uri: Uri = url.parse().map_err(|_| ConfigError::invalid(key, expected))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+        return Err(ConfigError::invalid(key, expected));
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
 /// A payee whose private key is published (a development account of anvil and hardhat) is refused where
 /// money is real, and a warning where it is a test token; on a local development chain it is what one uses.
 /// `routes` are in file order, as the keys name them.
@@ -653,6 +745,125 @@ fn settle_batch(payment: Option<&file::Payment>) -> Result<Option<BatchSettings>
             "batching is off: set `settle_batch_max` above 1 to settle several payments per transaction",
         )),
         _ => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Config;
+    use super::*;
+    use std::path::Path;
+
+    const KEY: &str = "sk-facilitator-3f9a";
+
+    /// A paid route `/paid`, with `payment` and `route` lines added to `[payment]` and to the route.
+    fn parse(payment: &str, route: &str) -> Result<Config, String> {
+        let toml = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[upstreams.api]\nurl = \"http://127.0.0.1:9\"\n\
+             [payment]\npay_to = \"0x1111111111111111111111111111111111111111\"\nnetwork = \"eip155:84532\"\n\
+             asset = \"USDC\"\n{payment}\n[[routes]]\npath = \"/paid\"\nupstream = \"api\"\namount = \"1000\"\n{route}\n"
+        );
+        let env = |name: &str| (name == "KEY").then(|| KEY.to_string());
+        Config::parse(&toml, Path::new("gateway.toml"), Path::new("."), &env).map_err(|e| e.to_string())
+    }
+
+    fn facilitators(config: &Config) -> &[RemoteConfig] {
+        match &config.routes[0].payment.as_ref().expect("a paid route").facilitator {
+            FacilitatorChoice::Remote(set) => &set.facilitators,
+            FacilitatorChoice::Local => panic!("local"),
+        }
+    }
+
+    #[test]
+    fn one_facilitator_url_is_a_list_of_one_with_facilitator_auth() {
+        let config =
+            parse("facilitator = \"https://f.example/v2/\"\nfacilitator_auth = \"Bearer ${KEY}\"", "").expect("valid");
+        let [only] = facilitators(&config) else { panic!("one facilitator") };
+        assert_eq!(only.url, "https://f.example/v2");
+        assert_eq!(only.weight, 1);
+        let auth = only.auth.as_ref().expect("facilitator_auth");
+        assert_eq!(auth, &format!("Bearer {KEY}"));
+        assert!(auth.is_sensitive());
+        // A route's own URL still takes [payment]'s auth; `local` there settles in-process.
+        let config = parse("facilitator_auth = \"${KEY}\"", "facilitator = \"https://other.example\"").expect("valid");
+        assert_eq!(facilitators(&config)[0].auth.as_ref().expect("auth"), KEY);
+        let local = "[networks.\"eip155:84532\"]\nrpc_url = \"http://127.0.0.1:9\"\n\
+                     settler_key = \"0x5de4111afa1a4b94908f83103eb1f1706367c2e68ca870fc3fb9a804cdab365a\"";
+        let config = parse("facilitator = \"https://f.example\"", &format!("facilitator = \"local\"\n{local}"));
+        assert!(matches!(
+            config.expect("valid").routes[0].payment.as_ref().unwrap().facilitator,
+            FacilitatorChoice::Local
+        ));
+    }
+
+    #[test]
+    fn a_list_of_facilitators_with_auth_and_weights_and_the_routes_own_list_first() {
+        let list = "facilitators = [{ url = \"https://a.example/${KEY}\", auth = \"Bearer ${KEY}\", weight = 3 }, \
+                    { url = \"http://b.example:8080\" }]";
+        let config = parse(list, "").expect("valid");
+        let [a, b] = facilitators(&config) else { panic!("two facilitators") };
+        assert_eq!((a.url.as_str(), a.weight), (format!("https://a.example/{KEY}").as_str(), 3));
+        assert!(a.auth.as_ref().is_some_and(|auth| auth.is_sensitive()));
+        assert_eq!((b.url.as_str(), b.weight, b.auth.is_none()), ("http://b.example:8080", 1, true));
+        let shown = format!("{config:?}");
+        assert!(!shown.contains(KEY), "no key in Debug: {shown}");
+        let config = parse(list, "facilitators = [{ url = \"https://route.example\" }]").expect("valid");
+        let [own] = facilitators(&config) else { panic!("the route's own") };
+        assert_eq!(own.url, "https://route.example");
+    }
+
+    #[test]
+    fn a_bad_list_of_facilitators_is_refused_naming_the_key_never_the_url() {
+        let refused = [
+            ("facilitators = []", "", "payment.facilitators: an empty list"),
+            (
+                "facilitators = [{ url = \"https://a.example/${KEY}\" }, { url = \"https://a.example/${KEY}/\" }]",
+                "",
+                "payment.facilitators[1].url: the same facilitator as payment.facilitators[0]",
+            ),
+            (
+                "facilitators = [{ url = \"https://a.example\", weight = 0 }]",
+                "",
+                "payment.facilitators[0].weight: must be greater than zero",
+            ),
+            (
+                "facilitators = [{ url = \"ftp://a.example/${KEY}\" }]",
+                "",
+                "payment.facilitators[0].url: an http(s) facilitator URL",
+            ),
+            (
+                "facilitators = [{ url = \"local\" }]",
+                "",
+                "payment.facilitators[0].url: \"local\" is not a remote facilitator",
+            ),
+            ("facilitators = [{ url = \"https://a.example\", key = \"x\" }]", "", "unknown field `key`"),
+            (
+                "",
+                "facilitator = \"https://a.example\"\nfacilitators = [{ url = \"https://b.example\" }]",
+                "routes[0].facilitators: set `facilitator` or `facilitators`, not both",
+            ),
+            (
+                "",
+                "facilitators = [{ url = \"https://a.example\", auth = \"bad\\nvalue ${KEY}\" }]",
+                "routes[0].facilitators[0].auth: not a valid header value",
+            ),
+            ("facilitator = \"not a url ${KEY}\"", "", "payment.facilitator: \"local\" or an http(s) facilitator URL"),
+            (
+                "facilitator = \"https://a.example\"\nfacilitator_max_concurrency = 0",
+                "",
+                "payment.facilitator_max_concurrency: must be greater than zero",
+            ),
+            (
+                "facilitator = \"https://a.example\"\nfacilitator_max_concurrency = 100000",
+                "",
+                "payment.facilitator_max_concurrency: at most 4096",
+            ),
+        ];
+        for (payment, route, expected) in refused {
+            let err = parse(payment, route).map(|_| ()).expect_err(expected);
+            assert!(err.contains(expected), "{expected:?} in {err:?}");
+            assert!(!err.contains(KEY), "no key in {err:?}");
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use crate::body::Body;
 use crate::carrier::{Carrier, HttpHeaders};
 use crate::catalogue;
 use crate::chain;
-use crate::config::{Bazaar, Config, FacilitatorChoice, RouteSpec};
+use crate::config::{Bazaar, Config, FacilitatorChoice, RemoteSet, RouteSpec};
 use crate::discovery;
 use crate::error::GatewayError;
 use crate::gate::{GateError, Payment, PaymentGate};
@@ -25,7 +25,7 @@ use crate::ledger::{self, Ledger, LedgerError, NewPayment, PaymentStore, Reconci
 use crate::metering;
 use crate::metrics::Metrics;
 use crate::options::PaymentMode;
-use crate::pricing::Offer;
+use crate::pricing::{Offer, Pricing};
 use crate::proxy::headers::names_host;
 use crate::proxy::server::{Handler, Server};
 use crate::proxy::upstream::{self, upstream_request, ClientInfo};
@@ -105,7 +105,7 @@ impl Live {
                 &config.payment.settlers,
                 &config.payment.settlement(),
                 config.routes.iter().filter_map(|route| match &route.payment.as_ref()?.facilitator {
-                    FacilitatorChoice::Remote(remote) => Some(&**remote),
+                    FacilitatorChoice::Remote(remote) => Some(remote),
                     FacilitatorChoice::Local => None,
                 }),
                 previous.map(|p| &p.facilitators),
@@ -432,21 +432,26 @@ impl Gateway {
                     continue;
                 }
             };
-            let serves = |network: &str| {
-                kinds.iter().any(|k| k["x402Version"] == 2 && k["scheme"] == SCHEME_EXACT && k["network"] == network)
+            let serves = |scheme: &str, network: &str| {
+                kinds.iter().any(|k| k["x402Version"] == 2 && k["scheme"] == scheme && k["network"] == network)
             };
             for route in live.routes.routes() {
                 let Some(paid) = route.payment.as_ref() else { continue };
-                if !matches!(&paid.facilitator, FacilitatorChoice::Remote(remote) if remote.url == *url) {
+                let names_it = |set: &RemoteSet| set.facilitators.iter().any(|f| f.url == url);
+                if !matches!(&paid.facilitator, FacilitatorChoice::Remote(set) if names_it(set)) {
                     continue;
                 }
                 let offers = paid.pricing.all_offers();
                 let mut networks: Vec<&str> =
                     offers.iter().flat_map(|(_, o)| o.iter()).map(|o| o.network.caip2.as_str()).collect();
                 networks.dedup();
-                for network in networks.into_iter().filter(|n| !serves(n)) {
+                let scheme = match paid.pricing {
+                    Pricing::PerToken(_) => "upto",
+                    _ => SCHEME_EXACT,
+                };
+                for network in networks.into_iter().filter(|n| !serves(scheme, n)) {
                     warnings.push(format!(
-                        "facilitator {} does not list exact payments on {network} (route {})",
+                        "facilitator {} does not list {scheme} payments on {network} (route {})",
                         facilitator.shown_url(),
                         route.pattern_text
                     ));
@@ -460,7 +465,10 @@ impl Gateway {
         match (request.method(), request.uri().path()) {
             (&http::Method::GET, "/healthz") => admin::healthz(),
             (&http::Method::GET, "/readyz") => admin::readyz(self.live().facilitators.readiness().await),
-            (&http::Method::GET, "/metrics") => admin::metrics(self.metrics.render(self.gate.reserved())),
+            (&http::Method::GET, "/metrics") => {
+                let facilitators = self.live().facilitators.states();
+                admin::metrics(self.metrics.render(self.gate.reserved(), &facilitators))
+            }
             _ => admin::not_found(),
         }
     }

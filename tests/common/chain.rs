@@ -93,6 +93,15 @@ impl Drop for Anvil {
     }
 }
 
+/// Blocks on an interval (`Chain::keep_mining`), until dropped.
+pub struct Mining(tokio::task::JoinHandle<()>);
+
+impl Drop for Mining {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 pub struct Chain {
     pub rpc_url: String,
     pub token: Address,
@@ -218,6 +227,15 @@ impl Chain {
         self.settler_key.parse().unwrap()
     }
 
+    /// The private key of a fresh account with ether: another facilitator's signer.
+    pub async fn funded_key(&self) -> String {
+        let signer = PrivateKeySigner::random();
+        let ether = U256::from(1_000u64) * U256::from(10u64).pow(U256::from(18u64));
+        let _: serde_json::Value =
+            self.provider.raw_request("anvil_setBalance".into(), (signer.address(), ether)).await.unwrap();
+        alloy::hex::encode_prefixed(signer.to_bytes())
+    }
+
     /// Deploys `contracts/{name}.bin` from the deployer account.
     pub async fn deploy(&self, name: &str) -> Address {
         let path = format!("contracts/{name}.bin");
@@ -250,6 +268,19 @@ impl Chain {
         let receipt = self.provider.send_transaction(tx).await.unwrap().get_receipt().await.unwrap();
         assert!(receipt.status(), "the authorization landed");
         receipt.transaction_hash
+    }
+
+    /// Mines a block every `interval` besides each transaction's, until the returned task is dropped: anvil's
+    /// automine makes no block unless a transaction comes, and a client that found no receipt at its first look
+    /// (viem) waits for a new block to look again, as on a real chain.
+    pub fn keep_mining(&self, interval: Duration) -> Mining {
+        let provider = self.provider.clone();
+        Mining(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let _: Result<serde_json::Value, _> = provider.raw_request("anvil_mine".into(), (U256::from(1),)).await;
+            }
+        }))
     }
 
     /// Mines `blocks` empty blocks at once (`anvil_mine`).

@@ -22,10 +22,21 @@ impl Drop for Facilitator {
 
 /// Starts it on `port` (0: the kernel picks) and waits until it listens.
 pub fn start_reference_facilitator(node: &Node, chain: &Chain, port: u16) -> Facilitator {
+    spawn(node, chain, port, &chain.facilitator_key, &[])
+}
+
+/// One of several on `chain`, each signing with its own `key` (funded there), on a chain that mines a block
+/// every second besides each transaction's (`Chain::keep_mining`), as viem then expects.
+pub fn start_reference_facilitator_with_key(node: &Node, chain: &Chain, key: &str) -> Facilitator {
+    spawn(node, chain, 0, key, &["--block-time-ms", "1000"])
+}
+
+fn spawn(node: &Node, chain: &Chain, port: u16, key: &str, options: &[&str]) -> Facilitator {
     let mut child = node
         .script("facilitator.mjs")
         .args(["--rpc", &chain.rpc_url, "--key-env", "X402_TEST_FACILITATOR_KEY", "--port", &port.to_string()])
-        .env("X402_TEST_FACILITATOR_KEY", &chain.facilitator_key)
+        .args(options)
+        .env("X402_TEST_FACILITATOR_KEY", key)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

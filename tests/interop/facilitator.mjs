@@ -4,6 +4,7 @@
 //
 //   node facilitator.mjs --rpc http://127.0.0.1:8545 --key-env FACILITATOR_KEY [--port 0]
 //                        [--chain-id 84532] [--confirmation-timeout-ms 30000] [--no-multicall3]
+//                        [--block-time-ms N]
 //
 // Endpoints (same shapes and status codes as the reference examples/typescript/facilitator):
 //   POST /verify   {x402Version, paymentPayload, paymentRequirements} -> 200 VerifyResponse
@@ -15,6 +16,11 @@
 //
 // After listening, prints ONE line on stdout: {"port":N}. Logs go to stderr. SIGTERM/SIGINT stop it.
 //
+// --block-time-ms: the chain's block time, as viem's chain definitions give it (Base: 2000). viem polls for a
+// receipt every half of it (at least 500 ms); without it, every 4 s. A receipt not there at the first look is
+// only looked for again on a new block: on anvil's automine, where no block comes unless a transaction does,
+// the test must also mine blocks on an interval (as a real chain does) or the wait lasts until the timeout.
+//
 // Multicall3: the EVM scheme diagnoses a failed verify simulation (insufficient balance, nonce used,
 // wrong name/version) with one Multicall3 call at 0xcA11bde05977b3631167028862bE2a173976CA11. Anvil has
 // no contract there, so every such failure would collapse into
@@ -25,7 +31,7 @@ import http from "node:http";
 import { parseArgs } from "node:util";
 
 const USAGE = `usage: node facilitator.mjs --rpc URL --key-env ENV_NAME [--port N (0 = any)]
-         [--chain-id 84532] [--confirmation-timeout-ms 30000] [--no-multicall3]
+         [--chain-id 84532] [--confirmation-timeout-ms 30000] [--no-multicall3] [--block-time-ms N]
 The facilitator's private key (0x + 64 hex) is read from the environment variable named by --key-env.`;
 
 function usage(msg) {
@@ -44,6 +50,7 @@ try {
       "chain-id": { type: "string", default: "84532" },
       "confirmation-timeout-ms": { type: "string", default: "30000" },
       "no-multicall3": { type: "boolean", default: false },
+      "block-time-ms": { type: "string" },
       help: { type: "boolean", short: "h" },
     },
     strict: true,
@@ -66,6 +73,7 @@ if (!key) usage(`environment variable ${opts["key-env"]} is empty or unset`);
 if (!/^0x[0-9a-fA-F]{64}$/.test(key)) usage(`${opts["key-env"]} is not a 0x-prefixed 32-byte hex private key`);
 if (!/^\d+$/.test(opts["chain-id"])) usage("--chain-id must be an integer");
 if (!/^\d+$/.test(opts["confirmation-timeout-ms"])) usage("--confirmation-timeout-ms must be an integer");
+if (opts["block-time-ms"] !== undefined && !/^[1-9]\d*$/.test(opts["block-time-ms"])) usage("--block-time-ms must be a positive integer");
 
 const log = (...a) => process.stderr.write(`[facilitator] ${a.join(" ")}\n`);
 
@@ -90,6 +98,7 @@ const chain = defineChain({
   name: `local-${chainId}`,
   nativeCurrency: { name: "Ether", symbol: "ETH", decimals: 18 },
   rpcUrls: { default: { http: [opts.rpc] } },
+  ...(opts["block-time-ms"] ? { blockTime: Number(opts["block-time-ms"]) } : {}),
 });
 const viemClient = createWalletClient({ account, chain, transport: httpTransport(opts.rpc) }).extend(
   publicActions,

@@ -12,14 +12,25 @@ use std::time::Duration;
 pub enum FacilitatorChoice {
     /// Verify and settle in-process, with the network's `rpc_url` and `settler_key`.
     Local,
-    Remote(Arc<RemoteConfig>),
+    Remote(Arc<RemoteSet>),
 }
 
+/// A route's remote facilitators (`facilitators = [...]`, or the one of `facilitator = "URL"`): any of them
+/// can verify and settle an `exact` payment, so a call goes to the next when one is down or busy.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RemoteSet {
+    /// In the order of the file: after a weighted choice among the healthy ones, the order they are tried in.
+    pub facilitators: Vec<RemoteConfig>,
+}
+
+#[derive(PartialEq, Eq)]
 pub struct RemoteConfig {
     /// Without a trailing slash.
     pub url: String,
-    /// `facilitator_auth`: sent as `Authorization`, marked sensitive.
+    /// `auth` (or `facilitator_auth`): sent as `Authorization`, marked sensitive.
     pub auth: Option<HeaderValue>,
+    /// Its share of the calls, against the others' weights.
+    pub weight: u32,
 }
 
 impl fmt::Debug for RemoteConfig {
@@ -27,6 +38,7 @@ impl fmt::Debug for RemoteConfig {
         f.debug_struct("RemoteConfig")
             .field("url", &crate::redacted_url(&self.url))
             .field("auth", &self.auth.as_ref().map(|_| "<redacted>"))
+            .field("weight", &self.weight)
             .finish()
     }
 }
@@ -61,8 +73,10 @@ pub struct SettlementOptions {
     /// Longest wait for a local settlement's receipt (the authorization's expiry may cut it shorter); past it,
     /// the payment is `settlement_pending` and reconciliation finishes it.
     pub settle_timeout: Duration,
-    /// Time allowed for each call to a remote facilitator.
+    /// Time allowed for each call to a remote facilitator; also the longest a call waits for its turn.
     pub facilitator_timeout: Duration,
+    /// The most calls in flight to one remote facilitator, however well it copes.
+    pub facilitator_max_concurrency: usize,
     /// `None`: one transaction per payment.
     pub settle_batch: Option<BatchSettings>,
 }

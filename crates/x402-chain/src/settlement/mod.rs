@@ -1,20 +1,24 @@
 //! Settlement: turning a verified payment into money. A facilitator is either the gateway itself
 //! (`local`: alloy, the operator's gas-paying key) or a remote one over the standard HTTP API.
 
+mod limiter;
 mod local;
 mod queue;
 mod receipts;
 mod remote;
+mod remotes;
 mod simulations;
 mod upto;
 
 pub use local::LocalSettler;
 pub use queue::BeforeBroadcast;
 pub use remote::RemoteFacilitator;
+pub use remotes::FacilitatorState;
 
 use crate::chain;
-use crate::options::{FacilitatorChoice, RemoteConfig, SettlementOptions, SettlerConfig};
+use crate::options::{FacilitatorChoice, RemoteSet, SettlementOptions, SettlerConfig};
 use alloy::primitives::{Address, U256};
+use remotes::{Member, Probes, RemoteGroup};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
@@ -161,44 +165,6 @@ impl Facilitator for LocalSettler {
     }
 }
 
-impl Facilitator for RemoteFacilitator {
-    fn name(&self) -> String {
-        self.shown_url().to_string()
-    }
-
-    fn verify<'a>(
-        &'a self,
-        payment: &'a Payment,
-        resource: &'a ResourceInfo,
-    ) -> Pending<'a, Result<(), VerifyFailure>> {
-        Box::pin(async move { RemoteFacilitator::verify(self, &remote_body(payment, &payment.offer, resource)).await })
-    }
-
-    /// A remote facilitator broadcasts itself: there is no hash to record before. The requirements carry the
-    /// amount to settle, which `upto` allows below the ceiling the buyer signed.
-    fn settle<'a>(
-        &'a self,
-        payment: &'a Payment,
-        resource: &'a ResourceInfo,
-        amount: U256,
-        _: Option<BeforeBroadcast>,
-    ) -> Pending<'a, Result<Settled, SettleFailure>> {
-        Box::pin(async move {
-            let mut offer = payment.offer.clone();
-            offer.amount = amount;
-            RemoteFacilitator::settle(self, &remote_body(payment, &offer, resource)).await
-        })
-    }
-
-    fn upto_signer(&self, chain_id: u64) -> Option<Address> {
-        self.upto_signer(chain_id)
-    }
-
-    fn learn_upto_signers(&self) -> Pending<'_, ()> {
-        Box::pin(RemoteFacilitator::learn_upto_signers(self))
-    }
-}
-
 /// The buyer's payload as received, and our own `offer` as the requirements (never the client's copy).
 fn remote_body(payment: &Payment, offer: &Offer, resource: &ResourceInfo) -> serde_json::Value {
     let (payload, requirements) = match &payment.payload {
@@ -212,18 +178,36 @@ fn remote_body(payment: &Payment, offer: &Offer, resource: &ResourceInfo) -> ser
 pub struct Facilitators {
     /// Shared with the configurations that follow a reload, so one key keeps one transaction queue.
     local: HashMap<u64, Arc<LocalSettler>>,
-    remote: HashMap<String, RemoteFacilitator>,
+    /// Each remote facilitator once (by URL and `auth`), whichever routes name it.
+    members: Vec<Arc<Member>>,
+    /// Each route's set of remote facilitators.
+    groups: Vec<(Arc<RemoteSet>, RemoteGroup)>,
+    /// Each remote facilitator alone, for a payment that must settle there.
+    alone: Vec<RemoteGroup>,
+    /// Keeps their health current while this configuration serves.
+    _probes: Option<Probes>,
+}
+
+/// What `/readyz` reports.
+pub struct Readiness {
+    /// Every node, and every remote facilitator but one of a route that another of its facilitators serves.
+    pub ready: bool,
+    /// Each node's and remote facilitator's answer now, by name (never the RPC URL, which may carry a
+    /// provider's key).
+    pub checks: Vec<(String, Result<(), String>)>,
+    pub facilitators: Vec<FacilitatorState>,
 }
 
 impl Facilitators {
-    /// Must run inside the tokio runtime: local settlers start their transaction queues. A settler of
-    /// `previous` with the same chain, node and key keeps its queue under the new settings (two queues for
-    /// one key would hand out the same account nonces).
-    /// `remotes` are the remote facilitators the routes name (one facilitator for each URL).
+    /// Must run inside the tokio runtime: local settlers start their transaction queues, remote facilitators
+    /// their health probes. A settler of `previous` with the same chain, node and key keeps its queue under the
+    /// new settings (two queues for one key would hand out the same account nonces); a remote facilitator of
+    /// `previous` with the same URL, `auth` and settings keeps its limits and health.
+    /// `remotes` are the sets of remote facilitators the routes name.
     pub fn new<'r>(
         settlers: &BTreeMap<u64, SettlerConfig>,
         settings: &SettlementOptions,
-        remotes: impl IntoIterator<Item = &'r RemoteConfig>,
+        remotes: impl IntoIterator<Item = &'r Arc<RemoteSet>>,
         previous: Option<&Facilitators>,
     ) -> Facilitators {
         let local = settlers
@@ -241,42 +225,91 @@ impl Facilitators {
                 (*chain_id, Arc::new(local))
             })
             .collect();
-        let mut remote = HashMap::new();
-        for config in remotes {
-            remote.entry(config.url.clone()).or_insert_with(|| {
-                RemoteFacilitator::new(config.url.clone(), config.auth.clone(), settings.facilitator_timeout)
-            });
+        let mut members: Vec<Arc<Member>> = Vec::new();
+        let mut groups: Vec<(Arc<RemoteSet>, RemoteGroup)> = Vec::new();
+        for set in remotes {
+            if groups.iter().any(|(known, _)| **known == **set) {
+                continue;
+            }
+            let mut group = Vec::new();
+            for config in &set.facilitators {
+                let member = match members.iter().find(|m| m.serves(config, settings)) {
+                    Some(member) => member.clone(),
+                    None => {
+                        let kept = previous.and_then(|p| p.members.iter().find(|m| m.serves(config, settings)));
+                        let member = kept.cloned().unwrap_or_else(|| Arc::new(Member::new(config, settings)));
+                        members.push(member.clone());
+                        member
+                    }
+                };
+                group.push((member, config.weight));
+            }
+            groups.push((set.clone(), RemoteGroup::new(group)));
         }
-        Facilitators { local, remote }
+        let alone = members.iter().map(|member| RemoteGroup::new(vec![(member.clone(), 1)])).collect();
+        let probes = (!members.is_empty()).then(|| Probes::spawn(members.iter().map(Arc::downgrade).collect()));
+        Facilitators { local, members, groups, alone, _probes: probes }
     }
 
     /// The facilitator for an offer; configuration validation guarantees there is one.
     pub fn get(&self, choice: &FacilitatorChoice, chain_id: u64) -> Option<&dyn Facilitator> {
         match choice {
             FacilitatorChoice::Local => self.local.get(&chain_id).map(|s| &**s as &dyn Facilitator),
-            FacilitatorChoice::Remote(config) => self.remote.get(&config.url).map(|r| r as &dyn Facilitator),
+            FacilitatorChoice::Remote(set) => self
+                .groups
+                .iter()
+                .find(|(known, _)| Arc::ptr_eq(known, set) || **known == **set)
+                .map(|(_, group)| group as &dyn Facilitator),
         }
     }
 
-    /// Readiness of every node and facilitator this configuration settles with, by name (never the RPC URL,
-    /// which may carry a provider's key).
-    pub async fn readiness(&self) -> Vec<(String, Result<(), String>)> {
+    /// The remote facilitator at `url` alone: for a payment whose authorization names its settler, which no
+    /// other facilitator may settle (`upto`). It keeps its limits, health and retries, and never fails over.
+    pub fn pinned(&self, url: &str) -> Option<&dyn Facilitator> {
+        let position = self.members.iter().position(|member| member.url() == url)?;
+        self.alone.get(position).map(|group| group as &dyn Facilitator)
+    }
+
+    /// Asks every node and remote facilitator now. A route is ready while one of its facilitators answers.
+    pub async fn readiness(&self) -> Readiness {
         let mut checks = Vec::new();
         for (chain_id, settler) in &self.local {
             checks.push((format!("rpc eip155:{chain_id}"), settler.probe().await));
         }
-        for remote in self.remote.values() {
-            let answer = match tokio::time::timeout(local::PROBE_TIMEOUT, remote.supported()).await {
-                Err(_) => Err("did not answer in time".to_string()),
-                Ok(answer) => answer.map(|_| ()),
-            };
-            checks.push((format!("facilitator {}", remote.shown_url()), answer));
+        let mut ready = checks.iter().all(|(_, answer)| answer.is_ok());
+        let mut answering = Vec::new();
+        for (member, name) in self.members.iter().zip(self.names()) {
+            let answer = member.probe().await;
+            if answer.is_ok() {
+                answering.push(member);
+            }
+            checks.push((format!("facilitator {name}"), answer));
         }
-        checks
+        ready &=
+            self.groups.iter().all(|(_, group)| group.members().any(|m| answering.iter().any(|a| Arc::ptr_eq(a, m))));
+        Readiness { ready, checks, facilitators: self.states() }
     }
 
-    pub fn remotes(&self) -> impl Iterator<Item = (&String, &RemoteFacilitator)> {
-        self.remote.iter()
+    /// Each remote facilitator's state, as it stands.
+    pub fn states(&self) -> Vec<FacilitatorState> {
+        self.members.iter().zip(self.names()).map(|(member, name)| member.state(name)).collect()
+    }
+
+    /// Each remote facilitator's redacted URL, told apart by `#2`, `#3` when two redact alike (one host, two
+    /// keys).
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::with_capacity(self.members.len());
+        for member in &self.members {
+            let shown = member.client().shown_url();
+            let seen = names.iter().filter(|name| name.split(" #").next() == Some(shown)).count();
+            names.push(if seen == 0 { shown.to_string() } else { format!("{shown} #{}", seen + 1) });
+        }
+        names
+    }
+
+    /// Every remote facilitator, by URL.
+    pub fn remotes(&self) -> impl Iterator<Item = (&str, &RemoteFacilitator)> {
+        self.members.iter().map(|member| (member.url(), member.client()))
     }
 }
 
@@ -299,6 +332,7 @@ mod tests {
     const OPTIONS: SettlementOptions = SettlementOptions {
         settle_timeout: Duration::from_secs(60),
         facilitator_timeout: Duration::from_secs(30),
+        facilitator_max_concurrency: 32,
         settle_batch: None,
     };
 
@@ -309,6 +343,23 @@ mod tests {
         assert!(before.local[&84532].shares_queue_with(&after.local[&84532]), "one key, one queue");
         let elsewhere = Facilitators::new(&settlers("http://127.0.0.1:2"), &OPTIONS, [], Some(&after));
         assert!(!after.local[&84532].shares_queue_with(&elsewhere.local[&84532]), "another node, another queue");
+    }
+
+    #[tokio::test]
+    async fn a_pinned_facilitator_is_that_one_alone_and_a_route_gets_its_whole_set() {
+        let set = |urls: &[&str]| {
+            let one = |url: &&str| crate::options::RemoteConfig { url: url.to_string(), auth: None, weight: 1 };
+            Arc::new(RemoteSet { facilitators: urls.iter().map(one).collect() })
+        };
+        let (both, alone) = (set(&["http://127.0.0.1:1", "http://127.0.0.1:2/v2/KEY"]), set(&["http://127.0.0.1:1"]));
+        let facilitators = Facilitators::new(&BTreeMap::new(), &OPTIONS, [&both, &alone], None);
+        assert_eq!(facilitators.states().len(), 2, "one facilitator for each URL");
+        let route = facilitators
+            .get(&FacilitatorChoice::Remote(set(&["http://127.0.0.1:1", "http://127.0.0.1:2/v2/KEY"])), 84532);
+        assert_eq!(route.expect("the route's set").name(), "http://127.0.0.1:1, http://127.0.0.1:2/<redacted>");
+        let pinned = facilitators.pinned("http://127.0.0.1:2/v2/KEY").expect("a configured facilitator");
+        assert_eq!(pinned.name(), "http://127.0.0.1:2/<redacted>");
+        assert!(facilitators.pinned("http://127.0.0.1:3").is_none(), "only one the configuration names");
     }
 
     #[test]

@@ -62,11 +62,49 @@ fn atomic_amount<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<alloy:
 
 /// Why a call to the facilitator produced no usable answer.
 enum CallError {
-    /// Nothing came back (refused, timed out, unreadable): the facilitator may or may not have acted.
+    /// The connection could not be made: the facilitator never saw the call.
+    NotSent(String),
+    /// Nothing came back (timed out, cut, unreadable): the facilitator may or may not have acted.
     NoAnswer(String),
+    /// Turned away before being handled (429, 503) without the API's verdict.
+    Busy(StatusCode),
     /// An answer that is not the API's JSON (a proxy's error page, a 500).
     BadAnswer(StatusCode),
 }
+
+/// What a call says about the facilitator itself, whatever it says about the payment: its concurrency limit
+/// and its health learn from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Signal {
+    /// It answered with a verdict.
+    Answered,
+    /// It is up but could not take more (a 429).
+    Busy,
+    /// Its signer raced its own nonces: it took more settlements at once than it can send.
+    Raced,
+    /// No usable answer: unreachable, timed out, an error page or a 503.
+    Down,
+}
+
+/// One `/settle` call: its outcome, what it says about the facilitator, and whether a failure before any
+/// broadcast may pass if sent again (busy, unreachable, a nonce race) rather than being the payment's own.
+pub(super) struct SettleAttempt {
+    pub outcome: Result<Settled, SettleFailure>,
+    pub signal: Signal,
+    pub transient: bool,
+}
+
+/// Messages of a chain node refusing the facilitator's transaction when it was submitted: nothing was
+/// broadcast. The reference facilitator (`@x402/evm` 2.27) answers its signer's nonce races so under load,
+/// `invalid_exact_evm_transaction_failed` with no transaction and viem's error as `errorMessage` ("Nonce provided
+/// for the transaction is lower than the current nonce of the account. … Details: nonce too low", or "Transaction
+/// creation failed. … Details: replacement transaction underpriced"). Each says so of a transaction other than
+/// ours taking the nonce, or of the facilitator's gas; a reverted or lost transaction reads otherwise.
+const NODE_REFUSALS: [(&str, Signal); 3] = [
+    ("nonce too low", Signal::Raced),
+    ("transaction underpriced", Signal::Raced),
+    ("insufficient funds for gas", Signal::Answered),
+];
 
 impl RemoteFacilitator {
     pub fn new(base: String, auth: Option<HeaderValue>, timeout: Duration) -> RemoteFacilitator {
@@ -92,63 +130,82 @@ impl RemoteFacilitator {
         serde_json::json!({ "x402Version": version, "paymentPayload": payload, "paymentRequirements": requirements })
     }
 
-    pub async fn verify(&self, body: &Value) -> Result<(), VerifyFailure> {
-        let answer: VerifyAnswer = match self.call(Method::POST, "/verify", Some(body)).await {
-            Ok(value) => serde_json::from_value(value).map_err(|_| unavailable("an answer without `isValid`"))?,
-            Err(CallError::NoAnswer(why)) => return Err(unavailable(&why)),
-            Err(CallError::BadAnswer(status)) => return Err(unavailable(&format!("HTTP {status}"))),
+    pub(super) async fn verify(&self, body: &Value) -> (Result<(), VerifyFailure>, Signal) {
+        let value = match self.call(Method::POST, "/verify", Some(body)).await {
+            Ok(value) => value,
+            Err(err) => {
+                let signal = err.signal();
+                return (Err(unavailable(&err.to_string())), signal);
+            }
+        };
+        let Ok(answer) = serde_json::from_value::<VerifyAnswer>(value) else {
+            return (Err(unavailable("an answer without `isValid`")), Signal::Down);
         };
         if answer.is_valid {
-            return Ok(());
+            return (Ok(()), Signal::Answered);
         }
-        Err(VerifyFailure::Rejected(Rejection::Facilitator {
+        let rejection = Rejection::Facilitator {
             reason: answer.invalid_reason.unwrap_or_else(|| "invalid_payment".into()),
             message: answer.invalid_message.unwrap_or_default(),
-        }))
+        };
+        (Err(VerifyFailure::Rejected(rejection)), Signal::Answered)
     }
 
-    pub async fn settle(&self, body: &Value) -> Result<Settled, SettleFailure> {
-        let answer: SettleAnswer = match self.call(Method::POST, "/settle", Some(body)).await {
-            Ok(value) => serde_json::from_value(value)
-                .map_err(|_| SettleFailure::unknown("the facilitator's settle answer has no `success`"))?,
-            Err(CallError::NoAnswer(why)) => return Err(SettleFailure::unknown(&why)),
-            Err(CallError::BadAnswer(status)) => return Err(SettleFailure::unknown(&format!("HTTP {status}"))),
+    pub(super) async fn settle(&self, body: &Value) -> SettleAttempt {
+        let failed = |failure, signal, transient| SettleAttempt { outcome: Err(failure), signal, transient };
+        let value = match self.call(Method::POST, "/settle", Some(body)).await {
+            Ok(value) => value,
+            // The facilitator did not take the call: nothing can have moved, and another may take it.
+            Err(err @ (CallError::NotSent(_) | CallError::Busy(_))) => {
+                let why = format!("facilitator: {err}");
+                return failed(SettleFailure::nothing_moved("unexpected_settle_error", why, None), err.signal(), true);
+            }
+            Err(err) => return failed(SettleFailure::unknown(&err.to_string()), err.signal(), false),
+        };
+        let Ok(answer) = serde_json::from_value::<SettleAnswer>(value) else {
+            let failure = SettleFailure::unknown("the facilitator's settle answer has no `success`");
+            return failed(failure, Signal::Down, false);
         };
         match (answer.success, answer.transaction.is_empty()) {
-            (true, false) => Ok(Settled { transaction: answer.transaction, amount: answer.amount }),
+            (true, false) => SettleAttempt {
+                outcome: Ok(Settled { transaction: answer.transaction, amount: answer.amount }),
+                signal: Signal::Answered,
+                transient: false,
+            },
             // A success without a transaction proves nothing: never serve on it.
-            (true, true) => Err(SettleFailure::unknown("the facilitator reported success without a transaction")),
+            (true, true) => {
+                let failure = SettleFailure::unknown("the facilitator reported success without a transaction");
+                failed(failure, Signal::Answered, false)
+            }
             (false, _) => {
                 let reason = answer.error_reason.unwrap_or_else(|| "unexpected_settle_error".into());
+                let message = answer.error_message.unwrap_or_default();
                 let transaction = Some(answer.transaction).filter(|t| !t.is_empty());
+                let refused_by_node = match transaction {
+                    None => node_refusal(&message),
+                    Some(_) => None,
+                };
+                if let Some(signal) = refused_by_node {
+                    let failure = SettleFailure::nothing_moved(&reason, message, None);
+                    return failed(failure, signal, true);
+                }
                 // Only a refusal that comes before any broadcast proves nothing moved. A failed or unconfirmed
-                // transaction may still have moved money even when the facilitator names none (the reference
-                // answers `invalid_exact_evm_transaction_failed` with `transaction: ""` after a broadcast): such a
-                // row stays `settling` for reconciliation to settle by the authorization's on-chain state.
+                // transaction may still have moved money even when the facilitator names none (older reference
+                // versions answer `invalid_exact_evm_transaction_failed` with `transaction: ""` after a broadcast):
+                // such a row stays `settling` for reconciliation to settle by the authorization's on-chain state.
                 let nothing_moved = transaction.is_none() && !settle_may_have_broadcast(&reason);
-                Err(SettleFailure {
-                    reason,
-                    message: answer.error_message.unwrap_or_default(),
-                    transaction,
-                    nothing_moved,
-                })
+                failed(SettleFailure { reason, message, transaction, nothing_moved }, Signal::Answered, false)
             }
         }
     }
 
     /// Its `/supported` answer; the `upto` signers it announces are remembered.
     pub async fn supported(&self) -> Result<Value, String> {
-        match self.call(Method::GET, "/supported", None).await {
-            Ok(value) => {
-                let signers = upto_signers(&value);
-                if let Ok(mut known) = self.upto_signers.write() {
-                    *known = signers;
-                }
-                Ok(value)
-            }
-            Err(CallError::NoAnswer(why)) => Err(why),
-            Err(CallError::BadAnswer(status)) => Err(format!("HTTP {status}")),
+        let value = self.call(Method::GET, "/supported", None).await.map_err(|err| err.to_string())?;
+        if let Ok(mut known) = self.upto_signers.write() {
+            *known = upto_signers(&value);
         }
+        Ok(value)
     }
 
     /// The address its `upto` authorizations on `chain_id` must name, once `/supported` has announced it.
@@ -182,10 +239,13 @@ impl RemoteFacilitator {
         let request = request
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(body))
-            .map_err(|e| CallError::NoAnswer(format!("invalid facilitator URL: {e}")))?;
+            .map_err(|e| CallError::NotSent(format!("invalid facilitator URL: {e}")))?;
         let response = match tokio::time::timeout(self.timeout, self.client.request(request)).await {
             Err(_) => return Err(CallError::NoAnswer("the facilitator did not answer in time".into())),
-            Ok(Err(err)) => return Err(CallError::NoAnswer(format!("the facilitator is unreachable: {err}"))),
+            Ok(Err(err)) if err.is_connect() => {
+                return Err(CallError::NotSent(format!("the facilitator is unreachable: {err}")))
+            }
+            Ok(Err(err)) => return Err(CallError::NoAnswer(format!("the facilitator did not answer: {err}"))),
             Ok(Ok(response)) => response,
         };
         let status = response.status();
@@ -194,13 +254,15 @@ impl RemoteFacilitator {
             .await
             .map_err(|_| CallError::NoAnswer("the facilitator's answer could not be read".into()))?
             .to_bytes();
-        let value: Value = serde_json::from_slice(&bytes).map_err(|_| CallError::BadAnswer(status))?;
+        let busy = matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE);
+        let not_handled = |status| if busy { CallError::Busy(status) } else { CallError::BadAnswer(status) };
+        let value: Value = serde_json::from_slice(&bytes).map_err(|_| not_handled(status))?;
         // The reference client accepts a non-2xx answer that still carries the API's verdict.
         let carries_verdict = value.get("isValid").is_some() || value.get("success").is_some();
         if status.is_success() || carries_verdict {
             Ok(value)
         } else {
-            Err(CallError::BadAnswer(status))
+            Err(not_handled(status))
         }
     }
 }
@@ -220,6 +282,31 @@ fn upto_signers(supported: &Value) -> HashMap<u64, Address> {
         .collect()
 }
 
+impl CallError {
+    fn signal(&self) -> Signal {
+        match self {
+            CallError::Busy(StatusCode::TOO_MANY_REQUESTS) => Signal::Busy,
+            _ => Signal::Down,
+        }
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::NotSent(why) | CallError::NoAnswer(why) => f.write_str(why),
+            CallError::Busy(status) => write!(f, "the facilitator is busy (HTTP {status})"),
+            CallError::BadAnswer(status) => write!(f, "HTTP {status}"),
+        }
+    }
+}
+
+/// How the facilitator's failure message reads when a chain node refused its transaction at submission.
+fn node_refusal(message: &str) -> Option<Signal> {
+    let message = message.to_ascii_lowercase();
+    NODE_REFUSALS.iter().find(|(marker, _)| message.contains(marker)).map(|(_, signal)| *signal)
+}
+
 fn settle_may_have_broadcast(reason: &str) -> bool {
     reason == "settlement_pending" || reason == "unexpected_settle_error" || reason.contains("transaction")
 }
@@ -230,7 +317,7 @@ fn unavailable(why: &str) -> VerifyFailure {
 
 #[cfg(test)]
 mod tests {
-    use super::{settle_may_have_broadcast, upto_signers};
+    use super::{node_refusal, settle_may_have_broadcast, upto_signers, Signal};
 
     #[test]
     fn upto_signers_come_from_the_upto_kinds_of_supported() {
@@ -247,6 +334,19 @@ mod tests {
             "0x00000000000000000000000000000000000000a2".parse::<alloy::primitives::Address>().unwrap()
         );
         assert!(upto_signers(&serde_json::json!({ "kinds": "nope" })).is_empty());
+    }
+
+    #[test]
+    fn a_node_refusing_the_transaction_at_submission_is_told_apart_from_a_failed_broadcast() {
+        let race = "Nonce provided for the transaction is lower than the current nonce of the account.\n\
+                    Try increasing the nonce or find the latest nonce with `getTransactionCount`.\n\nDetails: nonce too low";
+        assert_eq!(node_refusal(race), Some(Signal::Raced));
+        let replaced = "Transaction creation failed.\n\nDetails: replacement transaction underpriced";
+        assert_eq!(node_refusal(replaced), Some(Signal::Raced));
+        assert_eq!(node_refusal("Details: insufficient funds for gas * price + value"), Some(Signal::Answered));
+        for moved_maybe in ["", "The request took too long to respond.", "execution reverted", "already known"] {
+            assert_eq!(node_refusal(moved_maybe), None, "{moved_maybe}");
+        }
     }
 
     #[test]
