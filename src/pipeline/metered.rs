@@ -279,7 +279,13 @@ impl Gateway {
             return Err(Refused::Error(err));
         }
         match self.settle(route, call, charge).await {
-            Ok(settled) => Ok(Settled { amount: Some(charge), ..settled }),
+            Ok(settled) => {
+                // A remote facilitator reports what it settled: anything but the charge asked is the operator's to see.
+                if settled.amount.is_some_and(|reported| reported != charge) {
+                    tracing::warn!(transaction = %settled.transaction, %charge, reported = ?settled.amount, "the facilitator reports another amount settled than the charge");
+                }
+                Ok(Settled { amount: Some(charge), ..settled })
+            }
             // An answer already out is not taken back: its row stays `settling` (with the transaction, if one
             // was sent), so that its authorization is never used again unpaid and reconciliation decides it.
             Err(failure) if delivered => {
