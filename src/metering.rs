@@ -90,6 +90,8 @@ pub struct Meter {
     pub completion_bound: Option<u64>,
     /// The token limit to write into the forwarded body, when the operator asks for it.
     pub inject: Option<(String, u64)>,
+    /// Whether to ask the upstream for the stream's usage in the forwarded body, when the operator asks for it.
+    pub include_usage: bool,
 }
 
 impl Meter {
@@ -101,13 +103,29 @@ impl Meter {
     }
 }
 
-/// `request` with `field: tokens` added to its JSON body (`body`, as read for pricing), for an upstream that
-/// would otherwise generate without a limit. A body that is not a JSON object goes on as it was.
-pub fn with_token_limit(request: http::Request<Body>, body: &[u8], field: &str, tokens: u64) -> http::Request<Body> {
+/// `request` with what `meter` writes into its JSON body (`body`, as read for pricing): the route's token limit
+/// where it sets none, and `stream_options.include_usage` for a stream, so that the upstream stops where the
+/// ceiling assumed and reports what it used. A body that is not a JSON object goes on as it was.
+pub fn rewrite_body(request: http::Request<Body>, body: &[u8], meter: &Meter) -> http::Request<Body> {
+    if meter.inject.is_none() && !meter.include_usage {
+        return request;
+    }
     let Ok(serde_json::Value::Object(mut object)) = serde_json::from_slice::<serde_json::Value>(body) else {
         return request;
     };
-    object.insert(field.to_string(), tokens.into());
+    if let Some((field, tokens)) = &meter.inject {
+        object.insert(field.clone(), (*tokens).into());
+    }
+    if meter.include_usage {
+        let options = object.entry("stream_options").or_insert_with(|| serde_json::json!({}));
+        match options.as_object_mut() {
+            Some(options) => {
+                options.insert("include_usage".into(), true.into());
+            }
+            // Not an object: the upstream would refuse it anyway, so it is left for the upstream to refuse.
+            None => return request,
+        }
+    }
     let Ok(written) = serde_json::to_vec(&object) else { return request };
     let (mut parts, _) = request.into_parts();
     parts.headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(written.len()));
@@ -246,6 +264,7 @@ mod tests {
             prompt_bound: 2000,
             completion_bound: Some(1000),
             inject: None,
+            include_usage: false,
         };
         assert_eq!(meter.ceiling(0, U256::from(500_000)), U256::from(300 + 600));
         assert_eq!(meter.ceiling(0, U256::from(700)), U256::from(700), "capped by the route's max");

@@ -110,6 +110,8 @@ pub struct Metering {
     pub default_max_tokens: Option<u64>,
     /// The field to write `default_max_tokens` into, in the forwarded body of a request that sets no limit.
     pub inject_max_tokens: Option<String>,
+    /// Whether a stream that does not ask for its usage is made to (`stream_options.include_usage`, OpenAI).
+    pub inject_stream_usage: bool,
     /// The prices as the operator wrote them, which catalogues, discovery and `check` show.
     pub written: WrittenPrices,
 }
@@ -179,12 +181,18 @@ impl Metering {
             (None, Some(field), Some(default)) => Some((field.clone(), default)),
             _ => None,
         };
+        let read =
+            |path: &[&str]| PriceSource::Body(path.iter().map(|s| s.to_string()).collect()).read(None, headers, body);
+        let streams = read(&["stream"])?.as_deref() == Some("true");
+        let asks_usage = read(&["stream_options", "include_usage"])?.as_deref() == Some("true");
+        let include_usage = self.inject_stream_usage && streams && !asks_usage;
         Ok(Meter {
             model: model.clone(),
             rates: rates.clone(),
             prompt_bound: u64::try_from(body.len()).unwrap_or(u64::MAX),
             completion_bound: limit.or(self.default_max_tokens).map(|tokens| tokens.saturating_mul(choices)),
             inject,
+            include_usage,
         })
     }
 }

@@ -53,7 +53,8 @@ async fn spawn_llm() -> Upstream {
             if said == "cut" {
                 frames.push(Err("the model crashed"));
             } else {
-                let last = json!({ "choices": [], "usage": usage, "max_tokens_seen": limit });
+                let asked = request.pointer("/stream_options/include_usage").cloned().unwrap_or_default();
+                let last = json!({ "choices": [], "usage": usage, "max_tokens_seen": limit, "include_usage_seen": asked });
                 frames.push(Ok(Bytes::from(format!("data: {last}\n\ndata: [DONE]\n\n"))));
             }
             let mut response = Response::new(streamed(frames, said == "hold").boxed_unsync());
@@ -106,6 +107,17 @@ impl http_body::Body for Channel {
 
 fn llm_toml(upstream: &Upstream, chain: &Chain) -> GatewayToml {
     llm_toml_settled_by(upstream, chain, "local")
+}
+
+/// The LLM route, with `extra` added to its price (`, key = value`).
+fn llm_toml_priced(upstream: &Upstream, chain: &Chain, extra: &str) -> GatewayToml {
+    let price = format!("{}{extra} }}", PRICE.trim_end_matches('}').trim_end());
+    GatewayToml::new()
+        .listen()
+        .upstream("llm", &upstream.url())
+        .payment(Payment::usdc().facilitator("local"))
+        .route(Route::free("/v1/chat/completions", "llm").methods(&["POST"]).set("price", toml_value(&price)))
+        .network(chain.network())
 }
 
 /// The LLM route, settled by `facilitator` (`"local"` or a URL).
@@ -508,5 +520,24 @@ async fn several_completions_raise_the_ceiling_and_a_bad_count_is_refused() {
         let answer = send(&client(), post(&url, &body, None)).await;
         assert_eq!(answer.status, 400, "n = {bad}");
         assert_eq!(answer.json()["error"], "invalid_token_limit");
+    }
+}
+
+#[tokio::test]
+async fn a_stream_is_made_to_report_its_usage_where_the_operator_asks() {
+    let Some(chain) = Chain::shared_with_permit2().await else { return };
+    let upstream = spawn_llm().await;
+    let url_of = |gateway: &Gateway| gateway.url("/v1/chat/completions");
+    for (extra, expected) in [("", "null"), (", inject_stream_usage = true", "true")] {
+        let gateway = start_gateway(&llm_toml_priced(&upstream, &chain, extra).build()).await;
+        let buyer = buyer(&chain, true).await;
+        let body = chat("hi", true);
+        let (resource, accepted) = offer(&gateway, &body).await;
+        let header = v2_header(&resource, &accepted, Permit::for_offer(&accepted).sign(&buyer));
+        let answer = send(&client(), post(&url_of(&gateway), &body, Some(&header))).await;
+        assert_eq!(answer.status, 200);
+        let seen = format!("\"include_usage_seen\":{expected}");
+        assert!(answer.text().contains(&seen), "{extra}: {}", answer.text());
+        assert_eq!(settled_balance(&chain, buyer.address()).await, U256::from(FUNDS - CHARGE));
     }
 }

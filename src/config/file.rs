@@ -185,6 +185,8 @@ pub struct PriceRule {
     pub max: Option<String>,
     pub default_max_tokens: Option<u64>,
     pub inject_max_tokens: Option<String>,
+    /// Ask an OpenAI-compatible upstream for the usage of a stream (`stream_options.include_usage`).
+    pub inject_stream_usage: Option<bool>,
 }
 
 /// `{ input = "$0.15/1M", output = "$0.60/1M" }`

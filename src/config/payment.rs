@@ -433,6 +433,7 @@ impl Validator<'_> {
             ("max", rule.max.is_some()),
             ("default_max_tokens", rule.default_max_tokens.is_some()),
             ("inject_max_tokens", rule.inject_max_tokens.is_some()),
+            ("inject_stream_usage", rule.inject_stream_usage.is_some()),
         ] {
             if set {
                 return Err(ConfigError::invalid(format!("{key}.price.{field}"), "belongs to a `per_token` price"));
@@ -561,6 +562,7 @@ impl Validator<'_> {
             models,
             default_max_tokens,
             inject_max_tokens: rule.inject_max_tokens.clone(),
+            inject_stream_usage: rule.inject_stream_usage.unwrap_or(false),
             written,
         })
     }

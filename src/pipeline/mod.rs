@@ -370,15 +370,15 @@ impl Gateway {
                 let rates = *meter.rates.get(index).ok_or(GatewayError::Internal)?;
                 let prompt_bytes = meter.prompt_bound;
                 let (ceiling, decimals) = (payment.offer.amount, payment.offer.asset.decimals);
-                Some((metered::Charging { rates, ceiling, prompt_bytes, decimals }, meter.inject.clone()))
+                Some((metered::Charging { rates, ceiling, prompt_bytes, decimals }, meter))
             }
         };
 
         // Upstream and settlement, in the route's order.
         let mut request = request;
         self.carrier.strip(request.headers_mut());
-        if let Some((_, Some((field, tokens)))) = &charging {
-            request = metering::with_token_limit(request, &body, field, *tokens);
+        if let Some((_, meter)) = &charging {
+            request = metering::rewrite_body(request, &body, meter);
         }
         let request = upstream_request(request, route, canonical_path, &ctx.client)?;
         let call = PaidCall { facilitator, payment, hold, id, resource, ctx, max_held: live.settle_after_max_bytes };
