@@ -21,8 +21,9 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use x402_gateway::proxy::body::full;
 
-/// Released by a test to let a `hold` stream finish.
+/// Released by a test to let a `hold` stream finish (`hold again`: `HELD_AGAIN`, for another test).
 static HELD: tokio::sync::Notify = tokio::sync::Notify::const_new();
+static HELD_AGAIN: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
 /// `$1/1M` input and `$2/1M` output in USDC's six decimals: 1 and 2 atomic units per token.
 const PRICE: &str = r#"{ by = "body.model", per_token = { "m" = { input = "$1/1M", output = "$2/1M" } }, max = "$0.50", default_max_tokens = 100, inject_max_tokens = "max_tokens" }"#;
@@ -57,7 +58,12 @@ async fn spawn_llm() -> Upstream {
                 let last = json!({ "choices": [], "usage": usage, "max_tokens_seen": limit, "include_usage_seen": asked });
                 frames.push(Ok(Bytes::from(format!("data: {last}\n\ndata: [DONE]\n\n"))));
             }
-            let mut response = Response::new(streamed(frames, said == "hold").boxed_unsync());
+            let held = match said.as_str() {
+                "hold" => Some(&HELD),
+                "hold again" => Some(&HELD_AGAIN),
+                _ => None,
+            };
+            let mut response = Response::new(streamed(frames, held).boxed_unsync());
             response.headers_mut().insert("content-type", "text/event-stream".parse().unwrap());
             return response;
         }
@@ -73,15 +79,15 @@ async fn spawn_llm() -> Upstream {
 }
 
 /// A body that sends `frames` in order, a moment apart, an error ending it where one is: as a model that breaks
-/// mid-answer, after its first events have gone out. With `hold_the_last`, the last waits for the test's `HELD`.
-fn streamed(frames: Vec<Result<Bytes, &'static str>>, hold_the_last: bool) -> Channel {
+/// mid-answer, after its first events have gone out. With `held`, the last waits for the test to release it.
+fn streamed(frames: Vec<Result<Bytes, &'static str>>, held: Option<&'static tokio::sync::Notify>) -> Channel {
     let (sender, receiver) = tokio::sync::mpsc::channel(1);
     let last = frames.len().saturating_sub(1);
     tokio::spawn(async move {
         for (index, frame) in frames.into_iter().enumerate() {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            if hold_the_last && index == last {
-                HELD.notified().await;
+            if let (Some(held), true) = (held, index == last) {
+                held.notified().await;
             }
             if sender.send(frame.map(http_body::Frame::data).map_err(Into::into)).await.is_err() {
                 return;
@@ -540,4 +546,46 @@ async fn a_stream_is_made_to_report_its_usage_where_the_operator_asks() {
         assert!(answer.text().contains(&seen), "{extra}: {}", answer.text());
         assert_eq!(settled_balance(&chain, buyer.address()).await, U256::from(FUNDS - CHARGE));
     }
+}
+
+#[tokio::test]
+async fn a_buyers_streams_served_at_once_must_fit_its_balance_together() {
+    let Some(chain) = Chain::shared_with_permit2().await else { return };
+    let upstream = spawn_llm().await;
+    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+    let body = chat("hold again", true);
+    let (resource, accepted) = offer(&gateway, &body).await;
+    // Enough for one ceiling, not two.
+    let buyer = PrivateKeySigner::random();
+    let funds = 2 * ceiling(&body) - 1;
+    chain.mint(buyer.address(), funds).await;
+    approve_permit2(&chain, buyer.address()).await;
+    let url = gateway.url("/v1/chat/completions");
+    let pay = || v2_header(&resource, &accepted, Permit::for_offer(&accepted).sign(&buyer));
+    let mut request = post(&url, &body, Some(&pay()));
+    request.headers_mut().insert("te", "trailers".parse().unwrap());
+    let first = client().request(request).await.unwrap();
+    assert_eq!(first.status(), 200, "the first stream is being served");
+    let second = send(&client(), post(&url, &body, Some(&pay()))).await;
+    assert_eq!(second.status, 402, "{}", second.text());
+    assert_eq!(decode_header(second.headers.get("payment-required").unwrap())["error"], "permit2_insufficient_balance");
+    HELD_AGAIN.notify_one();
+    // The stream ends with its receipt, once it has settled.
+    let trailers = first.into_body().collect().await.unwrap().trailers().cloned().expect("the receipt");
+    assert_eq!(decode_header(trailers.get("payment-response").unwrap())["amount"], CHARGE.to_string());
+    assert_eq!(chain.balance(buyer.address()).await, U256::from(funds - CHARGE));
+    // Once it has settled, the buyer's balance counts for its next payment alone.
+    let third = send(
+        &client(),
+        post(
+            &url,
+            &chat("hi", false),
+            Some(&{
+                let (resource, accepted) = offer(&gateway, &chat("hi", false)).await;
+                v2_header(&resource, &accepted, Permit::for_offer(&accepted).sign(&buyer))
+            }),
+        ),
+    )
+    .await;
+    assert_eq!(third.status, 200, "{}", third.text());
 }

@@ -9,23 +9,29 @@ use super::{Gateway, Live};
 use crate::answers::StoredAnswer;
 use crate::body::{full, Body, BoxError};
 use crate::carrier::Carrier;
+use crate::chain;
 use crate::config::RouteSpec;
 use crate::error::GatewayError;
+use crate::gate::Payment;
 use crate::metering::{self, ChargeBasis, Measured, ModelRates, SETTLEMENT_OVERRIDES};
 use crate::replay::unix_now;
 use crate::respond;
 use crate::settlement::Settled;
+use crate::settlement::VerifyFailure;
 use crate::usage::{self, Tapped, UsageTap};
-use alloy::primitives::U256;
+use crate::x402::Rejection;
+use alloy::primitives::{Address, U256};
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::BodyExt;
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+use x402_proto::Authorization;
 
 /// Frames of a stream on their way to the buyer, ahead of what it has read.
 const STREAM_BUFFER_FRAMES: usize = 8;
@@ -33,7 +39,6 @@ const STREAM_BUFFER_FRAMES: usize = 8;
 const SETTLE_RESERVE: Duration = Duration::from_secs(30);
 
 /// How one `upto` payment is charged.
-#[derive(Debug, Clone, Copy)]
 pub(super) struct Charging {
     /// The model's rates in the paid offer's asset.
     pub rates: ModelRates,
@@ -42,9 +47,64 @@ pub(super) struct Charging {
     /// The request body's size: the prompt bound, and the base of a prompt estimate.
     pub prompt_bytes: u64,
     pub decimals: u8,
+    /// Its share of its buyer's balance, held (for its drop) while it is being served.
+    pub _commitment: Option<Commitment>,
+}
+
+/// The ceilings of the `upto` payments being served, by chain, token and payer. Each settles only after its
+/// answer, so a buyer's payments served at once must fit its balance together, not each on its own.
+#[derive(Default)]
+pub(super) struct Outstanding(Mutex<HashMap<(u64, Address, Address), U256>>);
+
+/// One payment's ceiling in [`Outstanding`], until it is dropped.
+pub(super) struct Commitment {
+    outstanding: Arc<Outstanding>,
+    key: (u64, Address, Address),
+    ceiling: U256,
+}
+
+impl Drop for Commitment {
+    fn drop(&mut self) {
+        let Ok(mut by_payer) = self.outstanding.0.lock() else { return };
+        if let Some(sum) = by_payer.get_mut(&self.key) {
+            *sum = sum.saturating_sub(self.ceiling);
+            if sum.is_zero() {
+                by_payer.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl Gateway {
+    /// Counts a verified `upto` payment against its buyer's balance while it is served: when others of the same
+    /// buyer are being served, the balance must cover them all (one read of it; none for a lone payment, which
+    /// verification checked already). `None` for other schemes.
+    pub(super) async fn commit_upto(
+        &self,
+        live: &Live,
+        payment: &Payment,
+    ) -> Result<Option<Commitment>, VerifyFailure> {
+        let Authorization::Upto(auth) = &payment.authorization else { return Ok(None) };
+        let key = (payment.offer.network.chain_id, auth.token, auth.from);
+        let before = match self.outstanding.0.lock() {
+            Ok(mut by_payer) => {
+                let sum = by_payer.entry(key).or_default();
+                let before = *sum;
+                *sum = sum.saturating_add(auth.ceiling);
+                before
+            }
+            Err(_) => return Err(VerifyFailure::Unavailable("the payments being served cannot be counted".into())),
+        };
+        let commitment = Commitment { outstanding: self.outstanding.clone(), key, ceiling: auth.ceiling };
+        // Without a node of its own to ask (a remote facilitator's network), the facilitator's check stands alone.
+        let (true, Some(provider)) = (!before.is_zero(), live.chains.get(&key.0)) else { return Ok(Some(commitment)) };
+        match chain::balance_of(provider, auth.token, auth.from).await {
+            Ok(balance) if balance >= before.saturating_add(auth.ceiling) => Ok(Some(commitment)),
+            Ok(_) => Err(VerifyFailure::Rejected(Rejection::Permit2InsufficientBalance)),
+            Err(_) => Err(VerifyFailure::Unavailable("the payer's balance cannot be read".into())),
+        }
+    }
+
     /// Upstream, then the charge its answer comes to, then settlement of that charge.
     pub(super) async fn meter_then_settle(
         self: &Arc<Self>,
@@ -209,6 +269,8 @@ impl Gateway {
                 return;
             }
         };
+        // Settled: its ceiling no longer counts against the buyer's balance, before the buyer hears so.
+        drop(charging);
         let trailers = self.carrier.receipt_trailers(&call.payment, &settled);
         if settled.transaction.is_empty() {
             let _ = stream.frames.send(Ok(Frame::trailers(trailers))).await;
@@ -379,7 +441,12 @@ impl RequestContext {
 #[cfg(test)]
 mod tests {
     use super::ratio;
-    use alloy::primitives::U256;
+    use crate::chain;
+    use crate::gate::Payment;
+    use crate::settlement::VerifyFailure;
+    use crate::x402::Rejection;
+    use alloy::primitives::{Address, U256};
+    use x402_proto::Authorization;
 
     #[test]
     fn charge_ratios() {

@@ -75,6 +75,8 @@ pub struct Gateway {
     /// A `settling` row this old had time to land: reconciliation may decide it.
     settling_grace: Duration,
     metrics: Metrics,
+    /// The ceilings of the `upto` payments being served, by payer.
+    outstanding: Arc<metered::Outstanding>,
 }
 
 /// Everything one configuration decides, built once when it is loaded.
@@ -162,6 +164,7 @@ impl Gateway {
             ledger: Arc::new(ledger),
             live: ArcSwap::from_pointee(Live::new(config, None)),
             metrics: Metrics::new(),
+            outstanding: Arc::default(),
         })
     }
 
@@ -346,6 +349,12 @@ impl Gateway {
                 VerifyFailure::Unavailable(why) => Err(GatewayError::FacilitatorUnavailable(why)),
             };
         }
+        // An `upto` payment settles after its answer: the buyer's payments served at once must fit its balance.
+        let commitment = match self.commit_upto(live, &payment).await {
+            Ok(commitment) => commitment,
+            Err(VerifyFailure::Rejected(rejection)) => return Ok(challenge(Some(&rejection))),
+            Err(VerifyFailure::Unavailable(why)) => return Err(GatewayError::FacilitatorUnavailable(why)),
+        };
         self.metrics.verified(route_name, verifying.elapsed());
         let id =
             match self.ledger.record_verified(new_payment(&payment, route_name, paid.settle, facilitator.name())).await
@@ -370,7 +379,8 @@ impl Gateway {
                 let rates = *meter.rates.get(index).ok_or(GatewayError::Internal)?;
                 let prompt_bytes = meter.prompt_bound;
                 let (ceiling, decimals) = (payment.offer.amount, payment.offer.asset.decimals);
-                Some((metered::Charging { rates, ceiling, prompt_bytes, decimals }, meter))
+                let charging = metered::Charging { rates, ceiling, prompt_bytes, decimals, _commitment: commitment };
+                Some((charging, meter))
             }
         };
 
