@@ -441,12 +441,7 @@ impl RequestContext {
 #[cfg(test)]
 mod tests {
     use super::ratio;
-    use crate::chain;
-    use crate::gate::Payment;
-    use crate::settlement::VerifyFailure;
-    use crate::x402::Rejection;
-    use alloy::primitives::{Address, U256};
-    use x402_proto::Authorization;
+    use alloy::primitives::U256;
 
     #[test]
     fn charge_ratios() {
