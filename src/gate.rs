@@ -112,6 +112,13 @@ impl PaymentGate {
         Ok(payment)
     }
 
+    /// A payment recorded before, decoded again to settle it (after a restart): matched to `offer` and its
+    /// signature checked, but neither its time window (what is left of it is the settlement's to judge) nor
+    /// its reservation (its own ledger row holds that).
+    pub fn reopen(&self, offer: &Offer, encoded: &[u8]) -> Result<Payment, Rejection> {
+        self.examine(std::slice::from_ref(offer), encoded, 0, |_| true)
+    }
+
     /// Decodes `raw`, matches it to one of `offers` and verifies it offline; its validity window is checked
     /// unless `in_play` says its authorization is reserved already.
     fn examine(

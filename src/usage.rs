@@ -87,6 +87,11 @@ impl UsageTap {
         UsageTap { inner, sse, json, pending: BytesMut::new(), usage: None, content_bytes: 0, on_end: Some(on_end) }
     }
 
+    /// What it has seen so far, of an answer not over yet.
+    pub fn so_far(&self) -> Tapped {
+        Tapped { usage: self.usage, complete: false, content_bytes: self.content_bytes }
+    }
+
     fn inspect(&mut self, data: &Bytes) {
         if !self.sse {
             self.content_bytes = self.content_bytes.saturating_add(u64::try_from(data.len()).unwrap_or(u64::MAX));

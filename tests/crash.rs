@@ -15,43 +15,15 @@ use http_body_util::Full;
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use x402_gateway::ledger::Ledger;
 
 const PRICE: u64 = 1000;
 const CALLS: usize = 200;
 const BUYERS: usize = 20;
 const CLIENTS: usize = 8;
-
-/// Starts the gateway; its log goes to `gateway.log` beside the configuration, for a failure's post-mortem.
-fn start_binary(config: &std::path::Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(config.with_file_name("gateway.log"))
-        .expect("log file");
-    Command::new(env!("CARGO_BIN_EXE_x402-gateway"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start the gateway")
-}
-
-async fn wait_listening(port: u16, config: &std::path::Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        if Instant::now() >= deadline {
-            let log = std::fs::read_to_string(config.with_file_name("gateway.log")).unwrap_or_default();
-            panic!("the gateway did not come up; its log:\n{log}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// A small xorshift generator for the kill schedule.
 struct Rng(u64);
@@ -136,8 +108,8 @@ async fn killed_at_random_the_gateway_loses_no_payment_and_takes_none_twice() {
         })
         .collect();
 
-    let gateway = Arc::new(Mutex::new(start_binary(&config)));
-    wait_listening(port, &config).await;
+    let gateway = Arc::new(Mutex::new(binary::start(&config)));
+    binary::wait_listening(port, &config).await;
 
     // The buyers: each call is retried with its own authorization until answered (bounded).
     let queue =
@@ -192,8 +164,8 @@ async fn killed_at_random_the_gateway_loses_no_payment_and_takes_none_twice() {
                 }
                 kills += 1;
                 tokio::time::sleep(Duration::from_millis(rng.below(200))).await;
-                *gateway.lock().unwrap() = start_binary(&config);
-                wait_listening(port, &config).await;
+                *gateway.lock().unwrap() = binary::start(&config);
+                binary::wait_listening(port, &config).await;
             }
             kills
         })

@@ -24,6 +24,8 @@ use x402_gateway::proxy::body::full;
 /// Released by a test to let a `hold` stream finish (`hold again`: `HELD_AGAIN`, for another test).
 static HELD: tokio::sync::Notify = tokio::sync::Notify::const_new();
 static HELD_AGAIN: tokio::sync::Notify = tokio::sync::Notify::const_new();
+/// Never released: a `stall` stream stops after its three deltas, until the test ends.
+static STALLED: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
 /// `$1/1M` input and `$2/1M` output in USDC's six decimals: 1 and 2 atomic units per token.
 const PRICE: &str = r#"{ by = "body.model", per_token = { "m" = { input = "$1/1M", output = "$2/1M" } }, max = "$0.50", default_max_tokens = 100, inject_max_tokens = "max_tokens" }"#;
@@ -32,7 +34,8 @@ const CHARGE: u64 = 40 + 2 * 30;
 const FUNDS: u64 = 1_000_000;
 
 /// An LLM API written for the test. `messages[0].content` says how it answers: `fail` (500), `override`
-/// (`Settlement-Overrides` above any ceiling), `cut` (a stream that breaks after three deltas); else a JSON
+/// (`Settlement-Overrides` above any ceiling), `cut` (a stream that breaks after three deltas), `stall` (one
+/// that stops after them), `hold` and `hold again` (one that waits after them for the test); else a JSON
 /// answer or, with `"stream": true`, an SSE stream, each with its usage. Every answer echoes the token limit
 /// the request reached it with.
 async fn spawn_llm() -> Upstream {
@@ -61,6 +64,7 @@ async fn spawn_llm() -> Upstream {
             let held = match said.as_str() {
                 "hold" => Some(&HELD),
                 "hold again" => Some(&HELD_AGAIN),
+                "stall" => Some(&STALLED),
                 _ => None,
             };
             let mut response = Response::new(streamed(frames, held).boxed_unsync());
@@ -155,7 +159,11 @@ fn post(url: &str, body: &str, payment: Option<&str>) -> Request<Full<Bytes>> {
 
 /// The 402 for `body`: its resource and its one `upto` offer.
 async fn offer(gateway: &Gateway, body: &str) -> (Value, Value) {
-    let answer = send(&client(), post(&gateway.url("/v1/chat/completions"), body, None)).await;
+    offer_at(&gateway.url("/v1/chat/completions"), body).await
+}
+
+async fn offer_at(url: &str, body: &str) -> (Value, Value) {
+    let answer = send(&client(), post(url, body, None)).await;
     assert_eq!(answer.status, 402, "{}", answer.text());
     let required = decode_header(answer.headers.get("payment-required").expect("PAYMENT-REQUIRED"));
     assert_eq!(required["accepts"].as_array().unwrap().len(), 1, "{required}");
@@ -377,6 +385,90 @@ async fn a_stream_cut_halfway_is_charged_the_estimate_of_what_was_delivered() {
     let row = row(&gateway, buyer.address()).await;
     assert_eq!(row.charged, Some(U256::from(estimate)));
     assert_eq!(row.prompt_tokens, None, "no usage arrived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_gateway_is_killed_in_the_middle_of_is_charged_what_it_sent_once_restarted() {
+    let Some(chain) = Chain::shared_with_permit2().await else { return };
+    killed_mid_stream_then_restarted(&chain, "local").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reference_facilitator_settles_a_stream_the_gateway_was_killed_in_the_middle_of() {
+    let Some(node) = require_node() else { return };
+    let Some(chain) = Chain::shared_with_permit2().await else { return };
+    let facilitator = common::facilitator::start_reference_facilitator(&node, &chain, 0);
+    killed_mid_stream_then_restarted(&chain, &facilitator.url).await;
+}
+
+/// A gateway settling through `facilitator` is killed while a stream stalls after its first deltas, then
+/// started again on the same ledger.
+async fn killed_mid_stream_then_restarted(chain: &Chain, facilitator: &str) {
+    let upstream = spawn_llm().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = test_dir();
+    let config = dir.join("gateway.toml");
+    let toml = GatewayToml::new()
+        .listen_on(&format!("127.0.0.1:{port}"))
+        .upstream("llm", &upstream.url())
+        .payment(Payment::usdc().facilitator(facilitator))
+        .route(Route::free("/v1/chat/completions", "llm").methods(&["POST"]).set("price", toml_value(PRICE)))
+        .network(chain.network());
+    std::fs::write(&config, toml.build()).unwrap();
+    let mut gateway = binary::start(&config);
+    binary::wait_listening(port, &config).await;
+
+    // The stream sends its three deltas, then stalls: the gateway is killed while the buyer waits for more.
+    let buyer = buyer(chain, true).await;
+    let url = format!("http://127.0.0.1:{port}/v1/chat/completions");
+    let body = chat("stall", true);
+    let (resource, accepted) = offer_at(&url, &body).await;
+    let header = v2_header(&resource, &accepted, Permit::for_offer(&accepted).sign(&buyer));
+    let response = client().request(post(&url, &body, Some(&header))).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut answer = response.into_body();
+    let mut received = Vec::new();
+    while !String::from_utf8_lossy(&received).contains("world") {
+        let frame = tokio::time::timeout(Duration::from_secs(10), answer.frame()).await.expect("the deltas arrive");
+        received.extend_from_slice(frame.expect("a frame").unwrap().data_ref().expect("data"));
+    }
+    // What went out, priced as a stream cut short is: the prompt at 4 bytes a token (1 unit each), and the
+    // 16 bytes of text at 4 a token (2 units each).
+    let estimate = (body.len() as u64).div_ceil(4) + 2 * "hello paid world".len().div_ceil(4) as u64;
+    let ledger = x402_gateway::ledger::Ledger::open(&dir.join("data/ledger.db")).unwrap();
+    let mut recorded = None;
+    for _ in 0..100 {
+        let rows = ledger.list(None, None, Some(buyer.address().to_string()), 10).await.unwrap();
+        recorded = rows.into_iter().next();
+        if recorded.as_ref().is_some_and(|row| row.charged == Some(U256::from(estimate))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let recorded = recorded.expect("the stream's row");
+    assert_eq!(recorded.charged, Some(U256::from(estimate)), "the row knows what went out: {recorded:?}");
+    assert_eq!(recorded.state, "verified");
+    gateway.kill().unwrap();
+    gateway.wait().unwrap();
+    drop(answer);
+    assert_eq!(chain.balance(buyer.address()).await, U256::from(FUNDS), "nothing settled before the kill");
+
+    // Restarted, the gateway settles what the stream sent, once, to the payee.
+    let mut gateway = binary::start(&config);
+    binary::wait_listening(port, &config).await;
+    let balance = settled_balance(chain, buyer.address()).await;
+    // A buyer that sends the same authorization again is refused, and pays nothing more.
+    let again = send(&client(), post(&url, &body, Some(&header))).await;
+    let log = binary::log(&config);
+    gateway.kill().unwrap();
+    gateway.wait().unwrap();
+    assert_eq!(balance, U256::from(FUNDS - estimate), "the gateway's log:\n{log}");
+    let row = ledger.get(recorded.id).await.unwrap().unwrap();
+    assert_eq!((row.state.as_str(), row.served, row.charged), ("settled", true, Some(U256::from(estimate))));
+    assert!(row.transaction.is_some(), "{row:?}");
+    assert!(!log.contains(&header), "the buyer's payment is never logged");
+    assert_eq!(again.status, 409, "{}", again.text());
+    assert_eq!(chain.balance(buyer.address()).await, U256::from(FUNDS - estimate));
 }
 
 #[tokio::test]

@@ -75,7 +75,11 @@ impl PartialEq<&str> for State {
 pub enum Step {
     /// An authorization seen before and never charged is verified again.
     Reverified,
-    /// An `upto` payment's charge, metered from its answer, before it settles.
+    /// An `upto` answer is going out before its payment settles: what settles it after a restart, and the
+    /// price of what went out.
+    Streaming,
+    /// An `upto` payment's charge, metered from its answer, before it settles (or, while it streams, what
+    /// has gone out so far).
     Metered,
     /// About to settle, before anything is broadcast.
     Settling,
@@ -98,7 +102,7 @@ impl Step {
         use State::*;
         match self {
             Step::Reverified => &[Released, Failed],
-            Step::Metered | Step::Settling | Step::Released => &[Verified],
+            Step::Streaming | Step::Metered | Step::Settling | Step::Released => &[Verified],
             Step::Pending => &[Settling],
             Step::Settled | Step::Failed => &[Settling, Verified],
             Step::RefundNeeded => &[Settled, Settling],
@@ -113,7 +117,7 @@ impl Step {
         match self {
             Step::Reverified => Some(State::Verified),
             Step::Settling => Some(State::Settling),
-            Step::Metered | Step::Pending | Step::Served => None,
+            Step::Streaming | Step::Metered | Step::Pending | Step::Served => None,
             Step::Settled => Some(State::Settled),
             Step::Failed => Some(State::Failed),
             Step::Released => Some(State::Released),
@@ -140,6 +144,10 @@ pub trait PaymentStore: Send + Sync {
 
     /// An `upto` payment's metered charge and the usage (prompt, completion tokens) it was priced from.
     fn metered(&self, id: i64, charged: U256, usage: Option<(u64, u64)>) -> Stored<'_, ()>;
+
+    /// An answer going out before its payment settles, `charged` so far: `ticket` settles it if the gateway
+    /// stops first.
+    fn streaming(&self, id: i64, ticket: String, charged: U256) -> Stored<'_, ()>;
 
     /// A settlement transaction's hash, before it is broadcast.
     fn pending(&self, id: i64, transaction: String) -> Stored<'_, ()>;
@@ -200,6 +208,10 @@ impl PaymentStore for Ledger {
 
     fn metered(&self, id: i64, charged: U256, usage: Option<(u64, u64)>) -> Stored<'_, ()> {
         Box::pin(Ledger::metered(self, id, charged, usage))
+    }
+
+    fn streaming(&self, id: i64, ticket: String, charged: U256) -> Stored<'_, ()> {
+        Box::pin(Ledger::streaming(self, id, ticket, charged))
     }
 
     fn pending(&self, id: i64, transaction: String) -> Stored<'_, ()> {
@@ -282,6 +294,7 @@ mod tests {
     fn no_step_leaves_a_charged_row_uncharged() {
         let steps = [
             Step::Reverified,
+            Step::Streaming,
             Step::Metered,
             Step::Settling,
             Step::Pending,

@@ -78,6 +78,10 @@ pub struct Row {
     /// The answer's token usage, as read from it (`upto` routes).
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
+    /// What settles an answer that goes out before its payment (an `upto` stream) if the gateway stops before
+    /// it has: written when the stream starts. It holds the buyer's signed payload, so listings leave it out.
+    #[serde(skip)]
+    pub settle_ticket: Option<String>,
 }
 
 impl Row {
@@ -139,11 +143,12 @@ CREATE INDEX IF NOT EXISTS payments_state ON payments (state);
 
 /// Columns added since the first schema, with their definitions: a ledger written by an older version gains
 /// them when opened.
-const ADDED_COLUMNS: [(&str, &str); 4] = [
+const ADDED_COLUMNS: [(&str, &str); 5] = [
     ("scheme", "TEXT NOT NULL DEFAULT 'exact'"),
     ("charged", "TEXT"),
     ("prompt_tokens", "INTEGER"),
     ("completion_tokens", "INTEGER"),
+    ("settle_ticket", "TEXT"),
 ];
 
 fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
@@ -161,7 +166,7 @@ fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
 
 const COLUMNS: &str = "id, state, route, payer, payee, network, chain_id, asset, amount, nonce, valid_before, \
                        settle_mode, facilitator, tx_hash, upstream_status, served, failure, created_at, updated_at, \
-                       scheme, charged, prompt_tokens, completion_tokens";
+                       scheme, charged, prompt_tokens, completion_tokens, settle_ticket";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     Ok(Row {
@@ -201,6 +206,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
             .map_err(|err| rusqlite::Error::FromSqlConversionFailure(20, rusqlite::types::Type::Text, Box::new(err)))?,
         prompt_tokens: r.get(21)?,
         completion_tokens: r.get(22)?,
+        settle_ticket: r.get(23)?,
     })
 }
 
@@ -256,7 +262,7 @@ impl Ledger {
                     conn.prepare_cached(
                         "UPDATE payments SET state = 'verified', route = ?2, facilitator = ?3, failure = NULL, tx_hash = NULL, \
                          upstream_status = NULL, amount = ?5, charged = NULL, prompt_tokens = NULL, \
-                         completion_tokens = NULL, updated_at = ?4 WHERE id = ?1",
+                         completion_tokens = NULL, settle_ticket = NULL, updated_at = ?4 WHERE id = ?1",
                     )?
                     .execute(params![old.id, p.route, p.facilitator, t, p.amount.to_string()])?;
                     Ok(Ok(old.id))
@@ -294,6 +300,23 @@ impl Ledger {
             .run(move |conn| {
                 conn.prepare_cached(&sql)?.execute(params![id, charged.to_string(), prompt, completion, t])
             })
+            .await?;
+        if changed == 0 {
+            return Err(LedgerError::Conflict(id));
+        }
+        Ok(())
+    }
+
+    /// An answer going out before its payment settles, `charged` so far: `ticket` settles it if the gateway
+    /// stops first.
+    pub async fn streaming(&self, id: i64, ticket: String, charged: U256) -> Result<(), LedgerError> {
+        let t = now();
+        let sql = format!(
+            "UPDATE payments SET settle_ticket = ?2, charged = ?3, updated_at = ?4 WHERE id = ?1 AND {}",
+            Step::Streaming.guard_sql()
+        );
+        let changed = self
+            .run(move |conn| conn.prepare_cached(&sql)?.execute(params![id, ticket, charged.to_string(), t]))
             .await?;
         if changed == 0 {
             return Err(LedgerError::Conflict(id));

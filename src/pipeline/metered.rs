@@ -3,6 +3,7 @@
 //! receipt in the head; a stream goes out as it comes, and its receipt follows in the trailers.
 
 use super::context::RequestContext;
+use super::interrupted::{settle_ticket, Progress};
 use super::paid::{failed, PaidCall};
 
 use super::{Gateway, Live};
@@ -197,6 +198,8 @@ impl Gateway {
                 return;
             };
             let mut ctx = detached;
+            // Until it has settled, reconciliation leaves its row to this task.
+            let _serving = gateway.streams.enter(id);
             let call = PaidCall { facilitator, payment, hold, id, resource, ctx: &mut ctx, max_held };
             let stream = Stream { frames, head, status };
             gateway.relay_and_settle(&route, call, charging, overridden, body, stream).await;
@@ -224,14 +227,25 @@ impl Gateway {
         );
         let mut kept = Some(BytesMut::new());
         let mut whole = true;
+        let mut progress = Progress::new(settle_ticket(&call.payment, &call.resource));
         // However the upstream and the buyer pace it, the stream ends in time to settle before the permit lapses.
         let lapses_in = Duration::from_secs(call.payment.authorization.expires_at().saturating_sub(unix_now()));
         let stop = tokio::time::Instant::now() + lapses_in.saturating_sub(SETTLE_RESERVE);
         loop {
-            let next = tokio::time::timeout(route.upstream.timeout, tap.frame());
-            let frame = match tokio::time::timeout_at(stop, next).await {
-                Ok(Ok(Some(Ok(frame)))) => frame,
-                Ok(Ok(None)) => break,
+            let frame_due = (tokio::time::Instant::now() + route.upstream.timeout).min(stop);
+            let next = loop {
+                let progress_due = progress.due();
+                tokio::select! {
+                    next = tokio::time::timeout_at(frame_due, tap.frame()) => break next,
+                    // A stalled upstream does not keep what went out before it from the row.
+                    () = tokio::time::sleep_until(progress_due.unwrap_or(frame_due)), if progress_due.is_some() => {
+                        self.record_progress(call.id, &mut progress).await;
+                    }
+                }
+            };
+            let frame = match next {
+                Ok(Some(Ok(frame))) => frame,
+                Ok(None) => break,
                 // A broken or stalled upstream, or the permit's time running out, ends the stream here; what was
                 // sent is charged.
                 _ => {
@@ -249,6 +263,11 @@ impl Gateway {
             if !matches!(tokio::time::timeout_at(stop, stream.frames.send(Ok(frame))).await, Ok(Ok(()))) {
                 whole = false;
                 break;
+            }
+            // Should the gateway stop before the stream ends, what went out is charged after the restart.
+            progress.sent(charge_of(&charging, overridden, &tap.so_far()).0);
+            if progress.due().is_some_and(|due| due <= tokio::time::Instant::now()) {
+                self.record_progress(call.id, &mut progress).await;
             }
         }
         drop(tap);
@@ -309,11 +328,7 @@ impl Gateway {
         status: StatusCode,
         delivered: bool,
     ) -> Result<Settled, Refused> {
-        let measured = Measured { usage: tapped.usage, content_bytes: tapped.content_bytes, complete: tapped.complete };
-        let (charge, basis) = match overridden {
-            Some(amount) => (amount, ChargeBasis::Override),
-            None => metering::charge(&charging.rates, &measured, charging.prompt_bytes, charging.ceiling),
-        };
+        let (charge, basis) = charge_of(charging, overridden, &tapped);
         let usage = tapped.usage.map(|u| (u.prompt_tokens, u.completion_tokens));
         if let Err(err) = self.write_ahead(self.ledger.metered(call.id, charge, usage).await) {
             self.record(self.ledger.released(call.id, Some(status.as_u16())).await);
@@ -378,6 +393,15 @@ impl Gateway {
             }
         }
     }
+}
+
+/// What an answer comes to, from what was seen of it: the upstream's own charge if it named one.
+fn charge_of(charging: &Charging, overridden: Option<U256>, tapped: &Tapped) -> (U256, ChargeBasis) {
+    if let Some(amount) = overridden {
+        return (amount, ChargeBasis::Override);
+    }
+    let measured = Measured { usage: tapped.usage, content_bytes: tapped.content_bytes, complete: tapped.complete };
+    metering::charge(&charging.rates, &measured, charging.prompt_bytes, charging.ceiling)
 }
 
 /// Why a charge did not settle, and what the buyer gets instead.

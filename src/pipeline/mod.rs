@@ -5,6 +5,7 @@
 
 mod buffered;
 mod context;
+mod interrupted;
 mod live;
 mod metered;
 mod paid;
@@ -77,6 +78,8 @@ pub struct Gateway {
     metrics: Metrics,
     /// The ceilings of the `upto` payments being served, by payer.
     outstanding: Arc<metered::Outstanding>,
+    /// The rows of the `upto` streams being served.
+    streams: Arc<interrupted::LiveStreams>,
 }
 
 /// Everything one configuration decides, built once when it is loaded.
@@ -165,6 +168,7 @@ impl Gateway {
             live: ArcSwap::from_pointee(Live::new(config, None)),
             metrics: Metrics::new(),
             outstanding: Arc::default(),
+            streams: Arc::default(),
         })
     }
 
@@ -191,11 +195,13 @@ impl Gateway {
         ledger::reconcile(&*self.ledger, &self.live().chains, self.reconcile_log_chunk_blocks, cutoff, cutoff).await
     }
 
-    /// At start, everything a previous run left open; then, periodically, what timeouts left open.
+    /// At start, everything a previous run left open (the streams it stopped in the middle of settled for what
+    /// they sent); then, periodically, what timeouts left open.
     pub async fn reconcile_forever(self: Arc<Self>) {
         let started = unix_now();
         let (mut settling_cutoff, mut cutoff) = (started, started);
         loop {
+            self.settle_interrupted_streams().await;
             let chains = self.live().chains.clone();
             match ledger::reconcile(&*self.ledger, &chains, self.reconcile_log_chunk_blocks, settling_cutoff, cutoff)
                 .await

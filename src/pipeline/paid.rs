@@ -177,11 +177,7 @@ impl Gateway {
     ) -> Result<Settled, SettleFailure> {
         call.hold.spend();
         let started = Instant::now();
-        let (ledger, id) = (self.ledger.clone(), call.id);
-        let record_hash: BeforeBroadcast = Box::new(move |hash| {
-            let ledger = ledger.clone();
-            Box::pin(async move { ledger.pending(id, hash.to_string()).await.map_err(|e| e.to_string()) })
-        });
+        let record_hash = record_hash_before(self.ledger.clone(), call.id);
         let outcome = call.facilitator.settle(&call.payment, &call.resource, amount, Some(record_hash)).await;
         if outcome.as_ref().is_err_and(|failure| failure.nothing_moved) {
             call.hold.not_charged();
@@ -284,6 +280,14 @@ impl Gateway {
             tracing::error!("could not record a payment step: {err}");
         }
     }
+}
+
+/// Records a settlement transaction's hash in row `id` before it is broadcast.
+pub(super) fn record_hash_before(ledger: Arc<dyn PaymentStore>, id: i64) -> BeforeBroadcast {
+    Box::new(move |hash| {
+        let ledger = ledger.clone();
+        Box::pin(async move { ledger.pending(id, hash.to_string()).await.map_err(|e| e.to_string()) })
+    })
 }
 
 pub(super) fn failed(status: StatusCode) -> bool {

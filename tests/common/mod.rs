@@ -1,6 +1,7 @@
 //! Test harness: real upstream servers and a real gateway, all on 127.0.0.1 with ports picked by the kernel.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod binary;
 pub mod chain;
 pub mod config;
 pub mod facilitator;

@@ -40,6 +40,16 @@ pub enum PaymentPayload {
     V2(PaymentPayloadV2),
 }
 
+impl PaymentPayload {
+    /// The header that decodes to this payload again.
+    pub fn encode(&self) -> String {
+        match self {
+            PaymentPayload::V1(payload) => encode(payload),
+            PaymentPayload::V2(payload) => encode(payload),
+        }
+    }
+}
+
 #[derive(serde::Deserialize)]
 struct Declared {
     #[serde(rename = "x402Version")]
