@@ -312,7 +312,35 @@ async fn the_python_sdk_pays_by_usage_too() {
     let buyer = buyer(&chain, true).await;
     let report = official_pays(python.script("pay.py"), &gateway, &buyer, &chat("hi", false)).await;
     assert_eq!(report["status"], 200, "{report}");
+    assert_eq!(report["settlement"]["amount"], CHARGE.to_string(), "{report}");
     assert_eq!(chain.balance(buyer.address()).await, U256::from(FUNDS - CHARGE));
+
+    // A stream, read whole by the SDK's client: it settles its usage once it has ended.
+    let streamer = self::buyer(&chain, true).await;
+    let report = official_pays(python.script("pay.py"), &gateway, &streamer, &chat("hi", true)).await;
+    assert_eq!(report["status"], 200, "{report}");
+    assert!(report["body"].as_str().unwrap().contains("[DONE]"), "{report}");
+    assert_eq!(settled_balance(&chain, streamer.address()).await, U256::from(FUNDS - CHARGE));
+}
+
+#[tokio::test]
+async fn the_python_sdk_pays_through_the_reference_facilitator() {
+    let Some(node) = require_node() else { return };
+    let Some(python) = common::tools::require(common::tools::python()) else { return };
+    let Some(chain) = Chain::shared_with_permit2().await else { return };
+    let facilitator = common::facilitator::start_reference_facilitator(&node, &chain, 0);
+    let upstream = spawn_llm().await;
+    let gateway = start_gateway(&llm_toml_settled_by(&upstream, &chain, &facilitator.url).build()).await;
+    let buyer = buyer(&chain, true).await;
+    let report = official_pays(python.script("pay.py"), &gateway, &buyer, &chat("hi", false)).await;
+    assert_eq!(report["status"], 200, "{report}");
+    assert_eq!(report["settlement"]["amount"], CHARGE.to_string(), "{report}");
+    assert_eq!(chain.balance(buyer.address()).await, U256::from(FUNDS - CHARGE));
+
+    let streamer = self::buyer(&chain, true).await;
+    let report = official_pays(python.script("pay.py"), &gateway, &streamer, &chat("hi", true)).await;
+    assert_eq!(report["status"], 200, "{report}");
+    assert_eq!(settled_balance(&chain, streamer.address()).await, U256::from(FUNDS - CHARGE));
 }
 
 #[tokio::test]
