@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use x402_chain::options::{SettlementOptions, SettlerConfig};
+use x402_gateway::ledger::{Ledger, NewPayment};
 use x402_gateway::settlement::{BeforeBroadcast, LocalSettler, SettleFailure, VerifyFailure};
 use x402_proto::upto_evm::{Eip2612Permit, PermitAuthorization, PERMIT2, UPTO_PROXY};
 use x402_proto::Rejection;
@@ -54,6 +55,11 @@ sol! {
     function approve(address spender, uint256 value) external returns (bool);
     function allowance(address owner, address spender) external view returns (uint256);
     function nonces(address owner) external view returns (uint256);
+
+    /// Permit2's way for an owner to spend its own nonces.
+    interface Permit2Invalidation {
+        function invalidateUnorderedNonces(uint256 wordPos, uint256 mask) external;
+    }
 
     /// The proxy's entry point, called here by someone other than the settler.
     interface Proxy {
@@ -172,6 +178,48 @@ impl Upto {
     async fn receipt(&self, transaction: &str) -> TransactionReceipt {
         let hash: B256 = transaction.parse().unwrap();
         self.chain.provider.get_transaction_receipt(hash).await.unwrap().expect("mined")
+    }
+}
+
+impl Upto {
+    /// The buyer spends its own permit's nonce: Permit2's `invalidateUnorderedNonces` of its bit, sent from its
+    /// account (anvil signs for it).
+    async fn cancel(&self, auth: &PermitAuthorization) {
+        let rpc = &self.chain.provider;
+        let _: serde_json::Value = rpc
+            .raw_request("anvil_setBalance".into(), (auth.from, U256::from(10u64).pow(U256::from(18))))
+            .await
+            .unwrap();
+        let _: serde_json::Value = rpc.raw_request("anvil_impersonateAccount".into(), (auth.from,)).await.unwrap();
+        let (word, bit) = (auth.nonce >> 8, U256::from(1) << (auth.nonce & U256::from(0xff)).to::<usize>());
+        let input = Permit2Invalidation::invalidateUnorderedNoncesCall { wordPos: word, mask: bit }.abi_encode();
+        let tx = TransactionRequest::default().from(auth.from).to(PERMIT2).input(Bytes::from(input).into());
+        assert!(rpc.send_transaction(tx).await.unwrap().get_receipt().await.unwrap().status(), "invalidate");
+    }
+
+    /// A ledger row of `auth`'s stream, left `settling` with no transaction by a remote facilitator that never
+    /// answered.
+    async fn unanswered_row(&self, ledger: &Ledger, auth: &PermitAuthorization, charged: u64) -> i64 {
+        let payment = NewPayment {
+            route: "/v1/chat/completions".into(),
+            payer: auth.from,
+            payee: auth.pay_to,
+            network: format!("eip155:{}", chain::CHAIN_ID),
+            chain_id: chain::CHAIN_ID,
+            asset: auth.token,
+            amount: auth.ceiling,
+            nonce: auth.nonce_key(),
+            valid_before: auth.deadline_secs(),
+            settle_mode: "after",
+            facilitator: "http://127.0.0.1:9/".into(),
+            scheme: "upto",
+        };
+        let id = ledger.record_verified(payment).await.unwrap().unwrap();
+        ledger.metered(id, U256::from(charged), None).await.unwrap();
+        ledger.settling(id, Some(200)).await.unwrap();
+        // A stream: delivered before it settles.
+        ledger.served(id).await.unwrap();
+        id
     }
 }
 
@@ -387,4 +435,53 @@ async fn the_proxy_has_the_abi_the_official_package_ships() {
         checked += 1;
     }
     assert!(checked >= 7, "settle, settleWithPermit, the three constants and both events at least");
+}
+
+#[tokio::test]
+async fn reconciliation_tells_a_settlement_from_a_buyer_cancelling_its_own_permit() {
+    let Some(upto) = Upto::start().await else { return };
+    let ledger = Ledger::open(&common::test_dir().join("ledger.db")).unwrap();
+    let charge = 1_000u64;
+
+    // Settled through the proxy, though the facilitator never said so: found by its transaction.
+    let paid = upto.buyer(CEILING).await;
+    upto.approve_permit2(paid.address()).await;
+    let settled_auth = upto.authorize(&paid, upto.settler_address);
+    let settled_row = upto.unanswered_row(&ledger, &settled_auth, charge).await;
+    let settled = upto.settler.settle_upto(&settled_auth, U256::from(charge), None).await.unwrap();
+
+    // Settled, then the same nonce "cancelled" by the buyer afterwards (a no-op on Permit2's bitmap that still
+    // logs the event): the settlement is what counts.
+    let late = upto.buyer(CEILING).await;
+    upto.approve_permit2(late.address()).await;
+    let late_auth = upto.authorize(&late, upto.settler_address);
+    let late_row = upto.unanswered_row(&ledger, &late_auth, charge).await;
+    let late_settled = upto.settler.settle_upto(&late_auth, U256::from(charge), None).await.unwrap();
+    upto.cancel(&late_auth).await;
+
+    // Cancelled by the buyer before anything settled: nothing moved, whatever the bitmap says.
+    let dodger = upto.buyer(CEILING).await;
+    upto.approve_permit2(dodger.address()).await;
+    let cancelled_auth = upto.authorize(&dodger, upto.settler_address);
+    let cancelled_row = upto.unanswered_row(&ledger, &cancelled_auth, charge).await;
+    upto.cancel(&cancelled_auth).await;
+
+    let chains = std::collections::HashMap::from([(chain::CHAIN_ID, upto.chain.provider.clone())]);
+    let future = now() + 3600;
+    let chunk = std::num::NonZeroU64::new(2000).unwrap();
+    let report = x402_gateway::ledger::reconcile(&ledger, &chains, chunk, future, future).await.unwrap();
+    assert_eq!((report.settled, report.failed), (2, 1), "{report:?}");
+
+    let ledger = &ledger;
+    let row = |id| async move { ledger.get(id).await.unwrap().unwrap() };
+    let found = row(settled_row).await;
+    assert_eq!((found.state.as_str(), found.transaction.as_deref()), ("settled", Some(&*settled.transaction)));
+    let found = row(late_row).await;
+    assert_eq!((found.state.as_str(), found.transaction.as_deref()), ("settled", Some(&*late_settled.transaction)));
+    let found = row(cancelled_row).await;
+    assert_eq!(found.state.as_str(), "failed", "{found:?}");
+    assert!(found.failure.as_deref().unwrap_or_default().contains("cancelled its Permit2 nonce"), "{found:?}");
+    assert_eq!(upto.chain.balance(dodger.address()).await, U256::from(CEILING), "the dodger paid nothing");
+    let revenue = ledger.revenue().await.unwrap();
+    assert_eq!(revenue.iter().map(|r| r.amount.parse::<u64>().unwrap()).sum::<u64>(), 2 * charge, "{revenue:?}");
 }

@@ -4,13 +4,15 @@
 
 use super::{LedgerError, PaymentStore, Row, State};
 use crate::chain::{self, Eip3009Token};
+use crate::settlement;
+use alloy::consensus::Transaction as _;
 use alloy::primitives::{keccak256, Address, B256, U256};
 use alloy::providers::{Provider, RootProvider};
 use alloy::rpc::types::Filter;
 use alloy::sol;
 use std::collections::HashMap;
 use std::num::NonZeroU64;
-use x402_proto::upto_evm::PERMIT2;
+use x402_proto::upto_evm::{PERMIT2, UPTO_PROXY};
 
 sol! {
     /// Permit2's unordered nonces (`SignatureTransfer`): bit `nonce & 0xff` of word `nonce >> 8` of the owner's
@@ -93,6 +95,12 @@ pub async fn reconcile(
                 )?;
                 report.failed += 1;
             }
+            Ok(Outcome::Cancelled) => {
+                let reason = "the buyer cancelled its Permit2 nonce before the payment settled: nothing moved";
+                moved(ledger.failed(row.id, reason.into(), row.transaction.clone()).await)?;
+                report.failed += 1;
+                tracing::warn!(id = row.id, payer = %row.payer, amount = %row.charge(), "{reason}");
+            }
             Ok(Outcome::NotYet) if now >= row.valid_before => {
                 moved(
                     ledger.failed(row.id, "the authorization expired unsettled".into(), row.transaction.clone()).await,
@@ -148,12 +156,14 @@ enum Outcome {
     MinedUnused,
     /// Not on chain, not in the node's pool, and no one left to send it: it will not happen.
     Lost,
+    /// The buyer spent its own permit's nonce (Permit2's `invalidateUnorderedNonces`): nothing can move now.
+    Cancelled,
     NotYet,
 }
 
 async fn on_chain(provider: &RootProvider, row: &Row, log_chunk_blocks: NonZeroU64) -> Result<Outcome, String> {
     if row.scheme == "upto" {
-        return upto_on_chain(provider, row).await;
+        return upto_on_chain(provider, row, log_chunk_blocks).await;
     }
     let (token, payer, nonce) = (row.asset, row.payer, row.nonce);
     let known: Option<B256> = row.transaction.as_deref().and_then(|t| t.parse().ok());
@@ -189,10 +199,11 @@ async fn on_chain(provider: &RootProvider, row: &Row, log_chunk_blocks: NonZeroU
 
 /// An `upto` row, decided by Permit2's record of its nonce (`nonceBitmap`), read after the receipt as for
 /// `exact`. Spent: settled, by the recorded transaction if it succeeded (a success alone proves nothing: a call
-/// to an address without code succeeds too), else by one not known. Unspent: nothing moved if the recorded
-/// transaction was mined; otherwise it waits for the permit's deadline, after which Permit2 refuses it (the
-/// caller then marks it failed).
-async fn upto_on_chain(provider: &RootProvider, row: &Row) -> Result<Outcome, String> {
+/// to an address without code succeeds too), else by the proxy settlement the token's `Transfer` events lead
+/// to; with none, the buyer may have spent the nonce itself (`invalidateUnorderedNonces`), which moves nothing.
+/// Unspent: nothing moved if the recorded transaction was mined; otherwise it waits for the permit's deadline,
+/// after which Permit2 refuses it (the caller then marks it failed).
+async fn upto_on_chain(provider: &RootProvider, row: &Row, log_chunk_blocks: NonZeroU64) -> Result<Outcome, String> {
     let known: Option<B256> = row.transaction.as_deref().and_then(|t| t.parse().ok());
     let receipt = match known {
         Some(hash) => provider.get_transaction_receipt(hash).await.map_err(|e| e.to_string())?,
@@ -201,17 +212,77 @@ async fn upto_on_chain(provider: &RootProvider, row: &Row) -> Result<Outcome, St
     let used = permit2_nonce_used(provider, row).await?;
     Ok(match (used, known, &receipt) {
         (true, Some(hash), Some(receipt)) if receipt.status() => Outcome::Moved(hash.to_string()),
-        (true, _, _) => {
-            tracing::warn!(
-                id = row.id,
-                payer = %row.payer,
-                "Permit2 shows the payment's nonce spent, and no successful receipt names its transaction: recorded with transaction `{UNKNOWN_TRANSACTION}`"
-            );
-            Outcome::Moved(UNKNOWN_TRANSACTION.into())
-        }
+        (true, _, _) => match upto_settlement(provider, row, log_chunk_blocks).await? {
+            Some(transaction) => Outcome::Moved(transaction),
+            None if nonce_invalidated(provider, row, log_chunk_blocks).await? => Outcome::Cancelled,
+            None => {
+                tracing::warn!(
+                    id = row.id,
+                    payer = %row.payer,
+                    "Permit2 shows the payment's nonce spent, and neither its settlement nor the buyer's cancelling is in the last {EVENT_LOOKBACK_BLOCKS} blocks: recorded with transaction `{UNKNOWN_TRANSACTION}`"
+                );
+                Outcome::Moved(UNKNOWN_TRANSACTION.into())
+            }
+        },
         (false, _, Some(_)) => Outcome::MinedUnused,
         (false, _, None) => Outcome::NotYet,
     })
+}
+
+/// The transaction that settled an `upto` row's permit: among those that moved the token from its payer to
+/// its payee (newest first), the one that called the proxy with this permit's nonce.
+async fn upto_settlement(
+    provider: &RootProvider,
+    row: &Row,
+    log_chunk_blocks: NonZeroU64,
+) -> Result<Option<String>, String> {
+    let transfers = Filter::new()
+        .address(row.asset)
+        .event_signature(keccak256("Transfer(address,address,uint256)"))
+        .topic1(row.payer.into_word())
+        .topic2(row.payee.into_word());
+    let nonce = U256::from_be_bytes(row.nonce.0);
+    let mut seen = std::collections::HashSet::new();
+    for (from, to) in lookback(provider, log_chunk_blocks).await? {
+        let chunk = transfers.clone().from_block(from).to_block(to);
+        let logs = provider.get_logs(&chunk).await.map_err(|e| format!("eth_getLogs of blocks {from} to {to}: {e}"))?;
+        for hash in logs.iter().rev().filter_map(|log| log.transaction_hash) {
+            if !seen.insert(hash) {
+                continue;
+            }
+            let transaction =
+                provider.get_transaction_by_hash(hash).await.map_err(|e| format!("eth_getTransactionByHash: {e}"))?;
+            let settles = transaction
+                .is_some_and(|t| t.to() == Some(UPTO_PROXY) && settlement::settles_permit(t.input(), row.payer, nonce));
+            if settles {
+                return Ok(Some(hash.to_string()));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Whether the buyer spent the row's permit nonce itself: a Permit2 `UnorderedNonceInvalidation` of its
+/// own whose mask covers the nonce's bit.
+async fn nonce_invalidated(provider: &RootProvider, row: &Row, log_chunk_blocks: NonZeroU64) -> Result<bool, String> {
+    let nonce = U256::from_be_bytes(row.nonce.0);
+    let (word, bit) = (nonce >> 8, U256::from(1) << (nonce & U256::from(0xff)).to::<usize>());
+    let invalidations = Filter::new()
+        .address(PERMIT2)
+        .event_signature(keccak256("UnorderedNonceInvalidation(address,uint256,uint256)"))
+        .topic1(row.payer.into_word());
+    for (from, to) in lookback(provider, log_chunk_blocks).await? {
+        let chunk = invalidations.clone().from_block(from).to_block(to);
+        let logs = provider.get_logs(&chunk).await.map_err(|e| format!("eth_getLogs of blocks {from} to {to}: {e}"))?;
+        let covers = |data: &[u8]| {
+            let (Some(logged_word), Some(mask)) = (data.get(..32), data.get(32..64)) else { return false };
+            U256::from_be_slice(logged_word) == word && !(U256::from_be_slice(mask) & bit).is_zero()
+        };
+        if logs.iter().any(|log| covers(&log.data().data)) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Whether Permit2 has spent the row's nonce for its payer.
@@ -225,7 +296,7 @@ async fn permit2_nonce_used(provider: &RootProvider, row: &Row) -> Result<bool, 
 /// Whether a failed row's authorization has been used since, and by which transaction.
 async fn landed(provider: &RootProvider, row: &Row, log_chunk_blocks: NonZeroU64) -> Result<Option<String>, String> {
     if row.scheme == "upto" {
-        return Ok(match upto_on_chain(provider, row).await? {
+        return Ok(match upto_on_chain(provider, row, log_chunk_blocks).await? {
             Outcome::Moved(transaction) => Some(transaction),
             _ => None,
         });
@@ -271,23 +342,33 @@ async fn transfer_event(
     nonce: B256,
     log_chunk_blocks: NonZeroU64,
 ) -> Result<Option<String>, String> {
-    let latest = provider.get_block_number().await.map_err(|e| format!("eth_blockNumber: {e}"))?;
-    let oldest = latest.saturating_sub(EVENT_LOOKBACK_BLOCKS);
     let filter = Filter::new()
         .address(token)
         .event_signature(keccak256("AuthorizationUsed(address,bytes32)"))
         .topic1(payer.into_word())
         .topic2(nonce);
-    let mut to = latest;
-    loop {
-        let from = to.saturating_sub(log_chunk_blocks.get() - 1).max(oldest);
+    for (from, to) in lookback(provider, log_chunk_blocks).await? {
         let chunk = filter.clone().from_block(from).to_block(to);
         let logs = provider.get_logs(&chunk).await.map_err(|e| format!("eth_getLogs of blocks {from} to {to}: {e}"))?;
         if let Some(hash) = logs.iter().find_map(|log| log.transaction_hash) {
             return Ok(Some(hash.to_string()));
         }
+    }
+    Ok(None)
+}
+
+/// The block ranges of the last `EVENT_LOOKBACK_BLOCKS`, newest first, `log_chunk_blocks` each (providers cap
+/// a query's range).
+async fn lookback(provider: &RootProvider, log_chunk_blocks: NonZeroU64) -> Result<Vec<(u64, u64)>, String> {
+    let latest = provider.get_block_number().await.map_err(|e| format!("eth_blockNumber: {e}"))?;
+    let oldest = latest.saturating_sub(EVENT_LOOKBACK_BLOCKS);
+    let mut ranges = Vec::new();
+    let mut to = latest;
+    loop {
+        let from = to.saturating_sub(log_chunk_blocks.get() - 1).max(oldest);
+        ranges.push((from, to));
         if from == oldest {
-            return Ok(None);
+            return Ok(ranges);
         }
         to = from - 1;
     }

@@ -14,6 +14,7 @@ pub use local::LocalSettler;
 pub use queue::BeforeBroadcast;
 pub use remote::RemoteFacilitator;
 pub use remotes::FacilitatorState;
+pub use upto::settles_permit;
 
 use crate::chain;
 use crate::options::{FacilitatorChoice, RemoteSet, SettlementOptions, SettlerConfig};

@@ -74,6 +74,16 @@ sol! {
     }
 }
 
+/// Whether `input` (a transaction's calldata) is the proxy's `settle` or `settleWithPermit` of `owner`'s permit
+/// with `nonce`: how reconciliation tells the settlement of a payment from anything else that spent its nonce.
+pub fn settles_permit(input: &[u8], owner: Address, nonce: U256) -> bool {
+    match UptoProxy::UptoProxyCalls::abi_decode(input) {
+        Ok(UptoProxy::UptoProxyCalls::settle(call)) => call.owner == owner && call.permit.nonce == nonce,
+        Ok(UptoProxy::UptoProxyCalls::settleWithPermit(call)) => call.owner == owner && call.permit.nonce == nonce,
+        Err(_) => false,
+    }
+}
+
 /// A settlement's `eth_call`: `Ok` if it would succeed, else the revert data the node returned, if any.
 type Simulated = Result<(), Option<Bytes>>;
 
