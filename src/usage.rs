@@ -77,6 +77,11 @@ pub struct UsageTap {
     pending: BytesMut,
     usage: Option<Usage>,
     content_bytes: u64,
+    /// Whether an SSE answer spoke a format the tap reads (deltas, choices or usage). One that never did
+    /// (another API behind a per-token route) is measured by the bytes of its events instead: never 0.
+    recognized: bool,
+    /// Bytes of an SSE answer's `data:` payloads, but `[DONE]`.
+    event_bytes: u64,
     on_end: Option<OnEnd>,
 }
 
@@ -84,12 +89,29 @@ impl UsageTap {
     pub fn new(inner: Body, content_type: Option<&str>, on_end: OnEnd) -> UsageTap {
         let sse = content_type.is_some_and(|c| c.starts_with("text/event-stream"));
         let json = content_type.is_some_and(|c| c.starts_with("application/json") || c.contains("+json"));
-        UsageTap { inner, sse, json, pending: BytesMut::new(), usage: None, content_bytes: 0, on_end: Some(on_end) }
+        UsageTap {
+            inner,
+            sse,
+            json,
+            pending: BytesMut::new(),
+            usage: None,
+            content_bytes: 0,
+            recognized: false,
+            event_bytes: 0,
+            on_end: Some(on_end),
+        }
     }
 
     /// What it has seen so far, of an answer not over yet.
     pub fn so_far(&self) -> Tapped {
-        Tapped { usage: self.usage, complete: false, content_bytes: self.content_bytes }
+        Tapped { usage: self.usage, complete: false, content_bytes: self.content() }
+    }
+
+    fn content(&self) -> u64 {
+        if self.sse && !self.recognized {
+            return self.event_bytes;
+        }
+        self.content_bytes
     }
 
     fn inspect(&mut self, data: &Bytes) {
@@ -117,6 +139,13 @@ impl UsageTap {
 
     fn sse_line(&mut self, line: &[u8]) {
         let Some(data) = line.strip_prefix(b"data:") else { return };
+        let payload = data.trim_ascii();
+        if payload != b"[DONE]" {
+            self.event_bytes = self.event_bytes.saturating_add(u64::try_from(payload.len()).unwrap_or(u64::MAX));
+        }
+        let labelled = |label: &[u8]| data.windows(label.len()).any(|w| w == label);
+        self.recognized =
+            self.recognized || labelled(b"\"delta\"") || labelled(b"\"choices\"") || labelled(b"\"usage\"");
         self.content_bytes = self.content_bytes.saturating_add(delta_text_bytes(data));
         // Cheap pre-check: most events carry no usage.
         if !data.windows(7).any(|w| w == b"\"usage\"") {
@@ -143,21 +172,22 @@ impl UsageTap {
                 .ok()
                 .and_then(|answer| answer.get("usage").and_then(Usage::from_json));
         }
-        on_end(Tapped { usage: self.usage, complete, content_bytes: self.content_bytes });
+        on_end(Tapped { usage: self.usage, complete, content_bytes: self.content() });
     }
 }
 
 /// The bytes of generated output an SSE event carries: every string of its deltas (OpenAI chat's
 /// `choices[].delta`, text and tool-call arguments and reasoning alike; Anthropic's `delta`; OpenAI responses'
-/// `delta` string).
+/// `delta` string), and the `choices[].text` of OpenAI's legacy completions.
 fn delta_text_bytes(data: &[u8]) -> u64 {
-    if !data.windows(7).any(|w| w == b"\"delta\"") {
+    if !data.windows(7).any(|w| w == b"\"delta\"" || w == b"\"text\":") {
         return 0;
     }
     let Ok(event) = serde_json::from_slice::<Value>(data.trim_ascii()) else { return 0 };
     let choices = event.get("choices").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
     let chat: u64 = choices.iter().filter_map(|choice| choice.get("delta")).map(string_bytes).sum();
-    chat + event.get("delta").map_or(0, string_bytes)
+    let legacy: u64 = choices.iter().filter_map(|choice| choice.get("text")?.as_str()).map(|t| t.len() as u64).sum();
+    chat + legacy + event.get("delta").map_or(0, string_bytes)
 }
 
 /// The bytes of every string in `value` but its labels (`type`, `role`, `id`), which are not generated text.
@@ -291,6 +321,30 @@ mod tests {
         while tapped.frame().await.is_some() {}
         drop(tapped);
         assert_eq!(seen.lock().unwrap().content_bytes, "{\"q\":1}".len() as u64);
+    }
+
+    /// What the tap measured of an SSE answer made of `events`.
+    async fn measured(events: &'static str) -> Tapped {
+        let seen = Arc::new(Mutex::new(Tapped::default()));
+        let record = seen.clone();
+        let mut tapped =
+            UsageTap::new(full(events), Some("text/event-stream"), Box::new(move |t| *record.lock().unwrap() = t));
+        while tapped.frame().await.is_some() {}
+        drop(tapped);
+        let found = *seen.lock().unwrap();
+        found
+    }
+
+    #[tokio::test]
+    async fn legacy_completions_count_and_a_stream_in_no_known_format_is_measured_by_its_events() {
+        let legacy = "data: {\"choices\":[{\"text\":\"hello\",\"index\":0}]}\n\ndata: [DONE]\n\n";
+        assert_eq!(measured(legacy).await.content_bytes, 5);
+        // Another API's events behind a per-token route: their bytes, never 0.
+        let other = "event: token\ndata: {\"t\":\"hello\"}\n\ndata: [DONE]\n\n";
+        assert_eq!(measured(other).await.content_bytes, r#"{"t":"hello"}"#.len() as u64);
+        // A chat stream that generated nothing is still nothing.
+        let empty = "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\ndata: [DONE]\n\n";
+        assert_eq!(measured(empty).await.content_bytes, 0);
     }
 
     #[tokio::test]

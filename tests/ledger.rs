@@ -516,10 +516,12 @@ async fn upto_rows_are_reconciled_by_their_receipt_else_by_permit2s_nonce_bitmap
     let (reverted, ok) = refused.settle(&chain, 5001).await;
     assert!(!ok);
     let by_revert = refused.row(&gateway, &chain, &buyer, None, Some(reverted.clone())).await;
-    // No transaction recorded: Permit2's bitmap decides. Three nonces in one word of it, bits 3, 4 and 5.
+    // No transaction recorded: Permit2's bitmap decides, and the proxy call found by the token's transfer
+    // names the transaction. Three nonces in one word of it, bits 3, 4 and 5.
     let word = U256::from(7) << 8;
     let spent = permit(word | U256::from(3), later);
-    assert!(spent.settle(&chain, 100).await.1);
+    let (spent_by, ok) = spent.settle(&chain, 100).await;
+    assert!(ok);
     let by_bitmap = spent.row(&gateway, &chain, &buyer, Some((100, None)), None).await;
     let waiting = permit(word | U256::from(4), later).row(&gateway, &chain, &buyer, None, None).await;
     let expired = permit(word | U256::from(5), passed).row(&gateway, &chain, &buyer, None, None).await;
@@ -539,7 +541,8 @@ async fn upto_rows_are_reconciled_by_their_receipt_else_by_permit2s_nonce_bitmap
     let state = |row: &Row| (row.state.to_string(), row.transaction.clone());
     assert_eq!(state(&row(by_receipt).await), ("settled".into(), Some(transaction)));
     assert_eq!(state(&row(by_revert).await), ("failed".into(), Some(reverted)));
-    assert_eq!(state(&row(by_bitmap).await), ("settled".into(), Some("unknown".into())));
+    // Found by its transaction, which the token's transfer to the payee leads to.
+    assert_eq!(state(&row(by_bitmap).await), ("settled".into(), Some(spent_by)));
     assert_eq!(state(&row(elsewhere).await), ("failed".into(), Some(approval)));
     assert_eq!(row(waiting).await.state, "settling");
     assert_eq!(row(expired).await.state, "failed");

@@ -485,6 +485,13 @@ async fn killed_mid_stream_then_restarted(chain: &Chain, facilitator: &str) {
     let mut gateway = binary::start(&config);
     binary::wait_listening(port, &config).await;
     let balance = settled_balance(chain, buyer.address()).await;
+    // The chain shows the transfer a moment before the facilitator's answer is recorded.
+    for _ in 0..100 {
+        if ledger.get(recorded.id).await.unwrap().is_some_and(|row| row.state == "settled") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // A buyer that sends the same authorization again is refused, and pays nothing more.
     let again = send(&client(), post(&url, &body, Some(&header))).await;
     let log = binary::log(&config);
@@ -494,6 +501,7 @@ async fn killed_mid_stream_then_restarted(chain: &Chain, facilitator: &str) {
     let row = ledger.get(recorded.id).await.unwrap().unwrap();
     assert_eq!((row.state.as_str(), row.served, row.charged), ("settled", true, Some(U256::from(estimate))));
     assert!(row.transaction.is_some(), "{row:?}");
+    assert_eq!(row.settle_ticket, None, "spent, the signed payment is not kept");
     assert!(!log.contains(&header), "the buyer's payment is never logged");
     assert_eq!(again.status, 409, "{}", again.text());
     assert_eq!(chain.balance(buyer.address()).await, U256::from(FUNDS - estimate));
@@ -629,6 +637,17 @@ async fn a_streamed_answer_whose_settlement_fails_keeps_its_authorization_spent(
     assert_eq!(again.status, 402, "{}", again.text());
     assert_eq!(decode_header(again.headers.get("payment-response").unwrap())["errorReason"], "settlement_pending");
     assert_eq!(upstream.hits(), 1, "the stream alone: the retry was not served");
+    assert_eq!(chain.balance(buyer.address()).await, U256::from(FUNDS));
+
+    // Reconciliation finds that nothing moved. Still, an authorization whose answer went out unpaid never
+    // buys another one.
+    let report = gateway.pipeline.reconcile(common::pay::now() + 3600).await.unwrap();
+    assert_eq!(report.failed, 1, "{report:?}");
+    let row = self::row(&gateway, buyer.address()).await;
+    assert_eq!((row.state.as_str(), row.served), ("failed", true), "{row:?}");
+    let again = send(&client(), post(&url, &body, Some(&header))).await;
+    assert_eq!(again.status, 409, "{}", again.text());
+    assert_eq!(upstream.hits(), 1, "still the stream alone");
     assert_eq!(chain.balance(buyer.address()).await, U256::from(FUNDS));
 }
 

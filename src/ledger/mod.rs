@@ -7,7 +7,7 @@ mod store;
 mod writer;
 
 pub use reconcile::{reconcile, Reconciled};
-pub use store::{Ledger, LedgerError, NewPayment, Revenue, Row};
+pub use store::{Ledger, LedgerError, NewPayment, Revenue, Row, StoredTicket};
 
 use alloy::primitives::{Address, B256, U256};
 use std::future::Future;

@@ -81,7 +81,17 @@ pub struct Row {
     /// What settles an answer that goes out before its payment (an `upto` stream) if the gateway stops before
     /// it has: written when the stream starts. It holds the buyer's signed payload, so listings leave it out.
     #[serde(skip)]
-    pub settle_ticket: Option<String>,
+    pub settle_ticket: Option<StoredTicket>,
+}
+
+/// A row's settle ticket as stored. It holds the buyer's signed payment, so `Debug` shows its length only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredTicket(pub String);
+
+impl std::fmt::Debug for StoredTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoredTicket({} bytes)", self.0.len())
+    }
 }
 
 impl Row {
@@ -206,7 +216,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
             .map_err(|err| rusqlite::Error::FromSqlConversionFailure(20, rusqlite::types::Type::Text, Box::new(err)))?,
         prompt_tokens: r.get(21)?,
         completion_tokens: r.get(22)?,
-        settle_ticket: r.get(23)?,
+        settle_ticket: r.get::<_, Option<String>>(23)?.map(StoredTicket),
     })
 }
 
@@ -250,15 +260,17 @@ impl Ledger {
         self.writer.run(job).await
     }
 
-    /// Records a verified payment and returns its row id. An authorization seen before and never charged
-    /// (`released` or `failed`: reconciliation marks `failed` only what the chain says did not move) gets its
-    /// row back in `verified`; one that is settling or settled is returned as it is, to refuse or replay.
+    /// Records a verified payment and returns its row id. An authorization seen before, never charged
+    /// (`released` or `failed`: reconciliation marks `failed` only what the chain says did not move) and never
+    /// served gets its row back in `verified`; any other is returned as it is, to refuse or replay.
     pub async fn record_verified(&self, p: NewPayment) -> Result<Result<i64, Row>, LedgerError> {
         self.run(move |conn| {
             let existing = by_authorization(conn, p.chain_id, p.asset, p.payer, p.nonce)?;
             let t = now();
             match existing {
-                Some(old) if Step::Reverified.allowed_from().contains(&old.state) => {
+                // An answer that went out (a stream whose settlement then failed) spends its authorization
+                // for good: paid again, it would be served twice for one payment at most.
+                Some(old) if Step::Reverified.allowed_from().contains(&old.state) && !old.served => {
                     conn.prepare_cached(
                         "UPDATE payments SET state = 'verified', route = ?2, facilitator = ?3, failure = NULL, tx_hash = NULL, \
                          upstream_status = NULL, amount = ?5, charged = NULL, prompt_tokens = NULL, \
@@ -330,15 +342,16 @@ impl Ledger {
     }
 
     pub async fn settled(&self, id: i64, transaction: String) -> Result<(), LedgerError> {
-        self.update(id, Step::Settled, "tx_hash = ?2, failure = NULL", Some(transaction)).await
+        // Its ticket is spent: the signed payment it holds is kept no longer than needed.
+        self.update(id, Step::Settled, "tx_hash = ?2, failure = NULL, settle_ticket = NULL", Some(transaction)).await
     }
 
     /// Certainly no money moved (refused, reverted, never sent, expired).
     pub async fn failed(&self, id: i64, reason: String, transaction: Option<String>) -> Result<(), LedgerError> {
         let t = now();
         let sql = format!(
-            "UPDATE payments SET state = 'failed', failure = ?2, tx_hash = COALESCE(?3, tx_hash), updated_at = ?4 \
-             WHERE id = ?1 AND {}",
+            "UPDATE payments SET state = 'failed', failure = ?2, tx_hash = COALESCE(?3, tx_hash), \
+             settle_ticket = NULL, updated_at = ?4 WHERE id = ?1 AND {}",
             Step::Failed.guard_sql()
         );
         let changed =

@@ -14,15 +14,19 @@ use crate::settlement::Settled;
 use crate::x402::wire::ResourceInfo;
 use crate::x402::Rejection;
 use alloy::primitives::{Address, U256};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use x402_proto::OfferScheme;
 
 /// How often a stream's row learns the price of what has gone out.
 pub(super) const PROGRESS_EVERY: Duration = Duration::from_secs(1);
-/// A permit with less time left than this is left to lapse: a settlement would not land in time.
-const SETTLE_MIN_LEFT_SECS: u64 = 5;
+/// A permit with no more time left than the settler's own margin is left to lapse: it would refuse to send.
+const SETTLE_MIN_LEFT_SECS: u64 = x402_proto::exact_evm::SETTLE_MARGIN_SECS;
+/// Settlements of one interrupted stream refused before any broadcast (the node just back, say) are tried
+/// this many times, this far apart, before the row is given up as failed.
+const SETTLE_ATTEMPTS: u32 = 3;
+const RETRY_PAUSE: Duration = Duration::from_secs(2);
 
 /// What settles a stream once its request is gone: the buyer's payment as it was sent, what it paid for,
 /// and the facilitator its authorization names.
@@ -40,9 +44,10 @@ pub(super) fn settle_ticket(payment: &Payment, resource: &ResourceInfo) -> Optio
     serde_json::to_string(&ticket).ok()
 }
 
-/// The rows of the streams this process is serving: reconciliation leaves them to their streams.
+/// The rows of the streams this process is serving, each with how many streams serve it (a row released and
+/// paid again may start its next stream before the last one's task has ended): reconciliation leaves them be.
 #[derive(Default)]
-pub(super) struct LiveStreams(Mutex<HashSet<i64>>);
+pub(super) struct LiveStreams(Mutex<HashMap<i64, usize>>);
 
 /// One row in [`LiveStreams`], until it is dropped.
 pub(super) struct LiveStream {
@@ -53,21 +58,26 @@ pub(super) struct LiveStream {
 impl LiveStreams {
     pub(super) fn enter(self: &Arc<Self>, id: i64) -> LiveStream {
         if let Ok(mut ids) = self.0.lock() {
-            ids.insert(id);
+            *ids.entry(id).or_default() += 1;
         }
         LiveStream { streams: self.clone(), id }
     }
 
     /// Whether `id` is one of this process's streams (a poisoned lock says yes: leave the row alone).
     fn serving(&self, id: i64) -> bool {
-        self.0.lock().map_or(true, |ids| ids.contains(&id))
+        self.0.lock().map_or(true, |ids| ids.contains_key(&id))
     }
 }
 
 impl Drop for LiveStream {
     fn drop(&mut self) {
         if let Ok(mut ids) = self.streams.0.lock() {
-            ids.remove(&self.id);
+            if let Some(count) = ids.get_mut(&self.id) {
+                *count -= 1;
+                if *count == 0 {
+                    ids.remove(&self.id);
+                }
+            }
         }
     }
 }
@@ -119,26 +129,35 @@ impl Gateway {
     /// Tells a stream's row the price of what has gone out (with its ticket, the first time). Awaited in the
     /// stream's task, so the final charge is always written after the last progress.
     pub(super) async fn record_progress(&self, id: i64, progress: &mut Progress) {
-        let written = match progress.ticket.take() {
-            Some(ticket) => self.ledger.streaming(id, ticket, progress.sent).await,
+        let written = match &progress.ticket {
+            Some(ticket) => self.ledger.streaming(id, ticket.clone(), progress.sent).await,
             None => self.ledger.metered(id, progress.sent, None).await,
         };
+        // Tried again at the next period if it failed: the row must not be left without its ticket.
+        if written.is_ok() {
+            progress.ticket = None;
+            progress.recorded = progress.sent;
+        }
         self.record(written);
-        progress.recorded = progress.sent;
         progress.next = Instant::now() + PROGRESS_EVERY;
     }
 
     /// Settles the streams a run that is gone left unsettled, each for the price of what it had sent. A row
     /// that cannot be sent to settlement yet (its route or facilitator gone) is tried again at the next pass,
-    /// until its permit lapses; one whose settlement failed is `failed` or `settling`, as any other.
+    /// until its permit lapses; a settlement refused before any broadcast, a few times over a few seconds;
+    /// then the row is `failed` (or `settling`, when its transaction may be out), and served: its
+    /// authorization never pays for another answer.
     pub(super) async fn settle_interrupted_streams(&self) {
         let rows = match self.ledger.in_state(State::Verified).await {
             Ok(rows) => rows,
             Err(err) => return tracing::error!("interrupted streams cannot be read from the ledger: {err}"),
         };
-        let now = unix_now();
         let live = self.live();
-        for row in rows.into_iter().filter(|row| self.interrupted(row, now)) {
+        for row in rows {
+            // Read for each row: those before it may each have waited for a receipt.
+            if !self.interrupted(&row, unix_now()) {
+                continue;
+            }
             match self.settle_interrupted(&live, &row).await {
                 Ok(settled) => tracing::warn!(
                     id = row.id,
@@ -163,8 +182,8 @@ impl Gateway {
     }
 
     async fn settle_interrupted(&self, live: &Live, row: &Row) -> Result<Settled, Unsettled> {
-        let ticket: SettleTicket = serde_json::from_str(row.settle_ticket.as_deref().unwrap_or_default())
-            .map_err(|err| Unsettled::Ticket(err.to_string()))?;
+        let stored = row.settle_ticket.as_ref().map_or("", |ticket| ticket.0.as_str());
+        let ticket: SettleTicket = serde_json::from_str(stored).map_err(|err| Unsettled::Ticket(err.to_string()))?;
         // The offer is rebuilt from the route as configured now: the payment must still match it.
         let (paid, template) = live
             .routes
@@ -193,13 +212,26 @@ impl Gateway {
         }
         let charge = row.charge();
         self.ledger.settling(row.id, None).await?;
+        // Its answer went out: whatever the settlement does, the authorization never pays for another.
+        self.record(self.ledger.served(row.id).await);
         let started = Instant::now();
-        let before = record_hash_before(self.ledger.clone(), row.id);
-        match facilitator.settle(&payment, &ticket.resource, charge, Some(before)).await {
+        let mut attempt = 1;
+        let outcome = loop {
+            let before = record_hash_before(self.ledger.clone(), row.id);
+            let outcome = facilitator.settle(&payment, &ticket.resource, charge, Some(before)).await;
+            let time_left = row.valid_before > unix_now().saturating_add(SETTLE_MIN_LEFT_SECS + RETRY_PAUSE.as_secs());
+            match outcome {
+                Err(failure) if failure.nothing_moved && attempt < SETTLE_ATTEMPTS && time_left => {
+                    tracing::warn!(id = row.id, reason = %failure.reason, "an interrupted stream's settlement was refused before any broadcast; trying again");
+                    attempt += 1;
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                outcome => break outcome,
+            }
+        };
+        match outcome {
             Ok(settled) => {
                 self.record(self.ledger.settled(row.id, settled.transaction.clone()).await);
-                // Charged for what it was sent, as a stream cut short is.
-                self.record(self.ledger.served(row.id).await);
                 self.metrics.settled(&row.route, "success", started.elapsed());
                 let amount = u64::try_from(charge).unwrap_or(u64::MAX);
                 self.metrics.revenue(&row.route, &offer.network.caip2, &offer.asset.address.to_string(), amount);
@@ -208,6 +240,7 @@ impl Gateway {
             Err(failure) => {
                 self.metrics.settled(&row.route, &failure.reason, started.elapsed());
                 if failure.nothing_moved {
+                    // Served, so its authorization stays spent: it paid for nothing it delivered.
                     self.record(self.ledger.failed(row.id, failure.reason.clone(), failure.transaction.clone()).await);
                 } else if let Some(transaction) = &failure.transaction {
                     // Left `settling`: reconciliation decides it by the chain.

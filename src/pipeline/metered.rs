@@ -229,7 +229,7 @@ impl Gateway {
         let mut whole = true;
         let mut progress = Progress::new(settle_ticket(&call.payment, &call.resource));
         // However the upstream and the buyer pace it, the stream ends in time to settle before the permit lapses.
-        let lapses_in = Duration::from_secs(call.payment.authorization.expires_at().saturating_sub(unix_now()));
+        let lapses_in = Duration::from_secs(call.payment.authorization.settle_by().saturating_sub(unix_now()));
         let stop = tokio::time::Instant::now() + lapses_in.saturating_sub(SETTLE_RESERVE);
         loop {
             let frame_due = (tokio::time::Instant::now() + route.upstream.timeout).min(stop);
@@ -310,8 +310,6 @@ impl Gateway {
             self.answers.keep(&call.payment, kept);
         }
         self.record(self.ledger.settled(call.id, settled.transaction.clone()).await);
-        // Served: the buyer paid for what it was sent, cut short or not, so no refund is owed for want of the rest.
-        self.record(self.ledger.served(call.id).await);
         let _ = stream.frames.send(Ok(Frame::trailers(trailers))).await;
     }
 
@@ -354,6 +352,10 @@ impl Gateway {
         if let Err(err) = self.write_ahead(self.ledger.settling(call.id, Some(status.as_u16())).await) {
             self.record(self.ledger.released(call.id, Some(status.as_u16())).await);
             return Err(Refused::Error(err));
+        }
+        if delivered {
+            // Out already, whatever the settlement does: this authorization can never pay for another answer.
+            self.record(self.ledger.served(call.id).await);
         }
         match self.settle(route, call, charge).await {
             Ok(settled) => {

@@ -76,4 +76,13 @@ impl Authorization {
             Authorization::Upto(auth) => auth.deadline_secs(),
         }
     }
+
+    /// Unix time after which a settlement of it may fail: its expiry, or for `upto` the EIP-2612 permit's
+    /// deadline if that comes first.
+    pub fn settle_by(&self) -> u64 {
+        match self {
+            Authorization::Exact(auth) => auth.valid_before_secs(),
+            Authorization::Upto(auth) => auth.settle_by_secs(),
+        }
+    }
 }

@@ -95,6 +95,13 @@ impl PermitAuthorization {
         u64::try_from(self.deadline).unwrap_or(u64::MAX)
     }
 
+    /// Unix time after which a settlement may fail: the earlier of the permit's deadline and, when sent, the
+    /// EIP-2612 permit's (which the settlement needs if Permit2 has no allowance then).
+    pub fn settle_by_secs(&self) -> u64 {
+        let permit = self.eip2612.as_ref().map_or(u64::MAX, |p| u64::try_from(p.deadline).unwrap_or(u64::MAX));
+        self.deadline_secs().min(permit)
+    }
+
     /// The nonce as the replay guard keys it.
     pub fn nonce_key(&self) -> B256 {
         B256::from(self.nonce)
@@ -257,10 +264,9 @@ pub fn replay_key(offer: &Offer, auth: &PermitAuthorization) -> NonceKey {
 /// authorization until its deadline, and the official clients sign now + `maxTimeoutSeconds`.
 ///
 /// An `upto` permit is settled after its answer, so it must also leave time to serve one: at least half the
-/// offer's `maxTimeoutSeconds` (the official clients sign all of it). A buyer cannot sign a permit that lapses
-/// while its answer streams, to be served unpaid.
+/// offer's `maxTimeoutSeconds` (the official clients sign all of it), and so must the EIP-2612 permit sent with
+/// it. A buyer cannot sign a permit that lapses while its answer streams, to be served unpaid.
 pub fn check_window(auth: &PermitAuthorization, offer: &Offer, now: u64) -> Result<(), Rejection> {
-    let settle_by = U256::from(now.saturating_add(SETTLE_MARGIN_SECS));
     let serve_and_settle_by = now.saturating_add((offer.max_timeout_seconds / 2).max(SETTLE_MARGIN_SECS));
     if auth.deadline < U256::from(serve_and_settle_by) {
         return Err(Rejection::Permit2Deadline);
@@ -272,7 +278,8 @@ pub fn check_window(auth: &PermitAuthorization, offer: &Offer, now: u64) -> Resu
     if auth.valid_after > U256::from(now) {
         return Err(Rejection::Permit2NotYetValid);
     }
-    if auth.eip2612.as_ref().is_some_and(|permit| permit.deadline < settle_by) {
+    // The settlement may need the EIP-2612 permit too (no Permit2 allowance yet): it must last as long.
+    if auth.eip2612.as_ref().is_some_and(|permit| permit.deadline < U256::from(serve_and_settle_by)) {
         return Err(Rejection::Eip2612(Eip2612Problem::Deadline));
     }
     Ok(())
@@ -740,6 +747,11 @@ mod tests {
         let mut short_permit = auth.clone();
         short_permit.eip2612.as_mut().unwrap().deadline = U256::from(SIGNED_AT + 5);
         assert_eq!(check_window(&short_permit, &offer, SIGNED_AT), Err(Rejection::Eip2612(Eip2612Problem::Deadline)));
+        // Long enough to settle now, not to serve first: refused as well, as the Permit2 deadline would be.
+        short_permit.eip2612.as_mut().unwrap().deadline = U256::from(SIGNED_AT + 149);
+        assert_eq!(check_window(&short_permit, &offer, SIGNED_AT), Err(Rejection::Eip2612(Eip2612Problem::Deadline)));
+        short_permit.eip2612.as_mut().unwrap().deadline = U256::from(SIGNED_AT + 150);
+        assert_eq!(check_window(&short_permit, &offer, SIGNED_AT), Ok(()));
         let far = PermitAuthorization { deadline: U256::MAX, ..auth };
         assert_eq!(far.deadline_secs(), u64::MAX);
         assert_eq!(check_window(&far, &offer, SIGNED_AT), Err(Rejection::Permit2DeadlineTooFar));
