@@ -284,18 +284,12 @@ mod tests {
 
     #[tokio::test]
     async fn the_text_streamed_is_measured_for_answers_cut_before_their_usage() {
-        let seen = Arc::new(Mutex::new(Tapped::default()));
-        let record = seen.clone();
         let sse = concat!(
             "data: {\"choices\":[{\"delta\":{\"content\":\"hello \"}}]}\n\n",
             "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"world\"}}\n\n",
             "data: {\"type\":\"response.output_text.delta\",\"delta\":\"!!\"}\n\n",
         );
-        let mut tapped =
-            UsageTap::new(full(sse), Some("text/event-stream"), Box::new(move |t| *record.lock().unwrap() = t));
-        while tapped.frame().await.is_some() {}
-        drop(tapped);
-        let seen = *seen.lock().unwrap();
+        let seen = measured(sse).await;
         assert_eq!(seen.content_bytes, 6 + 5 + 2, "the text, not the deltas' labels");
         assert_eq!(seen.usage, None);
     }
@@ -313,14 +307,8 @@ mod tests {
         ];
         assert_eq!(tap("text/event-stream", &responses).await, Some(Usage { prompt_tokens: 7, completion_tokens: 3 }));
         // With `include_usage`, every chunk says `"usage":null`: its text still counts, tool-call arguments too.
-        let seen = Arc::new(Mutex::new(Tapped::default()));
-        let record = seen.clone();
         let chunk = "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"function\":{\"arguments\":\"{\\\"q\\\":1}\"}}]}}],\"usage\":null}\n\n";
-        let mut tapped =
-            UsageTap::new(full(chunk), Some("text/event-stream"), Box::new(move |t| *record.lock().unwrap() = t));
-        while tapped.frame().await.is_some() {}
-        drop(tapped);
-        assert_eq!(seen.lock().unwrap().content_bytes, "{\"q\":1}".len() as u64);
+        assert_eq!(measured(chunk).await.content_bytes, "{\"q\":1}".len() as u64);
     }
 
     /// What the tap measured of an SSE answer made of `events`.
