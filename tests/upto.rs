@@ -652,6 +652,24 @@ async fn a_streamed_answer_whose_settlement_fails_keeps_its_authorization_spent(
 }
 
 #[tokio::test]
+async fn a_token_without_permit_is_offered_without_gas_sponsoring() {
+    let Some(chain) = Chain::shared_with_permit2().await else { return };
+    let upstream = spawn_llm().await;
+    let toml = GatewayToml::new()
+        .listen()
+        .upstream("llm", &upstream.url())
+        .payment(Payment::usdc().facilitator("local"))
+        .route(Route::free("/v1/chat/completions", "llm").methods(&["POST"]).set("price", toml_value(PRICE)))
+        .network(chain.network().asset_setting("USDC", "eip2612", false));
+    let gateway = start_gateway(&toml.build()).await;
+    let answer = send(&client(), post(&gateway.url("/v1/chat/completions"), &chat("hi", false), None)).await;
+    assert_eq!(answer.status, 402);
+    let required = decode_header(answer.headers.get("payment-required").expect("PAYMENT-REQUIRED"));
+    assert_eq!(required["accepts"][0]["scheme"], "upto", "{required}");
+    assert!(required["extensions"].get("eip2612GasSponsoring").is_none(), "{required}");
+}
+
+#[tokio::test]
 async fn several_completions_raise_the_ceiling_and_a_bad_count_is_refused() {
     let Some(chain) = Chain::shared_with_permit2().await else { return };
     let upstream = spawn_llm().await;

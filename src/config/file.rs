@@ -96,6 +96,7 @@ pub struct Asset {
     pub decimals: u8,
     pub eip712_name: String,
     pub eip712_version: String,
+    pub eip2612: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]

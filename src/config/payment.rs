@@ -136,6 +136,7 @@ impl Validator<'_> {
                     decimals: asset.decimals,
                     eip712_name: asset.eip712_name,
                     eip712_version: asset.eip712_version,
+                    eip2612: asset.eip2612.unwrap_or(true),
                 });
             }
             by_chain.insert(chain_id, network);

@@ -66,8 +66,9 @@ impl Challenge<'_> {
                 }
             }),
         );
-        // A buyer who never approved Permit2 signs an EIP-2612 permit instead, which the settler submits.
-        if self.offers.iter().any(|offer| matches!(offer.scheme, x402_proto::OfferScheme::Upto { .. })) {
+        // A buyer who never approved Permit2 signs an EIP-2612 permit instead, which the settler submits: where
+        // the token has `permit`.
+        if self.offers.iter().any(|o| matches!(o.scheme, x402_proto::OfferScheme::Upto { .. }) && o.asset.eip2612) {
             extensions.insert(
                 x402_proto::upto_evm::EIP2612_GAS_SPONSORING.into(),
                 x402_proto::upto_evm::eip2612_extension_declaration(),

@@ -219,6 +219,16 @@ impl Network {
         self.set("multicall", address.to_string())
     }
 
+    /// A setting of one of its assets (`assets.SYMBOL.key`).
+    pub fn asset_setting(mut self, symbol: &str, key: &str, value: impl Into<Value>) -> Network {
+        if let Some(Value::Table(asset)) =
+            self.table.get_mut("assets").and_then(|assets| assets.as_table_mut()?.get_mut(symbol))
+        {
+            asset.insert(key.into(), value.into());
+        }
+        self
+    }
+
     fn set(mut self, key: &str, value: impl Into<Value>) -> Network {
         self.table.insert(key.into(), value.into());
         self

@@ -35,6 +35,9 @@ pub struct Asset {
     pub decimals: u8,
     pub eip712_name: String,
     pub eip712_version: String,
+    /// Whether the token has EIP-2612 `permit`: then `upto` offers of it declare gas sponsoring, so that a buyer
+    /// who never approved Permit2 can pay with a permit instead of a transaction.
+    pub eip2612: bool,
 }
 
 /// (chain id, v1 name) as the TypeScript and Go SDKs map them.
@@ -151,6 +154,8 @@ pub fn builtin(chain_id: u64) -> Network {
             decimals: 6,
             eip712_name: name.to_string(),
             eip712_version: "2".to_string(),
+            // Circle's USDC has `permit` on every chain.
+            eip2612: true,
         })
         .collect();
     Network {
