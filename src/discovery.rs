@@ -10,7 +10,7 @@
 //! `metadata` (the discovery item's free-form field in the reference's bazaar): `metadata.perToken`.
 
 use crate::body::{json_response, Body};
-use crate::options::RouteSpec;
+use crate::options::{PaidRoute, RouteSpec};
 use crate::pricing::{Metering, Offer, Pricing};
 use crate::x402::challenge::requirements_v2;
 use alloy::primitives::Address;
@@ -85,14 +85,23 @@ impl RouteTemplate {
 }
 
 /// The discovery document for `routes`, with resource URLs under `base_url` (no trailing slash).
-pub fn document(routes: &[Arc<RouteSpec>], base_url: &str) -> Value {
+/// `upto_signer` gives the address a paid route's `upto` offers on a chain name, where it is known.
+pub fn document(
+    routes: &[Arc<RouteSpec>],
+    base_url: &str,
+    upto_signer: impl Fn(&PaidRoute, u64) -> Option<Address>,
+) -> Value {
     let items: Vec<Value> = routes
         .iter()
         .filter_map(|route| {
             let paid = route.payment.as_ref()?;
             let accepts: Vec<Value> = match &paid.pricing {
                 // Each model of a per-token route is sold by the same offers: listed once, at their cap.
-                Pricing::PerToken(metering) => metering.offers.iter().map(upto_requirements).collect(),
+                Pricing::PerToken(metering) => metering
+                    .offers
+                    .iter()
+                    .map(|offer| upto_requirements(offer, upto_signer(paid, offer.network.chain_id)))
+                    .collect(),
                 pricing => pricing
                     .all_offers()
                     .into_iter()
@@ -147,10 +156,14 @@ pub fn document(routes: &[Arc<RouteSpec>], base_url: &str) -> Value {
     json!({ "x402Version": 2, "items": items, "pagination": { "limit": total, "offset": 0, "total": total } })
 }
 
-/// An `upto` offer at the route's cap. A remote facilitator's address is learned from its `/supported` when
-/// requests come (each 402 names it); until then discovery names none rather than a wrong one.
-fn upto_requirements(offer: &Offer) -> Value {
-    let mut requirements = serde_json::to_value(requirements_v2(offer)).unwrap_or_default();
+/// An `upto` offer at the route's cap, naming `signer`. A remote facilitator's address is learned from its
+/// `/supported` when requests come (each 402 names it); until then discovery names none rather than a wrong one.
+fn upto_requirements(offer: &Offer, signer: Option<Address>) -> Value {
+    let mut offer = offer.clone();
+    if let Some(facilitator) = signer {
+        offer.scheme = OfferScheme::Upto { facilitator };
+    }
+    let mut requirements = serde_json::to_value(requirements_v2(&offer)).unwrap_or_default();
     if offer.scheme == (OfferScheme::Upto { facilitator: Address::ZERO }) {
         if let Some(extra) = requirements["extra"].as_object_mut() {
             extra.remove("facilitatorAddress");
@@ -233,7 +246,7 @@ price = "$0.003"
 "#;
         let config = Config::parse(toml, Path::new("gateway.toml"), Path::new("."), &|_| None).unwrap();
         let routes: Vec<Arc<RouteSpec>> = config.routes.into_iter().map(Arc::new).collect();
-        let doc = document(&routes, "https://api.example.com");
+        let doc = document(&routes, "https://api.example.com", |_, _| None);
         let items = doc["items"].as_array().unwrap();
         let resources: Vec<&str> = items.iter().map(|i| i["resource"].as_str().unwrap()).collect();
         assert_eq!(
@@ -282,7 +295,7 @@ price = { by = "body.model", per_token = { a = { input = "$1/1M", output = "$2/1
 "#;
         let config = Config::parse(toml, Path::new("gateway.toml"), Path::new("."), &|_| None).unwrap();
         let routes: Vec<Arc<RouteSpec>> = config.routes.into_iter().map(Arc::new).collect();
-        let doc = document(&routes, "https://api.example.com");
+        let doc = document(&routes, "https://api.example.com", |_, _| None);
         let item = &doc["items"][0];
         let accepts = item["accepts"].as_array().unwrap();
         assert_eq!(accepts.len(), 1, "one offer for both models: {accepts:?}");

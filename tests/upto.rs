@@ -274,6 +274,10 @@ async fn the_reference_facilitator_settles_the_charge_not_the_ceiling() {
     let (_, accepted) = offer(&gateway, &body).await;
     let signer: PrivateKeySigner = chain.facilitator_key.parse().unwrap();
     assert_eq!(accepted["extra"]["facilitatorAddress"], signer.address().to_string(), "as /supported announced it");
+    // Discovery names it too, once learned.
+    let discovered = get(&gateway.url("/.well-known/x402")).await.json();
+    let listed = &discovered["items"][0]["accepts"][0];
+    assert_eq!(listed["extra"]["facilitatorAddress"], signer.address().to_string(), "{discovered}");
     let report = official_pays(pay_mjs(&node, None), &gateway, &buyer, &body).await;
     assert_eq!(report["status"], 200, "{report}");
     assert_eq!(report["settlement"]["amount"], CHARGE.to_string(), "{report}");

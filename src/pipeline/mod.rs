@@ -25,7 +25,7 @@ use crate::gate::{GateError, Payment, PaymentGate};
 use crate::ledger::{self, Ledger, LedgerError, NewPayment, PaymentStore, Reconciled};
 use crate::metering;
 use crate::metrics::Metrics;
-use crate::options::PaymentMode;
+use crate::options::{PaidRoute, PaymentMode};
 use crate::pricing::{Offer, Pricing};
 use crate::proxy::headers::names_host;
 use crate::proxy::server::{Handler, Server};
@@ -272,7 +272,9 @@ impl Gateway {
             return Ok(Next::Answer(list));
         }
         if request.method() == http::Method::GET && canonical_path == discovery::PATH {
-            let document = discovery::document(live.routes.routes(), &live.base_url(&request, client));
+            let upto_signer =
+                |paid: &PaidRoute, chain_id| live.facilitators.get(&paid.facilitator, chain_id)?.upto_signer(chain_id);
+            let document = discovery::document(live.routes.routes(), &live.base_url(&request, client), upto_signer);
             return Ok(Next::Answer(discovery::response(&document, live.public_url.is_none())));
         }
         let route = live.match_route(&request, &canonical_path)?;
