@@ -133,6 +133,10 @@ impl UsageTap {
             self.sse_line(&line);
         }
         if self.pending.len() > MAX_LINE_BYTES {
+            // Too long to read, yet delivered: counted whole, generated text or not.
+            let dropped = u64::try_from(self.pending.len()).unwrap_or(u64::MAX);
+            self.event_bytes = self.event_bytes.saturating_add(dropped);
+            self.content_bytes = self.content_bytes.saturating_add(dropped);
             self.pending.clear();
         }
     }
@@ -143,9 +147,9 @@ impl UsageTap {
         if payload != b"[DONE]" {
             self.event_bytes = self.event_bytes.saturating_add(u64::try_from(payload.len()).unwrap_or(u64::MAX));
         }
-        let labelled = |label: &[u8]| data.windows(label.len()).any(|w| w == label);
-        self.recognized =
-            self.recognized || labelled(b"\"delta\"") || labelled(b"\"choices\"") || labelled(b"\"usage\"");
+        if !self.recognized {
+            self.recognized = in_a_known_format(payload);
+        }
         self.content_bytes = self.content_bytes.saturating_add(delta_text_bytes(data));
         // Cheap pre-check: most events carry no usage.
         if !data.windows(7).any(|w| w == b"\"usage\"") {
@@ -174,6 +178,23 @@ impl UsageTap {
         }
         on_end(Tapped { usage: self.usage, complete, content_bytes: self.content() });
     }
+}
+
+/// Whether an SSE event is of a format the tap reads, by its top-level fields (what a model writes lands in
+/// strings and nested objects, never there): OpenAI chat and legacy completions (`choices`), Anthropic and
+/// OpenAI responses (`delta`, `usage`, `message.usage`, `response.usage`).
+fn in_a_known_format(payload: &[u8]) -> bool {
+    let labelled = |label: &[u8]| payload.windows(label.len()).any(|w| w == label);
+    if !(labelled(b"\"delta\"") || labelled(b"\"choices\"") || labelled(b"\"usage\"")) {
+        return false;
+    }
+    let Ok(Value::Object(event)) = serde_json::from_slice::<Value>(payload) else { return false };
+    let has_usage = |value: Option<&Value>| value.and_then(|v| v.get("usage")).is_some_and(Value::is_object);
+    event.get("choices").is_some_and(Value::is_array)
+        || event.contains_key("delta")
+        || event.get("usage").is_some_and(Value::is_object)
+        || has_usage(event.get("message"))
+        || has_usage(event.get("response"))
 }
 
 /// The bytes of generated output an SSE event carries: every string of its deltas (OpenAI chat's
@@ -330,6 +351,11 @@ mod tests {
         // Another API's events behind a per-token route: their bytes, never 0.
         let other = "event: token\ndata: {\"t\":\"hello\"}\n\ndata: [DONE]\n\n";
         assert_eq!(measured(other).await.content_bytes, r#"{"t":"hello"}"#.len() as u64);
+        // Another API whose model output names fields `delta` and `usage` (a tool's arguments): still not one
+        // the tap reads, so still measured by its events.
+        let named = "data: {\"candidates\":[{\"args\":{\"delta\":\"x\",\"usage\":{\"a\":1}}}]}\n\n";
+        let expected = r#"{"candidates":[{"args":{"delta":"x","usage":{"a":1}}}]}"#.len() as u64;
+        assert_eq!(measured(named).await.content_bytes, expected);
         // A chat stream that generated nothing is still nothing.
         let empty = "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\ndata: [DONE]\n\n";
         assert_eq!(measured(empty).await.content_bytes, 0);

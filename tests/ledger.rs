@@ -570,9 +570,11 @@ async fn upto_rows_are_reconciled_by_their_receipt_else_by_permit2s_nonce_bitmap
         (&serde_json::Value::Null, &serde_json::Value::Null)
     );
 
-    // The reverted permit's nonce is spent after all, by another transaction: the failed row is owed a refund.
-    assert!(refused.settle(&chain, 500).await.1);
+    // The reverted permit's nonce is spent after all, by another transaction settling its charge. Its answer
+    // had gone out (a stream): it is paid for, not owed back.
+    let (late, ok) = refused.settle(&chain, 5000).await;
+    assert!(ok);
     let report = gateway.pipeline.reconcile(x402_gateway::replay::unix_now() + 1).await.unwrap();
-    assert_eq!((report.refunds, report.still_pending), (1, 1), "{report:?}");
-    assert_eq!(row(by_revert).await.state, "refund_needed");
+    assert_eq!((report.settled, report.refunds, report.still_pending), (1, 0, 1), "{report:?}");
+    assert_eq!(state(&row(by_revert).await), ("settled".into(), Some(late)));
 }

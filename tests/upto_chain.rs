@@ -122,7 +122,11 @@ impl Upto {
 
     /// A Permit2 authorization of the ceiling to `pay_to`, bound to `facilitator`, valid for five minutes.
     fn authorize(&self, buyer: &PrivateKeySigner, facilitator: Address) -> PermitAuthorization {
-        let nonce = U256::from_be_bytes(common::pay::fresh_nonce().0);
+        self.authorize_nonce(buyer, facilitator, U256::from_be_bytes(common::pay::fresh_nonce().0))
+    }
+
+    /// The same, with its Permit2 `nonce` chosen.
+    fn authorize_nonce(&self, buyer: &PrivateKeySigner, facilitator: Address, nonce: U256) -> PermitAuthorization {
         let (ceiling, deadline, valid_after) = (U256::from(CEILING), U256::from(now() + 300), U256::from(now() - 600));
         let message = PermitWitnessTransferFrom {
             permitted: TokenPermissions { token: self.chain.token, amount: ceiling },
@@ -221,6 +225,22 @@ impl Upto {
         ledger.served(id).await.unwrap();
         id
     }
+}
+
+/// The proxy's `settle` of `auth` for `amount`, as calldata: what any account may send.
+fn proxy_settle(auth: &PermitAuthorization, amount: U256) -> Bytes {
+    let call = Proxy::settleCall {
+        permit: Proxy::PermitTransferFrom {
+            permitted: TokenPermissions { token: auth.token, amount: auth.ceiling },
+            nonce: auth.nonce,
+            deadline: auth.deadline,
+        },
+        amount,
+        owner: auth.from,
+        witness: Witness { to: auth.pay_to, facilitator: auth.facilitator, validAfter: auth.valid_after },
+        signature: auth.signature.clone(),
+    };
+    Bytes::from(call.abi_encode())
 }
 
 /// Whether the receipt logged the proxy's `event` (`Settled()` or `SettledWithPermit()`).
@@ -387,18 +407,7 @@ async fn a_witness_naming_another_facilitator_is_refused_and_the_proxy_lets_only
 
     // An authorization for the settler, sent to the proxy by another account (anvil signs for the deployer).
     let ours = upto.authorize(&buyer, upto.settler_address);
-    let call = Proxy::settleCall {
-        permit: Proxy::PermitTransferFrom {
-            permitted: TokenPermissions { token: ours.token, amount: ours.ceiling },
-            nonce: ours.nonce,
-            deadline: ours.deadline,
-        },
-        amount: U256::from(1u64),
-        owner: ours.from,
-        witness: Witness { to: ours.pay_to, facilitator: ours.facilitator, validAfter: ours.valid_after },
-        signature: ours.signature.clone(),
-    };
-    let input = Bytes::from(call.abi_encode());
+    let input = proxy_settle(&ours, U256::from(1u64));
     let request = || TransactionRequest::default().from(upto.chain.deployer).to(UPTO_PROXY).input(input.clone().into());
     let revert = upto.chain.provider.call(request()).await.unwrap_err();
     let data = revert.as_error_resp().and_then(|e| e.as_revert_data()).expect("revert data");
@@ -438,50 +447,83 @@ async fn the_proxy_has_the_abi_the_official_package_ships() {
 }
 
 #[tokio::test]
-async fn reconciliation_tells_a_settlement_from_a_buyer_cancelling_its_own_permit() {
+async fn reconciliation_counts_an_upto_row_paid_only_when_its_charge_was_settled_on_its_terms() {
     let Some(upto) = Upto::start().await else { return };
     let ledger = Ledger::open(&common::test_dir().join("ledger.db")).unwrap();
     let charge = 1_000u64;
+    let fresh_buyer = || async {
+        let buyer = upto.buyer(CEILING).await;
+        upto.approve_permit2(buyer.address()).await;
+        buyer
+    };
 
     // Settled through the proxy, though the facilitator never said so: found by its transaction.
-    let paid = upto.buyer(CEILING).await;
-    upto.approve_permit2(paid.address()).await;
-    let settled_auth = upto.authorize(&paid, upto.settler_address);
-    let settled_row = upto.unanswered_row(&ledger, &settled_auth, charge).await;
-    let settled = upto.settler.settle_upto(&settled_auth, U256::from(charge), None).await.unwrap();
+    let paid = fresh_buyer().await;
+    let paid_auth = upto.authorize(&paid, upto.settler_address);
+    let paid_row = upto.unanswered_row(&ledger, &paid_auth, charge).await;
+    let settled = upto.settler.settle_upto(&paid_auth, U256::from(charge), None).await.unwrap();
 
     // Settled, then the same nonce "cancelled" by the buyer afterwards (a no-op on Permit2's bitmap that still
     // logs the event): the settlement is what counts.
-    let late = upto.buyer(CEILING).await;
-    upto.approve_permit2(late.address()).await;
+    let late = fresh_buyer().await;
     let late_auth = upto.authorize(&late, upto.settler_address);
     let late_row = upto.unanswered_row(&ledger, &late_auth, charge).await;
     let late_settled = upto.settler.settle_upto(&late_auth, U256::from(charge), None).await.unwrap();
     upto.cancel(&late_auth).await;
 
     // Cancelled by the buyer before anything settled: nothing moved, whatever the bitmap says.
-    let dodger = upto.buyer(CEILING).await;
-    upto.approve_permit2(dodger.address()).await;
-    let cancelled_auth = upto.authorize(&dodger, upto.settler_address);
-    let cancelled_row = upto.unanswered_row(&ledger, &cancelled_auth, charge).await;
-    upto.cancel(&cancelled_auth).await;
+    let dodger = fresh_buyer().await;
+    let dodged = upto.authorize(&dodger, upto.settler_address);
+    let dodged_row = upto.unanswered_row(&ledger, &dodged, charge).await;
+    upto.cancel(&dodged).await;
+
+    // Spent by the buyer's own permit of the same nonce, naming an accomplice as facilitator, for 1 unit to
+    // the payee: the nonce is spent and the payee was paid something, but not this charge.
+    let forger = fresh_buyer().await;
+    let forged = upto.authorize(&forger, upto.settler_address);
+    let forged_row = upto.unanswered_row(&ledger, &forged, charge).await;
+    let own = upto.authorize_nonce(&forger, upto.chain.deployer, forged.nonce);
+    let tx = TransactionRequest::default()
+        .from(upto.chain.deployer)
+        .to(UPTO_PROXY)
+        .input(proxy_settle(&own, U256::from(1u64)).into())
+        .gas_limit(300_000);
+    let receipt = upto.chain.provider.send_transaction(tx).await.unwrap().get_receipt().await.unwrap();
+    assert!(receipt.status(), "the accomplice settles the buyer's own permit");
+
+    // Failed while it could still land, its answer out already (a stream), then settled after all: paid, not
+    // a refund.
+    let slow = fresh_buyer().await;
+    let slow_auth = upto.authorize(&slow, upto.settler_address);
+    let slow_row = upto.unanswered_row(&ledger, &slow_auth, charge).await;
+    ledger.failed(slow_row, "refused before any broadcast".into(), None).await.unwrap();
+    let slow_settled = upto.settler.settle_upto(&slow_auth, U256::from(charge), None).await.unwrap();
 
     let chains = std::collections::HashMap::from([(chain::CHAIN_ID, upto.chain.provider.clone())]);
     let future = now() + 3600;
     let chunk = std::num::NonZeroU64::new(2000).unwrap();
     let report = x402_gateway::ledger::reconcile(&ledger, &chains, chunk, future, future).await.unwrap();
-    assert_eq!((report.settled, report.failed), (2, 1), "{report:?}");
+    assert_eq!((report.settled, report.failed, report.refunds), (3, 2, 0), "{report:?}");
 
     let ledger = &ledger;
     let row = |id| async move { ledger.get(id).await.unwrap().unwrap() };
-    let found = row(settled_row).await;
-    assert_eq!((found.state.as_str(), found.transaction.as_deref()), ("settled", Some(&*settled.transaction)));
-    let found = row(late_row).await;
-    assert_eq!((found.state.as_str(), found.transaction.as_deref()), ("settled", Some(&*late_settled.transaction)));
-    let found = row(cancelled_row).await;
-    assert_eq!(found.state.as_str(), "failed", "{found:?}");
-    assert!(found.failure.as_deref().unwrap_or_default().contains("cancelled its Permit2 nonce"), "{found:?}");
+    let state = |row: x402_gateway::ledger::Row| (row.state.to_string(), row.transaction, row.failure);
+    let settled_as = |tx: &str| ("settled".to_string(), Some(tx.to_string()), None);
+    assert_eq!(state(row(paid_row).await), settled_as(&settled.transaction));
+    assert_eq!(state(row(late_row).await), settled_as(&late_settled.transaction));
+    assert_eq!(state(row(slow_row).await), settled_as(&slow_settled.transaction));
+    let unpaid = ("failed".to_string(), None, Some(x402_gateway::ledger::SPENT_UNPAID.to_string()));
+    assert_eq!(state(row(dodged_row).await), unpaid);
+    let forged = row(forged_row).await;
+    assert_eq!(forged.state, "failed");
+    let other_terms = format!("{}: 1 in {}", x402_gateway::ledger::OTHER_TERMS, receipt.transaction_hash);
+    assert_eq!(forged.failure, Some(other_terms), "named, with what it did pay");
     assert_eq!(upto.chain.balance(dodger.address()).await, U256::from(CEILING), "the dodger paid nothing");
+    assert_eq!(upto.chain.balance(forger.address()).await, U256::from(CEILING - 1), "the forger paid 1 unit");
     let revenue = ledger.revenue().await.unwrap();
-    assert_eq!(revenue.iter().map(|r| r.amount.parse::<u64>().unwrap()).sum::<u64>(), 2 * charge, "{revenue:?}");
+    assert_eq!(revenue.iter().map(|r| r.amount.parse::<u64>().unwrap()).sum::<u64>(), 3 * charge, "{revenue:?}");
+
+    // Decided for good: another pass changes nothing, and looks for nothing more.
+    let again = x402_gateway::ledger::reconcile(ledger, &chains, chunk, future, future).await.unwrap();
+    assert_eq!(again, x402_gateway::ledger::Reconciled::default());
 }

@@ -6,7 +6,7 @@ mod reconcile;
 mod store;
 mod writer;
 
-pub use reconcile::{reconcile, Reconciled};
+pub use reconcile::{reconcile, Reconciled, OTHER_TERMS, SPENT_UNPAID};
 pub use store::{Ledger, LedgerError, NewPayment, Revenue, Row, StoredTicket};
 
 use alloy::primitives::{Address, B256, U256};
@@ -95,6 +95,8 @@ pub enum Step {
     Served,
     /// A row recorded failed whose authorization was landed by someone else.
     LandedLate,
+    /// A row recorded failed, whose answer had gone out (a stream), settled after all.
+    SettledLate,
 }
 
 impl Step {
@@ -107,7 +109,7 @@ impl Step {
             Step::Settled | Step::Failed => &[Settling, Verified],
             Step::RefundNeeded => &[Settled, Settling],
             Step::Served => &[Settled, RefundNeeded, Settling],
-            Step::LandedLate => &[Failed],
+            Step::LandedLate | Step::SettledLate => &[Failed],
         }
     }
 
@@ -118,7 +120,7 @@ impl Step {
             Step::Reverified => Some(State::Verified),
             Step::Settling => Some(State::Settling),
             Step::Streaming | Step::Metered | Step::Pending | Step::Served => None,
-            Step::Settled => Some(State::Settled),
+            Step::Settled | Step::SettledLate => Some(State::Settled),
             Step::Failed => Some(State::Failed),
             Step::Released => Some(State::Released),
             Step::RefundNeeded | Step::LandedLate => Some(State::RefundNeeded),
@@ -167,6 +169,9 @@ pub trait PaymentStore: Send + Sync {
 
     /// A row recorded failed whose authorization was landed by someone else.
     fn landed_late(&self, id: i64, transaction: String) -> Stored<'_, ()>;
+
+    /// A row recorded failed, whose answer had gone out, settled after all by `transaction`.
+    fn settled_late(&self, id: i64, transaction: String) -> Stored<'_, ()>;
 
     /// The row of one authorization.
     fn find(&self, chain_id: u64, asset: Address, payer: Address, nonce: B256) -> Stored<'_, Option<Row>>;
@@ -242,6 +247,10 @@ impl PaymentStore for Ledger {
         Box::pin(Ledger::landed_late(self, id, transaction))
     }
 
+    fn settled_late(&self, id: i64, transaction: String) -> Stored<'_, ()> {
+        Box::pin(Ledger::settled_late(self, id, transaction))
+    }
+
     fn find(&self, chain_id: u64, asset: Address, payer: Address, nonce: B256) -> Stored<'_, Option<Row>> {
         Box::pin(Ledger::find(self, chain_id, asset, payer, nonce))
     }
@@ -304,6 +313,7 @@ mod tests {
             Step::RefundNeeded,
             Step::Served,
             Step::LandedLate,
+            Step::SettledLate,
         ];
         for step in steps {
             for from in step.allowed_from() {

@@ -22,13 +22,22 @@ sol! {
     }
 }
 
-/// The transaction recorded for a row whose payment the chain shows moved, when no receipt or event names it
-/// (Permit2 logs no event of its own for a nonce it spends).
+/// The transaction recorded for an `exact` row whose authorization the chain shows used, when no receipt or
+/// event within reach names it.
 const UNKNOWN_TRANSACTION: &str = "unknown";
 
 pub const NEVER_SERVED: &str = "settled, but the paid answer was never delivered";
 /// How far back to look for the transfer event of an authorization whose transaction hash was not recorded.
 const EVENT_LOOKBACK_BLOCKS: u64 = 50_000;
+/// Transactions looked at, at most, for the one that settled an `upto` row: those that moved the token from
+/// its payer to its payee, which a buyer could multiply.
+const SETTLEMENT_CANDIDATES: usize = 16;
+/// Why an `upto` row whose nonce was spent, with no settlement of its charge to be found, is failed.
+pub const SPENT_UNPAID: &str =
+    "the permit's nonce was spent, but no settlement of it to the payee was found: not counted as paid";
+/// Why an `upto` row whose permit was settled for another amount than its charge is failed (the buyer can
+/// sign another permit of the same nonce, naming any facilitator).
+pub const OTHER_TERMS: &str = "the permit's nonce was settled for another amount than the charge";
 /// A failed settlement's authorization may be landed by anyone who saw it until it expires: its row is watched
 /// that long, and this much longer, so at least one check falls after the expiry.
 const LATE_LANDING_WATCH_SECS: u64 = 3600;
@@ -95,11 +104,16 @@ pub async fn reconcile(
                 )?;
                 report.failed += 1;
             }
-            Ok(Outcome::Cancelled) => {
-                let reason = "the buyer cancelled its Permit2 nonce before the payment settled: nothing moved";
-                moved(ledger.failed(row.id, reason.into(), row.transaction.clone()).await)?;
+            Ok(Outcome::SpentUnpaid) => {
+                moved(ledger.failed(row.id, SPENT_UNPAID.into(), row.transaction.clone()).await)?;
                 report.failed += 1;
-                tracing::warn!(id = row.id, payer = %row.payer, amount = %row.charge(), "{reason}");
+                tracing::warn!(id = row.id, payer = %row.payer, amount = %row.charge(), "{SPENT_UNPAID}");
+            }
+            Ok(Outcome::OtherTerms(transaction, amount)) => {
+                let reason = format!("{OTHER_TERMS}: {amount} in {transaction}");
+                moved(ledger.failed(row.id, reason.clone(), row.transaction.clone()).await)?;
+                report.failed += 1;
+                tracing::warn!(id = row.id, payer = %row.payer, charge = %row.charge(), "{reason}");
             }
             Ok(Outcome::NotYet) if now >= row.valid_before => {
                 moved(
@@ -114,7 +128,17 @@ pub async fn reconcile(
     for row in watched.into_iter().filter(|r| r.updated_at < cutoff) {
         let Some(provider) = chains.get(&row.chain_id) else { continue };
         match landed(provider, &row, log_chunk_blocks).await {
-            Ok(Some(transaction)) => {
+            // An answer that went out before it settled (a stream): paid for after all, nothing to refund.
+            Ok(Some((transaction, true))) if row.served => {
+                moved(ledger.settled_late(row.id, transaction.clone()).await)?;
+                report.settled += 1;
+                tracing::warn!(id = row.id, payer = %row.payer, amount = %row.charge(), %transaction, "a delivered payment recorded as failed was settled after all");
+            }
+            // Settled for another amount than charged, its answer out: not counted as paid, nor owed back.
+            Ok(Some((transaction, false))) if row.served => {
+                tracing::debug!(id = row.id, %transaction, "a delivered payment recorded as failed was settled on other terms")
+            }
+            Ok(Some((transaction, _))) => {
                 moved(ledger.landed_late(row.id, transaction.clone()).await)?;
                 report.refunds += 1;
                 tracing::warn!(id = row.id, payer = %row.payer, amount = %row.charge(), %transaction, "a payment recorded as failed was settled by someone else: refund needed");
@@ -156,8 +180,11 @@ enum Outcome {
     MinedUnused,
     /// Not on chain, not in the node's pool, and no one left to send it: it will not happen.
     Lost,
-    /// The buyer spent its own permit's nonce (Permit2's `invalidateUnorderedNonces`): nothing can move now.
-    Cancelled,
+    /// An `upto` permit's nonce spent by no settlement to the payee to be found: by the buyer itself
+    /// (cancelled, or paid elsewhere), or too long ago to tell. Nothing can move for it now.
+    SpentUnpaid,
+    /// An `upto` permit settled to the payee by this transaction, for this amount, which is not the charge.
+    OtherTerms(String, U256),
     NotYet,
 }
 
@@ -198,11 +225,12 @@ async fn on_chain(provider: &RootProvider, row: &Row, log_chunk_blocks: NonZeroU
 }
 
 /// An `upto` row, decided by Permit2's record of its nonce (`nonceBitmap`), read after the receipt as for
-/// `exact`. Spent: settled, by the recorded transaction if it succeeded (a success alone proves nothing: a call
-/// to an address without code succeeds too), else by the proxy settlement the token's `Transfer` events lead
-/// to; with none, the buyer may have spent the nonce itself (`invalidateUnorderedNonces`), which moves nothing.
-/// Unspent: nothing moved if the recorded transaction was mined; otherwise it waits for the permit's deadline,
-/// after which Permit2 refuses it (the caller then marks it failed).
+/// `exact`. Spent: settled by the recorded transaction if it succeeded (a success alone proves nothing: a call
+/// to an address without code succeeds too), else by a proxy settlement on the row's own terms that the
+/// token's `Transfer` events lead to. A nonce spent otherwise (the buyer can name any facilitator in a permit of
+/// the same nonce, or cancel it) was not paid as charged. Unspent: nothing moved if the recorded transaction
+/// was mined; otherwise it waits for the permit's deadline, after which Permit2 refuses it (the caller then
+/// marks it failed).
 async fn upto_on_chain(provider: &RootProvider, row: &Row, log_chunk_blocks: NonZeroU64) -> Result<Outcome, String> {
     let known: Option<B256> = row.transaction.as_deref().and_then(|t| t.parse().ok());
     let receipt = match known {
@@ -213,35 +241,34 @@ async fn upto_on_chain(provider: &RootProvider, row: &Row, log_chunk_blocks: Non
     Ok(match (used, known, &receipt) {
         (true, Some(hash), Some(receipt)) if receipt.status() => Outcome::Moved(hash.to_string()),
         (true, _, _) => match upto_settlement(provider, row, log_chunk_blocks).await? {
-            Some(transaction) => Outcome::Moved(transaction),
-            None if nonce_invalidated(provider, row, log_chunk_blocks).await? => Outcome::Cancelled,
-            None => {
-                tracing::warn!(
-                    id = row.id,
-                    payer = %row.payer,
-                    "Permit2 shows the payment's nonce spent, and neither its settlement nor the buyer's cancelling is in the last {EVENT_LOOKBACK_BLOCKS} blocks: recorded with transaction `{UNKNOWN_TRANSACTION}`"
-                );
-                Outcome::Moved(UNKNOWN_TRANSACTION.into())
-            }
+            Some((transaction, amount)) if amount == row.charge() => Outcome::Moved(transaction),
+            Some((transaction, amount)) => Outcome::OtherTerms(transaction, amount),
+            None => Outcome::SpentUnpaid,
         },
         (false, _, Some(_)) => Outcome::MinedUnused,
         (false, _, None) => Outcome::NotYet,
     })
 }
 
-/// The transaction that settled an `upto` row's permit: among those that moved the token from its payer to
-/// its payee (newest first), the one that called the proxy with this permit's nonce.
+/// The transaction that settled an `upto` row's permit, and the amount it settled: among those that moved the
+/// token from its payer to its payee (newest first, `SETTLEMENT_CANDIDATES` at most), one that called the
+/// proxy on the row's permit, token and payee.
 async fn upto_settlement(
     provider: &RootProvider,
     row: &Row,
     log_chunk_blocks: NonZeroU64,
-) -> Result<Option<String>, String> {
+) -> Result<Option<(String, U256)>, String> {
+    let terms = settlement::UptoTerms {
+        owner: row.payer,
+        nonce: U256::from_be_bytes(row.nonce.0),
+        token: row.asset,
+        pay_to: row.payee,
+    };
     let transfers = Filter::new()
         .address(row.asset)
         .event_signature(keccak256("Transfer(address,address,uint256)"))
         .topic1(row.payer.into_word())
         .topic2(row.payee.into_word());
-    let nonce = U256::from_be_bytes(row.nonce.0);
     let mut seen = std::collections::HashSet::new();
     for (from, to) in lookback(provider, log_chunk_blocks).await? {
         let chunk = transfers.clone().from_block(from).to_block(to);
@@ -250,39 +277,20 @@ async fn upto_settlement(
             if !seen.insert(hash) {
                 continue;
             }
+            if seen.len() > SETTLEMENT_CANDIDATES {
+                return Ok(None);
+            }
             let transaction =
                 provider.get_transaction_by_hash(hash).await.map_err(|e| format!("eth_getTransactionByHash: {e}"))?;
-            let settles = transaction
-                .is_some_and(|t| t.to() == Some(UPTO_PROXY) && settlement::settles_permit(t.input(), row.payer, nonce));
-            if settles {
-                return Ok(Some(hash.to_string()));
+            let settled = transaction
+                .filter(|t| t.to() == Some(UPTO_PROXY))
+                .and_then(|t| settlement::settled_amount(t.input(), &terms));
+            if let Some(amount) = settled {
+                return Ok(Some((hash.to_string(), amount)));
             }
         }
     }
     Ok(None)
-}
-
-/// Whether the buyer spent the row's permit nonce itself: a Permit2 `UnorderedNonceInvalidation` of its
-/// own whose mask covers the nonce's bit.
-async fn nonce_invalidated(provider: &RootProvider, row: &Row, log_chunk_blocks: NonZeroU64) -> Result<bool, String> {
-    let nonce = U256::from_be_bytes(row.nonce.0);
-    let (word, bit) = (nonce >> 8, U256::from(1) << (nonce & U256::from(0xff)).to::<usize>());
-    let invalidations = Filter::new()
-        .address(PERMIT2)
-        .event_signature(keccak256("UnorderedNonceInvalidation(address,uint256,uint256)"))
-        .topic1(row.payer.into_word());
-    for (from, to) in lookback(provider, log_chunk_blocks).await? {
-        let chunk = invalidations.clone().from_block(from).to_block(to);
-        let logs = provider.get_logs(&chunk).await.map_err(|e| format!("eth_getLogs of blocks {from} to {to}: {e}"))?;
-        let covers = |data: &[u8]| {
-            let (Some(logged_word), Some(mask)) = (data.get(..32), data.get(32..64)) else { return false };
-            U256::from_be_slice(logged_word) == word && !(U256::from_be_slice(mask) & bit).is_zero()
-        };
-        if logs.iter().any(|log| covers(&log.data().data)) {
-            return Ok(true);
-        }
-    }
-    Ok(false)
 }
 
 /// Whether Permit2 has spent the row's nonce for its payer.
@@ -294,10 +302,20 @@ async fn permit2_nonce_used(provider: &RootProvider, row: &Row) -> Result<bool, 
 }
 
 /// Whether a failed row's authorization has been used since, and by which transaction.
-async fn landed(provider: &RootProvider, row: &Row, log_chunk_blocks: NonZeroU64) -> Result<Option<String>, String> {
+/// Also whether it moved the charge as recorded (or, for `upto`, another amount).
+async fn landed(
+    provider: &RootProvider,
+    row: &Row,
+    log_chunk_blocks: NonZeroU64,
+) -> Result<Option<(String, bool)>, String> {
     if row.scheme == "upto" {
+        // Its nonce was spent already when it failed: nothing can land for it any more.
+        if row.failure.as_deref().is_some_and(|f| f == SPENT_UNPAID || f.starts_with(OTHER_TERMS)) {
+            return Ok(None);
+        }
         return Ok(match upto_on_chain(provider, row, log_chunk_blocks).await? {
-            Outcome::Moved(transaction) => Some(transaction),
+            Outcome::Moved(transaction) => Some((transaction, true)),
+            Outcome::OtherTerms(transaction, _) => Some((transaction, false)),
             _ => None,
         });
     }
@@ -309,7 +327,7 @@ async fn landed(provider: &RootProvider, row: &Row, log_chunk_blocks: NonZeroU64
     if !used {
         return Ok(None);
     }
-    transaction_of(provider, row, authorization, log_chunk_blocks).await.map(Some)
+    transaction_of(provider, row, authorization, log_chunk_blocks).await.map(|transaction| Some((transaction, true)))
 }
 
 /// The transaction that used an authorization the chain says is used, from its `AuthorizationUsed` event;

@@ -364,7 +364,8 @@ impl Ledger {
 
     /// The answer failed before any settlement: nothing charged.
     pub async fn released(&self, id: i64, upstream_status: Option<u16>) -> Result<(), LedgerError> {
-        self.update(id, Step::Released, "upstream_status = ?2", upstream_status.map(i64::from)).await
+        let set = "upstream_status = ?2, settle_ticket = NULL";
+        self.update(id, Step::Released, set, upstream_status.map(i64::from)).await
     }
 
     pub async fn refund_needed(&self, id: i64, reason: String) -> Result<(), LedgerError> {
@@ -443,6 +444,12 @@ impl Ledger {
     pub async fn landed_late(&self, id: i64, transaction: String) -> Result<(), LedgerError> {
         let set = "tx_hash = ?2, failure = 'settled after it was reported failed; the answer was withheld'";
         self.update(id, Step::LandedLate, set, Some(transaction)).await
+    }
+
+    /// A row recorded failed, whose answer had gone out before it settled (a stream), settled after all.
+    pub async fn settled_late(&self, id: i64, transaction: String) -> Result<(), LedgerError> {
+        self.update(id, Step::SettledLate, "tx_hash = ?2, failure = NULL, settle_ticket = NULL", Some(transaction))
+            .await
     }
 
     /// Authorizations that must stay refused after a restart: charged, or possibly being charged, and not expired.

@@ -205,6 +205,10 @@ impl Gateway {
         offer.amount = row.amount;
         offer.scheme = OfferScheme::Upto { facilitator: ticket.facilitator };
         let payment = self.gate.reopen(&offer, ticket.payment.as_bytes()).map_err(Unsettled::Payment)?;
+        let auth = &payment.authorization;
+        if (auth.payer(), auth.nonce()) != (row.payer, row.nonce) {
+            return Err(Unsettled::Ticket("it is another payment's".into()));
+        }
         let facilitator = live.facilitators.get(&paid.facilitator, row.chain_id).ok_or(Unsettled::NoFacilitator)?;
         // After a restart a remote facilitator has not announced its signers yet: its members are found by them.
         if facilitator.upto_signer(row.chain_id).is_none() {
@@ -219,9 +223,15 @@ impl Gateway {
         let outcome = loop {
             let before = record_hash_before(self.ledger.clone(), row.id);
             let outcome = facilitator.settle(&payment, &ticket.resource, charge, Some(before)).await;
-            let time_left = row.valid_before > unix_now().saturating_add(SETTLE_MIN_LEFT_SECS + RETRY_PAUSE.as_secs());
+            let time_left = auth.settle_by() > unix_now().saturating_add(SETTLE_MIN_LEFT_SECS + RETRY_PAUSE.as_secs());
             match outcome {
-                Err(failure) if failure.nothing_moved && attempt < SETTLE_ATTEMPTS && time_left => {
+                // Refused before any broadcast (a mined revert names its transaction, and would only cost gas again).
+                Err(failure)
+                    if failure.nothing_moved
+                        && failure.transaction.is_none()
+                        && attempt < SETTLE_ATTEMPTS
+                        && time_left =>
+                {
                     tracing::warn!(id = row.id, reason = %failure.reason, "an interrupted stream's settlement was refused before any broadcast; trying again");
                     attempt += 1;
                     tokio::time::sleep(RETRY_PAUSE).await;

@@ -14,7 +14,7 @@ pub use local::LocalSettler;
 pub use queue::BeforeBroadcast;
 pub use remote::RemoteFacilitator;
 pub use remotes::FacilitatorState;
-pub use upto::settles_permit;
+pub use upto::{settled_amount, UptoTerms};
 
 use crate::chain;
 use crate::options::{FacilitatorChoice, RemoteSet, SettlementOptions, SettlerConfig};

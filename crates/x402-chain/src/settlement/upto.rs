@@ -74,14 +74,28 @@ sol! {
     }
 }
 
-/// Whether `input` (a transaction's calldata) is the proxy's `settle` or `settleWithPermit` of `owner`'s permit
-/// with `nonce`: how reconciliation tells the settlement of a payment from anything else that spent its nonce.
-pub fn settles_permit(input: &[u8], owner: Address, nonce: U256) -> bool {
-    match UptoProxy::UptoProxyCalls::abi_decode(input) {
-        Ok(UptoProxy::UptoProxyCalls::settle(call)) => call.owner == owner && call.permit.nonce == nonce,
-        Ok(UptoProxy::UptoProxyCalls::settleWithPermit(call)) => call.owner == owner && call.permit.nonce == nonce,
-        Err(_) => false,
-    }
+/// One `upto` payment as recorded: its owner's permit nonce, settled in `token` to `pay_to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UptoTerms {
+    pub owner: Address,
+    pub nonce: U256,
+    pub token: Address,
+    pub pay_to: Address,
+}
+
+/// The amount that `input` (a transaction's calldata) settles, if it is the proxy's `settle` or
+/// `settleWithPermit` of this owner's permit nonce, in this token, to this payee. Anyone the buyer names as
+/// facilitator can settle a permit of its nonce, for any amount: the amount says whether it paid the charge.
+pub fn settled_amount(input: &[u8], terms: &UptoTerms) -> Option<U256> {
+    let (permit, amount, owner, witness) = match UptoProxy::UptoProxyCalls::abi_decode(input).ok()? {
+        UptoProxy::UptoProxyCalls::settle(call) => (call.permit, call.amount, call.owner, call.witness),
+        UptoProxy::UptoProxyCalls::settleWithPermit(call) => (call.permit, call.amount, call.owner, call.witness),
+    };
+    let ours = owner == terms.owner
+        && permit.nonce == terms.nonce
+        && permit.permitted.token == terms.token
+        && witness.to == terms.pay_to;
+    ours.then_some(amount)
 }
 
 /// A settlement's `eth_call`: `Ok` if it would succeed, else the revert data the node returned, if any.
