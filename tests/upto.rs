@@ -115,6 +115,13 @@ impl http_body::Body for Channel {
     }
 }
 
+/// The test LLM, behind a gateway that settles in-process; the upstream lives as long as it is held.
+async fn llm_gateway(chain: &Chain) -> (Upstream, Gateway) {
+    let upstream = spawn_llm().await;
+    let gateway = start_gateway(&llm_toml(&upstream, chain).build()).await;
+    (upstream, gateway)
+}
+
 fn llm_toml(upstream: &Upstream, chain: &Chain) -> GatewayToml {
     llm_toml_settled_by(upstream, chain, "local")
 }
@@ -160,6 +167,12 @@ fn post(url: &str, body: &str, payment: Option<&str>) -> Request<Full<Bytes>> {
 /// The 402 for `body`: its resource and its one `upto` offer.
 async fn offer(gateway: &Gateway, body: &str) -> (Value, Value) {
     offer_at(&gateway.url("/v1/chat/completions"), body).await
+}
+
+/// A payment of `body`'s 402 offer, signed by `buyer` as the official client signs it, as its header.
+async fn paid_header(gateway: &Gateway, body: &str, buyer: &PrivateKeySigner) -> String {
+    let (resource, accepted) = offer(gateway, body).await;
+    v2_header(&resource, &accepted, Permit::for_offer(&accepted).sign(buyer))
 }
 
 async fn offer_at(url: &str, body: &str) -> (Value, Value) {
@@ -296,8 +309,7 @@ async fn the_reference_facilitator_settles_the_charge_not_the_ceiling() {
 async fn a_first_time_buyer_without_allowance_or_ether_pays_through_its_eip2612_permit() {
     let Some(node) = require_node() else { return };
     let Some(chain) = Chain::shared_with_permit2().await else { return };
-    let upstream = spawn_llm().await;
-    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+    let (_upstream, gateway) = llm_gateway(&chain).await;
     let buyer = buyer(&chain, false).await;
     let report = official_pays(pay_mjs(&node, Some(&chain.rpc_url)), &gateway, &buyer, &chat("hi", false)).await;
     assert_eq!(report["status"], 200, "{report}");
@@ -311,8 +323,7 @@ async fn a_first_time_buyer_without_allowance_or_ether_pays_through_its_eip2612_
 async fn the_python_sdk_pays_by_usage_too() {
     let Some(python) = common::tools::require(common::tools::python()) else { return };
     let Some(chain) = Chain::shared_with_permit2().await else { return };
-    let upstream = spawn_llm().await;
-    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+    let (_upstream, gateway) = llm_gateway(&chain).await;
     let buyer = buyer(&chain, true).await;
     let report = official_pays(python.script("pay.py"), &gateway, &buyer, &chat("hi", false)).await;
     assert_eq!(report["status"], 200, "{report}");
@@ -351,8 +362,7 @@ async fn the_python_sdk_pays_through_the_reference_facilitator() {
 async fn a_stream_is_paid_by_its_final_usage_with_the_receipt_in_the_trailers() {
     let Some(node) = require_node() else { return };
     let Some(chain) = Chain::shared_with_permit2().await else { return };
-    let upstream = spawn_llm().await;
-    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+    let (_upstream, gateway) = llm_gateway(&chain).await;
 
     // The official client reads the stream; the charge settles once it has ended.
     let buyer_one = buyer(&chain, true).await;
@@ -364,8 +374,7 @@ async fn a_stream_is_paid_by_its_final_usage_with_the_receipt_in_the_trailers() 
     // Over HTTP/2 the receipt arrives as a trailer, after the last event.
     let buyer_two = buyer(&chain, true).await;
     let body = chat("hi", true);
-    let (resource, accepted) = offer(&gateway, &body).await;
-    let header = v2_header(&resource, &accepted, Permit::for_offer(&accepted).sign(&buyer_two));
+    let header = paid_header(&gateway, &body, &buyer_two).await;
     let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .http2_only(true)
         .build_http::<Full<Bytes>>();
@@ -382,8 +391,7 @@ async fn a_stream_is_paid_by_its_final_usage_with_the_receipt_in_the_trailers() 
 
     // Over HTTP/1.1 too, to a client that says it takes trailers.
     let buyer_three = buyer(&chain, true).await;
-    let (resource, accepted) = offer(&gateway, &body).await;
-    let three = v2_header(&resource, &accepted, Permit::for_offer(&accepted).sign(&buyer_three));
+    let three = paid_header(&gateway, &body, &buyer_three).await;
     let mut request = post(&gateway.url("/v1/chat/completions"), &body, Some(&three));
     request.headers_mut().insert("te", "trailers".parse().unwrap());
     let response = client().request(request).await.unwrap();
@@ -402,12 +410,10 @@ async fn a_stream_is_paid_by_its_final_usage_with_the_receipt_in_the_trailers() 
 #[tokio::test]
 async fn a_stream_cut_halfway_is_charged_the_estimate_of_what_was_delivered() {
     let Some(chain) = Chain::shared_with_permit2().await else { return };
-    let upstream = spawn_llm().await;
-    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+    let (_upstream, gateway) = llm_gateway(&chain).await;
     let buyer = buyer(&chain, true).await;
     let body = chat("cut", true);
-    let (resource, accepted) = offer(&gateway, &body).await;
-    let header = v2_header(&resource, &accepted, Permit::for_offer(&accepted).sign(&buyer));
+    let header = paid_header(&gateway, &body, &buyer).await;
     let response = client().request(post(&gateway.url("/v1/chat/completions"), &body, Some(&header))).await.unwrap();
     assert_eq!(response.status(), 200);
     let _ = response.into_body().collect().await;
@@ -440,12 +446,7 @@ async fn killed_mid_stream_then_restarted(chain: &Chain, facilitator: &str) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let dir = test_dir();
     let config = dir.join("gateway.toml");
-    let toml = GatewayToml::new()
-        .listen_on(&format!("127.0.0.1:{port}"))
-        .upstream("llm", &upstream.url())
-        .payment(Payment::usdc().facilitator(facilitator))
-        .route(Route::free("/v1/chat/completions", "llm").methods(&["POST"]).set("price", toml_value(PRICE)))
-        .network(chain.network());
+    let toml = llm_toml_settled_by(&upstream, chain, facilitator).listen_on(&format!("127.0.0.1:{port}"));
     std::fs::write(&config, toml.build()).unwrap();
     let mut gateway = binary::start(&config);
     binary::wait_listening(port, &config).await;
@@ -517,12 +518,10 @@ async fn killed_mid_stream_then_restarted(chain: &Chain, facilitator: &str) {
 #[tokio::test]
 async fn an_upstream_error_is_charged_nothing_and_sends_no_transaction() {
     let Some(chain) = Chain::shared_with_permit2().await else { return };
-    let upstream = spawn_llm().await;
-    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+    let (_upstream, gateway) = llm_gateway(&chain).await;
     let buyer = buyer(&chain, true).await;
     let body = chat("fail", false);
-    let (resource, accepted) = offer(&gateway, &body).await;
-    let header = v2_header(&resource, &accepted, Permit::for_offer(&accepted).sign(&buyer));
+    let header = paid_header(&gateway, &body, &buyer).await;
     let answer = send(&client(), post(&gateway.url("/v1/chat/completions"), &body, Some(&header))).await;
     assert_eq!(answer.status, 500);
     assert_eq!(chain.balance(buyer.address()).await, U256::from(FUNDS));
@@ -533,12 +532,10 @@ async fn an_upstream_error_is_charged_nothing_and_sends_no_transaction() {
 #[tokio::test]
 async fn an_upstream_override_above_the_ceiling_is_capped_and_never_reaches_the_buyer() {
     let Some(chain) = Chain::shared_with_permit2().await else { return };
-    let upstream = spawn_llm().await;
-    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+    let (_upstream, gateway) = llm_gateway(&chain).await;
     let buyer = buyer(&chain, true).await;
     let body = chat("override", false);
-    let (resource, accepted) = offer(&gateway, &body).await;
-    let header = v2_header(&resource, &accepted, Permit::for_offer(&accepted).sign(&buyer));
+    let header = paid_header(&gateway, &body, &buyer).await;
     let answer = send(&client(), post(&gateway.url("/v1/chat/completions"), &body, Some(&header))).await;
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert!(answer.headers.get("settlement-overrides").is_none());
@@ -550,8 +547,7 @@ async fn an_upstream_override_above_the_ceiling_is_capped_and_never_reaches_the_
 #[tokio::test]
 async fn bent_authorizations_are_refused_before_the_upstream_and_none_is_charged_twice() {
     let Some(chain) = Chain::shared_with_permit2().await else { return };
-    let upstream = spawn_llm().await;
-    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+    let (upstream, gateway) = llm_gateway(&chain).await;
     let buyer = buyer(&chain, true).await;
     let body = chat("hi", false);
     let (resource, accepted) = offer(&gateway, &body).await;
@@ -601,12 +597,10 @@ async fn bent_authorizations_are_refused_before_the_upstream_and_none_is_charged
 #[tokio::test]
 async fn a_buyer_with_neither_allowance_nor_permit_gets_412() {
     let Some(chain) = Chain::shared_with_permit2().await else { return };
-    let upstream = spawn_llm().await;
-    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+    let (upstream, gateway) = llm_gateway(&chain).await;
     let buyer = buyer(&chain, false).await;
     let body = chat("hi", false);
-    let (resource, accepted) = offer(&gateway, &body).await;
-    let header = v2_header(&resource, &accepted, Permit::for_offer(&accepted).sign(&buyer));
+    let header = paid_header(&gateway, &body, &buyer).await;
     let answer = send(&client(), post(&gateway.url("/v1/chat/completions"), &body, Some(&header))).await;
     assert_eq!(answer.status, 412, "{}", answer.text());
     let required = decode_header(answer.headers.get("payment-required").unwrap());
@@ -617,12 +611,10 @@ async fn a_buyer_with_neither_allowance_nor_permit_gets_412() {
 #[tokio::test]
 async fn a_streamed_answer_whose_settlement_fails_keeps_its_authorization_spent() {
     let Some(chain) = Chain::shared_with_permit2().await else { return };
-    let upstream = spawn_llm().await;
-    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+    let (upstream, gateway) = llm_gateway(&chain).await;
     let buyer = buyer(&chain, true).await;
     let body = chat("hold", true);
-    let (resource, accepted) = offer(&gateway, &body).await;
-    let header = v2_header(&resource, &accepted, Permit::for_offer(&accepted).sign(&buyer));
+    let header = paid_header(&gateway, &body, &buyer).await;
     let url = gateway.url("/v1/chat/completions");
     let response = client().request(post(&url, &body, Some(&header))).await.unwrap();
     assert_eq!(response.status(), 200, "verified, streaming");
@@ -662,12 +654,7 @@ async fn a_streamed_answer_whose_settlement_fails_keeps_its_authorization_spent(
 async fn a_token_without_permit_is_offered_without_gas_sponsoring() {
     let Some(chain) = Chain::shared_with_permit2().await else { return };
     let upstream = spawn_llm().await;
-    let toml = GatewayToml::new()
-        .listen()
-        .upstream("llm", &upstream.url())
-        .payment(Payment::usdc().facilitator("local"))
-        .route(Route::free("/v1/chat/completions", "llm").methods(&["POST"]).set("price", toml_value(PRICE)))
-        .network(chain.network().asset_setting("USDC", "eip2612", false));
+    let toml = llm_toml(&upstream, &chain).network(chain.network().asset_setting("USDC", "eip2612", false));
     let gateway = start_gateway(&toml.build()).await;
     let answer = send(&client(), post(&gateway.url("/v1/chat/completions"), &chat("hi", false), None)).await;
     assert_eq!(answer.status, 402);
@@ -679,8 +666,7 @@ async fn a_token_without_permit_is_offered_without_gas_sponsoring() {
 #[tokio::test]
 async fn several_completions_raise_the_ceiling_and_a_bad_count_is_refused() {
     let Some(chain) = Chain::shared_with_permit2().await else { return };
-    let upstream = spawn_llm().await;
-    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+    let (_upstream, gateway) = llm_gateway(&chain).await;
     let three = json!({ "model": "m", "messages": [{ "role": "user", "content": "hi" }], "n": 3 }).to_string();
     let (_, accepted) = offer(&gateway, &three).await;
     assert_eq!(accepted["amount"], (three.len() as u64 + 3 * 2 * 100).to_string(), "three completions of 100 tokens");
@@ -715,8 +701,7 @@ async fn a_stream_is_made_to_report_its_usage_where_the_operator_asks() {
 #[tokio::test]
 async fn a_buyers_streams_served_at_once_must_fit_its_balance_together() {
     let Some(chain) = Chain::shared_with_permit2().await else { return };
-    let upstream = spawn_llm().await;
-    let gateway = start_gateway(&llm_toml(&upstream, &chain).build()).await;
+    let (_upstream, gateway) = llm_gateway(&chain).await;
     let body = chat("hold again", true);
     let (resource, accepted) = offer(&gateway, &body).await;
     // Enough for one ceiling, not two.
