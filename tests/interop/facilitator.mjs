@@ -28,38 +28,21 @@
 // installs viem's Multicall3 runtime code there with anvil_setCode when the address is empty
 // (silently skipped if the RPC refuses anvil_setCode).
 import http from "node:http";
-import { parseArgs } from "node:util";
+import { commandLine } from "./cli.mjs";
 
 const USAGE = `usage: node facilitator.mjs --rpc URL --key-env ENV_NAME [--port N (0 = any)]
          [--chain-id 84532] [--confirmation-timeout-ms 30000] [--no-multicall3] [--block-time-ms N]
 The facilitator's private key (0x + 64 hex) is read from the environment variable named by --key-env.`;
 
-function usage(msg) {
-  if (msg) process.stderr.write(`facilitator.mjs: ${msg}\n`);
-  process.stderr.write(`${USAGE}\n`);
-  process.exit(2);
-}
-
-let opts;
-try {
-  ({ values: opts } = parseArgs({
-    options: {
-      port: { type: "string", default: "0" },
-      rpc: { type: "string" },
-      "key-env": { type: "string" },
-      "chain-id": { type: "string", default: "84532" },
-      "confirmation-timeout-ms": { type: "string", default: "30000" },
-      "no-multicall3": { type: "boolean", default: false },
-      "block-time-ms": { type: "string" },
-      help: { type: "boolean", short: "h" },
-    },
-    strict: true,
-    allowPositionals: false,
-  }));
-} catch (e) {
-  usage(e.message);
-}
-if (opts.help) usage();
+const { opts, usage } = commandLine("facilitator.mjs", USAGE, {
+  port: { type: "string", default: "0" },
+  rpc: { type: "string" },
+  "key-env": { type: "string" },
+  "chain-id": { type: "string", default: "84532" },
+  "confirmation-timeout-ms": { type: "string", default: "30000" },
+  "no-multicall3": { type: "boolean", default: false },
+  "block-time-ms": { type: "string" },
+});
 if (!/^\d+$/.test(opts.port) || Number(opts.port) > 65535) usage("--port must be 0..65535");
 if (!opts.rpc) usage("--rpc is required");
 try {

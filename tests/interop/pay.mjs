@@ -18,41 +18,24 @@
 //
 // Exit codes: 0 the HTTP exchange happened (whatever the status); 1 the client threw (message on
 // stderr); 2 usage error.
-import { parseArgs } from "node:util";
+import { commandLine } from "./cli.mjs";
 
 const USAGE = `usage: node pay.mjs --url URL --client v2|v1 --key-env ENV_NAME
          [--method GET] [--header 'Name: value']... [--body STRING]
          [--max-amount ATOMIC (default 1000000)] [--timeout-ms MS (default 60000)] [--rpc URL (v2)]
 The buyer's private key (0x + 64 hex) is read from the environment variable named by --key-env.`;
 
-function usage(msg) {
-  if (msg) process.stderr.write(`pay.mjs: ${msg}\n`);
-  process.stderr.write(`${USAGE}\n`);
-  process.exit(2);
-}
-
-let opts;
-try {
-  ({ values: opts } = parseArgs({
-    options: {
-      url: { type: "string" },
-      client: { type: "string" },
-      "key-env": { type: "string" },
-      method: { type: "string", default: "GET" },
-      header: { type: "string", multiple: true, default: [] },
-      body: { type: "string" },
-      "max-amount": { type: "string", default: "1000000" },
-      "timeout-ms": { type: "string", default: "60000" },
-      rpc: { type: "string" },
-      help: { type: "boolean", short: "h" },
-    },
-    strict: true,
-    allowPositionals: false,
-  }));
-} catch (e) {
-  usage(e.message);
-}
-if (opts.help) usage();
+const { opts, usage } = commandLine("pay.mjs", USAGE, {
+  url: { type: "string" },
+  client: { type: "string" },
+  "key-env": { type: "string" },
+  method: { type: "string", default: "GET" },
+  header: { type: "string", multiple: true, default: [] },
+  body: { type: "string" },
+  "max-amount": { type: "string", default: "1000000" },
+  "timeout-ms": { type: "string", default: "60000" },
+  rpc: { type: "string" },
+});
 if (!opts.url) usage("--url is required");
 let url;
 try {

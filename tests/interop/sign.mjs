@@ -11,34 +11,17 @@
 // createPaymentPayload (@x402/evm ExactEvmScheme, a viem account) and encodePaymentSignatureHeader.
 //
 // Exit codes: 0 signed; 1 the client threw (message on stderr); 2 usage error.
-import { parseArgs } from "node:util";
+import { commandLine } from "./cli.mjs";
 
 const USAGE = `usage: node sign.mjs --payment-required VALUE --keys-env ENV_NAME [--per-key 1] [--max-amount ATOMIC]
 The buyers' private keys (0x + 64 hex, comma-separated) are read from the environment variable named by --keys-env.`;
 
-function usage(msg) {
-  if (msg) process.stderr.write(`sign.mjs: ${msg}\n`);
-  process.stderr.write(`${USAGE}\n`);
-  process.exit(2);
-}
-
-let opts;
-try {
-  ({ values: opts } = parseArgs({
-    options: {
-      "payment-required": { type: "string" },
-      "keys-env": { type: "string" },
-      "per-key": { type: "string", default: "1" },
-      "max-amount": { type: "string", default: "1000000" },
-      help: { type: "boolean", short: "h" },
-    },
-    strict: true,
-    allowPositionals: false,
-  }));
-} catch (e) {
-  usage(e.message);
-}
-if (opts.help) usage();
+const { opts, usage } = commandLine("sign.mjs", USAGE, {
+  "payment-required": { type: "string" },
+  "keys-env": { type: "string" },
+  "per-key": { type: "string", default: "1" },
+  "max-amount": { type: "string", default: "1000000" },
+});
 if (!opts["payment-required"]) usage("--payment-required is required");
 if (!opts["keys-env"]) usage("--keys-env is required");
 const keys = (process.env[opts["keys-env"]] || "").split(",").filter((k) => k !== "");

@@ -12,33 +12,16 @@
 //   neither              the client has no way to read the chain and signs no permit.
 //
 // Exit codes: 0 printed; 1 the client threw (message on stderr); 2 usage error.
-import { parseArgs } from "node:util";
+import { commandLine } from "./cli.mjs";
 
 const USAGE = `usage: node upto-sign.mjs --key-env ENV_NAME [--rpc URL | --eip2612-nonce N] < payment-required.json
 The buyer's private key (0x + 64 hex) is read from the environment variable named by --key-env.`;
 
-function usage(msg) {
-  if (msg) process.stderr.write(`upto-sign.mjs: ${msg}\n`);
-  process.stderr.write(`${USAGE}\n`);
-  process.exit(2);
-}
-
-let opts;
-try {
-  ({ values: opts } = parseArgs({
-    options: {
-      "key-env": { type: "string" },
-      rpc: { type: "string" },
-      "eip2612-nonce": { type: "string" },
-      help: { type: "boolean", short: "h" },
-    },
-    strict: true,
-    allowPositionals: false,
-  }));
-} catch (e) {
-  usage(e.message);
-}
-if (opts.help) usage();
+const { opts, usage } = commandLine("upto-sign.mjs", USAGE, {
+  "key-env": { type: "string" },
+  rpc: { type: "string" },
+  "eip2612-nonce": { type: "string" },
+});
 if (!opts["key-env"]) usage("--key-env is required");
 const key = process.env[opts["key-env"]];
 if (!key || !/^0x[0-9a-fA-F]{64}$/.test(key)) usage(`${opts["key-env"]} is not a 0x-prefixed 32-byte hex private key`);
