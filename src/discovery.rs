@@ -159,10 +159,10 @@ pub fn document(
 /// An `upto` offer at the route's cap, naming `signer`. A remote facilitator's address is learned from its
 /// `/supported` when requests come (each 402 names it); until then discovery names none rather than a wrong one.
 fn upto_requirements(offer: &Offer, signer: Option<Address>) -> Value {
-    let mut offer = offer.clone();
-    if let Some(facilitator) = signer {
-        offer.scheme = OfferScheme::Upto { facilitator };
-    }
+    let offer = match signer {
+        Some(facilitator) => offer.upto(offer.amount, facilitator),
+        None => offer.clone(),
+    };
     let mut requirements = serde_json::to_value(requirements_v2(&offer)).unwrap_or_default();
     if offer.scheme == (OfferScheme::Upto { facilitator: Address::ZERO }) {
         if let Some(extra) = requirements["extra"].as_object_mut() {

@@ -5,7 +5,6 @@ pub use x402_proto::Offer;
 use crate::metering::{Meter, ModelRates, TOKEN_LIMIT_FIELDS};
 use alloy::primitives::{Address, U256};
 use std::borrow::Cow;
-use x402_proto::OfferScheme;
 
 /// A price as configured, before it meets an asset's decimals.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -414,10 +413,7 @@ impl Pricing {
                     .enumerate()
                     .map(|(index, template)| {
                         let facilitator = upto_signer(template.network.chain_id).ok_or(PriceError::NoUptoSigner)?;
-                        let mut offer = template.clone();
-                        offer.amount = meter.ceiling(index, template.amount);
-                        offer.scheme = OfferScheme::Upto { facilitator };
-                        Ok(offer)
+                        Ok(template.upto(meter.ceiling(index, template.amount), facilitator))
                     })
                     .collect::<Result<Vec<_>, PriceError>>()?;
                 let key = Some(meter.model.clone());

@@ -201,9 +201,7 @@ impl Gateway {
                 Some((paid, template))
             })
             .ok_or(Unsettled::RouteGone)?;
-        let mut offer = template.clone();
-        offer.amount = row.amount;
-        offer.scheme = OfferScheme::Upto { facilitator: ticket.facilitator };
+        let offer = template.upto(row.amount, ticket.facilitator);
         let payment = self.gate.reopen(&offer, ticket.payment.as_bytes()).map_err(Unsettled::Payment)?;
         let auth = &payment.authorization;
         if (auth.payer(), auth.nonce()) != (row.payer, row.nonce) {

@@ -19,6 +19,14 @@ pub struct Offer {
     pub scheme: OfferScheme,
 }
 
+impl Offer {
+    /// This offer (a per-token route's template) as one request's `upto` offer: `ceiling` of its asset,
+    /// settled only by `facilitator`.
+    pub fn upto(&self, ceiling: U256, facilitator: Address) -> Offer {
+        Offer { amount: ceiling, scheme: OfferScheme::Upto { facilitator }, ..self.clone() }
+    }
+}
+
 /// How the offer is paid, and what the scheme binds the buyer's signature to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OfferScheme {
