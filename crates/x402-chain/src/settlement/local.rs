@@ -1,14 +1,15 @@
 //! The in-process facilitator: simulates each authorization on chain before the request goes upstream, and
 //! settles it with the gateway's own gas-paying key.
 
-use super::queue::{Batching, BeforeBroadcast, SendError, TxQueue};
+use super::queue::{Batching, BeforeBroadcast, SendError, Sent, TxQueue};
 use super::receipts::Receipts;
 use super::simulations::Simulations;
 use super::{SettleFailure, Settled, VerifyFailure};
 use crate::chain::{self, SimulationFailure};
 use crate::options::{SettlementOptions, SettlerConfig};
-use alloy::primitives::Address;
+use alloy::primitives::{Address, B256};
 use alloy::providers::{Provider, RootProvider};
+use alloy::rpc::types::TransactionReceipt;
 use http::Uri;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -24,8 +25,8 @@ pub struct LocalSettler {
     pub(super) settler: Address,
     chain_id: u64,
     pub(super) queue: TxQueue,
-    pub(super) receipts: Arc<Receipts>,
-    pub(super) receipt_timeout: Duration,
+    receipts: Arc<Receipts>,
+    receipt_timeout: Duration,
     batching: Option<Batching>,
     /// With batching, concurrent simulations share `eth_call`s too.
     simulations: Option<Simulations>,
@@ -151,25 +152,9 @@ impl LocalSettler {
                 None,
             ));
         }
-        let (hash, in_flight) =
-            match self.queue.send(token, chain::transfer_calldata(auth), self.batching, before).await {
-                Ok(sent) => (sent.hash, Some(sent.in_flight)),
-                Err(SendError::Refused(detail)) => {
-                    // The node's or the ledger's words are the operator's business, not the buyer's.
-                    tracing::warn!(detail = %detail, "the settlement transaction was not sent");
-                    let message = "the settlement transaction could not be sent; nothing was charged".to_string();
-                    return Err(SettleFailure::nothing_moved("invalid_exact_evm_transaction_failed", message, None));
-                }
-                Err(SendError::Unknown(hash)) => (hash, None),
-            };
-        let receipt = self.receipts.wait(hash, receipt_deadline(auth).min(self.receipt_timeout)).await;
-        // Seen (or given up on): the payments batching behind this transaction may go.
-        drop(in_flight);
-        let Some(receipt) = receipt else {
-            // It may have been dropped, leaving a gap in the account's nonces: let the queue ask the chain.
-            self.queue.resync();
-            return Err(SettleFailure::pending(hash.to_string()));
-        };
+        let sending = self.queue.send(token, chain::transfer_calldata(auth), self.batching, before);
+        let not_sent = "invalid_exact_evm_transaction_failed";
+        let (hash, receipt) = self.sent_and_mined(sending, not_sent, receipt_deadline(auth)).await?;
         if chain::used_authorization(&receipt, token, auth.from, auth.nonce) {
             return Ok(Settled::exact(hash.to_string()));
         }
@@ -189,6 +174,39 @@ impl LocalSettler {
             )),
             // Moved, by another transaction (or the node could not say): reconciliation finds which.
             _ => Err(SettleFailure::pending(hash.to_string())),
+        }
+    }
+}
+
+impl LocalSettler {
+    /// The settlement transaction `sending` hands to the queue, once mined (waiting at most `deadline`, and
+    /// the settle timeout). Not sent: `not_sent`, nothing moved. Not seen mined: pending.
+    pub(super) async fn sent_and_mined(
+        &self,
+        sending: impl std::future::Future<Output = Result<Sent, SendError>>,
+        not_sent: &str,
+        deadline: Duration,
+    ) -> Result<(B256, Arc<TransactionReceipt>), SettleFailure> {
+        let (hash, in_flight) = match sending.await {
+            Ok(sent) => (sent.hash, Some(sent.in_flight)),
+            Err(SendError::Refused(detail)) => {
+                // The node's or the ledger's words are the operator's business, not the buyer's.
+                tracing::warn!(detail = %detail, "the settlement transaction was not sent");
+                let message = "the settlement transaction could not be sent; nothing was charged".to_string();
+                return Err(SettleFailure::nothing_moved(not_sent, message, None));
+            }
+            Err(SendError::Unknown(hash)) => (hash, None),
+        };
+        let receipt = self.receipts.wait(hash, deadline.min(self.receipt_timeout)).await;
+        // Seen (or given up on): the payments batching behind this transaction may go.
+        drop(in_flight);
+        match receipt {
+            Some(receipt) => Ok((hash, receipt)),
+            None => {
+                // It may have been dropped, leaving a gap in the account's nonces: let the queue ask the chain.
+                self.queue.resync();
+                Err(SettleFailure::pending(hash.to_string()))
+            }
         }
     }
 }

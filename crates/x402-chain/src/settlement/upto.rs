@@ -4,7 +4,7 @@
 //! these transactions go out one each from the settler's key, never in a Multicall batch.
 
 use super::local::LocalSettler;
-use super::queue::{BeforeBroadcast, SendError};
+use super::queue::BeforeBroadcast;
 use super::{SettleFailure, Settled, VerifyFailure};
 use crate::chain;
 use alloy::eips::BlockId;
@@ -166,23 +166,8 @@ impl LocalSettler {
             None => None,
         };
         let input = settle_calldata(auth, amount, permit);
-        let (hash, in_flight) =
-            match self.queue.send_alone(UPTO_PROXY, input.clone(), chain::UPTO_SETTLE_GAS_LIMIT, before).await {
-                Ok(sent) => (sent.hash, Some(sent.in_flight)),
-                Err(SendError::Refused(detail)) => {
-                    tracing::warn!(detail = %detail, "the upto settlement transaction was not sent");
-                    let message = "the settlement transaction could not be sent; nothing was charged".to_string();
-                    return Err(SettleFailure::nothing_moved("invalid_transaction_state", message, None));
-                }
-                Err(SendError::Unknown(hash)) => (hash, None),
-            };
-        let receipt = self.receipts.wait(hash, deadline_left(auth).min(self.receipt_timeout)).await;
-        // Seen (or given up on): the payments batching behind this transaction may go.
-        drop(in_flight);
-        let Some(receipt) = receipt else {
-            self.queue.resync();
-            return Err(SettleFailure::pending(hash.to_string()));
-        };
+        let sending = self.queue.send_alone(UPTO_PROXY, input.clone(), chain::UPTO_SETTLE_GAS_LIMIT, before);
+        let (hash, receipt) = self.sent_and_mined(sending, "invalid_transaction_state", deadline_left(auth)).await?;
         if settled_by(&receipt) {
             return Ok(Settled { transaction: hash.to_string(), amount: Some(amount) });
         }
